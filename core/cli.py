@@ -1,0 +1,225 @@
+"""The `slmops` command line. Commands stay thin: each calls one module that does the work."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import output, progress
+from .config import SCHEMA, Config, load_config
+from .errors import SlmopsError
+
+
+class State:
+    def __init__(self, config_path: str | None):
+        self.config_path = Path(config_path) if config_path else None
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+
+pass_state = click.make_pass_decorator(State)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="slmops")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="slmops.toml to use (default: found by walking up).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool, quiet: bool) -> None:
+    """slmops: fine-tuned small language model to a quantized ONNX Runtime GenAI model, registered with
+    Foundry Local, chatting and measured."""
+    progress.quiet = quiet
+    ctx.obj = State(config_path)
+
+
+@cli.command()
+@json_option
+def plugins(as_json: bool) -> None:
+    """List loaded plugins, their package and the hooks they implement."""
+    from .plugin_manager import load_errors, plugin_table
+
+    rows = plugin_table()
+    if as_json:
+        output.emit_json({"plugins": rows, "errors": [e.__dict__ for e in load_errors]})
+        return
+    output.table(rows, ["name", "package", "version", "hooks"])
+    for e in load_errors:
+        click.echo(f"failed to load: {e.name} ({e.package}): {e.error}", err=True)
+
+
+@cli.command("config")
+@json_option
+@pass_state
+def show_config(state: State, as_json: bool) -> None:
+    """Print the effective settings and where each came from."""
+    cfg = state.config
+    rows = [{"key": f"{s}.{k}", "value": cfg.values[s][k], "from": cfg.origin[f"{s}.{k}"], "meaning": SCHEMA[s][k][2]}
+            for s in SCHEMA for k in SCHEMA[s]]
+    if as_json:
+        output.emit_json({"file": str(cfg.path) if cfg.path else None, "settings": rows})
+    else:
+        output.table(rows, ["key", "value", "from", "meaning"], title=f"config: {cfg.path or 'defaults (no slmops.toml found)'}")
+
+
+@cli.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Check Python, the installed stack, the runtimes, RAM and disk."""
+    from .doctor import checks
+
+    rows = checks()
+    if as_json:
+        output.emit_json(rows)
+    else:
+        output.table(rows, ["check", "status", "detail"])
+    if any(r["status"] == "fail" for r in rows):
+        raise SlmopsError("doctor: a requirement failed (see the rows marked fail)")
+
+
+def convert_options(f):
+    """The conversion flags shared by convert, deploy and bench --compare; None means 'from slmops.toml'."""
+    opts = [
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Weight precision."),
+        click.option("--device", type=click.Choice(["cpu"]), help="Target device."),
+        click.option("--provider", type=click.Choice(["CPUExecutionProvider"]), help="Execution provider."),
+        click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Quantization block size."),
+        click.option("--symmetric/--asymmetric", default=None, help="Symmetric quantization or with zero points."),
+        click.option("--algorithm", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"]), help="int4 algorithm."),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
+        click.option("--backend", help="Converter plugin (see `slmops plugins`); default: the fastest that fits."),
+        click.option("--adapter", type=click.Path(), help="PEFT LoRA adapter folder to apply."),
+        click.option("--adapter-mode", type=click.Choice(["merge", "runtime"]), default="merge", show_default=True, help="Merge the adapter into the weights, or keep it separate."),
+        click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the checkpoint's own Python code to run."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
+    for key in ("precision", "device", "provider", "symmetric", "algorithm", "accuracy_level", "backend"):
+        cfg.override(f"convert.{key}", flags.get(key), "command line")
+    if flags.get("block_size"):
+        cfg.override("convert.block_size", int(flags["block_size"]), "command line")
+    cfg.override("model.adapter", flags.get("adapter"), "command line")
+    cfg.override("model.trust_remote_code", flags.get("trust_remote_code"), "command line")
+
+
+def request_options(cfg: Config, adapter_mode: str = "merge") -> dict[str, Any]:
+    c = cfg.section("convert")
+    adapter = cfg.get("model.adapter")
+    return {"precision": c["precision"], "device": c["device"], "provider": c["provider"],
+            "block_size": c["block_size"], "symmetric": c["symmetric"], "algorithm": c["algorithm"],
+            "accuracy_level": c["accuracy_level"] or None, "adapter": Path(adapter) if adapter else None,
+            "adapter_mode": adapter_mode, "trust_remote_code": cfg.get("model.trust_remote_code")}
+
+
+@cli.command()
+@click.argument("source", required=False)
+@convert_options
+@click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False), help="Output folder (default: slmops's build cache).")
+@click.option("--config", "olive_config", type=click.Path(dir_okay=False), help="An Olive workflow JSON (the guide's Method 2).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning", help="Log level of Olive and the builder.")
+@json_option
+@pass_state
+def convert(state: State, source: str | None, output_dir: str | None = None, olive_config: str | None = None,
+            log_level: str = "warning", as_json: bool = False, adapter_mode: str = "merge", **flags: Any) -> None:
+    """Convert SOURCE (a checkpoint folder, a GGUF file, or the default model) to a verified ORT GenAI model."""
+    from . import convert as conv
+
+    _set_log_level(log_level)
+    cfg = state.config
+    cfg.override("model.source", source, "command line")
+    apply_convert_flags(cfg, flags)
+    cfg.override("convert.output", output_dir, "command line")
+    if olive_config:
+        from .olive_config import read_olive_config
+
+        src, opts, out = read_olive_config(Path(olive_config))
+        cfg.override("model.source", src, olive_config)
+        for k, v in opts.items():
+            cfg.override(f"{'model' if k == 'adapter' else 'convert'}.{k}", v, olive_config)
+        if out and not cfg.get("convert.output"):
+            cfg.override("convert.output", out, olive_config)
+    result = conv.convert(cfg.get("model.source"), request_options(cfg, adapter_mode), cfg.get("convert.backend"),
+                          cfg.get("convert.output") or None)
+    if as_json:
+        output.emit_json(result)
+        return
+    print_build(result)
+
+
+def print_build(result: dict[str, Any]) -> None:
+    graph = result["verification"]["graph"]
+    rows = [
+        {"": "model", "value": result["path"]},
+        {"": "status", "value": "cache hit (no rebuild)" if result["cached"] else "built and verified"},
+        {"": "converter", "value": result["converter"] + (f" + {result['quantizer']}" if result["quantizer"] else "")},
+        {"": "precision", "value": result["options"]["precision"]},
+        {"": "graph", "value": f"MatMulNBits by bits {graph['matmul_nbits'] or '-'}, block {graph['block_sizes'] or '-'}, "
+                               f"symmetric {graph['symmetric'] or '-'}, float MatMuls {graph['float_matmuls']}"},
+        {"": "size", "value": output.human_bytes(result["output_bytes"])},
+        {"": "sample", "value": repr(result["verification"]["sample"]["text"]) if result["verification"].get("sample") else "-"},
+        {"": "timings", "value": ", ".join(f"{k} {v}s" for k, v in result["timings"].items())},
+    ]
+    output.table(rows, ["", "value"])
+
+
+def _set_log_level(level: str) -> None:
+    import logging
+
+    for name in ("olive", "onnxruntime", "transformers"):
+        logging.getLogger(name).setLevel(level.upper())
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", level)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure is one line on stderr and a non-zero exit; --debug shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SLMOPS_DEBUG"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the builder's per-tensor bars drown our steps
+    try:
+        from .plugin_manager import pm, warn_load_errors
+
+        warn_load_errors()
+        pm.hook.register_commands(cli=cli)
+        rv = cli.main(args=argv, prog_name="slmops", standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("slmops: interrupted; nothing half-written was kept", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as e:
+        if debug:
+            raise
+        hint = " (see --help)" if isinstance(e, click.UsageError) else ""
+        print(f"slmops: error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except SlmopsError as e:
+        if debug:
+            raise
+        print(f"slmops: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug or a plugin failure: still one line, the traceback on --debug
+        if debug:
+            raise
+        print(f"slmops: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

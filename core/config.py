@@ -1,0 +1,147 @@
+"""slmops.toml: the pipeline's settings, their defaults, and where each effective value came from."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import SlmopsError
+
+CONFIG_NAME = "slmops.toml"
+
+# section -> key -> (default, type, help). The single source of truth for valid keys.
+SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
+    "model": {
+        "source": ("default", str, "HF checkpoint folder, GGUF file, or 'default' (embedded SmolLM2-135M-Instruct)"),
+        "name": ("smollm2-135m-instruct", str, "name the model is registered under"),
+        "adapter": ("", str, "PEFT LoRA adapter folder to apply to the source"),
+        "family": ("auto", str, "prompt-template family, or 'auto' to detect"),
+        "trust_remote_code": (False, bool, "allow the checkpoint's own Python code to run"),
+    },
+    "convert": {
+        "precision": ("int4", str, "fp32, fp16, int8, int4, or auto (smallest that passes validation)"),
+        "device": ("cpu", str, "target device"),
+        "provider": ("CPUExecutionProvider", str, "ONNX Runtime execution provider"),
+        "backend": ("auto", str, "converter plugin, or auto (the fastest that supports the request)"),
+        "block_size": (32, int, "int4/int8 quantization block size: 16, 32, 64, 128 or 256"),
+        "symmetric": (True, bool, "symmetric quantization (false: with zero points)"),
+        "algorithm": ("rtn", str, "int4 algorithm: rtn, rtn_last, k_quant_mixed, k_quant_last"),
+        "accuracy_level": (0, int, "MatMulNBits accuracy_level (0: the runtime's default, 1-4)"),
+        "output": ("", str, "output folder (default: slmops's build cache)"),
+    },
+    "registry": {
+        "backend": ("foundry-local", str, "registry plugin"),
+        "cache_dir": ("", str, "registry location (default: $SLMOPS_REGISTRY_DIR, else Foundry Local's)"),
+        "version": ("1", str, "version recorded in inference_model.json"),
+        "description": ("", str, "description recorded in inference_model.json"),
+        "replace": (True, bool, "replace an existing entry of the same name"),
+    },
+    "validate": {
+        "max_kld": (0.5, float, "highest mean KL divergence against the source accepted"),
+        "min_top1": (0.6, float, "lowest top-1 agreement with the source accepted"),
+        "soak_requests": (20, int, "requests in the memory-leak soak"),
+        "max_leak_mb": (50.0, float, "largest RSS growth over the soak accepted, MB"),
+    },
+    "bench": {
+        "runs": (5, int, "measured runs per prompt length"),
+        "warmup": (1, int, "warm-up runs"),
+        "max_new_tokens": (32, int, "tokens generated per run"),
+        "lengths": ([16, 64, 256], list, "prompt lengths (tokens) of the sweep"),
+    },
+}
+
+
+@dataclass
+class Config:
+    values: dict[str, dict[str, Any]]
+    origin: dict[str, str] = field(default_factory=dict)  # "section.key" -> where it came from
+    path: Path | None = None
+
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return self.values[section][key]
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.values[name])
+
+    def override(self, dotted: str, value: Any, origin: str) -> None:
+        """Set a value from the command line; None means the flag was not given."""
+        if value is None:
+            return
+        section, key = dotted.split(".")
+        self.values[section][key] = _check_type(dotted, value, SCHEMA[section][key][1], None)
+        self.origin[dotted] = origin
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    """The nearest slmops.toml in the working directory or above it."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _line_of(text: str, key: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*\[?\s*\"?{re.escape(key)}\"?\s*[\]=]", line):
+            return number
+    return None
+
+
+def _check_type(dotted: str, value: Any, kind: type, where: str | None) -> Any:
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        at = f" ({where})" if where else ""
+        raise SlmopsError(f"{dotted} must be {kind.__name__}, not {type(value).__name__} {value!r}{at}")
+    return value
+
+
+def load_config(path: Path | None = None, search: bool = True) -> Config:
+    """Defaults, then the TOML file (given, or found by walking up), each value tagged with its origin."""
+    values = {s: {k: (list(v[0]) if isinstance(v[0], list) else v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
+    origin = {f"{s}.{k}": "default" for s, keys in SCHEMA.items() for k in keys}
+    if path is None and search:
+        path = find_config()
+    if path is None:
+        return Config(values, origin, None)
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SlmopsError(f"config file {path} not found; pass an existing file to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SlmopsError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SlmopsError(f"{path}: invalid TOML: {e}") from None
+    for section, table in data.items():
+        if section not in SCHEMA or not isinstance(table, dict):
+            line = _line_of(text, section)
+            raise SlmopsError(f"{path}:{line}: unknown section [{section}]; known: {', '.join(SCHEMA)}")
+        for key, value in table.items():
+            dotted = f"{section}.{key}"
+            line = _line_of(text, key)
+            if key not in SCHEMA[section]:
+                raise SlmopsError(f"{path}:{line}: unknown key {dotted}; known in [{section}]: {', '.join(SCHEMA[section])}")
+            values[section][key] = _check_type(dotted, value, SCHEMA[section][key][1], f"{path}:{line}")
+            origin[dotted] = f"{path}:{line}"
+    return Config(values, origin, path)
+
+
+def home() -> Path:
+    """slmops's own cache: converted sources, builds, hash memo. $SLMOPS_HOME overrides."""
+    return Path(os.environ.get("SLMOPS_HOME") or Path.home() / ".cache" / "slmops")

@@ -1,0 +1,235 @@
+"""`slmops convert`: choose a converter (and quantizer), build once per source and options, verify, record."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import implementations, progress, sources, verify
+from .config import home
+from .errors import NoImplementation, SlmopsError
+from .fsutil import content_hash, dir_size, lock, staging_dir, write_json_atomic
+from .roles import PRECISIONS, ConvertRequest, Converter, Quantizer
+
+MANIFEST = "slmops-manifest.json"
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+TOOLS = ("slmops", "onnxruntime", "onnxruntime-genai", "olive-ai", "onnx", "transformers", "torch")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for dist in TOOLS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = ""
+    return out
+
+
+def check_options(request: ConvertRequest) -> None:
+    if request.precision not in PRECISIONS:
+        raise SlmopsError(f"unknown precision {request.precision!r}; use one of {', '.join(PRECISIONS)}")
+    if request.block_size not in BLOCK_SIZES:
+        raise SlmopsError(f"block size {request.block_size} is not supported; use one of {', '.join(map(str, BLOCK_SIZES))}")
+    if request.accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise SlmopsError(f"accuracy level {request.accuracy_level} is not supported; use 0 (default) or 1-4")
+    if request.precision == "fp16" and request.device == "cpu":
+        # Seen with onnxruntime-genai 0.14.1 on onnxruntime 1.31: the fp16 CPU build fails at generation time
+        # ("Shape mismatch attempting to re-use buffer"). Never hand over a model that cannot generate.
+        raise SlmopsError("fp16 models built for the CPU fail to generate with this ONNX Runtime GenAI; "
+                          "use --precision fp32 (same quality) or int8 (smaller, near-lossless)")
+    if request.adapter_mode not in ("merge", "runtime"):
+        raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or runtime")
+
+
+def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> tuple[Converter, Quantizer | None]:
+    """The converter (and, when it cannot build the precision itself, the quantizer) for a request."""
+    converters = implementations.converters()
+    if backend != "auto":
+        converters = [implementations.by_name(converters, backend, "converter")]
+    reasons = []
+    direct = []
+    for c in converters:
+        why = c.check(request, architecture)
+        (reasons.append(f"{c.name}: {why}") if why else direct.append(c))
+    if direct:
+        return min(direct, key=lambda c: c.cost), None
+    fp32 = dataclasses.replace(request, precision="fp32")
+    for q in implementations.quantizers():
+        why = q.check(request)
+        if why:
+            reasons.append(f"{q.name}: {why}")
+            continue
+        bases = [c for c in converters if c.check(fp32, architecture) is None]
+        if bases:
+            return min(bases, key=lambda c: c.cost), q
+    raise NoImplementation(f"no converter can build {architecture} at {request.precision}"
+                           f" ({request.algorithm}): " + "; ".join(reasons))
+
+
+def build_key(source_sha: str, request: ConvertRequest, converter: Converter, quantizer: Quantizer | None) -> str:
+    options = request.options()
+    if request.adapter:
+        options["adapter"] = content_hash(request.adapter)
+    blob = json.dumps({"source": source_sha, "options": options, "converter": converter.name,
+                       "quantizer": quantizer.name if quantizer else None, "tools": tool_versions()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((model_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def architecture_of(checkpoint: Path) -> str:
+    config = sources.check_checkpoint(checkpoint)
+    archs = config.get("architectures") or []
+    if not archs:
+        raise SlmopsError(f"{checkpoint}/config.json names no architecture; add \"architectures\": [\"...ForCausalLM\"]")
+    return archs[0]
+
+
+def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: bool) -> Path:
+    """A checkpoint with a PEFT LoRA adapter merged into the base weights, made once into the cache."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise SlmopsError(f"{adapter} is not a PEFT adapter (no adapter_config.json); give the folder peft saved")
+    target = home() / "sources" / f"merged-{base_sha[:10]}-{content_hash(adapter)[:10]}"
+    if (target / "config.json").is_file():
+        return target
+    with lock(target), progress.step("Merging the LoRA adapter into the base"), staging_dir(target) as tmp:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except Exception as e:
+            raise SlmopsError(f"adapter {adapter} does not fit the base model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    return target
+
+
+def _check_disk(folder: Path, source_bytes: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    need = 3 * source_bytes  # fp32 graph + quantized copy + staging, measured on SmolLM2
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SlmopsError(f"too little disk at {folder}: {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB needed; free space or pass --output elsewhere")
+
+
+def convert(source_spec: str | None, request_options: dict[str, Any], backend: str = "auto",
+            output: str | None = None) -> dict[str, Any]:
+    """Build (or find in the cache) a verified ORT GenAI model; return its manifest plus path and cached flag."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with progress.step("Resolving the source"):
+        source = sources.resolve(source_spec)
+    checkpoint, source_sha = source.checkpoint, source.sha256
+    request = ConvertRequest(source_dir=checkpoint, **request_options)
+    check_options(request)
+    if request.adapter is not None:
+        if not request.adapter.is_dir():
+            raise SlmopsError(f"adapter {request.adapter} does not exist; give the folder with adapter_config.json")
+        if request.adapter_mode == "merge":
+            checkpoint = merge_adapter(checkpoint, source_sha, request.adapter, request.trust_remote_code)
+            request = dataclasses.replace(request, source_dir=checkpoint)
+    architecture = architecture_of(checkpoint)
+    converter, quantizer = plan(request, architecture, backend)
+    key = build_key(source_sha, request, converter, quantizer)
+    build_dir = home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
+    timings["plan_s"] = time.perf_counter() - start
+
+    manifest = read_manifest(build_dir)
+    cached = bool(manifest and manifest.get("key") == key and manifest.get("verification", {}).get("ok"))
+    if not cached:
+        _check_disk(build_dir.parent, dir_size(checkpoint))
+        with lock(build_dir):
+            manifest = read_manifest(build_dir)
+            cached = bool(manifest and manifest.get("key") == key and manifest.get("verification", {}).get("ok"))
+            if not cached:
+                manifest = _build(source, request, architecture, converter, quantizer, key, build_dir, timings)
+    result = dict(manifest)
+    result.update(path=str(build_dir), cached=cached)
+    if output:
+        result["path"] = str(_publish(build_dir, Path(output), key))
+    return result
+
+
+def _build(source: sources.Source, request: ConvertRequest, architecture: str, converter: Converter,
+           quantizer: Quantizer | None, key: str, build_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
+    with staging_dir(build_dir) as out, tempfile.TemporaryDirectory(dir=build_dir.parent, prefix=".work-") as work:
+        work_dir = Path(work)
+        label = f"{request.precision}" + (f" block {request.block_size}, {'sym' if request.symmetric else 'asym'}" if request.precision in ("int4", "int8") else "")
+        if quantizer is None:
+            t = time.perf_counter()
+            with progress.step(f"Converting {architecture} with {converter.name} ({label})"):
+                converter.convert(request, out, work_dir)
+            timings["convert_s"] = time.perf_counter() - t
+        else:
+            fp32_dir = work_dir / "fp32"
+            fp32_dir.mkdir()
+            t = time.perf_counter()
+            with progress.step(f"Converting {architecture} to fp32 with {converter.name}"):
+                converter.convert(dataclasses.replace(request, precision="fp32"), fp32_dir, work_dir)
+            timings["convert_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            with progress.step(f"Quantizing to {label} with {quantizer.name}"):
+                quantizer.quantize(fp32_dir, out, request)
+            timings["quantize_s"] = time.perf_counter() - t
+        if not (out / "genai_config.json").is_file():
+            raise SlmopsError(f"converter {converter.name} wrote no genai_config.json; the build is unusable")
+        t = time.perf_counter()
+        with progress.step("Verifying: reading the graph back and generating"):
+            graph = verify.graph_quantization(out)
+            problems = verify.compare(request, graph)
+            try:
+                sample = verify.generate_check(out)
+            except Exception as e:
+                sample, problems = None, problems + [f"ORT GenAI cannot generate: {type(e).__name__}: {e}"]
+        timings["verify_s"] = time.perf_counter() - t
+        if problems:
+            raise SlmopsError("verification failed, nothing was written: " + "; ".join(problems))
+        manifest = {
+            "key": key,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"spec": source.spec, "kind": source.kind, "path": str(source.original), "sha256": source.sha256,
+                       "checkpoint": str(request.source_dir), "architecture": architecture},
+            "options": request.options(),
+            "converter": converter.name,
+            "quantizer": quantizer.name if quantizer else None,
+            "tools": tool_versions(),
+            "output_bytes": dir_size(out),
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "verification": {"ok": True, "graph": graph, "sample": sample},
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _publish(build_dir: Path, output: Path, key: str) -> Path:
+    """Put the build at the user's --output, atomically; hard links when the filesystem allows."""
+    output = output.expanduser().resolve()
+    existing = read_manifest(output)
+    if existing and existing.get("key") == key:
+        return output
+    if output.exists() and any(output.iterdir()) and existing is None:
+        raise SlmopsError(f"{output} exists and is not an slmops model; choose an empty or new --output folder")
+    with lock(output), staging_dir(output) as tmp:
+        for f in build_dir.iterdir():
+            try:
+                (tmp / f.name).hardlink_to(f)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    return output

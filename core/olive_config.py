@@ -1,0 +1,73 @@
+"""Read the deployment guide's Olive workflow JSON (Method 2) and apply what it means.
+
+Olive 0.13 silently ignores ``quantization_config`` in a ModelBuilder pass; slmops maps it to the
+builder's int4 options, and refuses any other key it would ignore instead of losing it in a log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import SlmopsError
+
+TOP_KEYS = {"input_model", "systems", "passes", "host", "target", "cache_dir", "output_dir", "engine", "log_severity_level"}
+INPUT_KEYS = {"type", "model_path", "task", "adapter_path"}
+PASS_KEYS = {"precision", "quantization_config", "int4_block_size", "int4_is_symmetric", "int4_accuracy_level", "int4_algo_config"}
+QUANT_KEYS = {"block_size": "block_size", "is_symmetric": "symmetric", "accuracy_level": "accuracy_level"}
+ALGO = {"default": "rtn", "rtn": "rtn", "rtn_last": "rtn_last", "k_quant": "k_quant", "k_quant_mixed": "k_quant_mixed", "k_quant_last": "k_quant_last"}
+
+
+def _unknown(where: str, keys: set[str], known: set[str], path: Path) -> None:
+    extra = sorted(keys - known)
+    if extra:
+        raise SlmopsError(f"{path}: {where} key {extra[0]!r} is not supported (Olive would ignore it); known: {', '.join(sorted(known))}")
+
+
+def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
+    """(source, convert options, output dir) from an Olive workflow file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SlmopsError(f"config file {path} not found") from None
+    except ValueError as e:
+        raise SlmopsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SlmopsError(f"{path}: expected a JSON object (an Olive workflow)")
+    _unknown("top-level", set(data), TOP_KEYS, path)
+    model = data.get("input_model") or {}
+    _unknown("input_model", set(model), INPUT_KEYS, path)
+    if model.get("type", "HfModel") != "HfModel" or not model.get("model_path"):
+        raise SlmopsError(f"{path}: input_model must be an HfModel with a model_path")
+    passes = data.get("passes") or {}
+    builders = [p for p in passes.values() if isinstance(p, dict) and p.get("type") == "ModelBuilder"]
+    if len(passes) != 1 or len(builders) != 1:
+        raise SlmopsError(f"{path}: slmops runs workflows with exactly one ModelBuilder pass; found {sorted(passes) or 'none'}")
+    config = builders[0].get("config") or {}
+    _unknown("ModelBuilder config", set(config), PASS_KEYS, path)
+    options: dict[str, Any] = {}
+    if "precision" in config:
+        options["precision"] = str(config["precision"]).lower()
+    quant = config.get("quantization_config") or {}
+    _unknown("quantization_config", set(quant), set(QUANT_KEYS), path)
+    for key, ours in QUANT_KEYS.items():
+        if key in quant:
+            options[ours] = quant[key]
+    for key, ours in (("int4_block_size", "block_size"), ("int4_is_symmetric", "symmetric"), ("int4_accuracy_level", "accuracy_level")):
+        if key in config:
+            options[ours] = config[key]
+    if "int4_algo_config" in config:
+        if config["int4_algo_config"] not in ALGO:
+            raise SlmopsError(f"{path}: int4_algo_config {config['int4_algo_config']!r} is not supported; use one of {', '.join(ALGO)}")
+        options["algorithm"] = ALGO[config["int4_algo_config"]]
+    for system in (data.get("systems") or {}).values():
+        for acc in system.get("accelerators", []):
+            providers = acc.get("execution_providers") or []
+            if providers and providers != ["CPUExecutionProvider"]:
+                raise SlmopsError(f"{path}: execution provider {providers[0]} is not supported here; use CPUExecutionProvider")
+    if model.get("adapter_path"):
+        options["adapter"] = model["adapter_path"]
+    base = path.parent
+    source = str((base / model["model_path"]).resolve()) if not Path(model["model_path"]).is_absolute() else model["model_path"]
+    out = data.get("output_dir")
+    return source, options, (str((base / out).resolve()) if out and not Path(out).is_absolute() else out)

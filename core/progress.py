@@ -1,0 +1,33 @@
+"""Steps with timings on stderr, so stdout stays for results (tables, JSON, answers)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+quiet = False
+
+
+@contextlib.contextmanager
+def step(title: str) -> Iterator[None]:
+    """Show a spinner while the step runs, then one line with its time (or its failure)."""
+    start = time.perf_counter()
+    if quiet:
+        yield
+        return
+    try:
+        with console.status(f"{title}..."):
+            yield
+    except BaseException:
+        console.print(f"[red]x[/red] {title} (failed after {time.perf_counter() - start:.1f}s)")
+        raise
+    console.print(f"[green]v[/green] {title} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+
+
+def note(text: str) -> None:
+    if not quiet:
+        console.print(f"  {text}")

@@ -1,0 +1,174 @@
+"""What a plugin registers for each role. Subclass these (or fill the dataclasses) in a plugin."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Everything a conversion depends on; its fields (with the source hash) make the cache key."""
+
+    source_dir: Path
+    precision: str = "int4"
+    device: str = "cpu"
+    provider: str = "CPUExecutionProvider"
+    block_size: int = 32
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    accuracy_level: int | None = None
+    adapter: Path | None = None
+    adapter_mode: str = "merge"  # "merge" into the weights, or "runtime" (an ORT GenAI adapter file)
+    trust_remote_code: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The options as plain JSON values, without the source path."""
+        d = dataclasses.asdict(self)
+        d.pop("source_dir")
+        d["adapter"] = str(self.adapter) if self.adapter else None
+        return d
+
+
+class Converter:
+    """Builds an ONNX Runtime GenAI folder (genai_config.json, model.onnx, tokenizer) from a checkpoint."""
+
+    name: str = ""
+    description: str = ""
+    precisions: tuple[str, ...] = ()  # precisions built directly
+    algorithms: tuple[str, ...] = ("rtn",)  # int4 algorithms offered
+    cost: int = 100  # lower wins when several converters accept a request
+
+    def check(self, request: ConvertRequest, architecture: str) -> str | None:
+        """Return None if this converter can do the request, else the reason it cannot."""
+        if request.precision not in self.precisions:
+            return f"builds {', '.join(self.precisions)} only"
+        if request.precision == "int4" and request.algorithm not in self.algorithms:
+            return f"int4 algorithms: {', '.join(self.algorithms)}"
+        return None
+
+    def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
+        """Write the model into output_dir (which exists and is empty); work_dir is scratch space."""
+        raise NotImplementedError
+
+
+class Quantizer:
+    """Rewrites an fp32 ONNX GenAI folder's MatMul weights at a lower precision."""
+
+    name: str = ""
+    description: str = ""
+    precisions: tuple[str, ...] = ()
+
+    def check(self, request: ConvertRequest) -> str | None:
+        if request.precision not in self.precisions:
+            return f"quantizes to {', '.join(self.precisions)} only"
+        return None
+
+    def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class ModelInfo:
+    """What detection looks at in a model folder."""
+
+    path: Path
+    model_type: str = ""
+    architectures: list[str] = field(default_factory=list)
+    chat_template: str | None = None
+    special_tokens: set[str] = field(default_factory=set)
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+
+@dataclass
+class TemplateFamily:
+    """A prompt format. Each PromptTemplate field holds one whole turn, separators included, with
+    ``{Content}`` where the text goes, so a prompt is the plain concatenation of its turns."""
+
+    name: str
+    description: str
+    system: str
+    user: str
+    assistant: str
+    prompt: str  # the last user turn plus the start of the assistant's answer
+    stop: list[str] = field(default_factory=list)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    bos: str = ""  # text before the first turn, as the tokenizer's template writes it
+    system_in_first_user: str | None = None  # families with no system role: how to fold it in
+    model_types: tuple[str, ...] = ()  # config.json model_type values of this family
+    markers: tuple[str, ...] = ()  # strings found in this family's chat templates
+    plugin: str = ""  # filled in by the core
+
+    def prompt_template(self) -> dict[str, str]:
+        return {"system": self.system, "user": self.user, "assistant": self.assistant, "prompt": self.prompt}
+
+    def score(self, info: ModelInfo) -> int:
+        """How well this family fits a model folder: 0 for no, higher for surer."""
+        points = 0
+        if info.chat_template and self.markers and all(m in info.chat_template for m in self.markers):
+            points += 10
+        if info.model_type in self.model_types:
+            points += 5
+        if self.markers and all(m in info.special_tokens for m in self.markers if m.startswith("<")):
+            points += 2
+        return points
+
+
+@dataclass
+class RegistryEntry:
+    name: str
+    id: str
+    path: str
+    family: str = ""
+    precision: str = ""
+    size_bytes: int = 0
+    registered_at: str = ""
+    version: str = "1"
+    description: str = ""
+    registry: str = ""
+
+
+class Registry:
+    """A place where deployed models are recorded, found, run and removed."""
+
+    name: str = ""
+    description: str = ""
+
+    def location(self) -> Path:
+        raise NotImplementedError
+
+    def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
+        """Copy model_dir into the registry under entry.name, with inference_model.json, and record it."""
+        raise NotImplementedError
+
+    def list(self) -> list[RegistryEntry]:
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        raise NotImplementedError
+
+    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any]) -> Iterator[str]:
+        """Stream the answer to messages through this registry's own runtime; None if it has none."""
+        raise NotImplementedError
+
+    def usage(self) -> dict[str, int] | None:
+        """Token counts of the last chat, where the runtime reports them."""
+        return None
+
+
+class Benchmarker:
+    """Measures a model folder: load time, TTFT, prefill/decode speed, memory."""
+
+    name: str = ""
+    description: str = ""
+
+    def check(self, model_dir: Path) -> str | None:
+        return None
+
+    def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+        raise NotImplementedError

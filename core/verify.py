@@ -1,0 +1,87 @@
+"""Check a built model: read back what the graph applied, and make ORT GenAI generate from it."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+from .roles import ConvertRequest
+
+# lm_head is kept at 8 bits by these algorithms; k_quant_mixed promotes some layers to 8 bits.
+EIGHT_BIT_ALLOWED = {"rtn_last", "k_quant_last", "k_quant_mixed"}
+
+
+def graph_quantization(model_dir: Path) -> dict[str, Any]:
+    """What the graph holds: MatMulNBits nodes by bits/block size/symmetry, float MatMuls, weight dtype."""
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    nbits = collections.Counter()
+    block_sizes, accuracy, symmetric = set(), set(), set()
+    float_matmuls = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            nbits[int(attrs.get("bits", 4))] += 1
+            block_sizes.add(int(attrs["block_size"]))
+            accuracy.add(int(attrs.get("accuracy_level", 0)))
+            # A fourth input (zero points) means asymmetric quantization.
+            symmetric.add(not (len(node.input) > 3 and node.input[3]))
+        elif node.op_type == "MatMul":
+            float_matmuls += 1
+    dtypes = collections.Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
+    return {
+        "matmul_nbits": {str(k): v for k, v in sorted(nbits.items())},
+        "block_sizes": sorted(block_sizes),
+        "symmetric": sorted(symmetric),
+        "accuracy_levels": sorted(accuracy),
+        "float_matmuls": float_matmuls,
+        "weight_dtypes": dict(dtypes.most_common(3)),
+    }
+
+
+def compare(request: ConvertRequest, graph: dict[str, Any]) -> list[str]:
+    """Differences between what was asked and what the graph says; empty when they agree."""
+    problems = []
+    bits = {int(b) for b in graph["matmul_nbits"]}
+    if request.precision in ("fp32", "fp16"):
+        if bits:
+            problems.append(f"asked {request.precision} but the graph has quantized MatMulNBits nodes ({graph['matmul_nbits']})")
+        if request.precision == "fp16" and "FLOAT16" not in graph["weight_dtypes"]:
+            problems.append("asked fp16 but no float16 weights found")
+        return problems
+    want = 8 if request.precision == "int8" else 4
+    allowed = {want} | ({8} if want == 4 and request.algorithm in EIGHT_BIT_ALLOWED else set())
+    if not bits:
+        problems.append(f"asked {request.precision} but the graph has no MatMulNBits nodes")
+    elif want not in bits or not bits <= allowed:
+        problems.append(f"asked {request.precision} but MatMulNBits bits are {sorted(bits)}")
+    if graph["block_sizes"] and graph["block_sizes"] != [request.block_size]:
+        problems.append(f"asked block size {request.block_size} but the graph has {graph['block_sizes']}")
+    if graph["symmetric"] and graph["symmetric"] != [request.symmetric]:
+        asked = "symmetric" if request.symmetric else "asymmetric"
+        problems.append(f"asked {asked} but the graph's quantization is {'symmetric' if graph['symmetric'] == [True] else 'mixed or asymmetric'}")
+    if request.accuracy_level and graph["accuracy_levels"] != [request.accuracy_level]:
+        problems.append(f"asked accuracy level {request.accuracy_level} but the graph has {graph['accuracy_levels']}")
+    return problems
+
+
+def generate_check(model_dir: Path, prompt: str = "The capital of France is", new_tokens: int = 8) -> dict[str, Any]:
+    """Load with ORT GenAI and generate a few greedy tokens; raises if the model cannot generate."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    tokenizer = og.Tokenizer(model)
+    tokens = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(tokens) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(tokens)
+    out = []
+    while not generator.is_done() and len(out) < new_tokens:
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    if not out:
+        raise RuntimeError("the model generated no token")
+    return {"prompt": prompt, "tokens": len(out), "text": tokenizer.decode(out)}

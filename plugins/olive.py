@@ -1,0 +1,70 @@
+"""Converter: Microsoft Olive's ModelBuilder pass, through Olive's Python API (olive.run)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from slmops import hookimpl
+from slmops.builder_options import INT4_ALGORITHMS, builder_architectures, builder_options
+from slmops.roles import ConvertRequest, Converter
+
+# Keys of Olive 0.13's ModelBuilder pass that slmops's request maps to; anything else Olive ignores.
+PASS_KEYS = ("int4_block_size", "int4_is_symmetric", "int4_accuracy_level", "int4_algo_config")
+
+
+def olive_workflow(request: ConvertRequest, output_dir: Path, work_dir: Path) -> dict[str, Any]:
+    """The Olive workflow (the guide's Method 2 file, with what the request means spelled out)."""
+    options = builder_options(request)
+    pass_config: dict[str, Any] = {"precision": request.precision}
+    pass_config.update({k: options.pop(k) for k in PASS_KEYS if k in options})
+    pass_config["extra_options"] = options
+    input_model: dict[str, Any] = {"type": "HfModel", "model_path": str(request.source_dir), "task": "text-generation",
+                                   "load_kwargs": {"trust_remote_code": request.trust_remote_code}}
+    return {
+        "input_model": input_model,
+        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
+            {"device": request.device, "execution_providers": [request.provider]}]}},
+        "passes": {"builder": {"type": "ModelBuilder", "config": pass_config}},
+        "host": "local_system",
+        "target": "local_system",
+        "cache_dir": str(work_dir / "olive-cache"),
+        "output_dir": str(output_dir),
+        "log_severity_level": 3,
+    }
+
+
+class OliveConverter(Converter):
+    name = "olive"
+    description = "Olive ModelBuilder pass via olive.run (Python API)"
+    precisions = ("fp32", "fp16", "int4")
+    algorithms = tuple(INT4_ALGORITHMS)
+    cost = 50  # same graph as the builder, plus Olive's workflow overhead
+
+    def check(self, request: ConvertRequest, architecture: str) -> str | None:
+        if architecture not in builder_architectures():
+            return f"Olive's ModelBuilder pass does not know {architecture}"
+        return super().check(request, architecture)
+
+    def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
+        import olive
+
+        logging.getLogger("olive").setLevel(logging.ERROR)
+        olive_out = work_dir / "olive-output"
+        olive.run(olive_workflow(request, olive_out, work_dir), tempdir=str(work_dir))
+        move_model_files(olive_out, output_dir)
+
+
+def move_model_files(olive_out: Path, output_dir: Path) -> None:
+    """Olive nests the model (output_dir/model/ in 0.13); move the folder holding genai_config.json."""
+    found = sorted(olive_out.rglob("genai_config.json"))
+    if not found:
+        raise RuntimeError(f"Olive finished without writing a model (no genai_config.json under {olive_out})")
+    for item in found[0].parent.iterdir():
+        item.rename(output_dir / item.name)
+
+
+@hookimpl
+def register_converters(register):
+    register(OliveConverter())
