@@ -223,3 +223,69 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"slmops: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+@cli.group()
+def templates() -> None:
+    """Prompt-template families: list, show, render, check a model."""
+
+
+@templates.command("ls")
+@json_option
+def templates_ls(as_json: bool) -> None:
+    """List the known families and the plugin providing each."""
+    from .implementations import template_families
+
+    rows = [{"family": f.name, "plugin": f.plugin, "description": f.description, "stop": f.stop} for f in template_families()]
+    output.emit_json(rows) if as_json else output.table(rows, ["family", "plugin", "description", "stop"])
+
+
+@templates.command("show")
+@click.argument("family")
+@json_option
+def templates_show(family: str, as_json: bool) -> None:
+    """Show a family's PromptTemplate, stop strings and ModelConfig defaults."""
+    from .templates import family_by_name
+
+    f = family_by_name(family)
+    data = {"family": f.name, "plugin": f.plugin, "bos": f.bos, "PromptTemplate": f.prompt_template(), "stop": f.stop,
+            "ModelConfig": f.model_config, "system_in_first_user": f.system_in_first_user}
+    if as_json:
+        output.emit_json(data)
+        return
+    rows = [{"field": k, "value": repr(v)} for k, v in {"bos": f.bos, **f.prompt_template(), "stop": f.stop,
+                                                          "system folding": f.system_in_first_user, **f.model_config}.items()]
+    output.table(rows, ["field", "value"], title=f"{f.name} ({f.plugin})")
+
+
+@templates.command("render")
+@click.argument("family")
+@click.option("--system", "system_text", help="System message.")
+@click.option("--user", "user_text", required=True, help="User message.")
+def templates_render(family: str, system_text: str | None, user_text: str) -> None:
+    """Print the exact prompt FAMILY builds for a system and user message."""
+    from .templates import family_by_name, render
+
+    messages = ([{"role": "system", "content": system_text}] if system_text else []) + [{"role": "user", "content": user_text}]
+    sys.stdout.write(render(family_by_name(family), messages))
+    sys.stdout.write("\n")
+
+
+@templates.command("check")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--family", default="auto", show_default=True, help="Family to check, or auto to detect.")
+@json_option
+def templates_check(model_dir: str, family: str, as_json: bool) -> None:
+    """Detect MODEL_DIR's family and compare its template with the tokenizer's own, byte and token."""
+    from .templates import choose, fidelity
+
+    chosen = choose(Path(model_dir), family)
+    result = fidelity(Path(model_dir), chosen)
+    result.update(family=chosen.family.name, how=chosen.how, default_system=chosen.default_system)
+    if as_json:
+        output.emit_json(result)
+    else:
+        click.echo(f"family: {chosen.family.name} ({chosen.how}); default system: {chosen.default_system!r}")
+        output.table(result["conversations"], ["conversation", "ok", "tokens", "first_diff_char", "first_diff_token", "skipped"])
+    if not result["ok"]:
+        raise SlmopsError(f"template {chosen.family.name} does not match {model_dir}'s chat template (see the rows marked False)")

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 stdout = Console(highlight=False, soft_wrap=False)
 
@@ -20,7 +21,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | N
     for c in columns:
         t.add_column(c)
     for row in rows:
-        t.add_row(*(_cell(row.get(c)) for c in columns))
+        t.add_row(*(Text(_cell(row.get(c))) for c in columns))  # Text: no markup parsing of '[/INST]'
     stdout.print(t)
 
 

@@ -111,7 +111,7 @@ class TemplateFamily:
         """How well this family fits a model folder: 0 for no, higher for surer."""
         points = 0
         if info.chat_template and self.markers and all(m in info.chat_template for m in self.markers):
-            points += 10
+            points += 10 * len(self.markers)  # more markers matched: a more specific family
         if info.model_type in self.model_types:
             points += 5
         if self.markers and all(m in info.special_tokens for m in self.markers if m.startswith("<")):
