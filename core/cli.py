@@ -289,3 +289,141 @@ def templates_check(model_dir: str, family: str, as_json: bool) -> None:
         output.table(result["conversations"], ["conversation", "ok", "tokens", "first_diff_char", "first_diff_token", "skipped"])
     if not result["ok"]:
         raise SlmopsError(f"template {chosen.family.name} does not match {model_dir}'s chat template (see the rows marked False)")
+
+
+registry_option = click.option("--registry", "registry_backend", help="Registry plugin (default: [registry] backend).")
+
+
+@cli.command("register")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="Name to register under.")
+@click.option("--family", default=None, help="Prompt-template family (default: detect).")
+@click.option("--version", "version_", default=None, help="Version recorded in inference_model.json.")
+@click.option("--description", default=None, help="Description recorded in inference_model.json.")
+@click.option("--replace/--no-replace", default=None, help="Replace an existing entry of the same name (default) or refuse.")
+@registry_option
+@json_option
+@pass_state
+def register_cmd(state: State, model_dir: str, name: str, family: str | None, version_: str | None, description: str | None,
+                 replace: bool | None, registry_backend: str | None, as_json: bool) -> None:
+    """Place MODEL_DIR in the registry as NAME, with a checked inference_model.json."""
+    from . import registry as reg
+
+    cfg = state.config
+    cfg.override("model.family", family, "command line")
+    cfg.override("registry.version", version_, "command line")
+    cfg.override("registry.description", description, "command line")
+    cfg.override("registry.replace", replace, "command line")
+    registry = reg.open_registry(cfg, registry_backend)
+    result = reg.register(registry, Path(model_dir), name, cfg.get("model.family"), cfg.get("registry.version"),
+                          cfg.get("registry.description"), cfg.get("registry.replace"))
+    if as_json:
+        output.emit_json(result)
+    else:
+        e = result["entry"]
+        output.table([{"name": e["name"], "id": e["id"], "family": e["family"], "precision": e["precision"],
+                       "size": output.human_bytes(e["size_bytes"]), "path": e["path"]}],
+                     ["name", "id", "family", "precision", "size", "path"], title=f"registered with {registry.name}")
+
+
+@cli.group()
+def cache() -> None:
+    """The registry's model cache: ls, location, cd, rm."""
+
+
+def entry_rows(entries) -> list[dict[str, Any]]:
+    return [{**e.__dict__, "size": output.human_bytes(e.size_bytes)} for e in entries]
+
+
+@cache.command("ls")
+@registry_option
+@json_option
+@pass_state
+def cache_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
+    """List registered models."""
+    from .registry import open_registry
+
+    registry = open_registry(state.config, registry_backend)
+    entries = registry.list()
+    if as_json:
+        output.emit_json([e.__dict__ for e in entries])
+    elif not entries:
+        click.echo(f"no models registered in {registry.name} at {registry.root}")
+    else:
+        output.table(entry_rows(entries), ["name", "id", "family", "precision", "size", "registered_at", "path"])
+
+
+@cache.command("location")
+@registry_option
+@pass_state
+def cache_location(state: State, registry_backend: str | None) -> None:
+    """Print where the registry keeps models."""
+    from .registry import open_registry
+
+    click.echo(open_registry(state.config, registry_backend).root)
+
+
+@cache.command("cd")
+@click.argument("name")
+@registry_option
+@pass_state
+def cache_cd(state: State, name: str, registry_backend: str | None) -> None:
+    """Print NAME's folder (use: cd "$(slmops cache cd NAME)")."""
+    from .registry import find, open_registry
+
+    click.echo(find(open_registry(state.config, registry_backend), name).path)
+
+
+@cache.command("rm")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@registry_option
+@pass_state
+def cache_rm(state: State, name: str, yes: bool, registry_backend: str | None) -> None:
+    """Unregister NAME and delete its folder."""
+    from .registry import find, open_registry
+
+    registry = open_registry(state.config, registry_backend)
+    entry = find(registry, name)
+    if not yes and not click.confirm(f"Remove {entry.name} and delete {entry.path}?", default=False):
+        raise SlmopsError("not removed (answer y, or pass --yes)")
+    registry.remove(entry.name)
+    click.echo(f"removed {entry.name}", err=True)
+
+
+@cli.group()
+def model() -> None:
+    """Run registered models."""
+
+
+EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
+
+
+@model.command("run")
+@click.argument("name")
+@click.option("--prompt", "-p", help="Answer this once and exit (stdout: only the answer).")
+@click.option("--system", "system_text", help="System message.")
+@click.option("--engine", type=click.Choice(["registry", "ort-genai"]), default="registry", show_default=True,
+              help="Run through the registry's runtime (Foundry Local) or ORT GenAI directly.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 5), help="Override ModelConfig temperature (0: greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1), help="Override ModelConfig top_p.")
+@click.option("--repetition-penalty", type=click.FloatRange(0.5, 3), help="Override ModelConfig repetition_penalty.")
+@click.option("--max-length", type=click.IntRange(16), help="Override ModelConfig max_length.")
+@registry_option
+@json_option
+@pass_state
+def model_run(state: State, name: str, prompt: str | None, system_text: str | None, engine: str, registry_backend: str | None,
+              as_json: bool, **overrides: Any) -> None:
+    """Chat with NAME: interactive and streaming, or one answer with --prompt."""
+    from .chat_session import ChatRunner
+
+    runner = ChatRunner(state.config, name, engine, registry_backend, {k: v for k, v in overrides.items() if v is not None})
+    if prompt is not None:
+        result = runner.answer(prompt, system_text, stream_to=None if as_json else sys.stdout)
+        if as_json:
+            output.emit_json(result)
+        else:
+            sys.stdout.write("\n")
+        return
+    runner.interactive(system_text, EXIT_WORDS)

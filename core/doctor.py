@@ -56,7 +56,9 @@ def checks() -> list[dict[str, Any]]:
     except Exception as e:
         add("ORT GenAI runtime", "fail", f"{type(e).__name__}: {e}")
     try:
-        from foundry_local_sdk import FoundryLocalManager  # noqa: F401  (loads the native runtime)
+        from slmops.plugins.foundry_local import load_sdk
+
+        load_sdk()  # loads the native runtime
 
         add("Foundry Local runtime", "ok", "foundry_local_sdk native runtime loads")
     except Exception as e:

@@ -138,8 +138,9 @@ class Registry:
 
     name: str = ""
     description: str = ""
+    root: Path | None = None  # set by the core: slmops.toml, $SLMOPS_REGISTRY_DIR, or default_location()
 
-    def location(self) -> Path:
+    def default_location(self) -> Path:
         raise NotImplementedError
 
     def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
@@ -152,13 +153,10 @@ class Registry:
     def remove(self, name: str) -> None:
         raise NotImplementedError
 
-    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any]) -> Iterator[str]:
-        """Stream the answer to messages through this registry's own runtime; None if it has none."""
+    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
+        """Stream the answer through this registry's own runtime, filling usage with token counts at the end.
+        Registries without a runtime raise NotImplementedError; slmops then runs the model with ORT GenAI."""
         raise NotImplementedError
-
-    def usage(self) -> dict[str, int] | None:
-        """Token counts of the last chat, where the runtime reports them."""
-        return None
 
 
 class Benchmarker:

@@ -1,1 +1,176 @@
-"""(being written)"""
+"""Registry: Foundry Local, through foundry-local-sdk's in-process runtime (no `foundry` CLI needed).
+
+Models live in ``<root>/custom/<name>/`` (the guide's layout) with ``inference_model.json``; the runtime's own
+record is ``<root>/foundry.local.modelinfo.json``. Every change happens under one inter-process lock with a
+fresh SDK manager, so concurrent slmops processes never overwrite each other's registrations."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from slmops import hookimpl
+from slmops.errors import SlmopsError
+from slmops.fsutil import dir_size, lock, staging_dir
+from slmops.roles import Registry, RegistryEntry
+
+RECORD = "foundry.local.modelinfo.json"
+ENTRY = "slmops-entry.json"
+
+
+def load_sdk() -> None:
+    """Import the SDK, onnxruntime_genai first: the SDK loads its own onnxruntime-genai-core native library,
+    and onnxruntime_genai imported after it fails with an undefined symbol (seen with 0.14.1 and core 0.18)."""
+    import onnxruntime_genai  # noqa: F401
+    import foundry_local_sdk  # noqa: F401
+
+
+class FoundryLocalRegistry(Registry):
+    name = "foundry-local"
+    description = "Foundry Local model cache and runtime (foundry-local-sdk)"
+
+    def default_location(self) -> Path:
+        # Foundry Local's own cache, as `foundry cache location` reports it.
+        return Path(os.environ.get("FOUNDRY_LOCAL_CACHE", Path.home() / ".foundry" / "cache")) / "models"
+
+    # -- the SDK manager ---------------------------------------------------------------------------------
+    def _check_record(self) -> None:
+        """Refuse to touch a damaged runtime record: the SDK could otherwise start an empty one."""
+        record = self.root / RECORD
+        if not record.exists():
+            return
+        try:
+            data = json.loads(record.read_text())
+            if not isinstance(data.get("models"), list):
+                raise ValueError("no 'models' list")
+        except (ValueError, OSError) as e:
+            backup = record.with_suffix(".json.bak")
+            fix = f"restore it with `cp {backup} {record}`" if backup.exists() else f"move it away and re-register the models in {self.root / 'custom'}"
+            raise SlmopsError(f"the Foundry Local registry record {record} is damaged ({e}); nothing was changed; {fix}") from None
+
+    @contextlib.contextmanager
+    def _catalog(self) -> Iterator[Any]:
+        load_sdk()
+        from foundry_local_sdk import CatalogType, Configuration, FoundryLocalManager, LogLevel
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_record()
+        if FoundryLocalManager.instance is not None:
+            FoundryLocalManager.instance.close()
+        FoundryLocalManager.initialize(Configuration(
+            app_name="slmops", model_cache_dir=str(self.root), app_data_dir=str(self.root / ".foundry-app"),
+            logs_dir=str(self.root / ".foundry-logs"), log_level=LogLevel.ERROR))
+        manager = FoundryLocalManager.instance
+        try:
+            yield manager.get_catalog(CatalogType.LOCAL)  # only LOCAL: the public catalog needs the network
+        finally:
+            manager.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[Any]:
+        with lock(self.root / ".slmops-registry"), self._catalog() as catalog:
+            yield catalog
+            record = self.root / RECORD
+            if record.exists():
+                shutil.copy2(record, record.with_suffix(".json.bak"))  # the last good record, for repairs
+
+    # -- the role ----------------------------------------------------------------------------------------
+    def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
+        from foundry_local_sdk import ModelInfoBuilder
+
+        target = self.root / "custom" / entry.name
+        entry.path = str(target)
+        with self._locked() as catalog:
+            existing = [m for m in catalog.list_models() if m.alias == entry.name or m.id == entry.id]
+            if (existing or target.exists()) and not replace:
+                raise SlmopsError(f"{entry.name} is already registered; pass --replace to replace it, or choose another --name")
+            with staging_dir(target) as tmp:
+                for f in Path(model_dir).iterdir():
+                    if f.is_file() and f.name not in ("inference_model.json", ENTRY):
+                        try:
+                            (tmp / f.name).hardlink_to(f)
+                        except OSError:
+                            shutil.copy2(f, tmp / f.name)
+                (tmp / "inference_model.json").write_text(json.dumps(inference_model, indent=2) + "\n")
+                (tmp / ENTRY).write_text(json.dumps(entry.__dict__, indent=2) + "\n")
+                for m in existing:
+                    catalog.unregister_model(m.id)
+            try:
+                info = ModelInfoBuilder().set_string_property("task", "chat-completion")
+                info.set_string_property("display_name", entry.name)
+                catalog.register_model(model_path=str(target), model_id=entry.id, metadata=info)
+            except Exception as e:
+                shutil.rmtree(target, ignore_errors=True)  # nothing half-registered
+                raise SlmopsError(f"Foundry Local refused {entry.name}: {e}") from None
+        return entry
+
+    def list(self) -> list[RegistryEntry]:
+        if not (self.root / RECORD).exists():
+            self._check_record()
+            return []
+        with self._locked() as catalog:
+            models = [(m.id, m.alias, m.get_path()) for m in catalog.list_models()]
+        entries = []
+        for model_id, alias, path in models:
+            try:
+                data = json.loads((Path(path) / ENTRY).read_text())
+                entry = RegistryEntry(**{k: v for k, v in data.items() if k in RegistryEntry.__dataclass_fields__})
+            except (OSError, ValueError, TypeError):  # registered by something else than slmops
+                entry = RegistryEntry(name=alias, id=model_id, path=path, registry=self.name)
+            entry.size_bytes = dir_size(Path(path)) if Path(path).exists() else 0
+            entries.append(entry)
+        return sorted(entries, key=lambda e: e.name)
+
+    def remove(self, name: str) -> None:
+        with self._locked() as catalog:
+            found = [m for m in catalog.list_models() if m.alias == name or m.id == name]
+            for m in found:
+                catalog.unregister_model(m.id)
+        target = self.root / "custom" / name
+        if target.is_dir():
+            shutil.rmtree(target)
+
+    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
+        from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
+
+        with self._catalog() as catalog:
+            model = next((m for m in catalog.list_models() if m.alias == name or m.id == name), None)
+            if model is None:
+                raise SlmopsError(f"{name} is not registered with Foundry Local at {self.root}")
+            model.load()
+            session = ChatSession(model)
+            temperature = float(options.get("temperature") or 0.0)
+            session.set_options(RequestOptions(search=SearchOptions(
+                max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
+                top_p=options.get("top_p"), do_sample=temperature > 0)))
+            session.set_streaming(True)
+            request = Request()
+            for m in messages:
+                request.add_item(getattr(MessageItem, m["role"])(m["content"]))
+            with session.process_streaming_request(request) as response:
+                for item in response:
+                    text = _text_of(item)
+                    if text:
+                        yield text
+                tokens = response.final_response.get_usage()
+            usage.update(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens)
+
+
+def _text_of(item: Any) -> str:
+    if hasattr(item, "get_simple_text"):
+        try:
+            return item.get_simple_text()
+        except Exception:
+            pass
+    if hasattr(item, "parts"):
+        return "".join(_text_of(p) for p in item.parts)
+    return getattr(item, "text", "") or ""
+
+
+@hookimpl
+def register_registries(register):
+    register(FoundryLocalRegistry())

@@ -1,0 +1,90 @@
+"""`slmops model run`: one answer or an interactive multi-turn chat, through the registry's runtime or ORT GenAI."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from . import registry as reg
+from .chat import OrtGenAIChat, load_template, safe_messages
+from .config import Config
+from .errors import SlmopsError
+
+
+class ChatRunner:
+    def __init__(self, cfg: Config, name: str, engine: str, backend: str | None, overrides: dict[str, Any]):
+        self.registry = reg.open_registry(cfg, backend)
+        self.entry = reg.find(self.registry, name)
+        self.model_dir = Path(self.entry.path)
+        self.chosen = load_template(self.model_dir)
+        self.options = {**self.chosen.family.model_config, **overrides}
+        self.options.setdefault("max_new_tokens", overrides.get("max_new_tokens", 256))
+        self.engine = engine
+        self.ort: OrtGenAIChat | None = None
+
+    def _stream(self, messages: list[dict[str, str]], usage: dict[str, Any]):
+        if self.engine == "registry":
+            try:
+                # The runtime applies the chat template itself: only neutralise control tokens in user text.
+                return self.registry.chat(self.entry.name, safe_messages(messages, self.chosen), self.options, usage)
+            except NotImplementedError:
+                pass
+        if self.ort is None:
+            self.ort = OrtGenAIChat(self.model_dir)
+        return self.ort.stream(messages, self.options, usage)
+
+    def answer(self, prompt: str, system: str | None, stream_to: IO[str] | None) -> dict[str, Any]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        usage: dict[str, Any] = {}
+        start = time.perf_counter()
+        first = None
+        parts = []
+        for piece in self._stream(messages, usage):
+            if first is None:
+                first = time.perf_counter() - start
+            parts.append(piece)
+            if stream_to:
+                stream_to.write(piece)
+                stream_to.flush()
+        total = time.perf_counter() - start
+        return {"model": self.entry.name, "engine": self.engine, "answer": "".join(parts),
+                "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+                "ttft_s": round(first, 4) if first else None, "total_s": round(total, 4)}
+
+    def interactive(self, system: str | None, exit_words: set[str]) -> None:
+        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        click.echo(f"Chatting with {self.entry.name} ({self.engine}). Type {', '.join(sorted(exit_words))} or Ctrl-D to leave; "
+                   "Ctrl-C stops a reply.", err=True)
+        while True:
+            try:
+                text = input(">>> ")
+            except EOFError:
+                click.echo("", err=True)
+                return
+            except KeyboardInterrupt:
+                click.echo("", err=True)
+                continue
+            if text.strip().lower() in exit_words:
+                return
+            if not text.strip():
+                continue
+            history.append({"role": "user", "content": text})
+            parts: list[str] = []
+            usage: dict[str, Any] = {}
+            try:
+                for piece in self._stream(history, usage):
+                    parts.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            except SlmopsError as e:
+                click.echo(f"\nslmops: error: {e}", err=True)
+                history.pop()
+                continue
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(parts)})
