@@ -23,7 +23,11 @@ def load_template(model_dir: Path) -> templates.ChosenTemplate:
 def safe_messages(messages: Messages, chosen: templates.ChosenTemplate, info=None) -> Messages:
     """User and assistant text with the template's control tokens broken, so it cannot open a new turn."""
     tokens = templates.control_tokens(chosen.family, info)
-    return [{"role": m["role"], "content": templates.neutralize(m["content"], tokens) if m["role"] != "system" else m["content"]}
+
+    def clean(text: str) -> str:  # invalid UTF-8 (lone surrogates) becomes U+FFFD instead of an encoder crash
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+    return [{"role": m["role"], "content": templates.neutralize(clean(m["content"]), tokens) if m["role"] != "system" else clean(m["content"])}
             for m in messages]
 
 

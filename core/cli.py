@@ -427,3 +427,119 @@ def model_run(state: State, name: str, prompt: str | None, system_text: str | No
             sys.stdout.write("\n")
         return
     runner.interactive(system_text, EXIT_WORDS)
+
+
+def bench_settings(cfg: Config, runs: int | None, max_new_tokens: int | None, lengths: str | None, soak: int | None) -> dict[str, Any]:
+    cfg.override("bench.runs", runs, "command line")
+    cfg.override("bench.max_new_tokens", max_new_tokens, "command line")
+    if lengths:
+        try:
+            cfg.override("bench.lengths", [int(x) for x in lengths.split(",")], "command line")
+        except ValueError:
+            raise SlmopsError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
+    cfg.override("validate.soak_requests", soak, "command line")
+    return {**cfg.section("bench"), "soak_requests": cfg.get("validate.soak_requests")}
+
+
+def bench_flags(f):
+    for opt in reversed([
+        click.option("--runs", type=click.IntRange(1), help="Measured runs per prompt length."),
+        click.option("--max-new-tokens", type=click.IntRange(2), help="Tokens generated per run."),
+        click.option("--lengths", help="Prompt lengths of the sweep, e.g. 16,128,512."),
+        click.option("--soak", type=click.IntRange(0), help="Requests in the memory soak."),
+        click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--compare", "compare_source", help="Build fp32/int8/int4 from this SOURCE ('default' for the embedded model) and compare.")
+@click.option("--quality/--no-quality", default=True, help="Also measure quality against the fp32 reference.")
+@click.option("--reference", type=click.Path(file_okay=False), help="fp32 model folder to compare against.")
+@click.option("--domain", type=click.Path(dir_okay=False), help="JSONL domain set to score.")
+@click.option("--edge-cases/--no-edge-cases", default=True, help="Run the edge-case suite.")
+@click.option("--benchmarker", help="Benchmarker plugin.")
+@bench_flags
+@json_option
+@pass_state
+def bench(state: State, target: str | None, compare_source: str | None, quality: bool, reference: str | None, domain: str | None,
+          edge_cases: bool, benchmarker: str | None, runs, max_new_tokens, lengths, soak, report, as_json: bool) -> None:
+    """Measure TARGET (a registered name or a model folder): speed, memory, CPU, quality, edge cases."""
+    from . import bench as b
+
+    cfg = state.config
+    settings = bench_settings(cfg, runs, max_new_tokens, lengths, soak)
+    if compare_source:
+        result = b.compare_precisions(compare_source, request_options(cfg), settings, cfg.section("validate"))
+        if report:
+            result["report"] = str(b.write_report(Path(report), compare=result))
+        if as_json:
+            output.emit_json(result)
+            return
+        output.table([{**r, "passes": "yes" if r["passes"] else "no"} for r in result["rows"]],
+                     ["build", "size_mb", "size_ratio", "decode_tok_s", "speed_ratio", "ttft_ms", "mean_kld", "top1_agreement", "perplexity", "passes"],
+                     title="precisions measured on this machine")
+        click.echo(f"recommendation: {result['recommendation']}: {result['why']}")
+        return
+    if not target:
+        raise SlmopsError("give a TARGET (registered name or model folder), or --compare SOURCE")
+    model_dir = b.resolve_target(cfg, target)
+    result = {"model": str(model_dir), **b.measure(model_dir, settings, benchmarker)}
+    if quality:
+        try:
+            result["quality"] = b.quality_of(model_dir, b.reference_for(model_dir, reference), Path(domain) if domain else None)
+        except SlmopsError as e:
+            result["quality"] = {"skipped": str(e)}
+    if edge_cases:
+        result["edge_cases"] = b.edge_cases(model_dir)
+    if report:
+        result["report"] = str(b.write_report(Path(report), bench=result))
+    if as_json:
+        output.emit_json(result)
+        return
+    print_bench(result)
+
+
+def print_bench(result: dict[str, Any]) -> None:
+    summary = [{"metric": k, "value": result[k]} for k in ("load_s", "ttft_ms_p50", "decode_tok_s", "latency_ms_p50", "latency_ms_p95",
+                                                          "peak_rss_mb", "cpu_utilisation", "rss_growth_mb") if k in result]
+    q = result.get("quality") or {}
+    summary += [{"metric": k, "value": q[k]} for k in ("mean_kld", "top1_agreement", "perplexity") if k in q]
+    output.table(summary, ["metric", "value"], title=f"benchmark: {result['model']}")
+    output.table(result["sweep"], ["prompt_tokens", "ttft_ms_p50", "prefill_tok_s", "decode_tok_s", "latency_ms_p50", "latency_ms_p95"],
+                 title="input-length sweep")
+    if result.get("edge_cases"):
+        output.table([{**e, "ok": "pass" if e["ok"] else "FAIL"} for e in result["edge_cases"]], ["case", "ok", "what"], title="edge cases")
+    if result.get("report"):
+        click.echo(f"report: {result['report']}")
+
+
+@cli.command("validate")
+@click.argument("target")
+@click.option("--max-kld", type=float, help="Highest mean KLD accepted.")
+@click.option("--min-top1", type=float, help="Lowest top-1 agreement accepted.")
+@click.option("--reference", type=click.Path(file_okay=False), help="fp32 model folder to compare against.")
+@click.option("--domain", type=click.Path(dir_okay=False), help="JSONL domain set to score.")
+@bench_flags
+@json_option
+@pass_state
+def validate_cmd(state: State, target: str, max_kld: float | None, min_top1: float | None, reference: str | None, domain: str | None,
+                 runs, max_new_tokens, lengths, soak, report, as_json: bool) -> None:
+    """The guide's quality checklist as pass/fail; exit 1 when a check fails."""
+    from . import bench as b
+
+    cfg = state.config
+    cfg.override("validate.max_kld", max_kld, "command line")
+    cfg.override("validate.min_top1", min_top1, "command line")
+    bench_settings(cfg, runs, max_new_tokens, lengths, soak)
+    result = b.validate(b.resolve_target(cfg, target), cfg, reference, Path(domain) if domain else None)
+    if report:
+        result["report"] = str(b.write_report(Path(report), bench=result["bench"]))
+    if as_json:
+        output.emit_json(result)
+    else:
+        output.table([{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["checks"]], ["check", "ok", "value", "limit"], title="validation")
+    if not result["ok"]:
+        raise SlmopsError("validation failed: " + ", ".join(c["check"] for c in result["checks"] if not c["ok"]))

@@ -1,1 +1,120 @@
-"""(being written)"""
+"""Benchmarker: times ORT GenAI generation in-process (load, TTFT, prefill and decode speed, latency,
+memory, CPU) over a sweep of prompt lengths, then a soak for memory growth."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from slmops import hookimpl
+from slmops.roles import Benchmarker
+
+FILLER = ("Small language models run on laptops and edge devices, where memory and power are scarce. "
+          "Quantization stores weights in fewer bits so models load faster and answer sooner. ")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+class OrtGenAIBenchmarker(Benchmarker):
+    name = "ort-genai"
+    description = "onnxruntime_genai generation loop, greedy, timed per token"
+
+    def check(self, model_dir: Path) -> str | None:
+        return None if (Path(model_dir) / "genai_config.json").is_file() else "not an ORT GenAI folder (no genai_config.json)"
+
+    def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+        import onnxruntime_genai as og
+        import psutil
+
+        proc = psutil.Process()
+        t = time.perf_counter()
+        model = og.Model(str(model_dir))
+        tokenizer = og.Tokenizer(model)
+        load_s = time.perf_counter() - t
+        context = int(json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"])
+        max_new = int(settings.get("max_new_tokens", 32))
+        filler = list(tokenizer.encode(FILLER * 8))
+
+        def prompt_of(length: int) -> list[int]:
+            reps = filler * (length // len(filler) + 1)
+            return reps[:length]
+
+        def generate(tokens: list[int]) -> dict[str, float]:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(tokens) + max_new, min_length=len(tokens) + max_new, do_sample=False)
+            generator = og.Generator(model, params)
+            start = time.perf_counter()
+            generator.append_tokens(tokens)
+            generator.generate_next_token()
+            first = time.perf_counter()
+            n = 1
+            while not generator.is_done():
+                generator.generate_next_token()
+                n += 1
+            end = time.perf_counter()
+            return {"ttft_s": first - start, "decode_tokens": n - 1, "decode_s": end - first, "total_s": end - start,
+                    "prompt_tokens": len(tokens), "generated_tokens": n}
+
+        lengths = sorted({min(int(n), context - max_new - 1) for n in settings.get("lengths", [16, 64, 256]) if int(n) > 0})
+        cpu0, wall0 = proc.cpu_times(), time.perf_counter()
+        sweep, all_runs = [], []
+        for length in lengths:
+            tokens = prompt_of(length)
+            for _ in range(int(settings.get("warmup", 1))):
+                generate(tokens)
+            runs = []
+            for i in range(int(settings.get("runs", 5))):
+                progress(f"prompt {length} tokens: run {i + 1}")
+                runs.append(generate(tokens))
+            all_runs += runs
+            decode_s = sum(r["decode_s"] for r in runs)
+            sweep.append({
+                "prompt_tokens": length,
+                "ttft_ms_p50": 1000 * percentile([r["ttft_s"] for r in runs], 0.5),
+                "prefill_tok_s": length / percentile([r["ttft_s"] for r in runs], 0.5),
+                "decode_tok_s": sum(r["decode_tokens"] for r in runs) / decode_s if decode_s else float("nan"),
+                "latency_ms_p50": 1000 * percentile([r["total_s"] for r in runs], 0.5),
+                "latency_ms_p95": 1000 * percentile([r["total_s"] for r in runs], 0.95),
+                "generated_tokens": sum(r["generated_tokens"] for r in runs),
+                "runs": len(runs),
+            })
+        cpu1, wall1 = proc.cpu_times(), time.perf_counter()
+        cpu_util = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / (wall1 - wall0) / (psutil.cpu_count() or 1)
+        soak_n = int(settings.get("soak_requests", 0))
+        rss_before = proc.memory_info().rss
+        tokens = prompt_of(lengths[0] if lengths else 16)
+        for i in range(soak_n):
+            if i % 5 == 0:
+                progress(f"soak: request {i + 1} of {soak_n}")
+            generate(tokens)
+        rss_after = proc.memory_info().rss
+        decode_s = sum(r["decode_s"] for r in all_runs)
+        return {
+            "benchmarker": self.name,
+            "load_s": load_s,
+            "ttft_ms_p50": 1000 * percentile([r["ttft_s"] for r in all_runs], 0.5),
+            "decode_tok_s": sum(r["decode_tokens"] for r in all_runs) / decode_s if decode_s else float("nan"),
+            "latency_ms_p50": 1000 * percentile([r["total_s"] for r in all_runs], 0.5),
+            "latency_ms_p95": 1000 * percentile([r["total_s"] for r in all_runs], 0.95),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "cpu_utilisation": cpu_util,
+            "soak_requests": soak_n,
+            "rss_growth_mb": (rss_after - rss_before) / 1e6,
+            "max_new_tokens": max_new,
+            "sweep": sweep,
+        }
+
+
+@hookimpl
+def register_benchmarkers(register):
+    register(OrtGenAIBenchmarker())
