@@ -106,11 +106,12 @@ def compare_precisions(source: str | None, base_options: dict[str, Any], setting
     return {"rows": rows, "recommendation": choice["build"], "why": why}
 
 
-def validate(model_dir: Path, cfg: Config, reference: str | None = None, domain: Path | None = None) -> dict[str, Any]:
-    """The guide's quality checklist as pass/fail rows."""
+def validate(model_dir: Path, cfg: Config, reference: str | None = None, domain: Path | None = None,
+             measured_quality: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The guide's quality checklist as pass/fail rows (quality already measured against the reference may be passed in)."""
     v, b = cfg.section("validate"), cfg.section("bench")
     checks = []
-    q = quality_of(model_dir, reference_for(model_dir, reference), domain)
+    q = measured_quality or quality_of(model_dir, reference_for(model_dir, reference), domain)
     checks.append({"check": "quality: mean KLD", "ok": q["mean_kld"] <= v["max_kld"], "value": round(q["mean_kld"], 4), "limit": f"<= {v['max_kld']}"})
     checks.append({"check": "quality: top-1 agreement", "ok": q["top1_agreement"] >= v["min_top1"], "value": round(q["top1_agreement"], 4), "limit": f">= {v['min_top1']}"})
     if q.get("domain") and q["domain"]["accuracy"] is not None:

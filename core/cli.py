@@ -87,10 +87,13 @@ def doctor(as_json: bool) -> None:
         raise SlmopsError("doctor: a requirement failed (see the rows marked fail)")
 
 
-def convert_options(f):
-    """The conversion flags shared by convert, deploy and bench --compare; None means 'from slmops.toml'."""
+def convert_options(f=None, *, auto: bool = False):
+    """The conversion flags shared by convert and deploy; None means 'from slmops.toml'."""
+    if f is None:
+        return lambda g: convert_options(g, auto=auto)
+    precisions = ["fp32", "fp16", "int8", "int4"] + (["auto"] if auto else [])
     opts = [
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Weight precision."),
+        click.option("--precision", type=click.Choice(precisions), help="Weight precision" + (", or auto (smallest that passes validation)." if auto else ".")),
         click.option("--device", type=click.Choice(["cpu"]), help="Target device."),
         click.option("--provider", type=click.Choice(["CPUExecutionProvider"]), help="Execution provider."),
         click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Quantization block size."),
@@ -195,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the builder's per-tensor bars drown our steps
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # rtn_last graphs make onnx_ir warn about shared lm_head inputs; verification checks the graph anyway.
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     try:
         from .plugin_manager import pm, warn_load_errors
 
@@ -543,3 +551,42 @@ def validate_cmd(state: State, target: str, max_kld: float | None, min_top1: flo
         output.table([{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["checks"]], ["check", "ok", "value", "limit"], title="validation")
     if not result["ok"]:
         raise SlmopsError("validation failed: " + ", ".join(c["check"] for c in result["checks"] if not c["ok"]))
+
+
+@cli.command()
+@click.option("--source", help="HF checkpoint folder, GGUF file, or 'default'.")
+@click.option("--name", help="Name to register under.")
+@click.option("--family", help="Prompt-template family (default: detect).")
+@convert_options(auto=True)
+@click.option("--max-kld", type=float, help="Quality gate: highest mean KLD.")
+@click.option("--min-top1", type=float, help="Quality gate: lowest top-1 agreement.")
+@click.option("--registry-dir", type=click.Path(file_okay=False), help="Registry location.")
+@click.option("--ask", help="Ask the deployed model this question.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and do nothing.")
+@json_option
+@pass_state
+def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json,
+           adapter_mode: str = "merge", **flags: Any) -> None:
+    """Run the whole guide from slmops.toml: convert, template, register, validate, ask, benchmark."""
+    from .pipeline import deploy as run_deploy
+
+    cfg = state.config
+    for key, value in (("model.source", source), ("model.name", name), ("model.family", family), ("validate.max_kld", max_kld),
+                       ("validate.min_top1", min_top1), ("registry.cache_dir", registry_dir)):
+        cfg.override(key, value, "command line")
+    apply_convert_flags(cfg, flags)
+    result = run_deploy(cfg, ask, dry_run)
+    if as_json:
+        output.emit_json(result)
+        return
+    if dry_run:
+        click.echo("\n".join(result["plan"]))
+        return
+    output.table(result["tried"], ["build", "size_mb", "mean_kld", "top1_agreement", "perplexity", "chosen"], title="builds tried")
+    output.table([{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["validation"]["checks"]], ["check", "ok", "value", "limit"], title="validation")
+    m = result["validation"]["bench"]
+    output.table([{"model": result["name"], "decode tok/s": m["decode_tok_s"], "TTFT ms": m["ttft_ms_p50"], "p50 ms": m["latency_ms_p50"],
+                   "p95 ms": m["latency_ms_p95"], "peak RSS MB": m["peak_rss_mb"], "size": output.human_bytes(m["size_bytes"])}],
+                 ["model", "decode tok/s", "TTFT ms", "p50 ms", "p95 ms", "peak RSS MB", "size"], title="benchmark summary")
+    if result.get("answer"):
+        click.echo(f"Q: {ask}\nA: {result['answer']['answer'].strip()}")

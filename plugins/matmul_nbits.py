@@ -22,8 +22,12 @@ class MatMulNBits(Quantizer):
         return super().check(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
+        import logging
+
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # it logs INFO per run
 
         model = onnx.load(str(fp32_dir / "model.onnx"))
         quantizer = MatMulNBitsQuantizer(

@@ -1,0 +1,107 @@
+"""`slmops deploy`: the deployment guide end to end. Convert and quantize, choose and check the template,
+register, validate as a gate, ask one question, summarise the benchmark. Every step reuses the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from . import bench, progress, quality
+from . import convert as conv
+from . import registry as reg
+from .chat_session import ChatRunner
+from .config import Config, home
+from .errors import SlmopsError
+from .fsutil import write_json_atomic
+
+# --precision auto tries these from the smallest build upwards (sizes measured on SmolLM2-135M).
+AUTO_CANDIDATES: list[tuple[str, dict[str, Any]]] = [
+    ("int4 rtn_last asym", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False, "block_size": 32}),
+    ("int4 rtn sym", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 32}),
+    ("int4 rtn sym block 16", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 16}),
+    ("int8", {"precision": "int8", "symmetric": True, "block_size": 32}),
+    ("fp32", {"precision": "fp32"}),
+]
+
+
+def plan(cfg: Config) -> list[str]:
+    m, c, r, v = cfg.section("model"), cfg.section("convert"), cfg.section("registry"), cfg.section("validate")
+    precision = ("auto: " + " -> ".join(label for label, _ in AUTO_CANDIDATES)) if c["precision"] == "auto" else c["precision"]
+    return [
+        f"1. source: {m['source']}" + (f" + adapter {m['adapter']}" if m["adapter"] else ""),
+        f"2. convert with {c['backend']} backend, precision {precision}; fp32 build as the quality reference",
+        f"3. template: {m['family']} (checked against the tokenizer's chat template)",
+        f"4. register as {m['name']} in {r['backend']} ({r['cache_dir'] or 'default location'})",
+        f"5. validate: mean KLD <= {v['max_kld']}, top-1 >= {v['min_top1']}, soak {v['soak_requests']} requests, edge cases",
+        "6. ask one question through the registry's runtime, print the benchmark summary",
+    ]
+
+
+def _options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return {**base, **extra}
+
+
+def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(chosen build, its quality, table of what was tried). Auto: smallest candidate that passes the gate."""
+    source, backend = cfg.get("model.source"), cfg.get("convert.backend")
+    v = cfg.section("validate")
+    reference = conv.convert(source, _options(base_options, {"precision": "fp32"}), backend)
+    if cfg.get("convert.precision") != "auto":
+        build = conv.convert(source, base_options, backend, cfg.get("convert.output") or None)
+        with progress.step("Measuring quality against the fp32 reference"):
+            q = quality.compare(Path(build["path"]), Path(reference["path"]))
+        return build, q, [{"build": base_options["precision"], "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes"}]
+    tried = []
+    for label, extra in AUTO_CANDIDATES:
+        build = reference if extra["precision"] == "fp32" else conv.convert(source, _options(base_options, extra), backend)
+        with progress.step(f"Measuring {label} against fp32"):
+            q = quality.compare(Path(build["path"]), Path(reference["path"]))
+        ok = q["mean_kld"] <= v["max_kld"] and q["top1_agreement"] >= v["min_top1"]
+        tried.append({"build": label, "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes" if ok else "no"})
+        if ok:
+            return build, q, tried
+    raise SlmopsError("no candidate passed the quality gate, not even fp32; loosen [validate] max_kld/min_top1")
+
+
+def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    if dry_run:
+        return {"dry_run": True, "plan": plan(cfg)}
+    name = reg.check_name(cfg.get("model.name"))
+    registry = reg.open_registry(cfg)
+    base = {
+        "precision": cfg.get("convert.precision"), "device": cfg.get("convert.device"), "provider": cfg.get("convert.provider"),
+        "block_size": cfg.get("convert.block_size"), "symmetric": cfg.get("convert.symmetric"), "algorithm": cfg.get("convert.algorithm"),
+        "accuracy_level": cfg.get("convert.accuracy_level") or None, "trust_remote_code": cfg.get("model.trust_remote_code"),
+        "adapter": Path(cfg.get("model.adapter")) if cfg.get("model.adapter") else None,
+    }
+    build, q, tried = choose_build(cfg, base)
+    model_dir = Path(build["path"])
+    # A deployment is the same when the build, template family, thresholds and name are: then skip register and validate.
+    key = hashlib.sha256(json.dumps([build["key"], cfg.section("validate"), cfg.get("model.family"), name,
+                                     cfg.get("registry.version"), str(registry.root)], sort_keys=True).encode()).hexdigest()
+    record_path = home() / "deploys" / f"{name}.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    existing = [e for e in registry.list() if e.name == name]
+    if record.get("key") == key and existing:
+        progress.note(f"{name} is already deployed from this build and passed validation: skipping register and validate")
+        validation = record["validation"]
+    else:
+        reg.register(registry, model_dir, name, cfg.get("model.family"), cfg.get("registry.version"),
+                     cfg.get("registry.description"), replace=True)
+        entry = reg.find(registry, name)
+        validation = bench.validate(Path(entry.path), cfg, measured_quality=q)
+        if not validation["ok"]:
+            registry.remove(name)  # a model that fails the gate is not left registered
+            failed = "; ".join(f"{c['check']} ({c['value']}, limit {c['limit']})" for c in validation["checks"] if not c["ok"])
+            raise SlmopsError(f"{name} failed validation and was not deployed: {failed}")
+        validation = {k: validation[k] for k in ("ok", "checks", "bench")}
+        write_json_atomic(record_path, {"key": key, "build": str(model_dir), "validation": validation})
+    result: dict[str, Any] = {"name": name, "build": str(model_dir), "registry": registry.name, "tried": tried,
+                              "validation": validation}
+    if ask:
+        runner = ChatRunner(cfg, name, "registry", None, {"temperature": 0.0, "max_new_tokens": 64})
+        with progress.step(f"Asking {name} through {registry.name}"):
+            result["answer"] = runner.answer(ask, None, None)
+    return result
