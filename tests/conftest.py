@@ -1,0 +1,127 @@
+"""Shared fixtures: an isolated slmops home, tiny random-weight models built from a config with the default
+model's tokenizer (llama and qwen2, seconds each, cached per session), and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLMOPS = [sys.executable, "-c", "from slmops.cli import main; main()"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slmops_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("slmops-home")
+    os.environ["SLMOPS_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.pop("SLMOPS_LOAD_PLUGINS", None)
+    return home
+
+
+@pytest.fixture()
+def registry_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "registry"
+    monkeypatch.setenv("SLMOPS_REGISTRY_DIR", str(path))
+    return path
+
+
+class Result:
+    def __init__(self, done: subprocess.CompletedProcess):
+        self.rc, self.out, self.err = done.returncode, done.stdout, done.stderr
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self):
+        return f"rc={self.rc}\nstdout={self.out[-2000:]}\nstderr={self.err[-2000:]}"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None, timeout: int = 600) -> Result:
+    """Run the real `slmops` command line in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    done = subprocess.run([*SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=full_env,
+                          input=input, timeout=timeout)
+    return Result(done)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(slmops_home) -> Path:
+    """The embedded SmolLM2-135M-Instruct, turned from GGUF into a checkpoint once per session."""
+    from slmops import sources
+
+    return sources.resolve("default").checkpoint
+
+
+def build_tiny(out: Path, tokenizer_dir: Path, arch: str, chat_template: str | None = None, seed: int = 0) -> Path:
+    """A random-weight model of the given architecture with the default model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(out)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(out)
+    if chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat_template)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, default_checkpoint) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", default_checkpoint, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, default_checkpoint) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-qwen2", default_checkpoint, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_int4(tiny_llama) -> dict:
+    from slmops import convert
+
+    return convert.convert(str(tiny_llama), {"precision": "int4"})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, default_checkpoint):
+    """Build a tiny llama with a given chat template (or none); cached by template."""
+    made: dict = {}
+
+    def make(chat_template: str | None, arch: str = "llama") -> Path:
+        key = (chat_template, arch)
+        if key not in made:
+            out = tmp_path_factory.mktemp("tiny-tpl") / "model"
+            made[key] = build_tiny(out, default_checkpoint, arch, chat_template)
+            if chat_template is None:
+                for f in ("chat_template.jinja",):
+                    (out / f).unlink(missing_ok=True)
+                cfg = json.loads((out / "tokenizer_config.json").read_text())
+                cfg.pop("chat_template", None)
+                (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+        return made[key]
+
+    return make
