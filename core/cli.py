@@ -155,6 +155,8 @@ def convert(state: State, source: str | None, output_dir: str | None = None, oli
             cfg.override(f"{'model' if k == 'adapter' else 'convert'}.{k}", v, olive_config)
         if out and not cfg.get("convert.output"):
             cfg.override("convert.output", out, olive_config)
+    if cfg.get("convert.precision") == "auto":  # auto is deploy's search; one build starts where the guide does
+        cfg.override("convert.precision", "int4", "auto (convert builds one precision: int4, as the guide recommends)")
     result = conv.convert(cfg.get("model.source"), request_options(cfg, adapter_mode), cfg.get("convert.backend"),
                           cfg.get("convert.output") or None)
     if as_json:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NEUTRAL_DIR = Path(os.environ.get("TMPDIR", "/tmp"))  # no slmops.toml above it: tests see the defaults
 SLMOPS = [sys.executable, "-c", "from slmops.cli import main; main()"]
 
 
@@ -46,7 +47,7 @@ class Result:
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None, timeout: int = 600) -> Result:
     """Run the real `slmops` command line in a child process."""
     full_env = {**os.environ, **(env or {})}
-    done = subprocess.run([*SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=full_env,
+    done = subprocess.run([*SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=cwd or NEUTRAL_DIR, env=full_env,
                           input=input, timeout=timeout)
     return Result(done)
 

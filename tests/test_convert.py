@@ -1,0 +1,173 @@
+"""Real conversions of tiny generated llama and qwen2 models: verification, manifest, cache, config file,
+LoRA adapters, and every bad input."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from slmops import convert, verify
+from slmops.errors import SlmopsError
+
+
+def test_int4_llama_is_verified_and_recorded(tiny_llama, tiny_llama_int4):
+    result = tiny_llama_int4
+    model_dir = Path(result["path"])
+    manifest = json.loads((model_dir / "slmops-manifest.json").read_text())
+    assert manifest["source"]["architecture"] == "LlamaForCausalLM"
+    assert len(manifest["source"]["sha256"]) == 64
+    assert manifest["options"]["precision"] == "int4" and manifest["converter"] == "model-builder"
+    assert manifest["tools"]["onnxruntime-genai"] == "0.14.1"
+    assert manifest["verification"]["ok"] and manifest["verification"]["sample"]["tokens"] > 0
+    graph = verify.graph_quantization(model_dir)
+    assert graph["matmul_nbits"] == {"4": graph["matmul_nbits"]["4"]} and graph["block_sizes"] == [32]
+    assert graph["symmetric"] == [True] and graph["float_matmuls"] == 0
+    assert manifest["output_bytes"] > 0 and manifest["timings"]["convert_s"] > 0
+
+
+def test_same_request_is_a_cache_hit(tiny_llama, tiny_llama_int4):
+    again = convert.convert(str(tiny_llama), {"precision": "int4"})
+    assert again["cached"] and again["path"] == tiny_llama_int4["path"] and again["key"] == tiny_llama_int4["key"]
+
+
+@pytest.mark.parametrize("precision, bits", [("int8", {"8"}), ("fp32", set())])
+def test_qwen2_int8_and_fp32(tiny_qwen2, precision, bits):
+    result = convert.convert(str(tiny_qwen2), {"precision": precision})
+    assert result["source"]["architecture"] == "Qwen2ForCausalLM"
+    assert set(result["verification"]["graph"]["matmul_nbits"]) == bits
+    if precision == "int8":
+        assert result["quantizer"] == "matmul-nbits"
+    else:
+        assert result["verification"]["graph"]["float_matmuls"] > 0
+
+
+def test_cli_convert_to_output_json(cli, tiny_qwen2, tmp_path):
+    out = tmp_path / "out"
+    r = cli("convert", tiny_qwen2, "--precision", "int4", "--block-size", "64", "--asymmetric", "--output", out, "--json")
+    assert r.rc == 0, r
+    data = r.json()
+    assert data["path"] == str(out) and (out / "genai_config.json").is_file()
+    graph = verify.graph_quantization(out)
+    assert graph["block_sizes"] == [64] and graph["symmetric"] == [False]
+
+
+def test_guide_config_file_block_128_asymmetric_is_applied(cli, tiny_llama, tmp_path):
+    config = {
+        "input_model": {"type": "HfModel", "model_path": str(tiny_llama), "task": "text-generation"},
+        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [{"execution_providers": ["CPUExecutionProvider"]}]}},
+        "passes": {"builder": {"type": "ModelBuilder", "config": {"precision": "int4",
+                                                                 "quantization_config": {"block_size": 128, "is_symmetric": False}}}},
+        "host": "local_system", "target": "local_system", "cache_dir": "cache",
+        "output_dir": "models/output/your-finetuned-model-onnx",
+    }
+    path = tmp_path / "finetuned_conversion_config.json"
+    path.write_text(json.dumps(config))
+    r = cli("convert", "--config", path, "--json")
+    assert r.rc == 0, r
+    out = tmp_path / "models/output/your-finetuned-model-onnx"
+    graph = verify.graph_quantization(out)
+    assert graph["block_sizes"] == [128] and graph["symmetric"] == [False]
+
+
+def test_config_key_olive_would_ignore_is_an_error(cli, tiny_llama, tmp_path):
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_llama)},
+              "passes": {"builder": {"type": "ModelBuilder", "config": {"precision": "int4", "quantization_config": {"group_size": 64}}}}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    r = cli("convert", "--config", path)
+    assert r.rc == 1 and "'group_size' is not supported" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_olive_backend_builds_the_same_graph(tiny_llama, tiny_llama_int4):
+    result = convert.convert(str(tiny_llama), {"precision": "int4"}, backend="olive")
+    assert result["converter"] == "olive" and result["verification"]["ok"]
+    assert result["verification"]["graph"] == tiny_llama_int4["verification"]["graph"]
+
+
+def test_lora_adapter_is_merged(tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    result = convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": adapter})
+    assert result["verification"]["ok"] and result["options"]["adapter"] == str(adapter)
+    merged = Path(result["source"]["checkpoint"])
+    assert merged != tiny_llama and (merged / "config.json").is_file()
+    # The merged weights differ from the base: the adapter was really applied.
+    merged_model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not torch.allclose(merged_model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def test_not_an_adapter_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(SlmopsError, match="not a PEFT adapter"):
+        convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": tmp_path})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/model"], "does not exist"),
+    (["{empty}"], "not a Hugging Face checkpoint"),
+    (["{tiny}", "--precision", "fp16"], "fp16 models built for the CPU fail"),
+    (["{tiny}", "--block-size", "48"], "Invalid value for '--block-size'"),
+    (["{tiny}", "--backend", "nosuch"], "no converter named 'nosuch'"),
+])
+def test_bad_input_is_one_line(cli, tiny_llama, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{empty}", str(tmp_path / "empty")).replace("{tiny}", str(tiny_llama)) for a in args]
+    r = cli("convert", *args)
+    assert r.rc != 0
+    lines = r.err.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("slmops: error:") and "Traceback" not in r.err, r
+
+
+def test_unsupported_architecture_lists_the_supported(tmp_path, tiny_llama):
+    import shutil
+
+    fake = tmp_path / "fake"
+    shutil.copytree(tiny_llama, fake)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["architectures"] = ["FooForCausalLM"]
+    (fake / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SlmopsError) as err:
+        convert.convert(str(fake), {"precision": "int4"})
+    assert "FooForCausalLM" in str(err.value) and "Qwen2ForCausalLM" in str(err.value)
+
+
+def test_failed_build_leaves_nothing_and_keeps_earlier_output(cli, tiny_llama, tmp_path, slmops_home):
+    out = tmp_path / "good"
+    assert cli("convert", tiny_llama, "--precision", "fp32", "--output", out).rc == 0
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    r = cli("convert", tiny_llama, "--precision", "fp32", "--backend", "failing", "--output", out)
+    assert r.rc == 1 and "failed on purpose" in r.err
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+    leftovers = [p for p in (slmops_home / "builds").iterdir() if ".partial-" in p.name or p.name.startswith(".work-")]
+    assert leftovers == []
+
+
+def test_too_little_disk_is_refused(monkeypatch, tiny_qwen2):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    with pytest.raises(SlmopsError, match="too little disk"):
+        convert.convert(str(tiny_qwen2), {"precision": "int4", "block_size": 16})
+
+
+def test_interrupt_leaves_no_partial_output(monkeypatch, tiny_qwen2, slmops_home):
+    from slmops import implementations
+
+    builder = next(c for c in implementations.converters() if c.name == "model-builder")
+
+    def interrupted(request, output_dir, work_dir):
+        (output_dir / "model.onnx").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder, "convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(str(tiny_qwen2), {"precision": "fp32", "block_size": 256})
+    assert not [p for p in (slmops_home / "builds").iterdir() if "partial" in p.name or p.name.startswith(".work-")]
