@@ -71,6 +71,9 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> t
         bases = [c for c in converters if c.check(fp32, architecture) is None]
         if bases:
             return min(bases, key=lambda c: c.cost), q
+    known = sorted({a for c in converters for a in c.supported_architectures()})
+    if known and architecture not in known:
+        reasons.append(f"supported architectures: {', '.join(known)}")
     raise NoImplementation(f"no converter can build {architecture} at {request.precision}"
                            f" ({request.algorithm}): " + "; ".join(reasons))
 

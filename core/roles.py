@@ -51,6 +51,10 @@ class Converter:
             return f"int4 algorithms: {', '.join(self.algorithms)}"
         return None
 
+    def supported_architectures(self) -> tuple[str, ...]:
+        """The config.json architectures this converter builds (shown when none fits); () if it cannot tell."""
+        return ()
+
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         """Write the model into output_dir (which exists and is empty); work_dir is scratch space."""
         raise NotImplementedError

@@ -23,6 +23,9 @@ class ModelBuilderConverter(Converter):
             return f"the model builder does not know {architecture}"
         return super().check(request, architecture)
 
+    def supported_architectures(self) -> tuple[str, ...]:
+        return builder_architectures()
+
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         from onnxruntime_genai.models.builder import create_model
 

@@ -47,6 +47,9 @@ class OliveConverter(Converter):
             return f"Olive's ModelBuilder pass does not know {architecture}"
         return super().check(request, architecture)
 
+    def supported_architectures(self) -> tuple[str, ...]:
+        return builder_architectures()
+
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         import olive
 
