@@ -10,6 +10,7 @@ from typing import IO, Any
 import click
 
 from . import registry as reg
+from . import templates
 from .chat import OrtGenAIChat, load_template, safe_messages
 from .config import Config
 from .errors import SlmopsError
@@ -21,6 +22,7 @@ class ChatRunner:
         self.entry = reg.find(self.registry, name)
         self.model_dir = Path(self.entry.path)
         self.chosen = load_template(self.model_dir)
+        self.info = templates.read_model_info(self.model_dir)  # its special tokens are control tokens too
         self.options = {**self.chosen.family.model_config, **overrides}
         self.options.setdefault("max_new_tokens", overrides.get("max_new_tokens", 256))
         self.engine = engine
@@ -30,7 +32,7 @@ class ChatRunner:
         if self.engine == "registry":
             try:
                 # The runtime applies the chat template itself: only neutralise control tokens in user text.
-                return self.registry.chat(self.entry.name, safe_messages(messages, self.chosen), self.options, usage)
+                return self.registry.chat(self.entry.name, safe_messages(messages, self.chosen, self.info), self.options, usage)
             except NotImplementedError:
                 pass
         if self.ort is None:

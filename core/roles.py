@@ -112,15 +112,17 @@ class TemplateFamily:
         return {"system": self.system, "user": self.user, "assistant": self.assistant, "prompt": self.prompt}
 
     def score(self, info: ModelInfo) -> int:
-        """How well this family fits a model folder: 0 for no, higher for surer."""
-        points = 0
-        if info.chat_template and self.markers and all(m in info.chat_template for m in self.markers):
-            points += 10 * len(self.markers)  # more markers matched: a more specific family
-        if info.model_type in self.model_types:
-            points += 5
-        if self.markers and all(m in info.special_tokens for m in self.markers if m.startswith("<")):
-            points += 2
-        return points
+        """How well this family fits a model folder: 0 for no, higher for surer. A model's own chat template
+        decides when it has one; model_type (a llama can speak ChatML) only when it has none."""
+        if info.chat_template:
+            if not self.markers or not all(m in info.chat_template for m in self.markers):
+                return 0
+            return 10 * len(self.markers) + (5 if info.model_type in self.model_types else 0)
+        # No template: the model_type and the family's special tokens in the vocabulary must both agree.
+        tokens = [m for m in self.markers if m.startswith("<")]
+        if info.model_type in self.model_types and tokens and all(m in info.special_tokens for m in tokens):
+            return 5
+        return 0
 
 
 @dataclass

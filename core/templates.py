@@ -246,10 +246,12 @@ def control_tokens(family: TemplateFamily, info: ModelInfo | None = None) -> set
 
 
 def neutralize(text: str, tokens: set[str]) -> str:
-    """Break each control token in user text with a zero-width space so it tokenizes as plain text."""
+    """Break each control token in user text with a space after its first character, so it tokenizes as plain
+    text. A plain ASCII space, because the Foundry runtime's tokenizer and ORT GenAI's counted a zero-width
+    space differently."""
     for tok in sorted(tokens, key=len, reverse=True):
         if tok in text:
-            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+            text = text.replace(tok, tok[0] + " " + tok[1:])
     return text
 
 
@@ -262,7 +264,8 @@ def inference_model(name: str, description: str, version: str, chosen: ChosenTem
         "PromptTemplate": chosen.family.prompt_template(),
         "ModelConfig": dict(chosen.family.model_config),
         "slmops": {"family": chosen.family.name, "how": chosen.how, "default_system": chosen.default_system,
-                   "bos": chosen.family.bos, "stop": chosen.family.stop, "system_in_first_user": chosen.family.system_in_first_user},
+                   "bos": chosen.family.bos, "stop": chosen.family.stop, "markers": list(chosen.family.markers),
+                   "system_in_first_user": chosen.family.system_in_first_user},
     }
 
 
@@ -272,5 +275,5 @@ def family_from_inference_model(data: dict[str, Any]) -> ChosenTemplate:
     fam = TemplateFamily(name=extra.get("family", "custom"), description="", system=pt.get("system", ""), user=pt["user"],
                          assistant=pt.get("assistant", ""), prompt=pt["prompt"], stop=extra.get("stop", []),
                          model_config=data.get("ModelConfig", {}), bos=extra.get("bos", ""),
-                         system_in_first_user=extra.get("system_in_first_user"))
+                         system_in_first_user=extra.get("system_in_first_user"), markers=tuple(extra.get("markers", ())))
     return ChosenTemplate(fam, extra.get("how", "registered"), extra.get("default_system"))
