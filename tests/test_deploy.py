@@ -1,0 +1,42 @@
+"""`slmops deploy` end to end: on a tiny generated model (every step, cache skip, failing gate, dry run) and once
+on the embedded default model."""
+
+import json
+
+
+def test_deploy_tiny_model_end_to_end(cli, tiny_llama, tmp_path):
+    reg = tmp_path / "reg"
+    args = ["deploy", "--source", tiny_llama, "--name", "tiny-deploy", "--precision", "fp32", "--registry-dir", reg, "--json"]
+    r = cli(*args, "--ask", "Hello?")
+    assert r.rc == 0, r
+    data = r.json()
+    assert data["tried"][0]["chosen"] == "yes" and data["validation"]["ok"]
+    assert data["answer"]["prompt_tokens"] > 0
+    assert (reg / "custom" / "tiny-deploy" / "inference_model.json").is_file()
+    again = cli(*args)
+    assert again.rc == 0 and "already deployed" in again.err
+
+
+def test_deploy_gate_failure_leaves_nothing_registered(cli, tiny_llama, tmp_path):
+    reg = tmp_path / "reg"
+    r = cli("deploy", "--source", tiny_llama, "--name", "gated", "--precision", "int4", "--min-top1", "1.5", "--registry-dir", reg)
+    assert r.rc == 1 and "failed validation and was not deployed" in r.err, r
+    assert not (reg / "custom" / "gated").exists()
+    assert cli("cache", "ls", "--json", env={"SLMOPS_REGISTRY_DIR": str(reg)}).json() == []
+
+
+def test_dry_run_prints_the_plan(cli, tmp_path):
+    r = cli("deploy", "--dry-run", "--name", "x", "--registry-dir", tmp_path)
+    assert r.rc == 0 and "1. source: default" in r.out and "register as x" in r.out
+    assert not any(tmp_path.iterdir())
+
+
+def test_deploy_default_model(cli, tmp_path):
+    reg = tmp_path / "reg"
+    r = cli("deploy", "--precision", "auto", "--registry-dir", reg, "--ask", "What is the capital of France?", "--json", timeout=1200)
+    assert r.rc == 0, r
+    data = r.json()
+    chosen = [t for t in data["tried"] if t["chosen"] == "yes"][0]
+    assert chosen["mean_kld"] <= 0.5 and chosen["top1_agreement"] >= 0.6
+    assert "Paris" in data["answer"]["answer"]
+    assert json.loads((reg / "custom" / "smollm2-135m-instruct" / "inference_model.json").read_text())["slmops"]["family"] == "chatml"
