@@ -31,7 +31,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_overhead.py
 
 docs: install
-	$(BIN)/python docs/gen_hooks.py
+	$(BIN)/python docs/gen_docs.py
 
 clean:
 	rm -rf $(VENV)

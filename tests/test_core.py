@@ -174,3 +174,15 @@ def test_unreadable_gguf_is_a_clear_error(cli, tmp_path):
     assert r.rc == 1
     assert r.err.strip().splitlines()[-1].startswith("slmops: error: cannot read GGUF")
     assert "Traceback" not in r.err
+
+
+def test_generated_docs_are_current():
+    import importlib.util
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    spec = importlib.util.spec_from_file_location("gen_docs", docs / "gen_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (docs / "hooks.md").read_text() == gen.hooks_page(), "run `make docs`"
+    assert "## `slmops deploy`" in (docs / "cli.md").read_text()

@@ -1,0 +1,46 @@
+"""Generate docs/hooks.md (from the hook specs' docstrings) and docs/cli.md (from the commands' help).
+Run by `make docs`; a test fails when the committed pages are stale."""
+
+import inspect
+from pathlib import Path
+
+import click
+
+from slmops import hookspecs
+
+HERE = Path(__file__).parent
+
+
+def hooks_page() -> str:
+    lines = ["# Hook reference", "", "Generated from `core/hookspecs.py` by `docs/gen_docs.py`; do not edit by hand.", "",
+             inspect.getdoc(hookspecs) or "", ""]
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("register_"):
+            lines += [f"## `{name}{inspect.signature(fn)}`", "", inspect.getdoc(fn) or "", ""]
+    return "\n".join(lines)
+
+
+def cli_page() -> str:
+    from slmops.cli import cli
+
+    lines = ["# CLI reference", "", "Generated from the commands' help by `docs/gen_docs.py`; do not edit by hand.", ""]
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        ctx = click.Context(cmd, info_name=" ".join(path))
+        lines.extend([f"## `{' '.join(path)}`", "", "```", cmd.get_help(ctx).replace(" " * 2 + "\n", "\n"), "```", ""])
+        if isinstance(cmd, click.Group):
+            for name in sorted(cmd.commands):
+                if name != "hello-thirdparty":
+                    walk(cmd.commands[name], path + [name])
+
+    walk(cli, ["slmops"])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    (HERE / "hooks.md").write_text(hooks_page())
+    (HERE / "cli.md").write_text(cli_page())
+
+
+if __name__ == "__main__":
+    main()
