@@ -81,11 +81,8 @@ def edge_cases(model_dir: Path) -> list[dict[str, Any]]:
 
 def compare_precisions(source: str | None, base_options: dict[str, Any], settings: dict[str, Any],
                        thresholds: dict[str, float]) -> dict[str, Any]:
-    """Build fp32, int8 and int4 variants (cached), measure each, and recommend the smallest that passes."""
-    variants = [("fp32", {"precision": "fp32"}), ("int8", {"precision": "int8"}),
-                ("int4", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 32}),
-                ("int4 rtn_last asym", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False, "block_size": 32})]
-    builds = {label: conv.convert(source, {**base_options, **opts}) for label, opts in variants}
+    """Build the fp32, int8 and int4 candidates (cached), measure each, and recommend the smallest that passes."""
+    builds = {label: conv.convert(source, {**base_options, **opts}) for label, opts in reversed(conv.CANDIDATES)}
     reference = Path(builds["fp32"]["path"])
     rows = []
     for label, build in builds.items():

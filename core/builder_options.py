@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .roles import ConvertRequest
+from .roles import ConvertRequest, Converter
 
 # slmops's algorithm names -> the builder's int4_algo_config ("rtn" is the builder's default RTN path)
 INT4_ALGORITHMS = {"rtn": None, "rtn_last": "rtn_last", "k_quant": "k_quant", "k_quant_mixed": "k_quant_mixed", "k_quant_last": "k_quant_last"}
@@ -25,7 +25,7 @@ def builder_options(request: ConvertRequest) -> dict[str, Any]:
         algo = INT4_ALGORITHMS[request.algorithm]
         if algo:
             options["int4_algo_config"] = algo
-    if request.adapter is not None and request.adapter_mode == "runtime":
+    if request.adapter is not None and request.adapter_mode == "unmerged":
         options["adapter_path"] = str(request.adapter)
     return options
 
@@ -37,3 +37,18 @@ def builder_architectures() -> tuple[str, ...]:
     spec = importlib.util.find_spec("onnxruntime_genai")
     text = (Path(spec.origin).parent / "models" / "builder.py").read_text()
     return tuple(sorted(set(re.findall(r'config\.architectures\[0\] == "(\w+)"', text))))
+
+
+class BuilderConverter(Converter):
+    """What converters built on the ORT GenAI model builder share: its precisions, algorithms, architectures."""
+
+    precisions = ("fp32", "fp16", "int4")
+    algorithms = tuple(INT4_ALGORITHMS)
+
+    def check(self, request: ConvertRequest, architecture: str) -> str | None:
+        if architecture not in builder_architectures():
+            return f"the model builder does not know {architecture}"
+        return super().check(request, architecture)
+
+    def supported_architectures(self) -> tuple[str, ...]:
+        return builder_architectures()

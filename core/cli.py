@@ -102,7 +102,8 @@ def convert_options(f=None, *, auto: bool = False):
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
         click.option("--backend", help="Converter plugin (see `slmops plugins`); default: the fastest that fits."),
         click.option("--adapter", type=click.Path(), help="PEFT LoRA adapter folder to apply."),
-        click.option("--adapter-mode", type=click.Choice(["merge", "runtime"]), default="merge", show_default=True, help="Merge the adapter into the weights, or keep it separate."),
+        click.option("--adapter-mode", type=click.Choice(["merge", "unmerged"]), default="merge", show_default=True,
+                     help="Merge the LoRA into the weights, or keep its branches unmerged in the graph (the builder's adapter_path)."),
         click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the checkpoint's own Python code to run."),
     ]
     for opt in reversed(opts):

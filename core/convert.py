@@ -21,6 +21,15 @@ from .roles import PRECISIONS, ConvertRequest, Converter, Quantizer
 
 MANIFEST = "slmops-manifest.json"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# The builds worth comparing, smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries them
+# in this order, bench --compare measures them all.
+CANDIDATES: list[tuple[str, dict[str, Any]]] = [
+    ("int4 rtn_last asym", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False, "block_size": 32}),
+    ("int4 rtn sym", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 32}),
+    ("int4 rtn sym block 16", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 16}),
+    ("int8", {"precision": "int8", "symmetric": True, "block_size": 32}),
+    ("fp32", {"precision": "fp32"}),
+]
 TOOLS = ("slmops", "onnxruntime", "onnxruntime-genai", "olive-ai", "onnx", "transformers", "torch")
 
 
@@ -46,8 +55,8 @@ def check_options(request: ConvertRequest) -> None:
         # ("Shape mismatch attempting to re-use buffer"). Never hand over a model that cannot generate.
         raise SlmopsError("fp16 models built for the CPU fail to generate with this ONNX Runtime GenAI; "
                           "use --precision fp32 (same quality) or int8 (smaller, near-lossless)")
-    if request.adapter_mode not in ("merge", "runtime"):
-        raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or runtime")
+    if request.adapter_mode not in ("merge", "unmerged"):
+        raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or unmerged")
 
 
 def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> tuple[Converter, Quantizer | None]:

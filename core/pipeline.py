@@ -16,19 +16,11 @@ from .config import Config, home
 from .errors import SlmopsError
 from .fsutil import write_json_atomic
 
-# --precision auto tries these from the smallest build upwards (sizes measured on SmolLM2-135M).
-AUTO_CANDIDATES: list[tuple[str, dict[str, Any]]] = [
-    ("int4 rtn_last asym", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False, "block_size": 32}),
-    ("int4 rtn sym", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 32}),
-    ("int4 rtn sym block 16", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 16}),
-    ("int8", {"precision": "int8", "symmetric": True, "block_size": 32}),
-    ("fp32", {"precision": "fp32"}),
-]
 
 
 def plan(cfg: Config) -> list[str]:
     m, c, r, v = cfg.section("model"), cfg.section("convert"), cfg.section("registry"), cfg.section("validate")
-    precision = ("auto: " + " -> ".join(label for label, _ in AUTO_CANDIDATES)) if c["precision"] == "auto" else c["precision"]
+    precision = ("auto: " + " -> ".join(label for label, _ in conv.CANDIDATES)) if c["precision"] == "auto" else c["precision"]
     return [
         f"1. source: {m['source']}" + (f" + adapter {m['adapter']}" if m["adapter"] else ""),
         f"2. convert with {c['backend']} backend, precision {precision}; fp32 build as the quality reference",
@@ -39,25 +31,31 @@ def plan(cfg: Config) -> list[str]:
     ]
 
 
-def _options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    return {**base, **extra}
+def measured_quality(build: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """quality.compare of two builds, remembered by their keys: the same two builds always give the same numbers."""
+    memo = home() / "quality" / f"{build['key'][:16]}-{reference['key'][:16]}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text())
+    result = quality.compare(Path(build["path"]), Path(reference["path"]))
+    write_json_atomic(memo, result)
+    return result
 
 
 def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """(chosen build, its quality, table of what was tried). Auto: smallest candidate that passes the gate."""
     source, backend = cfg.get("model.source"), cfg.get("convert.backend")
     v = cfg.section("validate")
-    reference = conv.convert(source, _options(base_options, {"precision": "fp32"}), backend)
+    reference = conv.convert(source, {**base_options, "precision": "fp32"}, backend)
     if cfg.get("convert.precision") != "auto":
         build = conv.convert(source, base_options, backend, cfg.get("convert.output") or None)
         with progress.step("Measuring quality against the fp32 reference"):
-            q = quality.compare(Path(build["path"]), Path(reference["path"]))
+            q = measured_quality(build, reference)
         return build, q, [{"build": base_options["precision"], "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes"}]
     tried = []
-    for label, extra in AUTO_CANDIDATES:
-        build = reference if extra["precision"] == "fp32" else conv.convert(source, _options(base_options, extra), backend)
+    for label, extra in conv.CANDIDATES:
+        build = reference if extra["precision"] == "fp32" else conv.convert(source, {**base_options, **extra}, backend)
         with progress.step(f"Measuring {label} against fp32"):
-            q = quality.compare(Path(build["path"]), Path(reference["path"]))
+            q = measured_quality(build, reference)
         ok = q["mean_kld"] <= v["max_kld"] and q["top1_agreement"] >= v["min_top1"]
         tried.append({"build": label, "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes" if ok else "no"})
         if ok:

@@ -23,7 +23,7 @@ class ConvertRequest:
     algorithm: str = "rtn"
     accuracy_level: int | None = None
     adapter: Path | None = None
-    adapter_mode: str = "merge"  # "merge" into the weights, or "runtime" (an ORT GenAI adapter file)
+    adapter_mode: str = "merge"  # "merge" into the weights, or "unmerged": LoRA branches kept beside them in the graph
     trust_remote_code: bool = False
 
     def options(self) -> dict[str, Any]:

@@ -52,10 +52,10 @@ class FoundryLocalRegistry(Registry):
             fix = f"restore it with `cp {backup} {record}`" if backup.exists() else f"move it away and re-register the models in {self.root / 'custom'}"
             raise SlmopsError(f"the Foundry Local registry record {record} is damaged ({e}); nothing was changed; {fix}") from None
 
-    @contextlib.contextmanager
-    def _catalog(self) -> Iterator[Any]:
+    def _start(self) -> Any:
+        """A fresh SDK manager on this registry's folder (the SDK allows one per process)."""
         load_sdk()
-        from foundry_local_sdk import CatalogType, Configuration, FoundryLocalManager, LogLevel
+        from foundry_local_sdk import Configuration, FoundryLocalManager, LogLevel
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_record()
@@ -64,11 +64,18 @@ class FoundryLocalRegistry(Registry):
         FoundryLocalManager.initialize(Configuration(
             app_name="slmops", model_cache_dir=str(self.root), app_data_dir=str(self.root / ".foundry-app"),
             logs_dir=str(self.root / ".foundry-logs"), log_level=LogLevel.ERROR))
-        manager = FoundryLocalManager.instance
+        return FoundryLocalManager.instance
+
+    @contextlib.contextmanager
+    def _catalog(self) -> Iterator[Any]:
+        from foundry_local_sdk import CatalogType
+
+        manager = self._start()
         try:
             yield manager.get_catalog(CatalogType.LOCAL)  # only LOCAL: the public catalog needs the network
         finally:
             manager.close()
+            self._chat_model = None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
@@ -137,27 +144,37 @@ class FoundryLocalRegistry(Registry):
     def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
         from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
 
-        with self._catalog() as catalog:
-            model = next((m for m in catalog.list_models() if m.alias == name or m.id == name), None)
-            if model is None:
-                raise SlmopsError(f"{name} is not registered with Foundry Local at {self.root}")
-            model.load()
-            session = ChatSession(model)
-            temperature = float(options.get("temperature") or 0.0)
-            session.set_options(RequestOptions(search=SearchOptions(
-                max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
-                top_p=options.get("top_p"), do_sample=temperature > 0)))
-            session.set_streaming(True)
-            request = Request()
-            for m in messages:
-                request.add_item(getattr(MessageItem, m["role"])(m["content"]))
-            with session.process_streaming_request(request) as response:
-                for item in response:
-                    text = _text_of(item)
-                    if text:
-                        yield text
-                tokens = response.final_response.get_usage()
-            usage.update(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens)
+        model = self._loaded(name)
+        session = ChatSession(model)
+        temperature = float(options.get("temperature") or 0.0)
+        session.set_options(RequestOptions(search=SearchOptions(
+            max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
+            top_p=options.get("top_p"), do_sample=temperature > 0)))
+        session.set_streaming(True)
+        request = Request()
+        for m in messages:
+            request.add_item(getattr(MessageItem, m["role"])(m["content"]))
+        with session.process_streaming_request(request) as response:
+            for item in response:
+                text = _text_of(item)
+                if text:
+                    yield text
+            tokens = response.final_response.get_usage()
+        usage.update(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens)
+
+    def _loaded(self, name: str) -> Any:
+        """The model, loaded once per process: a multi-turn chat pays the SDK start and model load once."""
+        from foundry_local_sdk import CatalogType
+
+        if getattr(self, "_chat_model", None) is not None and self._chat_key == (self.root, name):
+            return self._chat_model
+        catalog = self._start().get_catalog(CatalogType.LOCAL)
+        model = next((m for m in catalog.list_models() if m.alias == name or m.id == name), None)
+        if model is None:
+            raise SlmopsError(f"{name} is not registered with Foundry Local at {self.root}")
+        model.load()
+        self._chat_model, self._chat_key = model, (self.root, name)
+        return model
 
 
 def _text_of(item: Any) -> str:

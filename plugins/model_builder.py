@@ -7,24 +7,14 @@ import io
 from pathlib import Path
 
 from slmops import hookimpl
-from slmops.builder_options import INT4_ALGORITHMS, builder_architectures, builder_options
-from slmops.roles import ConvertRequest, Converter
+from slmops.builder_options import BuilderConverter, builder_options
+from slmops.roles import ConvertRequest
 
 
-class ModelBuilderConverter(Converter):
+class ModelBuilderConverter(BuilderConverter):
     name = "model-builder"
     description = "onnxruntime_genai.models.builder.create_model, in-process"
-    precisions = ("fp32", "fp16", "int4")
-    algorithms = tuple(INT4_ALGORITHMS)
     cost = 10
-
-    def check(self, request: ConvertRequest, architecture: str) -> str | None:
-        if architecture not in builder_architectures():
-            return f"the model builder does not know {architecture}"
-        return super().check(request, architecture)
-
-    def supported_architectures(self) -> tuple[str, ...]:
-        return builder_architectures()
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         from onnxruntime_genai.models.builder import create_model

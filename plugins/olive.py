@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from slmops import hookimpl
-from slmops.builder_options import INT4_ALGORITHMS, builder_architectures, builder_options
-from slmops.roles import ConvertRequest, Converter
+from slmops.builder_options import BuilderConverter, builder_options
+from slmops.roles import ConvertRequest
 
 # Keys of Olive 0.13's ModelBuilder pass that slmops's request maps to; anything else Olive ignores.
 PASS_KEYS = ("int4_block_size", "int4_is_symmetric", "int4_accuracy_level", "int4_algo_config")
@@ -35,20 +35,10 @@ def olive_workflow(request: ConvertRequest, output_dir: Path, work_dir: Path) ->
     }
 
 
-class OliveConverter(Converter):
+class OliveConverter(BuilderConverter):
     name = "olive"
     description = "Olive ModelBuilder pass via olive.run (Python API)"
-    precisions = ("fp32", "fp16", "int4")
-    algorithms = tuple(INT4_ALGORITHMS)
     cost = 50  # same graph as the builder, plus Olive's workflow overhead
-
-    def check(self, request: ConvertRequest, architecture: str) -> str | None:
-        if architecture not in builder_architectures():
-            return f"Olive's ModelBuilder pass does not know {architecture}"
-        return super().check(request, architecture)
-
-    def supported_architectures(self) -> tuple[str, ...]:
-        return builder_architectures()
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         import olive

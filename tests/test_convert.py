@@ -171,3 +171,19 @@ def test_interrupt_leaves_no_partial_output(monkeypatch, tiny_qwen2, slmops_home
     with pytest.raises(KeyboardInterrupt):
         convert.convert(str(tiny_qwen2), {"precision": "fp32", "block_size": 256})
     assert not [p for p in (slmops_home / "builds").iterdir() if "partial" in p.name or p.name.startswith(".work-")]
+
+
+def test_lora_adapter_kept_unmerged(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    result = convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": adapter, "adapter_mode": "unmerged"})
+    assert result["verification"]["ok"] and result["source"]["checkpoint"] == str(tiny_llama)
+    import onnx
+
+    graph = onnx.load(str(Path(result["path"]) / "model.onnx"), load_external_data=False).graph
+    assert any("lora_A" in n.name for n in graph.node) and any("lora_B" in n.name for n in graph.node)
