@@ -60,26 +60,27 @@ def check_options(request: ConvertRequest) -> None:
 
 
 def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> tuple[Converter, Quantizer | None]:
-    """The converter (and, when it cannot build the precision itself, the quantizer) for a request."""
+    """The cheapest route to the request: a converter that builds the precision itself, or one that builds fp32
+    followed by a quantizer. Routes cost the sum of their plugins' costs."""
     converters = implementations.converters()
     if backend != "auto":
         converters = [implementations.by_name(converters, backend, "converter")]
-    reasons = []
-    direct = []
+    reasons: list[str] = []
+    routes: list[tuple[int, Converter, Quantizer | None]] = []
     for c in converters:
         why = c.check(request, architecture)
-        (reasons.append(f"{c.name}: {why}") if why else direct.append(c))
-    if direct:
-        return min(direct, key=lambda c: c.cost), None
+        (reasons.append(f"{c.name}: {why}") if why else routes.append((c.cost, c, None)))
     fp32 = dataclasses.replace(request, precision="fp32")
+    bases = [c for c in converters if c.check(fp32, architecture) is None]
     for q in implementations.quantizers():
         why = q.check(request)
         if why:
             reasons.append(f"{q.name}: {why}")
             continue
-        bases = [c for c in converters if c.check(fp32, architecture) is None]
-        if bases:
-            return min(bases, key=lambda c: c.cost), q
+        routes += [(b.cost + q.cost, b, q) for b in bases]
+    if routes:
+        _, converter, quantizer = min(routes, key=lambda r: r[0])
+        return converter, quantizer
     known = sorted({a for c in converters for a in c.supported_architectures()})
     if known and architecture not in known:
         reasons.append(f"supported architectures: {', '.join(known)}")

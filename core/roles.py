@@ -66,6 +66,7 @@ class Quantizer:
     name: str = ""
     description: str = ""
     precisions: tuple[str, ...] = ()
+    cost: int = 10  # added to the fp32 converter's cost when slmops compares routes
 
     def check(self, request: ConvertRequest) -> str | None:
         if request.precision not in self.precisions:

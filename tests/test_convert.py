@@ -187,3 +187,15 @@ def test_lora_adapter_kept_unmerged(tiny_llama, tmp_path):
 
     graph = onnx.load(str(Path(result["path"]) / "model.onnx"), load_external_data=False).graph
     assert any("lora_A" in n.name for n in graph.node) and any("lora_B" in n.name for n in graph.node)
+
+
+def test_plan_takes_the_cheapest_route(tiny_llama):
+    """The test plugin's failing converter claims int8 directly at cost 1000: builder + quantizer (20) wins."""
+    from slmops.roles import ConvertRequest
+
+    converter, quantizer = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
+    assert (converter.name, quantizer.name) == ("model-builder", "matmul-nbits")
+    converter, quantizer = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
+    assert (converter.name, quantizer) == ("model-builder", None)
+    converter, quantizer = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM", "failing")
+    assert (converter.name, quantizer) == ("failing", None)
