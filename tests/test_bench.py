@@ -17,6 +17,7 @@ def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path
     for key in ("load_s", "ttft_ms_p50", "decode_tok_s", "latency_ms_p50", "latency_ms_p95", "peak_rss_mb", "cpu_utilisation", "rss_growth_mb"):
         assert isinstance(m[key], float) and m[key] == m[key], key  # present, not NaN
     assert m["latency_ms_p95"] >= m["latency_ms_p50"] > 0 and m["decode_tok_s"] > 0 and 0 < m["cpu_utilisation"] <= 1.0
+    assert m["peak_rss_scope"] == "this benchmark"  # not the CLI start-up or an earlier conversion
     assert [s["prompt_tokens"] for s in m["sweep"]] == [8, 64]
     for s in m["sweep"]:
         assert s["generated_tokens"] == 3 * 6 and s["latency_ms_p95"] >= s["latency_ms_p50"]
