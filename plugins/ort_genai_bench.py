@@ -19,6 +19,14 @@ FILLER = ("Small language models run on laptops and edge devices, where memory a
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux: VmHWM), so the benchmark reports its own peak, not that of work the
     process did before (a conversion in the same `deploy` run). False where the kernel does not allow it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap back to the OS first, or it stays counted as resident
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
