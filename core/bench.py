@@ -3,7 +3,6 @@ checklist into pass/fail."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 

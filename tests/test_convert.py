@@ -2,7 +2,6 @@
 LoRA adapters, and every bad input."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ import os
 import time
 from pathlib import Path
 
-import pluggy
 import pytest
 
 from slmops import hookspecs
@@ -178,7 +177,6 @@ def test_unreadable_gguf_is_a_clear_error(cli, tmp_path):
 
 def test_generated_docs_are_current():
     import importlib.util
-    from pathlib import Path
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     spec = importlib.util.spec_from_file_location("gen_docs", docs / "gen_docs.py")
