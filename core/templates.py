@@ -247,8 +247,7 @@ def control_tokens(family: TemplateFamily, info: ModelInfo | None = None) -> set
 
 def neutralize(text: str, tokens: set[str]) -> str:
     """Break each control token in user text with a space after its first character, so it tokenizes as plain
-    text. A plain ASCII space, because the Foundry runtime's tokenizer and ORT GenAI's counted a zero-width
-    space differently."""
+    text. A plain ASCII space: visible to the user, and split the same way by every tokenizer."""
     for tok in sorted(tokens, key=len, reverse=True):
         if tok in text:
             text = text.replace(tok, tok[0] + " " + tok[1:])

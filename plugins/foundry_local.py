@@ -2,7 +2,8 @@
 
 Models live in ``<root>/custom/<name>/`` (the guide's layout) with ``inference_model.json``; the runtime's own
 record is ``<root>/foundry.local.modelinfo.json``. Every change happens under one inter-process lock with a
-fresh SDK manager, so concurrent slmops processes never overwrite each other's registrations."""
+fresh SDK manager (one that reads the record as it is now), so concurrent slmops processes never overwrite each
+other's registrations, whatever the SDK itself does across processes."""
 
 from __future__ import annotations
 
