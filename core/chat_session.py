@@ -24,7 +24,7 @@ class ChatRunner:
         self.chosen = load_template(self.model_dir)
         self.info = templates.read_model_info(self.model_dir)  # its special tokens are control tokens too
         self.options = {**self.chosen.family.model_config, **overrides}
-        self.options.setdefault("max_new_tokens", overrides.get("max_new_tokens", 256))
+        self.options.setdefault("max_new_tokens", 256)
         self.engine = engine
         self.ort: OrtGenAIChat | None = None
 

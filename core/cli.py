@@ -120,15 +120,6 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
     cfg.override("model.trust_remote_code", flags.get("trust_remote_code"), "command line")
 
 
-def request_options(cfg: Config, adapter_mode: str = "merge") -> dict[str, Any]:
-    c = cfg.section("convert")
-    adapter = cfg.get("model.adapter")
-    return {"precision": c["precision"], "device": c["device"], "provider": c["provider"],
-            "block_size": c["block_size"], "symmetric": c["symmetric"], "algorithm": c["algorithm"],
-            "accuracy_level": c["accuracy_level"] or None, "adapter": Path(adapter) if adapter else None,
-            "adapter_mode": adapter_mode, "trust_remote_code": cfg.get("model.trust_remote_code")}
-
-
 @cli.command()
 @click.argument("source", required=False)
 @convert_options
@@ -158,7 +149,7 @@ def convert(state: State, source: str | None, output_dir: str | None = None, oli
             cfg.override("convert.output", out, olive_config)
     if cfg.get("convert.precision") == "auto":  # auto is deploy's search; one build starts where the guide does
         cfg.override("convert.precision", "int4", "auto (convert builds one precision: int4, as the guide recommends)")
-    result = conv.convert(cfg.get("model.source"), request_options(cfg, adapter_mode), cfg.get("convert.backend"),
+    result = conv.convert(cfg.get("model.source"), cfg.convert_options(adapter_mode), cfg.get("convert.backend"),
                           cfg.get("convert.output") or None)
     if as_json:
         output.emit_json(result)
@@ -483,7 +474,7 @@ def bench(state: State, target: str | None, compare_source: str | None, quality:
     cfg = state.config
     settings = bench_settings(cfg, runs, max_new_tokens, lengths, soak)
     if compare_source:
-        result = b.compare_precisions(compare_source, request_options(cfg), settings, cfg.section("validate"))
+        result = b.compare_precisions(compare_source, cfg.convert_options(), settings, cfg.section("validate"))
         if report:
             result["report"] = str(b.write_report(Path(report), compare=result))
         if as_json:

@@ -73,6 +73,14 @@ class Config:
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.values[name])
 
+    def convert_options(self, adapter_mode: str = "merge") -> dict[str, Any]:
+        """The [convert] and model settings as ConvertRequest keyword arguments."""
+        c, adapter = self.values["convert"], self.values["model"]["adapter"]
+        return {"precision": c["precision"], "device": c["device"], "provider": c["provider"],
+                "block_size": c["block_size"], "symmetric": c["symmetric"], "algorithm": c["algorithm"],
+                "accuracy_level": c["accuracy_level"] or None, "adapter": Path(adapter) if adapter else None,
+                "adapter_mode": adapter_mode, "trust_remote_code": self.values["model"]["trust_remote_code"]}
+
     def override(self, dotted: str, value: Any, origin: str) -> None:
         """Set a value from the command line; None means the flag was not given."""
         if value is None:

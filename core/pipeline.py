@@ -68,12 +68,7 @@ def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[s
         return {"dry_run": True, "plan": plan(cfg)}
     name = reg.check_name(cfg.get("model.name"))
     registry = reg.open_registry(cfg)
-    base = {
-        "precision": cfg.get("convert.precision"), "device": cfg.get("convert.device"), "provider": cfg.get("convert.provider"),
-        "block_size": cfg.get("convert.block_size"), "symmetric": cfg.get("convert.symmetric"), "algorithm": cfg.get("convert.algorithm"),
-        "accuracy_level": cfg.get("convert.accuracy_level") or None, "trust_remote_code": cfg.get("model.trust_remote_code"),
-        "adapter": Path(cfg.get("model.adapter")) if cfg.get("model.adapter") else None,
-    }
+    base = cfg.convert_options()
     build, q, tried = choose_build(cfg, base)
     model_dir = Path(build["path"])
     # A deployment is the same when the build, template family, thresholds and name are: then skip register and validate.

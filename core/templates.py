@@ -24,6 +24,7 @@ CONVERSATIONS: dict[str, Messages] = {
                    {"role": "assistant", "content": "Hello! How can I help?"},
                    {"role": "user", "content": "Tell me a short joke."}],
 }
+CHAT_DEFAULT_CONFIG = {"max_length": 2048, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}  # ModelConfig defaults
 ADD_FAMILY_HINT = "pass --family NAME, or add a family with a plugin (docs/plugins.md)"
 
 
@@ -192,9 +193,6 @@ def derive_family(info: ModelInfo) -> TemplateFamily:
                           system=system, user=user, assistant=assistant, prompt=prompt,
                           stop=[info.eos_token] if info.eos_token else [], model_config=dict(CHAT_DEFAULT_CONFIG),
                           plugin="slmops (derived)")
-
-
-CHAT_DEFAULT_CONFIG = {"max_length": 2048, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 
 
 @lru_cache(maxsize=4)

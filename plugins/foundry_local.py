@@ -30,9 +30,16 @@ def load_sdk() -> None:
     import foundry_local_sdk  # noqa: F401
 
 
+def matching(catalog: Any, name: str) -> list[Any]:
+    """Catalog models registered under name (alias) or with that id."""
+    return [m for m in catalog.list_models() if m.alias == name or m.id == name]
+
+
 class FoundryLocalRegistry(Registry):
     name = "foundry-local"
     description = "Foundry Local model cache and runtime (foundry-local-sdk)"
+    _chat_model: Any = None  # the model a chat loaded, kept for the next turn
+    _chat_key: tuple | None = None
 
     def default_location(self) -> Path:
         # Foundry Local's own cache, as `foundry cache location` reports it.
@@ -135,8 +142,7 @@ class FoundryLocalRegistry(Registry):
 
     def remove(self, name: str) -> None:
         with self._locked() as catalog:
-            found = [m for m in catalog.list_models() if m.alias == name or m.id == name]
-            for m in found:
+            for m in matching(catalog, name):
                 catalog.unregister_model(m.id)
         target = self.root / "custom" / name
         if target.is_dir():
@@ -167,12 +173,12 @@ class FoundryLocalRegistry(Registry):
         """The model, loaded once per process: a multi-turn chat pays the SDK start and model load once."""
         from foundry_local_sdk import CatalogType
 
-        if getattr(self, "_chat_model", None) is not None and self._chat_key == (self.root, name):
+        if self._chat_model is not None and self._chat_key == (self.root, name):
             return self._chat_model
-        catalog = self._start().get_catalog(CatalogType.LOCAL)
-        model = next((m for m in catalog.list_models() if m.alias == name or m.id == name), None)
-        if model is None:
+        found = matching(self._start().get_catalog(CatalogType.LOCAL), name)
+        if not found:
             raise SlmopsError(f"{name} is not registered with Foundry Local at {self.root}")
+        model = found[0]
         model.load()
         self._chat_model, self._chat_key = model, (self.root, name)
         return model

@@ -2,8 +2,7 @@
 
 from slmops import hookimpl
 from slmops.roles import TemplateFamily
-
-CHAT_DEFAULTS = {"max_length": 2048, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+from slmops.templates import CHAT_DEFAULT_CONFIG as CHAT_DEFAULTS
 
 FAMILIES = [
     TemplateFamily(
