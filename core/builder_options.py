@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .roles import ConvertRequest, Converter
+from .roles import Converter, ConvertRequest
 
 # slmops's algorithm names -> the builder's int4_algo_config ("rtn" is the builder's default RTN path)
 INT4_ALGORITHMS = {"rtn": None, "rtn_last": "rtn_last", "k_quant": "k_quant", "k_quant_mixed": "k_quant_mixed", "k_quant_last": "k_quant_last"}
@@ -25,8 +25,8 @@ def builder_options(request: ConvertRequest) -> dict[str, Any]:
         algo = INT4_ALGORITHMS[request.algorithm]
         if algo:
             options["int4_algo_config"] = algo
-    if request.adapter is not None and request.adapter_mode == "unmerged":
-        options["adapter_path"] = str(request.adapter)
+    if request.adapter is not None and request.adapter_mode == "adapter":
+        options["adapter_path"] = str(request.adapter)  # LoRA branches kept apart from the base weights
     return options
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import templates
 from .errors import SlmopsError
@@ -34,14 +35,17 @@ def safe_messages(messages: Messages, chosen: templates.ChosenTemplate, info=Non
 class OrtGenAIChat:
     """One loaded model; stream() answers a conversation token by token."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, adapter: str | None = None):
         import onnxruntime_genai as og
+
+        from .adapters import ActiveAdapter
 
         self.og = og
         self.model_dir = Path(model_dir)
         start = time.perf_counter()
         self.model = og.Model(str(model_dir))
         self.tokenizer = og.Tokenizer(self.model)
+        self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)
         self.load_s = time.perf_counter() - start
         self.chosen = load_template(self.model_dir)
         self.info = templates.read_model_info(self.model_dir)
@@ -67,6 +71,7 @@ class OrtGenAIChat:
             search.update(temperature=temperature, top_p=float(options.get("top_p", 1.0) or 1.0))
         params.set_search_options(**search)
         generator = og.Generator(self.model, params)
+        self.adapter.apply(generator)
         stream = self.tokenizer.create_stream()
         start = time.perf_counter()
         usage.update(prompt_tokens=len(tokens), completion_tokens=0)

@@ -9,15 +9,16 @@ from typing import IO, Any
 
 import click
 
+from . import adapters, templates
 from . import registry as reg
-from . import templates
 from .chat import OrtGenAIChat, load_template, safe_messages
 from .config import Config
 from .errors import SlmopsError
 
 
 class ChatRunner:
-    def __init__(self, cfg: Config, name: str, engine: str, backend: str | None, overrides: dict[str, Any]):
+    def __init__(self, cfg: Config, name: str, engine: str, backend: str | None, overrides: dict[str, Any],
+                 adapter: str | None = None):
         self.registry = reg.open_registry(cfg, backend)
         self.entry = reg.find(self.registry, name)
         self.model_dir = Path(self.entry.path)
@@ -25,6 +26,11 @@ class ChatRunner:
         self.info = templates.read_model_info(self.model_dir)  # its special tokens are control tokens too
         self.options = {**self.chosen.family.model_config, **overrides}
         self.options.setdefault("max_new_tokens", 256)
+        self.adapter = adapter
+        if engine == "registry" and adapter != "none" and (adapter or adapters.find(self.model_dir)):
+            # Foundry Local's runtime has no way to switch an ORT GenAI adapter on: it would answer as the base.
+            click.echo(f"{name}: running with ORT GenAI, which applies LoRA adapter files", err=True)
+            engine = "ort-genai"
         self.engine = engine
         self.ort: OrtGenAIChat | None = None
 
@@ -36,7 +42,7 @@ class ChatRunner:
             except NotImplementedError:
                 pass
         if self.ort is None:
-            self.ort = OrtGenAIChat(self.model_dir)
+            self.ort = OrtGenAIChat(self.model_dir, self.adapter)
         return self.ort.stream(messages, self.options, usage)
 
     def answer(self, prompt: str, system: str | None, stream_to: IO[str] | None) -> dict[str, Any]:
@@ -53,7 +59,7 @@ class ChatRunner:
                 stream_to.write(piece)
                 stream_to.flush()
         total = time.perf_counter() - start
-        return {"model": self.entry.name, "engine": self.engine, "answer": "".join(parts),
+        return {"model": self.entry.name, "engine": self.engine, "adapter": self.ort.adapter.name if self.ort else None, "answer": "".join(parts),
                 "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
                 "ttft_s": round(first, 4) if first else None, "total_s": round(total, 4)}
 

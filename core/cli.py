@@ -98,12 +98,13 @@ def convert_options(f=None, *, auto: bool = False):
         click.option("--provider", type=click.Choice(["CPUExecutionProvider"]), help="Execution provider."),
         click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Quantization block size."),
         click.option("--symmetric/--asymmetric", default=None, help="Symmetric quantization or with zero points."),
-        click.option("--algorithm", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"]), help="int4 algorithm."),
+        click.option("--algorithm", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last", "hqq"]),
+                     help="int4 algorithm: the builder's RTN and k-quant variants, or hqq (best quality, slow on CPU; needs --asymmetric)."),
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
         click.option("--backend", help="Converter plugin (see `slmops plugins`); default: the fastest that fits."),
         click.option("--adapter", type=click.Path(), help="PEFT LoRA adapter folder to apply."),
-        click.option("--adapter-mode", type=click.Choice(["merge", "unmerged"]), default="merge", show_default=True,
-                     help="Merge the LoRA into the weights, or keep its branches unmerged in the graph (the builder's adapter_path)."),
+        click.option("--adapter-mode", type=click.Choice(["merge", "adapter"]),
+                     help="merge (default): the LoRA into the weights; adapter: keep the base as it is and write the LoRA as an ORT GenAI adapter file (adapters/NAME.onnx_adapter), switched on at run time."),
         click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the checkpoint's own Python code to run."),
     ]
     for opt in reversed(opts):
@@ -117,6 +118,7 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
     if flags.get("block_size"):
         cfg.override("convert.block_size", int(flags["block_size"]), "command line")
     cfg.override("model.adapter", flags.get("adapter"), "command line")
+    cfg.override("model.adapter_mode", flags.get("adapter_mode"), "command line")
     cfg.override("model.trust_remote_code", flags.get("trust_remote_code"), "command line")
 
 
@@ -129,7 +131,7 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
 @json_option
 @pass_state
 def convert(state: State, source: str | None, output_dir: str | None = None, olive_config: str | None = None,
-            log_level: str = "warning", as_json: bool = False, adapter_mode: str = "merge", **flags: Any) -> None:
+            log_level: str = "warning", as_json: bool = False, **flags: Any) -> None:
     """Convert SOURCE (a checkpoint folder, a GGUF file, or the default model) to a verified ORT GenAI model."""
     from . import convert as conv
 
@@ -149,7 +151,7 @@ def convert(state: State, source: str | None, output_dir: str | None = None, oli
             cfg.override("convert.output", out, olive_config)
     if cfg.get("convert.precision") == "auto":  # auto is deploy's search; one build starts where the guide does
         cfg.override("convert.precision", "int4", "auto (convert builds one precision: int4, as the guide recommends)")
-    result = conv.convert(cfg.get("model.source"), cfg.convert_options(adapter_mode), cfg.get("convert.backend"),
+    result = conv.convert(cfg.get("model.source"), cfg.convert_options(), cfg.get("convert.backend"),
                           cfg.get("convert.output") or None)
     if as_json:
         output.emit_json(result)
@@ -167,6 +169,8 @@ def print_build(result: dict[str, Any]) -> None:
         {"": "graph", "value": f"MatMulNBits by bits {graph['matmul_nbits'] or '-'}, block {graph['block_sizes'] or '-'}, "
                                f"symmetric {graph['symmetric'] or '-'}, float MatMuls {graph['float_matmuls']}"},
         {"": "size", "value": output.human_bytes(result["output_bytes"])},
+        *[{"": "adapter", "value": f"{name} ({path}; max logit change {effect['max_logit_change']})"}
+          for name, path in result.get("adapters", {}).items() if (effect := result["verification"].get("adapter"))],
         {"": "sample", "value": repr(result["verification"]["sample"]["text"]) if result["verification"].get("sample") else "-"},
         {"": "timings", "value": ", ".join(f"{k} {v}s" for k, v in result["timings"].items())},
     ]
@@ -407,6 +411,7 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
 @click.option("--system", "system_text", help="System message.")
 @click.option("--engine", type=click.Choice(["registry", "ort-genai"]), default="registry", show_default=True,
               help="Run through the registry's runtime (Foundry Local) or ORT GenAI directly.")
+@click.option("--adapter", help="LoRA adapter to switch on (default: the model's only one; 'none' for the base).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 5), help="Override ModelConfig temperature (0: greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1), help="Override ModelConfig top_p.")
@@ -416,11 +421,12 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
 @json_option
 @pass_state
 def model_run(state: State, name: str, prompt: str | None, system_text: str | None, engine: str, registry_backend: str | None,
-              as_json: bool, **overrides: Any) -> None:
+              as_json: bool, adapter: str | None, **overrides: Any) -> None:
     """Chat with NAME: interactive and streaming, or one answer with --prompt."""
     from .chat_session import ChatRunner
 
-    runner = ChatRunner(state.config, name, engine, registry_backend, {k: v for k, v in overrides.items() if v is not None})
+    runner = ChatRunner(state.config, name, engine, registry_backend, {k: v for k, v in overrides.items() if v is not None},
+                        adapter)
     if prompt is not None:
         result = runner.answer(prompt, system_text, stream_to=None if as_json else sys.stdout)
         if as_json:
@@ -559,8 +565,7 @@ def validate_cmd(state: State, target: str, max_kld: float | None, min_top1: flo
 @click.option("--dry-run", is_flag=True, help="Print the plan and do nothing.")
 @json_option
 @pass_state
-def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json,
-           adapter_mode: str = "merge", **flags: Any) -> None:
+def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json, **flags: Any) -> None:
     """Run the whole guide from slmops.toml: convert, template, register, validate, ask, benchmark."""
     from .pipeline import deploy as run_deploy
 

@@ -24,6 +24,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "source": ("default", str, "HF checkpoint folder, GGUF file, or 'default' (embedded SmolLM2-135M-Instruct)"),
         "name": ("smollm2-135m-instruct", str, "name the model is registered under"),
         "adapter": ("", str, "PEFT LoRA adapter folder to apply to the source"),
+        "adapter_mode": ("merge", str, "merge the LoRA into the weights, or adapter: an ORT GenAI adapter file beside the base"),
         "family": ("auto", str, "prompt-template family, or 'auto' to detect"),
         "trust_remote_code": (False, bool, "allow the checkpoint's own Python code to run"),
     },
@@ -34,7 +35,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "backend": ("auto", str, "converter plugin, or auto (the fastest that supports the request)"),
         "block_size": (32, int, "int4/int8 quantization block size: 16, 32, 64, 128 or 256"),
         "symmetric": (True, bool, "symmetric quantization (false: with zero points)"),
-        "algorithm": ("rtn", str, "int4 algorithm: rtn, rtn_last, k_quant_mixed, k_quant_last"),
+        "algorithm": ("rtn", str, "int4 algorithm: rtn, rtn_last, k_quant, k_quant_mixed, k_quant_last, hqq"),
         "accuracy_level": (0, int, "MatMulNBits accuracy_level (0: the runtime's default, 1-4)"),
         "output": ("", str, "output folder (default: slmops's build cache)"),
     },
@@ -73,13 +74,13 @@ class Config:
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.values[name])
 
-    def convert_options(self, adapter_mode: str = "merge") -> dict[str, Any]:
+    def convert_options(self) -> dict[str, Any]:
         """The [convert] and model settings as ConvertRequest keyword arguments."""
         c, adapter = self.values["convert"], self.values["model"]["adapter"]
         return {"precision": c["precision"], "device": c["device"], "provider": c["provider"],
                 "block_size": c["block_size"], "symmetric": c["symmetric"], "algorithm": c["algorithm"],
                 "accuracy_level": c["accuracy_level"] or None, "adapter": Path(adapter) if adapter else None,
-                "adapter_mode": adapter_mode, "trust_remote_code": self.values["model"]["trust_remote_code"]}
+                "adapter_mode": self.values["model"]["adapter_mode"], "trust_remote_code": self.values["model"]["trust_remote_code"]}
 
     def override(self, dotted: str, value: Any, origin: str) -> None:
         """Set a value from the command line; None means the flag was not given."""

@@ -13,11 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import implementations, progress, sources, verify
+from . import adapters, implementations, progress, sources, verify
 from .config import home
 from .errors import NoImplementation, SlmopsError
-from .fsutil import content_hash, dir_size, lock, staging_dir, write_json_atomic
-from .roles import PRECISIONS, ConvertRequest, Converter, Quantizer
+from .fsutil import (
+    content_hash,
+    dir_size,
+    link_tree,
+    lock,
+    staging_dir,
+    write_json_atomic,
+)
+from .roles import PRECISIONS, Converter, ConvertRequest, Quantizer
 
 MANIFEST = "slmops-manifest.json"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -55,8 +62,12 @@ def check_options(request: ConvertRequest) -> None:
         # ("Shape mismatch attempting to re-use buffer"). Never hand over a model that cannot generate.
         raise SlmopsError("fp16 models built for the CPU fail to generate with this ONNX Runtime GenAI; "
                           "use --precision fp32 (same quality) or int8 (smaller, near-lossless)")
-    if request.adapter_mode not in ("merge", "unmerged"):
-        raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or unmerged")
+    if request.adapter_mode not in ("merge", "adapter"):
+        raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or adapter")
+
+
+def keeps_adapter(request: ConvertRequest) -> bool:
+    return request.adapter is not None and request.adapter_mode == "adapter"
 
 
 def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> tuple[Converter, Quantizer | None]:
@@ -69,6 +80,9 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> t
     routes: list[tuple[int, Converter, Quantizer | None]] = []
     for c in converters:
         why = c.check(request, architecture)
+        if not why and keeps_adapter(request) and request.precision != "fp32":
+            # a converter quantizing by itself would quantize the LoRA branches too, and they could not be swapped
+            why = "keeps a LoRA as an adapter file only in an fp32 build (quantized afterwards around the adapter)"
         (reasons.append(f"{c.name}: {why}") if why else routes.append((c.cost, c, None)))
     fp32 = dataclasses.replace(request, precision="fp32")
     bases = [c for c in converters if c.check(fp32, architecture) is None]
@@ -189,21 +203,28 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
     with staging_dir(build_dir) as out, tempfile.TemporaryDirectory(dir=build_dir.parent, prefix=".work-") as work:
         work_dir = Path(work)
         label = f"{request.precision}" + (f" block {request.block_size}, {'sym' if request.symmetric else 'asym'}" if request.precision in ("int4", "int8") else "")
-        if quantizer is None:
+        adapter = adapters.adapter_name(request.adapter) if keeps_adapter(request) else None
+        # Each step writes into a fresh folder: the last one writes straight into the staging folder.
+        model_dir = out if quantizer is None and not adapter else work_dir / "converted"
+        model_dir.mkdir(exist_ok=True)
+        t = time.perf_counter()
+        with progress.step(f"Converting {architecture} with {converter.name} ({label if quantizer is None else 'fp32'})"):
+            converter.convert(request if quantizer is None else dataclasses.replace(request, precision="fp32"), model_dir, work_dir)
+        timings["convert_s"] = time.perf_counter() - t
+        if adapter:
+            extracted = out if quantizer is None else work_dir / "extracted"
+            extracted.mkdir(exist_ok=True)
             t = time.perf_counter()
-            with progress.step(f"Converting {architecture} with {converter.name} ({label})"):
-                converter.convert(request, out, work_dir)
-            timings["convert_s"] = time.perf_counter() - t
-        else:
-            fp32_dir = work_dir / "fp32"
-            fp32_dir.mkdir()
-            t = time.perf_counter()
-            with progress.step(f"Converting {architecture} to fp32 with {converter.name}"):
-                converter.convert(dataclasses.replace(request, precision="fp32"), fp32_dir, work_dir)
-            timings["convert_s"] = time.perf_counter() - t
+            with progress.step(f"Extracting adapter {adapter!r} (Olive ExtractAdapters)"):
+                adapters.extract(model_dir, extracted, adapter, work_dir)
+            timings["adapter_s"] = time.perf_counter() - t
+            model_dir = extracted
+        if quantizer is not None:
             t = time.perf_counter()
             with progress.step(f"Quantizing to {label} with {quantizer.name}"):
-                quantizer.quantize(fp32_dir, out, request)
+                quantizer.quantize(model_dir, out, request)
+                if (model_dir / adapters.ADAPTERS_DIR).is_dir():
+                    (model_dir / adapters.ADAPTERS_DIR).rename(out / adapters.ADAPTERS_DIR)
             timings["quantize_s"] = time.perf_counter() - t
         if not (out / "genai_config.json").is_file():
             raise SlmopsError(f"converter {converter.name} wrote no genai_config.json; the build is unusable")
@@ -215,6 +236,14 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
                 sample = verify.generate_check(out)
             except Exception as e:
                 sample, problems = None, problems + [f"ORT GenAI cannot generate: {type(e).__name__}: {e}"]
+            effect = None
+            if adapter and not problems:
+                try:
+                    effect = adapters.check_effect(out, adapter)
+                    if effect["max_logit_change"] == 0:
+                        problems.append(f"the adapter {adapter!r} loads but changes nothing: the LoRA was not applied")
+                except Exception as e:
+                    problems.append(f"ORT GenAI cannot apply the adapter {adapter!r}: {type(e).__name__}: {e}")
         timings["verify_s"] = time.perf_counter() - t
         if problems:
             raise SlmopsError("verification failed, nothing was written: " + "; ".join(problems))
@@ -229,7 +258,8 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
             "tools": tool_versions(),
             "output_bytes": dir_size(out),
             "timings": {k: round(v, 2) for k, v in timings.items()},
-            "verification": {"ok": True, "graph": graph, "sample": sample},
+            "adapters": {name: str(path.relative_to(out)) for name, path in adapters.find(out).items()},
+            "verification": {"ok": True, "graph": graph, "sample": sample, "adapter": effect},
         }
         write_json_atomic(out / MANIFEST, manifest)
     return manifest
@@ -244,9 +274,5 @@ def _publish(build_dir: Path, output: Path, key: str) -> Path:
     if output.exists() and any(output.iterdir()) and existing is None:
         raise SlmopsError(f"{output} exists and is not an slmops model; choose an empty or new --output folder")
     with lock(output), staging_dir(output) as tmp:
-        for f in build_dir.iterdir():
-            try:
-                (tmp / f.name).hardlink_to(f)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
+        link_tree(build_dir, tmp)
     return output

@@ -8,8 +8,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock
 
@@ -20,6 +21,18 @@ def lock(path: Path, timeout: float = 600) -> FileLock:
     """An inter-process lock beside path (path + '.lock')."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=timeout)
+
+
+def link_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    """Fill target with source's files as hard links (model files are large), copies where links fail."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy, dirs_exist_ok=True,
+                    ignore=lambda folder, names: [n for n in names if n in skip])
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

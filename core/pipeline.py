@@ -13,16 +13,15 @@ from . import convert as conv
 from . import registry as reg
 from .chat_session import ChatRunner
 from .config import Config, home
-from .errors import SlmopsError
+from .errors import NoImplementation, SlmopsError
 from .fsutil import write_json_atomic
-
 
 
 def plan(cfg: Config) -> list[str]:
     m, c, r, v = cfg.section("model"), cfg.section("convert"), cfg.section("registry"), cfg.section("validate")
     precision = ("auto: " + " -> ".join(label for label, _ in conv.CANDIDATES)) if c["precision"] == "auto" else c["precision"]
     return [
-        f"1. source: {m['source']}" + (f" + adapter {m['adapter']}" if m["adapter"] else ""),
+        f"1. source: {m['source']}" + (f" + adapter {m['adapter']} ({m['adapter_mode']})" if m["adapter"] else ""),
         f"2. convert with {c['backend']} backend, precision {precision}; fp32 build as the quality reference",
         f"3. template: {m['family']} (checked against the tokenizer's chat template)",
         f"4. register as {m['name']} in {r['backend']} ({r['cache_dir'] or 'default location'})",
@@ -53,7 +52,11 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[dict[str, A
         return build, q, [{"build": base_options["precision"], "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes"}]
     tried = []
     for label, extra in conv.CANDIDATES:
-        build = reference if extra["precision"] == "fp32" else conv.convert(source, {**base_options, **extra}, backend)
+        try:
+            build = reference if extra["precision"] == "fp32" else conv.convert(source, {**base_options, **extra}, backend)
+        except NoImplementation:  # e.g. rtn_last with a LoRA kept as an adapter file: no plugin builds it
+            tried.append({"build": label, "chosen": "cannot be built with these options"})
+            continue
         with progress.step(f"Measuring {label} against fp32"):
             q = measured_quality(build, reference)
         ok = q["mean_kld"] <= v["max_kld"] and q["top1_agreement"] >= v["min_top1"]

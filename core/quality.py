@@ -44,12 +44,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 class LogitModel:
     """An ORT GenAI model that returns the logits of every position of a token sequence."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, adapter: str | None = None):
         import onnxruntime_genai as og
+
+        from .adapters import ActiveAdapter
 
         self.og = og
         self.model = og.Model(str(model_dir))
         self.tokenizer = og.Tokenizer(self.model)
+        self.adapter = ActiveAdapter(og, self.model, Path(model_dir), adapter)  # measure the model as it is deployed
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -58,6 +61,7 @@ class LogitModel:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(tokens) + 1)
         generator = self.og.Generator(self.model, params)
+        self.adapter.apply(generator)
         generator.append_tokens(tokens)
         return np.asarray(generator.get_output("logits"))[0]
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
@@ -23,7 +24,7 @@ class ConvertRequest:
     algorithm: str = "rtn"
     accuracy_level: int | None = None
     adapter: Path | None = None
-    adapter_mode: str = "merge"  # "merge" into the weights, or "unmerged": LoRA branches kept beside them in the graph
+    adapter_mode: str = "merge"  # "merge" into the weights, or "adapter": an ORT GenAI adapter file beside the base
     trust_remote_code: bool = False
 
     def options(self) -> dict[str, Any]:
@@ -61,7 +62,8 @@ class Converter:
 
 
 class Quantizer:
-    """Rewrites an fp32 ONNX GenAI folder's MatMul weights at a lower precision."""
+    """Rewrites an fp32 ONNX GenAI folder's MatMul weights at a lower precision. A MatMul whose weight is a
+    graph input (an adapter's, fed at run time) must stay as it is: see slmops.adapters.runtime_fed_matmuls."""
 
     name: str = ""
     description: str = ""

@@ -11,12 +11,13 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from slmops import hookimpl
 from slmops.errors import SlmopsError
-from slmops.fsutil import dir_size, lock, staging_dir
+from slmops.fsutil import dir_size, link_tree, lock, staging_dir
 from slmops.roles import Registry, RegistryEntry
 
 RECORD = "foundry.local.modelinfo.json"
@@ -26,8 +27,8 @@ ENTRY = "slmops-entry.json"
 def load_sdk() -> None:
     """Import the SDK, onnxruntime_genai first: the SDK loads its own onnxruntime-genai-core native library,
     and onnxruntime_genai imported after it fails with an undefined symbol (seen with 0.14.1 and core 0.18)."""
-    import onnxruntime_genai  # noqa: F401
     import foundry_local_sdk  # noqa: F401
+    import onnxruntime_genai  # noqa: F401
 
 
 def matching(catalog: Any, name: str) -> list[Any]:
@@ -104,12 +105,7 @@ class FoundryLocalRegistry(Registry):
             if (existing or target.exists()) and not replace:
                 raise SlmopsError(f"{entry.name} is already registered; pass --replace to replace it, or choose another --name")
             with staging_dir(target) as tmp:
-                for f in Path(model_dir).iterdir():
-                    if f.is_file() and f.name not in ("inference_model.json", ENTRY):
-                        try:
-                            (tmp / f.name).hardlink_to(f)
-                        except OSError:
-                            shutil.copy2(f, tmp / f.name)
+                link_tree(Path(model_dir), tmp, skip=("inference_model.json", ENTRY))
                 (tmp / "inference_model.json").write_text(json.dumps(inference_model, indent=2) + "\n")
                 (tmp / ENTRY).write_text(json.dumps(entry.__dict__, indent=2) + "\n")
                 for m in existing:
@@ -149,7 +145,13 @@ class FoundryLocalRegistry(Registry):
             shutil.rmtree(target)
 
     def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
-        from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
+        from foundry_local_sdk import (
+            ChatSession,
+            MessageItem,
+            Request,
+            RequestOptions,
+            SearchOptions,
+        )
 
         model = self._loaded(name)
         session = ChatSession(model)

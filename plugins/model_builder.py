@@ -1,35 +1,44 @@
-"""Converter: the ONNX Runtime GenAI model builder, called in-process (the fast path)."""
+"""Converter: the ONNX Runtime GenAI model builder, called directly (the fast path)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from slmops import hookimpl
 from slmops.builder_options import BuilderConverter, builder_options
+from slmops.errors import SlmopsError
 from slmops.roles import ConvertRequest
+
+# The build runs in a child process that imports what the builder's own CLI imports and nothing of slmops, so its
+# peak memory is the builder's, and everything it allocated (the torch model) goes back to the OS when it exits.
+# It prints a lot, and its libraries warn about their own deprecations: neither is the user's business.
+CHILD = """\
+import contextlib, json, sys, warnings
+from onnxruntime_genai.models.builder import create_model
+with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    create_model(**json.loads(sys.argv[1]))
+"""
 
 
 class ModelBuilderConverter(BuilderConverter):
     name = "model-builder"
-    description = "onnxruntime_genai.models.builder.create_model, in-process"
+    description = "onnxruntime_genai.models.builder.create_model, in a child process"
     cost = 10
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
-        from onnxruntime_genai.models.builder import create_model
-
-        # The builder prints a lot; keep it for --debug-level logs, not the user's terminal.
-        with contextlib.redirect_stdout(io.StringIO()):
-            create_model(
-                model_name=str(request.source_dir),
-                input_path=str(request.source_dir),
-                output_dir=str(output_dir),
-                precision=request.precision,
-                execution_provider=request.device,
-                cache_dir=str(work_dir),
-                **builder_options(request),
-            )
+        arguments = dict(model_name=str(request.source_dir), input_path=str(request.source_dir), output_dir=str(output_dir),
+                         precision=request.precision, execution_provider=request.device, cache_dir=str(work_dir),
+                         **builder_options(request))
+        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(arguments)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, errors="replace")
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise SlmopsError(f"the model builder could not build {request.source_dir}: "
+                              f"{lines[-1] if lines else f'exit status {done.returncode}'}")
 
 
 @hookimpl

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-from slmops import hookimpl
+from slmops import hookimpl, olive_api
 from slmops.builder_options import BuilderConverter, builder_options
 from slmops.roles import ConvertRequest
 
@@ -31,7 +30,6 @@ def olive_workflow(request: ConvertRequest, output_dir: Path, work_dir: Path) ->
         "target": "local_system",
         "cache_dir": str(work_dir / "olive-cache"),
         "output_dir": str(output_dir),
-        "log_severity_level": 3,
     }
 
 
@@ -41,11 +39,8 @@ class OliveConverter(BuilderConverter):
     cost = 50  # same graph as the builder, plus Olive's workflow overhead
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
-        import olive
-
-        logging.getLogger("olive").setLevel(logging.ERROR)
         olive_out = work_dir / "olive-output"
-        olive.run(olive_workflow(request, olive_out, work_dir), tempdir=str(work_dir))
+        olive_api.run(olive_workflow(request, olive_out, work_dir), work_dir)
         move_model_files(olive_out, output_dir)
 
 

@@ -31,6 +31,15 @@ def test_dry_run_prints_the_plan(cli, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_deploy_takes_the_adapter_mode(cli, tmp_path):
+    """--adapter-mode reaches deploy's conversions (through the config), as it does convert's."""
+    r = cli("deploy", "--dry-run", "--adapter", tmp_path, "--adapter-mode", "adapter", "--registry-dir", tmp_path)
+    assert r.rc == 0 and f"+ adapter {tmp_path} (adapter)" in r.out
+    (tmp_path / "slmops.toml").write_text('[model]\nadapter_mode = "adapter"\n')
+    settings = {s["key"]: s for s in cli("config", "--json", cwd=tmp_path).json()["settings"]}
+    assert settings["model.adapter_mode"]["value"] == "adapter" and settings["model.adapter_mode"]["from"].endswith("slmops.toml:2")
+
+
 def test_deploy_default_model(cli, tmp_path):
     reg = tmp_path / "reg"
     r = cli("deploy", "--precision", "auto", "--registry-dir", reg, "--ask", "What is the capital of France?", "--json", timeout=1200)

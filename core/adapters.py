@@ -1,0 +1,106 @@
+"""LoRA adapters kept apart from the base: an ORT GenAI adapter file per adapter, switched on at run time.
+
+The model builder writes the LoRA as separate low-rank MatMuls beside the base weights; Olive's ExtractAdapters
+pass then moves their weights into an `.onnx_adapter` file and makes them optional graph inputs (empty by
+default, so the base model runs unchanged when no adapter is active)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import olive_api
+from .errors import SlmopsError
+
+ADAPTERS_DIR = "adapters"
+SUFFIX = ".onnx_adapter"
+
+
+def adapter_name(adapter: Path) -> str:
+    """The name an adapter is switched on by: its folder's name, made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", adapter.resolve().name).strip("-.") or "adapter"
+
+
+def extract(unmerged_dir: Path, output_dir: Path, name: str, work_dir: Path) -> None:
+    """Turn a build with unmerged LoRA branches into a base model plus adapters/<name>.onnx_adapter."""
+    olive_out = work_dir / "olive-adapters"
+    workflow: dict[str, Any] = {
+        "input_model": {"type": "ONNXModel", "model_path": str(unmerged_dir), "onnx_file_name": "model.onnx"},
+        "passes": {"extract": {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
+                               "optional_inputs": True, "save_format": "onnx_adapter",
+                               # weights beside the graph, as the builder writes them (protobuf stops at 2 GB)
+                               "save_as_external_data": True, "external_data_name": "model.onnx.data"}},
+        "cache_dir": str(work_dir / "olive-cache"),
+        "output_dir": str(olive_out),
+    }
+    olive_api.run(workflow, work_dir)
+    weights = olive_out / f"adapter_weights{SUFFIX}"
+    if not weights.is_file():
+        raise RuntimeError("Olive's ExtractAdapters found no LoRA weights in the build")
+    for item in unmerged_dir.iterdir():  # genai_config.json, tokenizer files, chat template
+        if item.is_file() and not item.name.startswith("model.onnx"):
+            shutil.copy2(item, output_dir / item.name)
+    (olive_out / "model.onnx").rename(output_dir / "model.onnx")
+    if (olive_out / "model.onnx.data").is_file():
+        (olive_out / "model.onnx.data").rename(output_dir / "model.onnx.data")
+    (output_dir / ADAPTERS_DIR).mkdir(exist_ok=True)
+    weights.rename(output_dir / ADAPTERS_DIR / f"{name}{SUFFIX}")
+
+
+def find(model_dir: Path) -> dict[str, Path]:
+    """The adapters of a model folder, by name."""
+    folder = Path(model_dir) / ADAPTERS_DIR
+    return {p.name[: -len(SUFFIX)]: p for p in sorted(folder.glob(f"*{SUFFIX}"))} if folder.is_dir() else {}
+
+
+def runtime_fed_matmuls(model) -> list[str]:
+    """MatMul nodes whose weight is a graph input (adapter weights fed at run time): never quantize those."""
+    inputs = {i.name for i in model.graph.input}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inputs]
+
+
+class ActiveAdapter:
+    """The adapter a loaded og.Model runs with: the one named, else the folder's only adapter; "none" for the base."""
+
+    def __init__(self, og: Any, model: Any, model_dir: Path, name: str | None = None):
+        found = find(model_dir)
+        if name is None and len(found) == 1:
+            name = next(iter(found))
+        if name == "none":
+            name = None
+        if name is not None and name not in found:
+            have = ", ".join(found) or "none"
+            raise SlmopsError(f"{model_dir} has no adapter {name!r} (it has: {have}); pick one of those, or none")
+        self.name, self.adapters = name, None
+        if name:
+            self.adapters = og.Adapters(model)
+            self.adapters.load(str(found[name]), name)
+
+    def apply(self, generator: Any) -> None:
+        """Switch the adapter on for this generator (before the first tokens are appended)."""
+        if self.name:
+            generator.set_active_adapter(self.adapters, self.name)
+
+
+def check_effect(model_dir: Path, name: str, prompt: str = "The capital of France is") -> dict[str, Any]:
+    """Load the adapter with ORT GenAI and measure how far it moves the next-token logits; raises if it cannot
+    be applied. A LoRA that changes nothing was not applied."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    tokens = og.Tokenizer(model).encode(prompt)
+
+    def logits(adapter: str) -> np.ndarray:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(tokens) + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        ActiveAdapter(og, model, model_dir, adapter).apply(generator)
+        generator.append_tokens(tokens)
+        return np.array(generator.get_output("logits"), dtype=np.float32)[0, -1]
+
+    base, tuned = logits("none"), logits(name)
+    return {"name": name, "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
+            "top1_changed": bool(base.argmax() != tuned.argmax())}
