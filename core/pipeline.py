@@ -98,6 +98,6 @@ def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[s
                               "validation": validation}
     if ask:
         runner = ChatRunner(cfg, name, "registry", None, {"temperature": 0.0, "max_new_tokens": 64})
-        with progress.step(f"Asking {name} through {registry.name}"):
+        with progress.step(f"Asking {name} through {registry.name if runner.engine == 'registry' else 'ORT GenAI'}"):
             result["answer"] = runner.answer(ask, None, None)
     return result
