@@ -27,8 +27,8 @@ ENTRY = "slmops-entry.json"
 def load_sdk() -> None:
     """Import the SDK, onnxruntime_genai first: the SDK loads its own onnxruntime-genai-core native library,
     and onnxruntime_genai imported after it fails with an undefined symbol (seen with 0.14.1 and core 0.18)."""
+    import onnxruntime_genai  # noqa: F401, I001  (this order matters: keep import sorters away)
     import foundry_local_sdk  # noqa: F401
-    import onnxruntime_genai  # noqa: F401
 
 
 def matching(catalog: Any, name: str) -> list[Any]:
