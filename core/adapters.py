@@ -7,12 +7,13 @@ default, so the base model runs unchanged when no adapter is active)."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from . import olive_api
 from .errors import SlmopsError
+from .fsutil import link_tree
+from .roles import MODEL_FILES
 
 ADAPTERS_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
@@ -39,12 +40,10 @@ def extract(unmerged_dir: Path, output_dir: Path, name: str, work_dir: Path) -> 
     weights = olive_out / f"adapter_weights{SUFFIX}"
     if not weights.is_file():
         raise RuntimeError("Olive's ExtractAdapters found no LoRA weights in the build")
-    for item in unmerged_dir.iterdir():  # genai_config.json, tokenizer files, chat template
-        if item.is_file() and not item.name.startswith("model.onnx"):
-            shutil.copy2(item, output_dir / item.name)
-    (olive_out / "model.onnx").rename(output_dir / "model.onnx")
-    if (olive_out / "model.onnx.data").is_file():
-        (olive_out / "model.onnx.data").rename(output_dir / "model.onnx.data")
+    link_tree(unmerged_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer files, chat template
+    for graph_file in MODEL_FILES:
+        if (olive_out / graph_file).is_file():
+            (olive_out / graph_file).rename(output_dir / graph_file)
     (output_dir / ADAPTERS_DIR).mkdir(exist_ok=True)
     weights.rename(output_dir / ADAPTERS_DIR / f"{name}{SUFFIX}")
 
@@ -88,19 +87,13 @@ def check_effect(model_dir: Path, name: str, prompt: str = "The capital of Franc
     """Load the adapter with ORT GenAI and measure how far it moves the next-token logits; raises if it cannot
     be applied. A LoRA that changes nothing was not applied."""
     import numpy as np
-    import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
-    tokens = og.Tokenizer(model).encode(prompt)
+    from .quality import LogitModel
 
-    def logits(adapter: str) -> np.ndarray:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(tokens) + 1, do_sample=False)
-        generator = og.Generator(model, params)
-        ActiveAdapter(og, model, model_dir, adapter).apply(generator)
-        generator.append_tokens(tokens)
-        return np.array(generator.get_output("logits"), dtype=np.float32)[0, -1]
-
-    base, tuned = logits("none"), logits(name)
+    model = LogitModel(model_dir, "none")
+    tokens = model.encode(prompt)
+    base = model.logits(tokens)[-1]
+    model.adapter = ActiveAdapter(model.og, model.model, model_dir, name)
+    tuned = model.logits(tokens)[-1]
     return {"name": name, "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
             "top1_changed": bool(base.argmax() != tuned.argmax())}

@@ -228,8 +228,6 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
             t = time.perf_counter()
             with progress.step(f"Quantizing to {label} with {quantizer.name}"):
                 quantizer.quantize(model_dir, out, request)
-                if (model_dir / adapters.ADAPTERS_DIR).is_dir():
-                    (model_dir / adapters.ADAPTERS_DIR).rename(out / adapters.ADAPTERS_DIR)
             timings["quantize_s"] = time.perf_counter() - t
         if not (out / "genai_config.json").is_file():
             raise SlmopsError(f"converter {converter.name} wrote no genai_config.json; the build is unusable")

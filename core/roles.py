@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+MODEL_FILES = ("model.onnx", "model.onnx.data")  # the graph and its weights; the rest of a folder goes along as is
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class Converter:
 
 
 class Quantizer:
-    """Rewrites an fp32 ONNX GenAI folder's MatMul weights at a lower precision. A MatMul whose weight is a
-    graph input (an adapter's, fed at run time) must stay as it is: see slmops.adapters.runtime_fed_matmuls."""
+    """Rewrites an fp32 ONNX GenAI folder's MatMul weights at a lower precision, carrying everything but
+    MODEL_FILES over as it is (config, tokenizer, adapters/). A MatMul whose weight is a graph input (an
+    adapter's, fed at run time) must stay as it is: see slmops.adapters.runtime_fed_matmuls."""
 
     name: str = ""
     description: str = ""

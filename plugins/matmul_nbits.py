@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
 from slmops import hookimpl
 from slmops.adapters import runtime_fed_matmuls
-from slmops.roles import ConvertRequest, Quantizer
-
-MODEL_FILES = {"model.onnx", "model.onnx.data"}
+from slmops.fsutil import link_tree
+from slmops.roles import MODEL_FILES, ConvertRequest, Quantizer
 
 
 class MatMulNBits(Quantizer):
@@ -59,9 +57,7 @@ class MatMulNBits(Quantizer):
                 if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                     node.attribute.append(onnx.helper.make_attribute("accuracy_level", request.accuracy_level))
         quantizer.model.save_model_to_file(str(output_dir / "model.onnx"), use_external_data_format=True)
-        for item in fp32_dir.iterdir():  # genai_config.json, tokenizer files, chat template
-            if item.name not in MODEL_FILES and item.is_file():
-                shutil.copy2(item, output_dir / item.name)
+        link_tree(fp32_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer, chat template, adapters/
 
 
 @hookimpl
