@@ -12,7 +12,7 @@ from typing import Any
 
 from . import olive_api
 from .errors import SlmopsError
-from .fsutil import link_tree
+from .fsutil import copy_tree
 from .roles import MODEL_FILES
 
 ADAPTERS_DIR = "adapters"
@@ -40,7 +40,7 @@ def extract(unmerged_dir: Path, output_dir: Path, name: str, work_dir: Path) -> 
     weights = olive_out / f"adapter_weights{SUFFIX}"
     if not weights.is_file():
         raise RuntimeError("Olive's ExtractAdapters found no LoRA weights in the build")
-    link_tree(unmerged_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer files, chat template
+    copy_tree(unmerged_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer files, chat template
     for graph_file in MODEL_FILES:
         if (olive_out / graph_file).is_file():
             (olive_out / graph_file).rename(output_dir / graph_file)

@@ -22,9 +22,9 @@ def resolve_target(cfg: Config, target: str) -> Path:
         if not (path / "genai_config.json").is_file():
             raise SlmopsError(f"{target} is not an ORT GenAI model folder (no genai_config.json)")
         return path
-    from .registry import find, open_registry
+    from .registry import find_runnable, open_registry
 
-    return Path(find(open_registry(cfg), target).path)
+    return Path(find_runnable(open_registry(cfg), target).path)
 
 
 def benchmarker_for(model_dir: Path, name: str | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ class ChatRunner:
     def __init__(self, cfg: Config, name: str, engine: str, backend: str | None, overrides: dict[str, Any],
                  adapter: str | None = None):
         self.registry = reg.open_registry(cfg, backend)
-        self.entry = reg.find(self.registry, name)
+        self.entry = reg.find_runnable(self.registry, name)
         self.model_dir = Path(self.entry.path)
         self.chosen = load_template(self.model_dir)
         self.info = templates.read_model_info(self.model_dir)  # its special tokens are control tokens too
@@ -34,7 +35,22 @@ class ChatRunner:
         self.engine = engine
         self.ort: OrtGenAIChat | None = None
 
+    def check_turn(self, messages: list[dict[str, str]]) -> None:
+        """Refuse, before any runtime sees it, a turn no runtime can answer: an empty prompt, or a conversation
+        longer than the model's context (Foundry Local answers those with a native exception)."""
+        if not messages or not messages[-1]["content"].strip():
+            raise SlmopsError("the prompt is empty; type a question")
+        genai = json.loads((self.model_dir / "genai_config.json").read_text())
+        context = int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
+        limit = min(context, int(self.options.get("max_length") or context))
+        text = templates.render(self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system)
+        count = len(templates.count_tokens(self.model_dir, text)) if (self.model_dir / "tokenizer.json").is_file() else 0
+        if count >= limit:
+            raise SlmopsError(f"the conversation is {count} tokens, the model's context is {limit}; shorten the prompt"
+                              " (in a chat: start a new one)")
+
     def _stream(self, messages: list[dict[str, str]], usage: dict[str, Any]):
+        self.check_turn(messages)
         if self.engine == "registry":
             try:
                 # The runtime applies the chat template itself: only neutralise control tokens in user text.
@@ -83,7 +99,7 @@ class ChatRunner:
             history.append({"role": "user", "content": text})
             parts: list[str] = []
             usage: dict[str, Any] = {}
-            try:
+            try:  # _stream checks the turn first: a refused turn is dropped and the session goes on
                 for piece in self._stream(history, usage):
                     parts.append(piece)
                     sys.stdout.write(piece)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import click
 
 from . import output, progress
 from .config import SCHEMA, Config, load_config
-from .errors import SlmopsError
+from .errors import SlmopsError, UsageError
 
 
 class State:
@@ -39,8 +40,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 def cli(ctx: click.Context, config_path: str | None, debug: bool, quiet: bool) -> None:
     """slmops: fine-tuned small language model to a quantized ONNX Runtime GenAI model, registered with
     Foundry Local, chatting and measured."""
+    from .fsutil import clean_home
+
     progress.quiet = quiet
     ctx.obj = State(config_path)
+    clean_home()
 
 
 @cli.command()
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # rtn_last graphs make onnx_ir warn about shared lm_head inputs; verification checks the graph anyway.
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    # SIGTERM unwinds like an exception, so staging folders are removed and child processes killed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         from .plugin_manager import pm, warn_load_errors
 
@@ -224,6 +230,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"slmops: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # the disk or the file system said no: say where, and what usually fixes it
+        if debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"slmops: error: {e.strerror or _one_line(e)}{where}; check that the folder exists, is writable and has free space",
+              file=sys.stderr)
+        sys.exit(1)
     except Exception as e:  # a bug or a plugin failure: still one line, the traceback on --debug
         if debug:
             raise
@@ -321,8 +334,9 @@ def register_cmd(state: State, model_dir: str, name: str, family: str | None, ve
     cfg.override("registry.description", description, "command line")
     cfg.override("registry.replace", replace, "command line")
     registry = reg.open_registry(cfg, registry_backend)
-    result = reg.register(registry, Path(model_dir), name, cfg.get("model.family"), cfg.get("registry.version"),
-                          cfg.get("registry.description"), cfg.get("registry.replace"))
+    with reg.package(Path(model_dir), name, cfg.get("model.family"), cfg.get("registry.version"),
+                     cfg.get("registry.description"), registry.name) as pkg:
+        result = reg.register(registry, pkg, cfg.get("registry.replace"))
     if as_json:
         output.emit_json(result)
     else:
@@ -356,7 +370,10 @@ def cache_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
     elif not entries:
         click.echo(f"no models registered in {registry.name} at {registry.root}")
     else:
-        output.table(entry_rows(entries), ["name", "id", "family", "precision", "size", "registered_at", "path"])
+        output.table(entry_rows(entries), ["name", "id", "status", "family", "precision", "size", "registered_at", "path"])
+        for e in entries:
+            if e.status != "ok":
+                click.echo(f"{e.name}: its folder {e.path} is missing; `slmops cache rm {e.name}` removes the entry", err=True)
 
 
 @cache.command("location")
@@ -375,9 +392,9 @@ def cache_location(state: State, registry_backend: str | None) -> None:
 @pass_state
 def cache_cd(state: State, name: str, registry_backend: str | None) -> None:
     """Print NAME's folder (use: cd "$(slmops cache cd NAME)")."""
-    from .registry import find, open_registry
+    from .registry import find_runnable, open_registry
 
-    click.echo(find(open_registry(state.config, registry_backend), name).path)
+    click.echo(find_runnable(open_registry(state.config, registry_backend), name).path)
 
 
 @cache.command("rm")
@@ -391,10 +408,73 @@ def cache_rm(state: State, name: str, yes: bool, registry_backend: str | None) -
 
     registry = open_registry(state.config, registry_backend)
     entry = find(registry, name)
-    if not yes and not click.confirm(f"Remove {entry.name} and delete {entry.path}?", default=False):
-        raise SlmopsError("not removed (answer y, or pass --yes)")
+    if not yes:
+        try:
+            confirmed = click.confirm(f"Remove {entry.name} and delete {entry.path}?", default=False, err=True)
+        except click.exceptions.Abort:  # no terminal and nothing on stdin
+            confirmed = False
+        if not sys.stdin.isatty():  # the answer was not echoed: end the prompt's line
+            click.echo("", err=True)
+        if not confirmed:
+            raise SlmopsError(f"{entry.name} not removed; answer y, or pass --yes")
     registry.remove(entry.name)
     click.echo(f"removed {entry.name}", err=True)
+
+
+@cli.group()
+def builds() -> None:
+    """slmops's build cache: ls, rm, prune."""
+
+
+@builds.command("ls")
+@registry_option
+@json_option
+@pass_state
+def builds_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
+    """List cached builds: size, age, and which deployments and registered models use each."""
+    from .builds import builds_dir, list_builds
+    from .registry import open_registry
+
+    rows = list_builds(open_registry(state.config, registry_backend))
+    if as_json:
+        output.emit_json(rows)
+    elif not rows:
+        click.echo(f"no builds in {builds_dir()}")
+    else:
+        output.table([{**r, "size": output.human_bytes(r["size_bytes"]), "used_by": ", ".join(r["used_by"]) or "-"} for r in rows],
+                     ["build", "precision", "size", "age_days", "used_by"], title=f"builds in {builds_dir()}")
+
+
+@builds.command("rm")
+@click.argument("build")
+def builds_rm(build: str) -> None:
+    """Delete one cached build (registered models keep their own copies)."""
+    from .builds import remove
+
+    click.echo(f"removed {remove(build)}", err=True)
+
+
+@builds.command("prune")
+@click.option("--older-than", type=click.FloatRange(0), default=0, show_default=True, help="Only builds at least this many days old.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
+@registry_option
+@json_option
+@pass_state
+def builds_prune(state: State, older_than: float, dry_run: bool, registry_backend: str | None, as_json: bool) -> None:
+    """Delete the builds no deployment or registered model uses."""
+    from . import builds as b
+    from .registry import open_registry
+
+    registry = open_registry(state.config, registry_backend)
+    if dry_run:
+        rows = [r for r in b.list_builds(registry) if not r["used_by"] and (r["age_days"] or 0) >= older_than]
+    else:
+        rows = b.prune(registry, older_than)
+    if as_json:
+        output.emit_json({"dry_run": dry_run, "removed": rows})
+        return
+    freed = output.human_bytes(sum(r["size_bytes"] for r in rows))
+    click.echo(f"{'would remove' if dry_run else 'removed'} {len(rows)} build(s), {freed}", err=True)
 
 
 @cli.group()
@@ -444,7 +524,7 @@ def bench_settings(cfg: Config, runs: int | None, max_new_tokens: int | None, le
         try:
             cfg.override("bench.lengths", [int(x) for x in lengths.split(",")], "command line")
         except ValueError:
-            raise SlmopsError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
+            raise UsageError(f"--lengths must be comma-separated whole numbers, e.g. 16,128,512, not {lengths!r}") from None
     cfg.override("validate.soak_requests", soak, "command line")
     return {**cfg.section("bench"), "soak_requests": cfg.get("validate.soak_requests")}
 

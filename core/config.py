@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -14,7 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import SlmopsError
+from .errors import UsageError
 
 CONFIG_NAME = "slmops.toml"
 
@@ -58,6 +59,33 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "max_new_tokens": (32, int, "tokens generated per run"),
         "lengths": ([16, 64, 256], list, "prompt lengths (tokens) of the sweep"),
     },
+}
+
+
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: math.isfinite(v) and v >= low), f"a finite number >= {low}"
+
+
+def _one_of(*choices: Any) -> tuple[Any, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+# section.key -> (check, what a good value is). Flags and slmops.toml values go through the same checks, before any
+# work starts, so `max_new_tokens = 0` is a usage error rather than a native abort twenty minutes in.
+VALUE_CHECKS: dict[str, tuple[Any, str]] = {
+    "convert.precision": _one_of("fp32", "fp16", "int8", "int4", "auto"),
+    "convert.block_size": _one_of(16, 32, 64, 128, 256),
+    "convert.accuracy_level": _one_of(0, 1, 2, 3, 4),
+    "model.adapter_mode": _one_of("merge", "adapter"),
+    "validate.max_kld": _at_least(0),
+    "validate.min_top1": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "a number from 0 to 1"),
+    "validate.soak_requests": _at_least(0),
+    "validate.max_leak_mb": _at_least(0),
+    "bench.runs": _at_least(1),
+    "bench.warmup": _at_least(0),
+    "bench.max_new_tokens": _at_least(2),
+    "bench.lengths": ((lambda v: bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)),
+                      "a non-empty list of whole numbers >= 1, e.g. [16, 128, 512]"),
 }
 
 
@@ -112,9 +140,12 @@ def _check_type(dotted: str, value: Any, kind: type, where: str | None) -> Any:
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    at = f" ({where})" if where else ""
     if not ok:
-        at = f" ({where})" if where else ""
-        raise SlmopsError(f"{dotted} must be {kind.__name__}, not {type(value).__name__} {value!r}{at}")
+        raise UsageError(f"{dotted} must be {kind.__name__}, not {type(value).__name__} {value!r}{at}")
+    check = VALUE_CHECKS.get(dotted)
+    if check and not check[0](value):
+        raise UsageError(f"{dotted} = {value!r} is impossible: use {check[1]}{at}")
     return value
 
 
@@ -130,22 +161,22 @@ def load_config(path: Path | None = None, search: bool = True) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SlmopsError(f"config file {path} not found; pass an existing file to --config") from None
+        raise UsageError(f"config file {path} not found; pass an existing file to --config") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SlmopsError(f"cannot read config file {path}: {e}") from None
+        raise UsageError(f"cannot read config file {path}: {e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise SlmopsError(f"{path}: invalid TOML: {e}") from None
+        raise UsageError(f"{path}: invalid TOML: {e}") from None
     for section, table in data.items():
         if section not in SCHEMA or not isinstance(table, dict):
             line = _line_of(text, section)
-            raise SlmopsError(f"{path}:{line}: unknown section [{section}]; known: {', '.join(SCHEMA)}")
+            raise UsageError(f"{path}:{line}: unknown section [{section}]; known: {', '.join(SCHEMA)}")
         for key, value in table.items():
             dotted = f"{section}.{key}"
             line = _line_of(text, key)
             if key not in SCHEMA[section]:
-                raise SlmopsError(f"{path}:{line}: unknown key {dotted}; known in [{section}]: {', '.join(SCHEMA[section])}")
+                raise UsageError(f"{path}:{line}: unknown key {dotted}; known in [{section}]: {', '.join(SCHEMA[section])}")
             values[section][key] = _check_type(dotted, value, SCHEMA[section][key][1], f"{path}:{line}")
             origin[dotted] = f"{path}:{line}"
     return Config(values, origin, path)

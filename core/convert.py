@@ -8,7 +8,6 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,17 @@ from . import adapters, implementations, progress, sources, verify
 from .config import home
 from .errors import NoImplementation, SlmopsError
 from .fsutil import (
+    changed_files,
+    check_disk,
+    clean_stale,
     content_hash,
+    copy_file,
+    copy_tree,
     dir_size,
-    link_tree,
+    file_hashes,
     lock,
     staging_dir,
+    scratch_dir,
     write_json_atomic,
 )
 from .isolate import in_child
@@ -127,10 +132,18 @@ def architecture_of(checkpoint: Path) -> str:
     return archs[0]
 
 
-def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: bool) -> Path:
-    """A checkpoint with a PEFT LoRA adapter merged into the base weights, made once into the cache."""
+def check_adapter(adapter: Path) -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise SlmopsError(f"{adapter} is not a PEFT adapter (no adapter_config.json); give the folder peft saved")
+    if not any((adapter / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise SlmopsError(f"{adapter} has no adapter weights (adapter_model.safetensors or .bin); give the folder peft saved")
+    for weights in adapter.glob("*.safetensors"):
+        sources.check_safetensors(weights)
+
+
+def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: bool) -> Path:
+    """A checkpoint with a PEFT LoRA adapter merged into the base weights, made once into the cache."""
+    check_adapter(adapter)
     target = home() / "sources" / f"merged-{base_sha[:10]}-{content_hash(adapter)[:10]}"
     if (target / "config.json").is_file():
         return target
@@ -153,14 +166,6 @@ def _merge(base: Path, adapter: Path, out: Path, trust_remote_code: bool) -> Non
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
 
 
-def _check_disk(folder: Path, source_bytes: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    need = 3 * source_bytes  # fp32 graph + quantized copy + staging, measured on SmolLM2
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise SlmopsError(f"too little disk at {folder}: {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB needed; free space or pass --output elsewhere")
-
-
 def convert(source_spec: str | None, request_options: dict[str, Any], backend: str = "auto",
             output: str | None = None) -> dict[str, Any]:
     """Build (or find in the cache) a verified ORT GenAI model; return its manifest plus path and cached flag."""
@@ -178,6 +183,7 @@ def convert(source_spec: str | None, request_options: dict[str, Any], backend: s
     if request.adapter is not None:
         if not request.adapter.is_dir():
             raise SlmopsError(f"adapter {request.adapter} does not exist; give the folder with adapter_config.json")
+        check_adapter(request.adapter)
         if request.adapter_mode == "merge":
             checkpoint = merge_adapter(checkpoint, source_sha, request.adapter, request.trust_remote_code)
             request = dataclasses.replace(request, source_dir=checkpoint)
@@ -188,24 +194,36 @@ def convert(source_spec: str | None, request_options: dict[str, Any], backend: s
     timings["plan_s"] = time.perf_counter() - start
 
     manifest = read_manifest(build_dir)
-    cached = bool(manifest and manifest.get("key") == key and manifest.get("verification", {}).get("ok"))
+    cached = is_intact(build_dir, manifest, key, say=False)
     if not cached:
-        _check_disk(build_dir.parent, dir_size(checkpoint))
         with lock(build_dir):
+            clean_stale(build_dir.parent)  # what killed builds left behind
             manifest = read_manifest(build_dir)
-            cached = bool(manifest and manifest.get("key") == key and manifest.get("verification", {}).get("ok"))
+            cached = is_intact(build_dir, manifest, key)
             if not cached:
+                # fp32 graph + quantized copy + staging, measured on SmolLM2
+                check_disk(build_dir.parent, 3 * dir_size(checkpoint), "the build")
                 manifest = _build(source, request, architecture, converter, quantizer, key, build_dir, timings)
     result = dict(manifest)
     result.update(path=str(build_dir), cached=cached)
     if output:
-        result["path"] = str(_publish(build_dir, Path(output), key))
+        result["path"] = str(publish(build_dir, Path(output), manifest))
     return result
+
+
+def is_intact(build_dir: Path, manifest: dict[str, Any] | None, key: str, say: bool = True) -> bool:
+    """A verified build of this key whose files are all as they were written (a cache hit)."""
+    if not (manifest and manifest.get("key") == key and manifest.get("verification", {}).get("ok")):
+        return False
+    changed = changed_files(build_dir, manifest.get("files") or {}) if "files" in manifest else ["(no file list)"]
+    if changed and say:
+        progress.note(f"the cached build {build_dir.name} was changed since it was verified ({', '.join(changed[:3])}): rebuilding")
+    return not changed
 
 
 def _build(source: sources.Source, request: ConvertRequest, architecture: str, converter: Converter,
            quantizer: Quantizer | None, key: str, build_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
-    with staging_dir(build_dir) as out, tempfile.TemporaryDirectory(dir=build_dir.parent, prefix=".work-") as work:
+    with staging_dir(build_dir) as out, scratch_dir(build_dir.parent) as work:
         work_dir = Path(work)
         label = f"{request.precision}" + (f" block {request.block_size}, {'sym' if request.symmetric else 'asym'}" if request.precision in ("int4", "int8") else "")
         adapter = adapters.adapter_name(request.adapter) if keeps_adapter(request) else None
@@ -263,19 +281,31 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "adapters": {name: str(path.relative_to(out)) for name, path in adapters.find(out).items()},
             "verification": {"ok": True, "graph": graph, "sample": sample, "adapter": effect},
+            "files": file_hashes(out, skip=(MANIFEST,)),  # checked on every cache hit
         }
         write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
-def _publish(build_dir: Path, output: Path, key: str) -> Path:
-    """Put the build at the user's --output, atomically; hard links when the filesystem allows."""
+def publish(build_dir: Path, output: Path, manifest: dict[str, Any]) -> Path:
+    """Put a copy of the build at the user's --output in one rename. A folder that is not an slmops build is refused
+    unless empty; in an earlier slmops build only slmops's files are replaced and the user's own files stay."""
     output = output.expanduser().resolve()
     existing = read_manifest(output)
-    if existing and existing.get("key") == key:
+    if existing and existing.get("key") == manifest["key"] and not changed_files(output, manifest["files"]):
         return output
-    if output.exists() and any(output.iterdir()) and existing is None:
+    if output.is_file() or (output.exists() and any(output.iterdir()) and existing is None):
         raise SlmopsError(f"{output} exists and is not an slmops model; choose an empty or new --output folder")
-    with lock(output), staging_dir(output) as tmp:
-        link_tree(build_dir, tmp)
+    ours = set((existing or {}).get("files") or manifest["files"]) | {MANIFEST}
+    try:
+        with lock(output), staging_dir(output) as tmp:
+            copy_tree(build_dir, tmp)
+            if existing:
+                for f in sorted(p for p in output.rglob("*") if p.is_file()):
+                    rel = f.relative_to(output)
+                    if rel.as_posix() not in ours and not (tmp / rel).exists() and not f.name.endswith(".lock"):
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        copy_file(f, tmp / rel)  # the user's own file (notes, evaluations) stays
+    except PermissionError as e:
+        raise SlmopsError(f"cannot write to {output}: permission denied ({e.filename}); choose a writable --output folder") from None
     return output

@@ -9,3 +9,9 @@ class SlmopsError(Exception):
 
 class NoImplementation(SlmopsError):
     """No plugin of a role accepts the request; the message lists why each declined."""
+
+
+class UsageError(SlmopsError):
+    """A value that can never work (a flag or an slmops.toml setting): refused before any work starts."""
+
+    exit_code = 2

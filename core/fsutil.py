@@ -1,4 +1,5 @@
-"""Safe writes: temporary path then rename, locks on shared files, memoized content hashes."""
+"""Safe writes: temporary path then rename, locks on shared files, memoized content hashes, and the clean-up of
+what a killed process left half-done."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from typing import Any
 from filelock import FileLock
 
 from .config import home
+from .errors import SlmopsError
 
 
 def lock(path: Path, timeout: float = 600) -> FileLock:
@@ -23,15 +26,26 @@ def lock(path: Path, timeout: float = 600) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
-def link_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
-    """Fill target with source's files as hard links (model files are large), copies where links fail."""
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+FICLONE = 0x40049409  # Linux ioctl: share the blocks, copy on write (btrfs, XFS)
 
-    shutil.copytree(source, target, copy_function=link_or_copy, dirs_exist_ok=True,
+
+def copy_file(src: str | Path, dst: str | Path) -> str:
+    """dst as src's own copy: a reflink where the filesystem offers one, else the bytes. Never a hard link: an
+    edit in one place must not change another, and onnx.load refuses files with several links."""
+    try:
+        import fcntl  # Unix only
+
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        shutil.copystat(src, dst)
+    except (ImportError, OSError):
+        shutil.copy2(src, dst)
+    return str(dst)
+
+
+def copy_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    """Fill target with copies of source's files (names in skip left out, at any depth)."""
+    shutil.copytree(source, target, copy_function=copy_file, dirs_exist_ok=True,
                     ignore=lambda folder, names: [n for n in names if n in skip])
 
 
@@ -42,7 +56,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside path, then rename: readers see the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -55,24 +69,97 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+# Temporary names carry the pid of the process that made them, so a later run can tell a dead process's leftovers
+# from a live one's work: .NAME.partial-PID-xxxx (being written), .NAME.old-PID (being replaced), .work-PID-xxxx.
+STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(-.*)?$|^\.work-(?P<wpid>\d+)-")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else (or no signals on this platform)
+        return True
+    return True
+
+
+def clean_stale(folder: Path) -> list[str]:
+    """Remove what killed processes left in folder: half-written folders go; a folder caught between the two
+    renames of a replacement (old moved aside, new not yet in) is put back. Returns what was done."""
+    done: list[str] = []
+    if not folder.is_dir():
+        return done
+    for path in sorted(folder.iterdir()):
+        m = STALE_RE.match(path.name)
+        if not m or pid_alive(int(m.group("pid") or m.group("wpid"))):
+            continue
+        final = folder / m.group("name") if m.group("name") else None
+        if m.group("kind") == "old" and final is not None and not final.exists():
+            os.replace(path, final)
+            done.append(f"restored {final}")
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        done.append(f"removed {path}")
+    return done
+
+
+def clean_home() -> None:
+    """clean_stale over slmops's own cache folders: run at the start of every command, so nothing a killed
+    command left survives the next one."""
+    for area in ("builds", "staged", "sources", "deploys", "quality"):
+        clean_stale(home() / area)
+
+
+def scratch_dir(parent: Path) -> tempfile.TemporaryDirectory:
+    """Scratch space beside the cache, named so that clean_stale removes it if this process is killed."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=parent, prefix=f".work-{os.getpid()}-")
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty folder beside final; on success it replaces final in one rename, on failure it is
-    removed and final is untouched."""
+    """Yield an empty folder beside final; on success it replaces final (two renames, which clean_stale can
+    finish or undo after a kill), on failure it is removed and final is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-{os.getpid()}-"))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put folder new at final; an existing final is moved aside first and deleted once new is in."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        try:
+            os.replace(new, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
+def check_disk(folder: Path, need: int, what: str) -> None:
+    """Refuse to start work that would run out of disk half-way; builds and sources live under SLMOPS_HOME."""
+    from .output import human_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SlmopsError(f"too little disk for {what} at {folder}: {human_bytes(free)} free, about {human_bytes(need)} needed; "
+                          "free space, or set SLMOPS_HOME to a folder on a disk with more room")
 
 
 def dir_size(path: Path) -> int:
@@ -87,27 +174,58 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def content_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (names and contents). Memoized by size and mtime so a
-    repeated call on an unchanged source costs a stat, not a read."""
-    path = path.resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    memo_path = home() / "hash-memo.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    changed = False
-    total = hashlib.sha256()
-    for f in files:
+class HashMemo:
+    """sha256 of files, remembered by device, inode, size and mtime: an unchanged file costs a stat, an edited
+    one (new mtime or size) is read again, and a rename keeps its entry (same inode)."""
+
+    def __init__(self) -> None:
+        self.path = home() / "hash-memo.json"
+        try:
+            self.memo = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.memo = {}
+        self.changed = False
+
+    def __call__(self, f: Path) -> str:
         st = f.stat()
-        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
-        digest = memo.get(key)
+        key = f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+        digest = self.memo.get(key)
         if digest is None:
-            digest = memo[key] = _hash_file(f)
-            changed = True
-        total.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode() + b"\0" + digest.encode())
-    if changed:
-        with lock(memo_path):
-            write_json_atomic(memo_path, memo)
+            digest = self.memo[key] = _hash_file(f)
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.changed:
+            with lock(self.path):
+                write_json_atomic(self.path, self.memo)
+
+
+def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative path: sha256} of a folder's files, hidden files and names in skip left out."""
+    memo = HashMemo()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in skip)
+    hashes = {f.relative_to(folder).as_posix(): memo(f) for f in files}
+    memo.save()
+    return hashes
+
+
+def changed_files(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """The files of recorded (from file_hashes) that are missing from folder or differ now."""
+    now = file_hashes(folder)
+    return sorted(rel for rel, digest in recorded.items() if now.get(rel) != digest)
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents)."""
+    path = path.resolve()
+    if path.is_file():
+        memo = HashMemo()
+        hashes = {path.name: memo(path)}
+        memo.save()
+    else:
+        hashes = file_hashes(path)
+    total = hashlib.sha256()
+    for rel, digest in hashes.items():
+        total.update(rel.encode() + b"\0" + digest.encode())
     return total.hexdigest()

@@ -24,6 +24,14 @@ def _unknown(where: str, keys: set[str], known: set[str], path: Path) -> None:
         raise SlmopsError(f"{path}: {where} key {extra[0]!r} is not supported (Olive would ignore it); known: {', '.join(sorted(known))}")
 
 
+def _object(value: Any, where: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SlmopsError(f"{path}: {where} must be a JSON object, not {type(value).__name__} {value!r}")
+    return value
+
+
 def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     """(source, convert options, output dir) from an Olive workflow file."""
     try:
@@ -35,20 +43,20 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     if not isinstance(data, dict):
         raise SlmopsError(f"{path}: expected a JSON object (an Olive workflow)")
     _unknown("top-level", set(data), TOP_KEYS, path)
-    model = data.get("input_model") or {}
+    model = _object(data.get("input_model"), "input_model", path)
     _unknown("input_model", set(model), INPUT_KEYS, path)
-    if model.get("type", "HfModel") != "HfModel" or not model.get("model_path"):
+    if model.get("type", "HfModel") != "HfModel" or not isinstance(model.get("model_path"), str) or not model["model_path"]:
         raise SlmopsError(f"{path}: input_model must be an HfModel with a model_path")
-    passes = data.get("passes") or {}
+    passes = _object(data.get("passes"), "passes", path)
     builders = [p for p in passes.values() if isinstance(p, dict) and p.get("type") == "ModelBuilder"]
     if len(passes) != 1 or len(builders) != 1:
         raise SlmopsError(f"{path}: slmops runs workflows with exactly one ModelBuilder pass; found {sorted(passes) or 'none'}")
-    config = builders[0].get("config") or {}
+    config = _object(builders[0].get("config"), "the ModelBuilder pass's config", path)
     _unknown("ModelBuilder config", set(config), PASS_KEYS, path)
     options: dict[str, Any] = {}
     if "precision" in config:
         options["precision"] = str(config["precision"]).lower()
-    quant = config.get("quantization_config") or {}
+    quant = _object(config.get("quantization_config"), "quantization_config", path)
     _unknown("quantization_config", set(quant), set(QUANT_KEYS), path)
     for key, ours in QUANT_KEYS.items():
         if key in quant:
@@ -60,8 +68,9 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
         if config["int4_algo_config"] not in ALGO:
             raise SlmopsError(f"{path}: int4_algo_config {config['int4_algo_config']!r} is not supported; use one of {', '.join(ALGO)}")
         options["algorithm"] = ALGO[config["int4_algo_config"]]
-    for system in (data.get("systems") or {}).values():
-        for acc in system.get("accelerators", []):
+    for system in _object(data.get("systems"), "systems", path).values():
+        for acc in _object(system, "a system", path).get("accelerators") or []:
+            acc = _object(acc, "an accelerator", path)
             providers = acc.get("execution_providers") or []
             if providers and providers != ["CPUExecutionProvider"]:
                 raise SlmopsError(f"{path}: execution provider {providers[0]} is not supported here; use CPUExecutionProvider")
@@ -70,4 +79,8 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     base = path.parent
     source = str((base / model["model_path"]).resolve()) if not Path(model["model_path"]).is_absolute() else model["model_path"]
     out = data.get("output_dir")
+    if out is not None and not isinstance(out, str):
+        raise SlmopsError(f"{path}: output_dir must be a folder name, not {type(out).__name__} {out!r}")
+    if model.get("adapter_path") is not None and not isinstance(model["adapter_path"], str):
+        raise SlmopsError(f"{path}: input_model.adapter_path must be a folder name")
     return source, options, (str((base / out).resolve()) if out and not Path(out).is_absolute() else out)

@@ -1,5 +1,6 @@
-"""`slmops deploy`: the deployment guide end to end. Convert and quantize, choose and check the template,
-register, validate as a gate, ask one question, summarise the benchmark. Every step reuses the cache."""
+"""`slmops deploy`: the deployment guide end to end. Convert and quantize, choose and check the template into a
+staged package, validate it as a gate, register it, ask one question, summarise the benchmark. Every step reuses
+the cache."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from . import registry as reg
 from .chat_session import ChatRunner
 from .config import Config, home
 from .errors import NoImplementation, SlmopsError
-from .fsutil import write_json_atomic
+from .fsutil import changed_files, file_hashes, write_json_atomic
 
 
 def plan(cfg: Config) -> list[str]:
@@ -24,8 +25,8 @@ def plan(cfg: Config) -> list[str]:
         f"1. source: {m['source']}" + (f" + adapter {m['adapter']} ({m['adapter_mode']})" if m["adapter"] else ""),
         f"2. convert with {c['backend']} backend, precision {precision}; fp32 build as the quality reference",
         f"3. template: {m['family']} (checked against the tokenizer's chat template)",
-        f"4. register as {m['name']} in {r['backend']} ({r['cache_dir'] or 'default location'})",
-        f"5. validate: mean KLD <= {v['max_kld']}, top-1 >= {v['min_top1']}, soak {v['soak_requests']} requests, edge cases",
+        f"4. validate the packaged model: mean KLD <= {v['max_kld']}, top-1 >= {v['min_top1']}, soak {v['soak_requests']} requests, edge cases",
+        f"5. register as {m['name']} in {r['backend']} ({r['cache_dir'] or 'default location'}); an earlier {m['name']} stays unless this passes",
         "6. ask one question through the registry's runtime, print the benchmark summary",
     ]
 
@@ -67,33 +68,33 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[dict[str, A
 
 
 def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """convert -> package (template, inference_model.json, in a staged folder) -> validate the staged folder ->
+    register. Registering is the last step, so a build that fails never replaces what was deployed before."""
     if dry_run:
         return {"dry_run": True, "plan": plan(cfg)}
     name = reg.check_name(cfg.get("model.name"))
     registry = reg.open_registry(cfg)
-    base = cfg.convert_options()
-    build, q, tried = choose_build(cfg, base)
+    build, q, tried = choose_build(cfg, cfg.convert_options())
     model_dir = Path(build["path"])
-    # A deployment is the same when the build, template family, thresholds and name are: then skip register and validate.
     key = hashlib.sha256(json.dumps([build["key"], cfg.section("validate"), cfg.get("model.family"), name,
                                      cfg.get("registry.version"), str(registry.root)], sort_keys=True).encode()).hexdigest()
     record_path = home() / "deploys" / f"{name}.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    existing = [e for e in registry.list() if e.name == name]
-    if record.get("key") == key and existing:
+    record = _read_json(record_path)
+    if _still_deployed(registry, name, record, key):
         progress.note(f"{name} is already deployed from this build and passed validation: skipping register and validate")
         validation = record["validation"]
     else:
-        reg.register(registry, model_dir, name, cfg.get("model.family"), cfg.get("registry.version"),
-                     cfg.get("registry.description"), replace=True)
-        entry = reg.find(registry, name)
-        validation = bench.validate(Path(entry.path), cfg, measured_quality=q)
-        if not validation["ok"]:
-            registry.remove(name)  # a model that fails the gate is not left registered
-            failed = "; ".join(f"{c['check']} ({c['value']}, limit {c['limit']})" for c in validation["checks"] if not c["ok"])
-            raise SlmopsError(f"{name} failed validation and was not deployed: {failed}")
+        with reg.package(model_dir, name, cfg.get("model.family"), cfg.get("registry.version"),
+                         cfg.get("registry.description"), registry.name) as pkg:
+            validation = bench.validate(pkg.path, cfg, measured_quality=q)
+            if not validation["ok"]:
+                failed = "; ".join(f"{c['check']} ({c['value']}, limit {c['limit']})" for c in validation["checks"] if not c["ok"])
+                raise SlmopsError(f"{name}: the new build failed validation and was not registered "
+                                  f"(what was registered before under this name is unchanged): {failed}")
+            files = file_hashes(pkg.path)
+            reg.register(registry, pkg, replace=True)
         validation = {k: validation[k] for k in ("ok", "checks", "bench")}
-        write_json_atomic(record_path, {"key": key, "build": str(model_dir), "validation": validation})
+        write_json_atomic(record_path, {"key": key, "build": str(model_dir), "validation": validation, "files": files})
     result: dict[str, Any] = {"name": name, "build": str(model_dir), "registry": registry.name, "tried": tried,
                               "validation": validation}
     if ask:
@@ -101,3 +102,19 @@ def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[s
         with progress.step(f"Asking {name} through {registry.name if runner.engine == 'registry' else 'ORT GenAI'}"):
             result["answer"] = runner.answer(ask, None, None)
     return result
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _still_deployed(registry: Any, name: str, record: dict[str, Any], key: str) -> bool:
+    """The registered model is the very one this deploy validated: same key, and its files unchanged (someone
+    may have registered another build under the name since)."""
+    if record.get("key") != key or "files" not in record:
+        return False
+    entry = next((e for e in registry.list() if e.name == name), None)
+    return bool(entry and entry.status == "ok" and not changed_files(Path(entry.path), record["files"]))

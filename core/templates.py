@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import implementations
 from .errors import SlmopsError
 from .roles import ModelInfo, TemplateFamily
 
@@ -64,10 +63,14 @@ def read_model_info(path: Path) -> ModelInfo:
 
 
 def family_by_name(name: str) -> TemplateFamily:
+    from . import implementations  # not at import: the built-in template plugin imports this module
+
     return implementations.by_name(implementations.template_families(), name, "template family")
 
 
 def detect(info: ModelInfo) -> TemplateFamily | None:
+    from . import implementations
+
     scored = [(f.score(info), f) for f in implementations.template_families()]
     scored = [s for s in scored if s[0] > 0]
     return max(scored, key=lambda s: s[0])[1] if scored else None
@@ -84,6 +87,8 @@ def choose(path: Path, family: str = "auto") -> ChosenTemplate:
     elif info.chat_template:
         chosen = ChosenTemplate(derive_family(info), "derived from the tokenizer's chat template")
     else:
+        from . import implementations
+
         known = ", ".join(f.name for f in implementations.template_families())
         raise SlmopsError(f"cannot tell the prompt format of {path}: no known family matches and it has no chat template; "
                           f"known families: {known}; {ADD_FAMILY_HINT}")

@@ -3,25 +3,40 @@
 Models live in ``<root>/custom/<name>/`` (the guide's layout) with ``inference_model.json``; the runtime's own
 record is ``<root>/foundry.local.modelinfo.json``. Every change happens under one inter-process lock with a
 fresh SDK manager (one that reads the record as it is now), so concurrent slmops processes never overwrite each
-other's registrations, whatever the SDK itself does across processes."""
+other's registrations, whatever the SDK itself does across processes.
+
+Never lose a registration: a replacement is written beside the old folder and registered once under a throwaway
+trial id (the runtime parses genai_config.json then, and refuses a broken one) before the old one is touched; the
+swap is two renames. A process killed at any point leaves a state that the next locked operation (reconcile) turns
+back into "every record has a complete folder and every complete folder a record"."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from slmops import hookimpl
 from slmops.errors import SlmopsError
-from slmops.fsutil import dir_size, link_tree, lock, staging_dir
+from slmops.fsutil import clean_stale, copy_tree, dir_size, lock, replace_dir
 from slmops.roles import Registry, RegistryEntry
 
 RECORD = "foundry.local.modelinfo.json"
 ENTRY = "slmops-entry.json"
+TRIAL = "slmops-trial-"  # + 64 hex digits: longer than any slmops name (64 at most), so never a user's model
+
+
+def clean_message(error: BaseException) -> str:
+    """The runtime's message without the C++ source location and signature it starts with."""
+    text = " ".join(str(error).split())
+    return re.sub(r"^[\w./-]+\.(?:cc|cpp|h):\d+\s+.*?\)\s+", "", text) or type(error).__name__
 
 
 def load_sdk() -> None:
@@ -89,34 +104,69 @@ class FoundryLocalRegistry(Registry):
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
         with lock(self.root / ".slmops-registry"), self._catalog() as catalog:
+            self._reconcile(catalog)
             yield catalog
             record = self.root / RECORD
             if record.exists():
                 shutil.copy2(record, record.with_suffix(".json.bak"))  # the last good record, for repairs
 
-    # -- the role ----------------------------------------------------------------------------------------
-    def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
+    def _reconcile(self, catalog: Any) -> None:
+        """Finish or undo what a killed slmops process left (we hold the lock, so no live one is at work)."""
+        for m in catalog.list_models():
+            if m.id.startswith(TRIAL):
+                catalog.unregister_model(m.id)
+        custom = self.root / "custom"
+        clean_stale(custom)  # half-written folders go; a folder moved aside for a replacement comes back
+        aliases = {m.alias for m in catalog.list_models()}
+        for folder in sorted(custom.iterdir()) if custom.is_dir() else []:
+            if folder.name.startswith(".") or folder.name in aliases or not (folder / ENTRY).is_file():
+                continue
+            # A complete folder of ours without a record: killed between unregistering the old and registering
+            # this one. Both were validated, so register what is on disk.
+            try:
+                self._register(catalog, folder, json.loads((folder / ENTRY).read_text())["id"], folder.name)
+            except (ValueError, KeyError, SlmopsError):
+                continue
+
+    @staticmethod
+    def _register(catalog: Any, folder: Path, model_id: str, display_name: str) -> None:
         from foundry_local_sdk import ModelInfoBuilder
 
+        info = ModelInfoBuilder().set_string_property("task", "chat-completion")
+        info.set_string_property("display_name", display_name)
+        try:
+            catalog.register_model(model_path=str(folder), model_id=model_id, metadata=info)
+        except Exception as e:
+            raise SlmopsError(f"Foundry Local refused {display_name}: {clean_message(e)}; "
+                              "check the folder's genai_config.json (convert the model again with `slmops convert`)") from None
+
+    # -- the role ----------------------------------------------------------------------------------------
+    def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
         target = self.root / "custom" / entry.name
         entry.path = str(target)
         with self._locked() as catalog:
-            existing = [m for m in catalog.list_models() if m.alias == entry.name or m.id == entry.id]
+            existing = matching(catalog, entry.name) + matching(catalog, entry.id)
             if (existing or target.exists()) and not replace:
                 raise SlmopsError(f"{entry.name} is already registered; pass --replace to replace it, or choose another --name")
-            with staging_dir(target) as tmp:
-                link_tree(Path(model_dir), tmp, skip=("inference_model.json", ENTRY))
-                (tmp / "inference_model.json").write_text(json.dumps(inference_model, indent=2) + "\n")
-                (tmp / ENTRY).write_text(json.dumps(entry.__dict__, indent=2) + "\n")
-                for m in existing:
-                    catalog.unregister_model(m.id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{entry.name}.partial-{os.getpid()}-"))
             try:
-                info = ModelInfoBuilder().set_string_property("task", "chat-completion")
-                info.set_string_property("display_name", entry.name)
-                catalog.register_model(model_path=str(target), model_id=entry.id, metadata=info)
-            except Exception as e:
-                shutil.rmtree(target, ignore_errors=True)  # nothing half-registered
-                raise SlmopsError(f"Foundry Local refused {entry.name}: {e}") from None
+                copy_tree(Path(model_dir), staged, skip=("inference_model.json", ENTRY))
+                (staged / "inference_model.json").write_text(json.dumps(inference_model, indent=2) + "\n")
+                (staged / ENTRY).write_text(json.dumps(entry.__dict__, indent=2) + "\n")
+                trial = TRIAL + uuid.uuid4().hex + uuid.uuid4().hex + ":1"
+                self._register(catalog, staged, trial, entry.name)  # refused here: the old one is untouched
+                catalog.unregister_model(trial)
+                try:
+                    for m in {m.id: m for m in existing}.values():
+                        catalog.unregister_model(m.id)
+                    replace_dir(staged, target)  # undoes itself if the second rename fails
+                    self._register(catalog, target, entry.id, entry.name)
+                except BaseException:
+                    self._reconcile(catalog)  # whichever folder is at target gets its record back
+                    raise
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
         return entry
 
     def list(self) -> list[RegistryEntry]:
@@ -127,22 +177,28 @@ class FoundryLocalRegistry(Registry):
             models = [(m.id, m.alias, m.get_path()) for m in catalog.list_models()]
         entries = []
         for model_id, alias, path in models:
+            folder = Path(path) if path else self.root / "custom" / alias  # the runtime says '' when it is gone
             try:
-                data = json.loads((Path(path) / ENTRY).read_text())
+                data = json.loads((folder / ENTRY).read_text())
                 entry = RegistryEntry(**{k: v for k, v in data.items() if k in RegistryEntry.__dataclass_fields__})
-            except (OSError, ValueError, TypeError):  # registered by something else than slmops
-                entry = RegistryEntry(name=alias, id=model_id, path=path, registry=self.name)
-            entry.size_bytes = dir_size(Path(path)) if Path(path).exists() else 0
+            except (OSError, ValueError, TypeError):  # registered by something else than slmops, or deleted
+                entry = RegistryEntry(name=alias, id=model_id, path=str(folder), registry=self.name)
+            entry.path = str(folder)
+            entry.status = "ok" if (folder / "genai_config.json").is_file() else "missing"
+            entry.size_bytes = dir_size(folder) if entry.status == "ok" else 0
             entries.append(entry)
         return sorted(entries, key=lambda e: e.name)
 
     def remove(self, name: str) -> None:
+        target = self.root / "custom" / name
         with self._locked() as catalog:
             for m in matching(catalog, name):
                 catalog.unregister_model(m.id)
-        target = self.root / "custom" / name
-        if target.is_dir():
-            shutil.rmtree(target)
+            if target.is_dir():
+                # Aside first (a name clean_stale removes), so a kill cannot leave a folder that looks registered.
+                doomed = target.with_name(f".{name}.partial-{os.getpid()}-removing")
+                os.replace(target, doomed)
+                shutil.rmtree(doomed)
 
     def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
         from foundry_local_sdk import (
@@ -163,12 +219,18 @@ class FoundryLocalRegistry(Registry):
         request = Request()
         for m in messages:
             request.add_item(getattr(MessageItem, m["role"])(m["content"]))
-        with session.process_streaming_request(request) as response:
-            for item in response:
-                text = _text_of(item)
-                if text:
-                    yield text
-            tokens = response.final_response.get_usage()
+        try:
+            with session.process_streaming_request(request) as response:
+                for item in response:
+                    text = _text_of(item)
+                    if text:
+                        yield text
+                tokens = response.final_response.get_usage()
+        except SlmopsError:
+            raise
+        except Exception as e:
+            raise SlmopsError(f"Foundry Local could not answer with {name}: {clean_message(e)}; "
+                              "`--engine ort-genai` runs the model with slmops's checked template instead") from None
         usage.update(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens)
 
     def _loaded(self, name: str) -> Any:
@@ -181,7 +243,11 @@ class FoundryLocalRegistry(Registry):
         if not found:
             raise SlmopsError(f"{name} is not registered with Foundry Local at {self.root}")
         model = found[0]
-        model.load()
+        try:
+            model.load()
+        except Exception as e:
+            raise SlmopsError(f"Foundry Local could not load {name}: {clean_message(e)}; "
+                              f"check {self.root / 'custom' / name} or register the model again") from None
         self._chat_model, self._chat_key = model, (self.root, name)
         return model
 

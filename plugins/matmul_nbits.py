@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slmops import hookimpl
 from slmops.adapters import runtime_fed_matmuls
-from slmops.fsutil import link_tree
+from slmops.fsutil import copy_tree
 from slmops.roles import MODEL_FILES, ConvertRequest, Quantizer
 
 
@@ -57,7 +57,7 @@ class MatMulNBits(Quantizer):
                 if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                     node.attribute.append(onnx.helper.make_attribute("accuracy_level", request.accuracy_level))
         quantizer.model.save_model_to_file(str(output_dir / "model.onnx"), use_external_data_format=True)
-        link_tree(fp32_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer, chat template, adapters/
+        copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer, chat template, adapters/
 
 
 @hookimpl

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from slmops import hookimpl
 from slmops.builder_options import BuilderConverter, builder_options
+from slmops.isolate import die_with_parent
 from slmops.errors import SlmopsError
 from slmops.roles import ConvertRequest
 
@@ -34,11 +36,12 @@ class ModelBuilderConverter(BuilderConverter):
                          precision=request.precision, execution_provider=request.device, cache_dir=str(work_dir),
                          **builder_options(request))
         done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(arguments)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, errors="replace")
+                              stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=die_with_parent if os.name == "posix" else None)
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             raise SlmopsError(f"the model builder could not build {request.source_dir}: "
-                              f"{lines[-1] if lines else f'exit status {done.returncode}'}")
+                              f"{lines[-1] if lines else f'exit status {done.returncode}'}; the installed onnxruntime-genai "
+                              "does not handle this model's config (see `slmops doctor` for the versions; --log-level info shows the builder's log)")
 
 
 @hookimpl

@@ -73,10 +73,10 @@ class Result:
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None, timeout: int = 600) -> Result:
-    """Run the real `slmops` command line in a child process."""
+    """Run the real `slmops` command line in a child process (no terminal: stdin is empty unless input is given)."""
     full_env = {**os.environ, **(env or {})}
     done = subprocess.run([*SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=cwd or NEUTRAL_DIR, env=full_env,
-                          input=input, timeout=timeout)
+                          input=input or "", timeout=timeout)
     return Result(done)
 
 

@@ -123,7 +123,7 @@ def test_bad_config_is_one_line_naming_the_key(cli, tmp_path, text, expected):
     path = tmp_path / "slmops.toml"
     path.write_text(text)
     r = cli("--config", path, "config")
-    assert r.rc == 1
+    assert r.rc == 2  # a usage error, as a bad flag is
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.err
     if "blok" in expected:

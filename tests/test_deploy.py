@@ -19,8 +19,8 @@ def test_deploy_tiny_model_end_to_end(cli, tiny_llama, tmp_path):
 
 def test_deploy_gate_failure_leaves_nothing_registered(cli, tiny_llama, tmp_path):
     reg = tmp_path / "reg"
-    r = cli("deploy", "--source", tiny_llama, "--name", "gated", "--precision", "int4", "--min-top1", "1.5", "--registry-dir", reg)
-    assert r.rc == 1 and "failed validation and was not deployed" in r.err, r
+    r = cli("deploy", "--source", tiny_llama, "--name", "gated", "--precision", "int4", "--max-kld", "0", "--registry-dir", reg)
+    assert r.rc == 1 and "failed validation and was not registered" in r.err, r
     assert not (reg / "custom" / "gated").exists()
     assert cli("cache", "ls", "--json", env={"SLMOPS_REGISTRY_DIR": str(reg)}).json() == []
 

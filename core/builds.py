@@ -1,0 +1,77 @@
+"""`slmops builds`: the build cache (SLMOPS_HOME/builds), which grows with every source and option tried: list it
+with what uses each build, remove one, or prune what nothing uses."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import home
+from .convert import MANIFEST, read_manifest
+from .errors import SlmopsError
+from .fsutil import clean_stale, dir_size, lock
+from .roles import Registry
+
+
+def builds_dir() -> Path:
+    return home() / "builds"
+
+
+def users(registry: Registry | None) -> dict[str, list[str]]:
+    """build key -> what uses it: deploy records of this machine, and models registered from it."""
+    used: dict[str, list[str]] = {}
+    for record in sorted((home() / "deploys").glob("*.json")):
+        try:
+            build = json.loads(record.read_text())["build"]
+        except (OSError, ValueError, KeyError):
+            continue
+        manifest = read_manifest(Path(build)) or {}
+        if manifest.get("key"):
+            used.setdefault(manifest["key"], []).append(f"deploy {record.stem}")
+    for entry in registry.list() if registry is not None else []:
+        manifest = read_manifest(Path(entry.path)) if entry.path else None
+        if manifest and manifest.get("key"):
+            used.setdefault(manifest["key"], []).append(f"registered {entry.name}")
+    return used
+
+
+def list_builds(registry: Registry | None) -> list[dict[str, Any]]:
+    clean_stale(builds_dir())
+    used = users(registry)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = []
+    for folder in sorted(p for p in builds_dir().glob("*") if p.is_dir() and not p.name.startswith(".")) if builds_dir().is_dir() else []:
+        manifest = read_manifest(folder) or {}
+        created = manifest.get("created_at")
+        age = (now - datetime.datetime.fromisoformat(created)).days if created else None
+        rows.append({"build": folder.name, "precision": manifest.get("options", {}).get("precision", "?"),
+                     "size_bytes": dir_size(folder), "created_at": created, "age_days": age,
+                     "used_by": used.get(manifest.get("key", ""), []), "path": str(folder)})
+    return rows
+
+
+def remove(name: str) -> Path:
+    folder = builds_dir() / name
+    if "/" in name or name.startswith(".") or not (folder / MANIFEST).is_file():
+        known = ", ".join(r["build"] for r in list_builds(None)) or "none"
+        raise SlmopsError(f"no build named {name!r} in {builds_dir()}; builds: {known}")
+    with lock(folder):
+        doomed = folder.with_name(f".{name}.partial-{os.getpid()}-removing")  # a kill leaves it to clean_stale
+        folder.rename(doomed)
+        shutil.rmtree(doomed)
+    return folder
+
+
+def prune(registry: Registry | None, older_than_days: float = 0) -> list[dict[str, Any]]:
+    """Remove the builds nothing uses (and older than older_than_days); return what was removed."""
+    removed = []
+    for row in list_builds(registry):
+        if row["used_by"] or (row["age_days"] is not None and row["age_days"] < older_than_days):
+            continue
+        remove(row["build"])
+        removed.append(row)
+    return removed
