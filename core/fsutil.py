@@ -74,6 +74,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(-.*)?$|^\.work-(?P<wpid>\d+)-")
 
 
+FAULT_ENV = "SLMOPS_FAULT_AT"
+
+
+def fault_point(name: str) -> None:
+    """Die here with SIGKILL when $SLMOPS_FAULT_AT names this point: how tests prove that a kill at the worst
+    moment of a replacement loses nothing. A no-op otherwise."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -141,6 +153,7 @@ def replace_dir(new: Path, final: Path) -> None:
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        fault_point("replace:moved-aside")
         try:
             os.replace(new, final)
         except BaseException:

@@ -25,7 +25,7 @@ from typing import Any
 
 from slmops import hookimpl
 from slmops.errors import SlmopsError
-from slmops.fsutil import clean_stale, copy_tree, dir_size, lock, replace_dir
+from slmops.fsutil import clean_stale, copy_tree, dir_size, fault_point, lock, replace_dir
 from slmops.roles import Registry, RegistryEntry
 
 RECORD = "foundry.local.modelinfo.json"
@@ -154,13 +154,17 @@ class FoundryLocalRegistry(Registry):
                 copy_tree(Path(model_dir), staged, skip=("inference_model.json", ENTRY))
                 (staged / "inference_model.json").write_text(json.dumps(inference_model, indent=2) + "\n")
                 (staged / ENTRY).write_text(json.dumps(entry.__dict__, indent=2) + "\n")
+                fault_point("register:staged")
                 trial = TRIAL + uuid.uuid4().hex + uuid.uuid4().hex + ":1"
                 self._register(catalog, staged, trial, entry.name)  # refused here: the old one is untouched
+                fault_point("register:trial")
                 catalog.unregister_model(trial)
                 try:
                     for m in {m.id: m for m in existing}.values():
                         catalog.unregister_model(m.id)
+                    fault_point("register:unregistered")
                     replace_dir(staged, target)  # undoes itself if the second rename fails
+                    fault_point("register:swapped")
                     self._register(catalog, target, entry.id, entry.name)
                 except BaseException:
                     self._reconcile(catalog)  # whichever folder is at target gets its record back
@@ -194,10 +198,12 @@ class FoundryLocalRegistry(Registry):
         with self._locked() as catalog:
             for m in matching(catalog, name):
                 catalog.unregister_model(m.id)
+            fault_point("remove:unregistered")
             if target.is_dir():
                 # Aside first (a name clean_stale removes), so a kill cannot leave a folder that looks registered.
                 doomed = target.with_name(f".{name}.partial-{os.getpid()}-removing")
                 os.replace(target, doomed)
+                fault_point("remove:moved-aside")
                 shutil.rmtree(doomed)
 
     def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:

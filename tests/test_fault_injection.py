@@ -84,18 +84,27 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
         ["cache", "rm", "victim", "--yes"],
     ]
     rng = random.Random(20261123)
+
+    def fresh_build() -> list[object]:  # a new build each time, so kills land inside the model builder too
+        return ["convert", tiny_llama, "--precision", "int4", "--block-size", rng.choice(["16", "64", "128", "256"]),
+                "--symmetric" if rng.random() < 0.5 else "--asymmetric", "--accuracy-level", str(rng.randint(0, 4))]
+
+    # How long each command takes when left alone, so the kills can land anywhere in it.
+    duration = {}
+    for i, args in enumerate([*victims, fresh_build()]):
+        start = time.perf_counter()
+        subprocess.run([*SLMOPS, "-q", *map(str, args)], env=env, cwd=NEUTRAL_DIR, capture_output=True, timeout=600)
+        duration[min(i, len(victims))] = time.perf_counter() - start
     killed = finished = 0
     for i in range(KILLS * 3):
         if killed >= KILLS:
             break
-        args = rng.choice(victims)
-        if i % 4 == 3:  # a fresh build now and then, so kills land inside the model builder too
-            args = ["convert", tiny_llama, "--precision", "int4", "--block-size", rng.choice(["16", "64", "128", "256"]),
-                    "--symmetric" if rng.random() < 0.5 else "--asymmetric", "--accuracy-level", str(rng.randint(0, 4))]
+        which = len(victims) if i % 4 == 3 else rng.randrange(len(victims))
+        args = fresh_build() if which == len(victims) else victims[which]
         proc = subprocess.Popen([*SLMOPS, "-q", *map(str, args)], env=env, cwd=NEUTRAL_DIR,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            proc.wait(timeout=rng.uniform(1.0, 9.0))
+            proc.wait(timeout=rng.uniform(0.1, 1.0) * duration[which])
             finished += 1
         except subprocess.TimeoutExpired:
             try:
@@ -149,3 +158,34 @@ def test_sigterm_ends_the_builder_and_leaves_nothing(tiny_llama, tmp_path):
     builds = tmp_path / "home" / "builds"
     assert [p.name for p in builds.iterdir() if STALE_RE.match(p.name)] == []
     assert not [p for p in builds.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+REGISTER_POINTS = ["register:staged", "register:trial", "register:unregistered", "replace:moved-aside", "register:swapped"]
+REMOVE_POINTS = ["remove:unregistered", "remove:moved-aside"]
+
+
+@pytest.mark.parametrize("point", REGISTER_POINTS + REMOVE_POINTS)
+def test_kill_at_each_step_of_a_replacement(point, tiny_llama, tiny_llama_int4, tmp_path):
+    """SIGKILL at every step of replacing (or removing) a registration: the next command finds exactly one
+    complete model under the name, the old or the new one (or, for a removal, none), and it answers."""
+    from slmops import convert
+
+    home, reg = tmp_path / "home", tmp_path / "reg"
+    env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_REGISTRY_DIR": str(reg)}
+    old, new = Path(tiny_llama_int4["path"]), Path(convert.convert(str(tiny_llama), {"precision": "int8"})["path"])
+    assert run_cli("register", old, "--name", "m", env=env).rc == 0
+    args = ("register", new, "--name", "m") if point.startswith(("register", "replace")) else ("cache", "rm", "m", "--yes")
+    killed = run_cli(*args, env={**env, "SLMOPS_FAULT_AT": point})
+    assert killed.rc == -signal.SIGKILL, killed
+    assert run_cli("cache", "ls", env=env).rc == 0  # the next command reconciles
+    assert_consistent(reg, home, {"m"})
+    folder = reg / "custom" / "m"
+    if folder.exists():
+        key = json.loads((folder / "slmops-manifest.json").read_text())["key"]
+        assert key in (tiny_llama_int4["key"], json.loads((new / "slmops-manifest.json").read_text())["key"])
+        r = run_cli("model", "run", "m", "--prompt", "Hi", "--max-new-tokens", "2", env=env)
+        assert r.rc == 0, r
+    else:
+        assert point == "remove:moved-aside"
+    assert run_cli("register", new, "--name", "m", env=env).rc == 0  # and the registry still takes changes
+    assert_consistent(reg, home, {"m"})
