@@ -25,6 +25,7 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("fp16 on the CPU", ["convert", "{tiny}", "--precision", "fp16"], 1, "fp16 models built for the CPU fail"),
     ("block size not offered", ["convert", "{tiny}", "--block-size", "48"], 2, "Invalid value for '--block-size'"),
     ("unknown backend", ["convert", "{tiny}", "--backend", "nosuch"], 1, "no converter named 'nosuch'"),
+    ("output under a file", ["convert", "{tiny}", "-o", "{a_file}/out"], 1, "check that the folder exists, is writable"),
     # gate values: usage errors before any work
     ("negative max KLD", ["validate", "{int4}", "--max-kld", "-1"], 2, "validate.max_kld = -1.0 is impossible"),
     ("top-1 above 1", ["validate", "{int4}", "--min-top1", "2"], 2, "validate.min_top1 = 2.0 is impossible"),
@@ -53,6 +54,8 @@ def inputs(tiny_llama, tiny_llama_int4, tmp_path_factory) -> dict[str, str]:
     made = {"tiny": str(tiny_llama), "int4": tiny_llama_int4["path"], "tmp": str(root), "long": "word " * 600}
     (root / "empty").mkdir()
     made["empty"] = str(root / "empty")
+    (root / "a_file").write_text("not a folder")
+    made["a_file"] = str(root / "a_file")
     for name in ("no_tokenizer", "truncated", "no_eos"):
         shutil.copytree(tiny_llama, root / name)
         made[name] = str(root / name)

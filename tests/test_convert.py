@@ -152,9 +152,11 @@ def test_too_little_disk_is_refused(monkeypatch, tiny_qwen2):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
-    with pytest.raises(SlmopsError, match="too little disk"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 40 * 10**6))
+    with pytest.raises(SlmopsError, match="too little disk") as err:
         convert.convert(str(tiny_qwen2), {"precision": "int4", "block_size": 16})
+    # 40 MB is said as such (it used to read "0.0 GB"), and the advice is one that helps: builds live in SLMOPS_HOME
+    assert "40.0 MB free" in str(err.value) and "SLMOPS_HOME" in str(err.value)
 
 
 def test_interrupt_leaves_no_partial_output(monkeypatch, tiny_qwen2, slmops_home):
