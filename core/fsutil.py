@@ -87,17 +87,10 @@ def fault_point(name: str) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else (or no signals on this platform)
-        return True
-    return True
+    # psutil, not os.kill(pid, 0): on Windows that call terminates the process instead of probing it.
+    import psutil
+
+    return pid > 0 and (pid == os.getpid() or psutil.pid_exists(pid))
 
 
 def clean_stale(folder: Path) -> list[str]:
