@@ -88,12 +88,12 @@ def check_effect(model_dir: Path, name: str, prompt: str = "The capital of Franc
     be applied. A LoRA that changes nothing was not applied."""
     import numpy as np
 
-    from .quality import LogitModel
+    from .runtime import Session
 
-    model = LogitModel(model_dir, "none")
-    tokens = model.encode(prompt)
-    base = model.logits(tokens)[-1]
-    model.adapter = ActiveAdapter(model.og, model.model, model_dir, name)
-    tuned = model.logits(tokens)[-1]
+    session = Session(model_dir, "none")
+    tokens = session.encode(prompt)
+    base = session.logits(tokens)[-1]
+    session.use_adapter(name)
+    tuned = session.logits(tokens)[-1]
     return {"name": name, "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
             "top1_changed": bool(base.argmax() != tuned.argmax())}

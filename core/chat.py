@@ -36,43 +36,30 @@ class OrtGenAIChat:
     """One loaded model; stream() answers a conversation token by token."""
 
     def __init__(self, model_dir: Path, adapter: str | None = None):
-        import onnxruntime_genai as og
+        from .runtime import Session
 
-        from .adapters import ActiveAdapter
-
-        self.og = og
         self.model_dir = Path(model_dir)
-        start = time.perf_counter()
-        self.model = og.Model(str(model_dir))
-        self.tokenizer = og.Tokenizer(self.model)
-        self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)
-        self.load_s = time.perf_counter() - start
+        self.session = Session(self.model_dir, adapter)
+        self.adapter, self.load_s, self.context_length = self.session.adapter, self.session.load_s, self.session.context_length
         self.chosen = load_template(self.model_dir)
         self.info = templates.read_model_info(self.model_dir)
-        genai = json.loads((self.model_dir / "genai_config.json").read_text())
-        self.context_length = int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
 
     def prompt_tokens(self, messages: Messages) -> list[int]:
         text = templates.render(self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system)
-        return list(self.tokenizer.encode(text))
+        return self.session.encode(text)
 
     def stream(self, messages: Messages, options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
-        og = self.og
         tokens = self.prompt_tokens(messages)
         max_new = int(options.get("max_new_tokens") or 256)
         limit = min(self.context_length, int(options.get("max_length") or self.context_length))
         if len(tokens) >= limit:
             raise SlmopsError(f"the prompt is {len(tokens)} tokens, more than the model's context of {limit}; shorten it")
         temperature = float(options.get("temperature", 0.0) or 0.0)
-        params = og.GeneratorParams(self.model)
-        search = {"max_length": min(limit, len(tokens) + max_new), "do_sample": temperature > 0,
-                  "repetition_penalty": float(options.get("repetition_penalty", 1.0) or 1.0)}
+        search = {"do_sample": temperature > 0, "repetition_penalty": float(options.get("repetition_penalty", 1.0) or 1.0)}
         if temperature > 0:
             search.update(temperature=temperature, top_p=float(options.get("top_p", 1.0) or 1.0))
-        params.set_search_options(**search)
-        generator = og.Generator(self.model, params)
-        self.adapter.apply(generator)
-        stream = self.tokenizer.create_stream()
+        generator = self.session.generator(min(limit, len(tokens) + max_new), **search)
+        stream = self.session.tokenizer.create_stream()
         start = time.perf_counter()
         usage.update(prompt_tokens=len(tokens), completion_tokens=0)
         generator.append_tokens(tokens)

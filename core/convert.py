@@ -7,7 +7,6 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any

@@ -41,36 +41,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-class LogitModel:
-    """An ORT GenAI model that returns the logits of every position of a token sequence."""
-
-    def __init__(self, model_dir: Path, adapter: str | None = None):
-        import onnxruntime_genai as og
-
-        from .adapters import ActiveAdapter
-
-        self.og = og
-        self.model = og.Model(str(model_dir))
-        self.tokenizer = og.Tokenizer(self.model)
-        self.adapter = ActiveAdapter(og, self.model, Path(model_dir), adapter)  # measure the model as it is deployed
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(tokens) + 1)
-        generator = self.og.Generator(self.model, params)
-        self.adapter.apply(generator)
-        generator.append_tokens(tokens)
-        return np.asarray(generator.get_output("logits"))[0]
-
-
 def compare(candidate: Path, reference: Path, rows: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Mean KL(reference || candidate), top-1 agreement, and both perplexities over the text rows."""
     rows = [r for r in (rows or load_set()) if "text" in r]
     # Always two runs, also for one folder: a comparison that short-cuts equal paths proves nothing.
-    ref, cand = LogitModel(reference), LogitModel(candidate)
+    from .runtime import Session
+
+    ref, cand = Session(reference), Session(candidate)
     kld, agree, nll_ref, nll_cand, positions = 0.0, 0, 0.0, 0.0, 0
     for row in rows:
         tokens = ref.encode(row["text"])

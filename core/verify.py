@@ -68,20 +68,12 @@ def compare(request: ConvertRequest, graph: dict[str, Any]) -> list[str]:
 
 
 def generate_check(model_dir: Path, prompt: str = "The capital of France is", new_tokens: int = 8) -> dict[str, Any]:
-    """Load with ORT GenAI and generate a few greedy tokens; raises if the model cannot generate."""
-    import onnxruntime_genai as og
+    """Load with ORT GenAI and generate a few greedy tokens (the base model, without adapters); raises if the
+    model cannot generate."""
+    from .runtime import Session
 
-    model = og.Model(str(model_dir))
-    tokenizer = og.Tokenizer(model)
-    tokens = tokenizer.encode(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(tokens) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(tokens)
-    out = []
-    while not generator.is_done() and len(out) < new_tokens:
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
+    session = Session(model_dir, "none")
+    out = list(session.greedy(session.encode(prompt), new_tokens))
     if not out:
         raise RuntimeError("the model generated no token")
-    return {"prompt": prompt, "tokens": len(out), "text": tokenizer.decode(out)}
+    return {"prompt": prompt, "tokens": len(out), "text": session.decode(out)}

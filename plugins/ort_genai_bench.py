@@ -3,7 +3,6 @@ memory, CPU) over a sweep of prompt lengths, then a soak for memory growth."""
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops import hookimpl
-from slmops.adapters import ActiveAdapter
+from slmops.runtime import Session
 from slmops.roles import Benchmarker
 
 FILLER = ("Small language models run on laptops and edge devices, where memory and power are scarce. "
@@ -65,29 +64,21 @@ class OrtGenAIBenchmarker(Benchmarker):
         return None if (Path(model_dir) / "genai_config.json").is_file() else "not an ORT GenAI folder (no genai_config.json)"
 
     def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
-        import onnxruntime_genai as og
         import psutil
 
         proc = psutil.Process()
         windowed = reset_peak_rss()
-        t = time.perf_counter()
-        model = og.Model(str(model_dir))
-        tokenizer = og.Tokenizer(model)
-        adapter = ActiveAdapter(og, model, Path(model_dir))  # timed as deployed: with its LoRA switched on
-        load_s = time.perf_counter() - t
-        context = int(json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"])
+        session = Session(Path(model_dir))  # timed as deployed: with its LoRA switched on
+        load_s, context = session.load_s, session.context_length
         max_new = int(settings.get("max_new_tokens", 32))
-        filler = list(tokenizer.encode(FILLER * 8))
+        filler = session.encode(FILLER * 8)
 
         def prompt_of(length: int) -> list[int]:
             reps = filler * (length // len(filler) + 1)
             return reps[:length]
 
         def generate(tokens: list[int]) -> dict[str, float]:
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(tokens) + max_new, min_length=len(tokens) + max_new, do_sample=False)
-            generator = og.Generator(model, params)
-            adapter.apply(generator)
+            generator = session.generator(len(tokens) + max_new, min_length=len(tokens) + max_new, do_sample=False)
             start = time.perf_counter()
             generator.append_tokens(tokens)
             generator.generate_next_token()

@@ -189,19 +189,9 @@ def lora_adapter(tiny_llama, tmp_path_factory) -> Path:
 
 
 def ort_logits(model_dir: Path, tokens: list[int], adapter: str | None):
-    import numpy as np
-    import onnxruntime_genai as og
+    from slmops.runtime import Session
 
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(tokens) + 1)
-    generator = og.Generator(model, params)
-    if adapter:
-        adapters = og.Adapters(model)
-        adapters.load(str(model_dir / "adapters" / f"{adapter}.onnx_adapter"), adapter)
-        generator.set_active_adapter(adapters, adapter)
-    generator.append_tokens(tokens)
-    return np.asarray(generator.get_output("logits"))[0, -1]
+    return Session(model_dir, adapter or "none").logits(tokens)[-1]
 
 
 def test_lora_kept_as_an_ort_genai_adapter_file(tiny_llama, lora_adapter):

@@ -1,0 +1,62 @@
+"""One ONNX Runtime GenAI session over a model folder: encode, decode, logits, greedy tokens, and generators with
+the folder's LoRA adapter switched on. Verification, quality, chat and the benchmarker all run models through it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapters import ActiveAdapter
+
+
+class Session:
+    """A loaded model. adapter: the adapter to switch on (None: the folder's only one, "none": the base)."""
+
+    def __init__(self, model_dir: Path, adapter: str | None = None):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model_dir = Path(model_dir)
+        start = time.perf_counter()
+        self.model = og.Model(str(self.model_dir))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)  # the model as it is deployed
+        self.load_s = time.perf_counter() - start
+        genai = json.loads((self.model_dir / "genai_config.json").read_text())
+        self.context_length = int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
+
+    def use_adapter(self, name: str | None) -> None:
+        self.adapter = ActiveAdapter(self.og, self.model, self.model_dir, name)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def generator(self, max_length: int, **search: Any) -> Any:
+        """An og.Generator for up to max_length tokens (prompt included), adapter on; search: its other options."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, **search)
+        generator = self.og.Generator(self.model, params)
+        self.adapter.apply(generator)
+        return generator
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """The next-token logits at every position of tokens, [len(tokens), vocab]."""
+        generator = self.generator(len(tokens) + 1)
+        generator.append_tokens(tokens)
+        return np.asarray(generator.get_output("logits"))[0]
+
+    def greedy(self, tokens: list[int], new_tokens: int) -> Iterator[int]:
+        """Greedy continuation of tokens, one id at a time, until new_tokens or the end of sequence."""
+        generator = self.generator(len(tokens) + new_tokens, do_sample=False)
+        generator.append_tokens(tokens)
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
