@@ -13,7 +13,7 @@ from typing import Any
 from .config import home
 from .convert import MANIFEST, read_manifest
 from .errors import SlmopsError
-from .fsutil import clean_stale, dir_size, lock
+from .fsutil import dir_size, lock
 from .roles import Registry
 
 
@@ -40,7 +40,6 @@ def users(registry: Registry | None) -> dict[str, list[str]]:
 
 
 def list_builds(registry: Registry | None) -> list[dict[str, Any]]:
-    clean_stale(builds_dir())
     used = users(registry)
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = []
@@ -66,12 +65,10 @@ def remove(name: str) -> Path:
     return folder
 
 
-def prune(registry: Registry | None, older_than_days: float = 0) -> list[dict[str, Any]]:
-    """Remove the builds nothing uses (and older than older_than_days); return what was removed."""
-    removed = []
-    for row in list_builds(registry):
-        if row["used_by"] or (row["age_days"] is not None and row["age_days"] < older_than_days):
-            continue
+def prune(registry: Registry | None, older_than_days: float = 0, dry_run: bool = False) -> list[dict[str, Any]]:
+    """The builds nothing uses (and older than older_than_days), removed unless dry_run; returns them."""
+    doomed = [row for row in list_builds(registry)
+              if not row["used_by"] and (row["age_days"] is None or row["age_days"] >= older_than_days)]
+    for row in doomed if not dry_run else []:
         remove(row["build"])
-        removed.append(row)
-    return removed
+    return doomed

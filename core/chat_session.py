@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,9 @@ class ChatRunner:
         longer than the model's context (Foundry Local answers those with a native exception)."""
         if not messages or not messages[-1]["content"].strip():
             raise SlmopsError("the prompt is empty; type a question")
-        genai = json.loads((self.model_dir / "genai_config.json").read_text())
-        context = int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
+        from .runtime import context_length
+
+        context = context_length(self.model_dir)
         limit = min(context, int(self.options.get("max_length") or context))
         text = templates.render(self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system)
         count = len(templates.count_tokens(self.model_dir, text)) if (self.model_dir / "tokenizer.json").is_file() else 0

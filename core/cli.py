@@ -465,11 +465,7 @@ def builds_prune(state: State, older_than: float, dry_run: bool, registry_backen
     from . import builds as b
     from .registry import open_registry
 
-    registry = open_registry(state.config, registry_backend)
-    if dry_run:
-        rows = [r for r in b.list_builds(registry) if not r["used_by"] and (r["age_days"] or 0) >= older_than]
-    else:
-        rows = b.prune(registry, older_than)
+    rows = b.prune(open_registry(state.config, registry_backend), older_than, dry_run)
     if as_json:
         output.emit_json({"dry_run": dry_run, "removed": rows})
         return

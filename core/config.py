@@ -16,6 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import UsageError
+from .roles import BLOCK_SIZES, PRECISIONS
 
 CONFIG_NAME = "slmops.toml"
 
@@ -73,8 +74,8 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
 # section.key -> (check, what a good value is). Flags and slmops.toml values go through the same checks, before any
 # work starts, so `max_new_tokens = 0` is a usage error rather than a native abort twenty minutes in.
 VALUE_CHECKS: dict[str, tuple[Any, str]] = {
-    "convert.precision": _one_of("fp32", "fp16", "int8", "int4", "auto"),
-    "convert.block_size": _one_of(16, 32, 64, 128, 256),
+    "convert.precision": _one_of(*PRECISIONS, "auto"),
+    "convert.block_size": _one_of(*BLOCK_SIZES),
     "convert.accuracy_level": _one_of(0, 1, 2, 3, 4),
     "model.adapter_mode": _one_of("merge", "adapter"),
     "validate.max_kld": _at_least(0),

@@ -29,10 +29,9 @@ from .fsutil import (
     write_json_atomic,
 )
 from .isolate import in_child
-from .roles import PRECISIONS, Converter, ConvertRequest, Quantizer
+from .roles import BLOCK_SIZES, PRECISIONS, Converter, ConvertRequest, Quantizer
 
 MANIFEST = "slmops-manifest.json"
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 # The builds worth comparing, smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries them
 # in this order, bench --compare measures them all.
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
@@ -132,6 +131,8 @@ def architecture_of(checkpoint: Path) -> str:
 
 
 def check_adapter(adapter: Path) -> None:
+    if not adapter.is_dir():
+        raise SlmopsError(f"adapter {adapter} does not exist; give the folder with adapter_config.json")
     if not (adapter / "adapter_config.json").is_file():
         raise SlmopsError(f"{adapter} is not a PEFT adapter (no adapter_config.json); give the folder peft saved")
     if not any((adapter / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
@@ -142,7 +143,6 @@ def check_adapter(adapter: Path) -> None:
 
 def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: bool) -> Path:
     """A checkpoint with a PEFT LoRA adapter merged into the base weights, made once into the cache."""
-    check_adapter(adapter)
     target = home() / "sources" / f"merged-{base_sha[:10]}-{content_hash(adapter)[:10]}"
     if (target / "config.json").is_file():
         return target
@@ -180,8 +180,6 @@ def convert(source_spec: str | None, request_options: dict[str, Any], backend: s
         request = dataclasses.replace(request, accuracy_level=4)
     check_options(request)
     if request.adapter is not None:
-        if not request.adapter.is_dir():
-            raise SlmopsError(f"adapter {request.adapter} does not exist; give the folder with adapter_config.json")
         check_adapter(request.adapter)
         if request.adapter_mode == "merge":
             checkpoint = merge_adapter(checkpoint, source_sha, request.adapter, request.trust_remote_code)

@@ -217,9 +217,13 @@ def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def changed_files(folder: Path, recorded: dict[str, str]) -> list[str]:
-    """The files of recorded (from file_hashes) that are missing from folder or differ now."""
-    now = file_hashes(folder)
-    return sorted(rel for rel, digest in recorded.items() if now.get(rel) != digest)
+    """The files of recorded (from file_hashes) that are missing from folder or differ now. Only those are read:
+    other files there (a user's evaluations beside an -o build) cost nothing."""
+    memo = HashMemo()
+    changed = sorted(rel for rel, digest in recorded.items()
+                     if not (folder / rel).is_file() or memo(folder / rel) != digest)
+    memo.save()
+    return changed
 
 
 def content_hash(path: Path) -> str:

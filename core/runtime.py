@@ -14,6 +14,12 @@ import numpy as np
 from .adapters import ActiveAdapter
 
 
+def context_length(model_dir: Path) -> int:
+    """The longest sequence (prompt and answer) the model folder's genai_config.json allows."""
+    genai = json.loads((Path(model_dir) / "genai_config.json").read_text())
+    return int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
+
+
 class Session:
     """A loaded model. adapter: the adapter to switch on (None: the folder's only one, "none": the base)."""
 
@@ -27,8 +33,7 @@ class Session:
         self.tokenizer = og.Tokenizer(self.model)
         self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)  # the model as it is deployed
         self.load_s = time.perf_counter() - start
-        genai = json.loads((self.model_dir / "genai_config.json").read_text())
-        self.context_length = int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
+        self.context_length = context_length(self.model_dir)
 
     def use_adapter(self, name: str | None) -> None:
         self.adapter = ActiveAdapter(self.og, self.model, self.model_dir, name)
