@@ -32,6 +32,35 @@ def safe_messages(messages: Messages, chosen: templates.ChosenTemplate, info=Non
             for m in messages]
 
 
+class StopText:
+    """Text held back while it could still turn into a stop string, so what comes out never holds one (a stop
+    string may arrive split over several tokens). push() returns what is safe to show; stopped says a stop came."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        self.held += piece
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self.held = self.held[: min(found)], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
 class OrtGenAIChat:
     """One loaded model; stream() answers a conversation token by token."""
 
@@ -49,6 +78,9 @@ class OrtGenAIChat:
         return self.session.encode(text)
 
     def stream(self, messages: Messages, options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
+        """The answer piece by piece. options: max_new_tokens, max_length, temperature, top_p, repetition_penalty,
+        seed, stop (strings that end the answer, left out of it). usage gets token counts, TTFT and finish_reason
+        ("stop": the model or a stop string ended it; "length": it ran out of tokens)."""
         tokens = self.prompt_tokens(messages)
         max_new = int(options.get("max_new_tokens") or 256)
         limit = min(self.context_length, int(options.get("max_length") or self.context_length))
@@ -58,22 +90,29 @@ class OrtGenAIChat:
         search = {"do_sample": temperature > 0, "repetition_penalty": float(options.get("repetition_penalty", 1.0) or 1.0)}
         if temperature > 0:
             search.update(temperature=temperature, top_p=float(options.get("top_p", 1.0) or 1.0))
-        generator = self.session.generator(min(limit, len(tokens) + max_new), **search)
+        if options.get("seed") is not None:
+            search["random_seed"] = int(options["seed"])
+        budget = min(limit, len(tokens) + max_new) - len(tokens)
+        generator = self.session.generator(len(tokens) + budget, **search)
         stream = self.session.tokenizer.create_stream()
         start = time.perf_counter()
-        usage.update(prompt_tokens=len(tokens), completion_tokens=0)
+        usage.update(prompt_tokens=len(tokens), completion_tokens=0, finish_reason="stop")
         generator.append_tokens(tokens)
-        stops = [s for s in self.chosen.family.stop if s]
-        text = ""
+        text = StopText(list(self.chosen.family.stop) + stop_list(options.get("stop")))
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             usage["completion_tokens"] += 1
             if usage["completion_tokens"] == 1:
                 usage["ttft_s"] = time.perf_counter() - start
-            piece = stream.decode(token)
-            text += piece
-            if any(s in text for s in stops):
+            piece = text.push(stream.decode(token))
+            if piece:
+                yield piece
+            if text.stopped:
                 break
-            yield piece
+            if usage["completion_tokens"] >= budget and not self.session.is_eos(token):
+                usage["finish_reason"] = "length"
+        rest = "" if text.stopped else text.flush()
+        if rest:
+            yield rest
         usage["total_s"] = time.perf_counter() - start

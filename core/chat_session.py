@@ -5,21 +5,24 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import IO, Any
 
 import click
 
 from . import adapters, templates
 from . import registry as reg
-from .chat import OrtGenAIChat, load_template, safe_messages
-from .config import Config
+from .chat import OrtGenAIChat, StopText, load_template, safe_messages, stop_list
 from .errors import SlmopsError
+from .roles import Registry
 
 
 class ChatRunner:
-    def __init__(self, cfg: Config, name: str, engine: str, backend: str | None, overrides: dict[str, Any],
-                 adapter: str | None = None):
-        self.registry = reg.open_registry(cfg, backend)
+    """One registered model, answering conversations through the registry's runtime or ORT GenAI. `model run`,
+    deploy's question and `slmops serve` all answer through it, so they share template and control-token handling."""
+
+    def __init__(self, registry: Registry, name: str, engine: str, overrides: dict[str, Any], adapter: str | None = None):
+        self.registry = registry
         self.entry = reg.find_runnable(self.registry, name)
         self.model_dir = Path(self.entry.path)
         self.chosen = load_template(self.model_dir)
@@ -34,32 +37,50 @@ class ChatRunner:
         self.engine = engine
         self.ort: OrtGenAIChat | None = None
 
-    def check_turn(self, messages: list[dict[str, str]]) -> None:
+    def check_turn(self, messages: list[dict[str, str]], options: dict[str, Any] | None = None) -> int:
         """Refuse, before any runtime sees it, a turn no runtime can answer: an empty prompt, or a conversation
-        longer than the model's context (Foundry Local answers those with a native exception)."""
+        longer than the model's context (Foundry Local answers those with a native exception). Returns the prompt's
+        token count."""
         if not messages or not messages[-1]["content"].strip():
             raise SlmopsError("the prompt is empty; type a question")
         from .runtime import context_length
 
         context = context_length(self.model_dir)
-        limit = min(context, int(self.options.get("max_length") or context))
+        limit = min(context, int((options or self.options).get("max_length") or context))
         text = templates.render(self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system)
         count = len(templates.count_tokens(self.model_dir, text)) if (self.model_dir / "tokenizer.json").is_file() else 0
         if count >= limit:
             raise SlmopsError(f"the conversation is {count} tokens, the model's context is {limit}; shorten the prompt"
                               " (in a chat: start a new one)")
+        return count
 
-    def _stream(self, messages: list[dict[str, str]], usage: dict[str, Any]):
-        self.check_turn(messages)
+    def load(self) -> None:
+        """Load the model now rather than at the first question."""
+        if self.engine == "registry" and self.registry.load(self.entry.name):
+            return
+        self.engine = "ort-genai"
+        if self.ort is None:
+            self.ort = OrtGenAIChat(self.model_dir, self.adapter)
+
+    def stream(self, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
+        """The answer piece by piece (options as OrtGenAIChat.stream takes them); usage gets token counts and
+        finish_reason."""
+        self.check_turn(messages, options)
         if self.engine == "registry":
             try:
                 # The runtime applies the chat template itself: only neutralise control tokens in user text.
-                return self.registry.chat(self.entry.name, safe_messages(messages, self.chosen, self.info), self.options, usage)
+                pieces = self.registry.chat(self.entry.name, safe_messages(messages, self.chosen, self.info), options, usage)
             except NotImplementedError:
-                pass
+                self.engine = "ort-genai"
+            else:
+                yield from _with_stops(pieces, options, usage)
+                return
         if self.ort is None:
             self.ort = OrtGenAIChat(self.model_dir, self.adapter)
-        return self.ort.stream(messages, self.options, usage)
+        yield from self.ort.stream(messages, options, usage)
+
+    def _stream(self, messages: list[dict[str, str]], usage: dict[str, Any]) -> Iterator[str]:
+        return self.stream(messages, self.options, usage)
 
     def answer(self, prompt: str, system: str | None, stream_to: IO[str] | None) -> dict[str, Any]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -112,3 +133,24 @@ class ChatRunner:
                 continue
             sys.stdout.write("\n")
             history.append({"role": "assistant", "content": "".join(parts)})
+
+
+def _with_stops(pieces: Iterator[str], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
+    """A registry runtime's answer cut at the caller's stop strings, with its finish_reason."""
+    text = StopText(stop_list(options.get("stop")))
+    try:
+        for piece in pieces:
+            out = text.push(piece)
+            if out:
+                yield out
+            if text.stopped:
+                break
+        rest = "" if text.stopped else text.flush()
+        if rest:
+            yield rest
+    finally:
+        close = getattr(pieces, "close", None)
+        if close:
+            close()  # ends the runtime's request now, not when the iterator is collected
+    out_of_tokens = usage.get("completion_tokens", 0) >= int(options.get("max_new_tokens") or 256)
+    usage["finish_reason"] = "length" if out_of_tokens and not text.stopped else "stop"

@@ -499,10 +499,11 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
 def model_run(state: State, name: str, prompt: str | None, system_text: str | None, engine: str, registry_backend: str | None,
               as_json: bool, adapter: str | None, **overrides: Any) -> None:
     """Chat with NAME: interactive and streaming, or one answer with --prompt."""
+    from . import registry as reg
     from .chat_session import ChatRunner
 
-    runner = ChatRunner(state.config, name, engine, registry_backend, {k: v for k, v in overrides.items() if v is not None},
-                        adapter)
+    runner = ChatRunner(reg.open_registry(state.config, registry_backend), name, engine,
+                        {k: v for k, v in overrides.items() if v is not None}, adapter)
     if prompt is not None:
         result = runner.answer(prompt, system_text, stream_to=None if as_json else sys.stdout)
         if as_json:
@@ -511,6 +512,40 @@ def model_run(state: State, name: str, prompt: str | None, system_text: str | No
             sys.stdout.write("\n")
         return
     runner.interactive(system_text, EXIT_WORDS)
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
+@click.option("--engine", type=click.Choice(["registry", "ort-genai"]), default="registry", show_default=True,
+              help="Answer through the registry's runtime (Foundry Local) or ORT GenAI directly.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests one model answers at once (ORT GenAI engine; the registry runtime answers one at a time).")
+@click.option("--max-queue", type=click.IntRange(0, 4096), default=16, show_default=True,
+              help="Requests a model keeps waiting; past that the server answers 429.")
+@click.option("--api-key", envvar="SLMOPS_API_KEY", help="Require 'Authorization: Bearer KEY' (also from $SLMOPS_API_KEY).")
+@registry_option
+@pass_state
+def serve(state: State, names: tuple[str, ...], host: str, port: int, engine: str, parallel: int, max_queue: int,
+          api_key: str | None, registry_backend: str | None) -> None:
+    """Serve registered models (NAMES, default all) with an OpenAI-compatible API: /v1/models, /v1/chat/completions."""
+    from . import registry as reg
+    from . import serve as srv
+
+    settings = srv.ServeSettings(parallel=parallel, max_queue=max_queue, api_key=api_key or None)
+    sock = srv.bind(host, port)  # first: a port in use is said before minutes of loading
+    models = srv.open_models(reg.open_registry(state.config, registry_backend), list(names), engine, settings)
+    address = sock.getsockname()
+    where = f"http://{'[' + address[0] + ']' if ':' in address[0] else address[0]}:{address[1]}/v1"
+    output.table([{"model": m.name, "engine": m.runner.engine, "parallel": m.parallel, "queue": m.max_queue}
+                  for m in models.values()], ["model", "engine", "parallel", "queue"], title="serving")
+    if not srv.is_loopback(host) and not settings.api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this machine can use the models",
+                   err=True)
+    click.echo(f"OpenAI API at {where} (base_url for the openai client); Ctrl-C stops", err=True)
+    srv.run(srv.Server(models, settings), sock)
+    click.echo("slmops serve: stopped", err=True)
 
 
 def bench_settings(cfg: Config, runs: int | None, max_new_tokens: int | None, lengths: str | None, soak: int | None) -> dict[str, Any]:
@@ -665,3 +700,4 @@ def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, 
                  ["model", "decode tok/s", "TTFT ms", "p50 ms", "p95 ms", "peak RSS MB", "size"], title="benchmark summary")
     if result.get("answer"):
         click.echo(f"Q: {ask}\nA: {result['answer']['answer'].strip()}")
+    click.echo(f"Chat with it: {result['run']}\nServe it (OpenAI API at http://127.0.0.1:8000/v1): {result['serve']}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,12 @@ def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[s
             reg.register(registry, pkg, replace=True)
         validation = {k: validation[k] for k in ("ok", "checks", "bench")}
         write_json_atomic(record_path, {"key": key, "build": str(model_dir), "validation": validation, "files": files})
+    # How to use it next; a registry outside its default place is named, since those commands have no --registry-dir
+    where = "" if registry.root == registry.default_location() else f"{reg.REGISTRY_ENV}={shlex.quote(str(registry.root))} "
     result: dict[str, Any] = {"name": name, "build": str(model_dir), "registry": registry.name, "tried": tried,
-                              "validation": validation}
+                              "validation": validation, "run": f"{where}slmops model run {name}", "serve": f"{where}slmops serve {name}"}
     if ask:
-        runner = ChatRunner(cfg, name, "registry", None, {"temperature": 0.0, "max_new_tokens": 64})
+        runner = ChatRunner(registry, name, "registry", {"temperature": 0.0, "max_new_tokens": 64})
         with progress.step(f"Asking {name} through {registry.name if runner.engine == 'registry' else 'ORT GenAI'}"):
             result["answer"] = runner.answer(ask, None, None)
     return result

@@ -167,6 +167,10 @@ class Registry:
     def remove(self, name: str) -> None:
         raise NotImplementedError
 
+    def load(self, name: str) -> bool:
+        """Load a registered model into this registry's runtime ahead of chat(); False when it has no runtime."""
+        return False
+
     def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
         """Stream the answer through this registry's own runtime, filling usage with token counts at the end.
         Registries without a runtime raise NotImplementedError; slmops then runs the model with ORT GenAI."""

@@ -34,6 +34,11 @@ class Session:
         self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)  # the model as it is deployed
         self.load_s = time.perf_counter() - start
         self.context_length = context_length(self.model_dir)
+        eos = json.loads((self.model_dir / "genai_config.json").read_text())["model"].get("eos_token_id", [])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.eos_ids
 
     def use_adapter(self, name: str | None) -> None:
         self.adapter = ActiveAdapter(self.og, self.model, self.model_dir, name)

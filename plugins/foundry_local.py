@@ -54,8 +54,7 @@ def matching(catalog: Any, name: str) -> list[Any]:
 class FoundryLocalRegistry(Registry):
     name = "foundry-local"
     description = "Foundry Local model cache and runtime (foundry-local-sdk)"
-    _chat_model: Any = None  # the model a chat loaded, kept for the next turn
-    _chat_key: tuple | None = None
+    _chat_models: dict[tuple, Any] = {}  # (root, name) -> the model a chat loaded, kept for the next turn
 
     def default_location(self) -> Path:
         # Foundry Local's own cache, as `foundry cache location` reports it.
@@ -99,7 +98,7 @@ class FoundryLocalRegistry(Registry):
             yield manager.get_catalog(CatalogType.LOCAL)  # only LOCAL: the public catalog needs the network
         finally:
             manager.close()
-            self._chat_model = None
+            self._chat_models = {}  # closing the manager unloads them
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
@@ -220,7 +219,7 @@ class FoundryLocalRegistry(Registry):
         temperature = float(options.get("temperature") or 0.0)
         session.set_options(RequestOptions(search=SearchOptions(
             max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
-            top_p=options.get("top_p"), do_sample=temperature > 0)))
+            top_p=options.get("top_p"), seed=options.get("seed"), do_sample=temperature > 0)))
         session.set_streaming(True)
         request = Request()
         for m in messages:
@@ -239,13 +238,24 @@ class FoundryLocalRegistry(Registry):
                               "`--engine ort-genai` runs the model with slmops's checked template instead") from None
         usage.update(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens)
 
-    def _loaded(self, name: str) -> Any:
-        """The model, loaded once per process: a multi-turn chat pays the SDK start and model load once."""
-        from foundry_local_sdk import CatalogType
+    def load(self, name: str) -> bool:
+        self._loaded(name)
+        return True
 
-        if self._chat_model is not None and self._chat_key == (self.root, name):
-            return self._chat_model
-        found = matching(self._start().get_catalog(CatalogType.LOCAL), name)
+    def _loaded(self, name: str) -> Any:
+        """The model, loaded once per process: a multi-turn chat, or a server with several models, pays the SDK
+        start and each model's load once."""
+        from foundry_local_sdk import CatalogType, FoundryLocalManager
+
+        key = (self.root, name)
+        if key in self._chat_models:
+            return self._chat_models[key]
+        if not any(k[0] == self.root for k in self._chat_models):
+            self._chat_models = {}
+            manager = self._start()
+        else:
+            manager = FoundryLocalManager.instance  # keep the models already loaded by it
+        found = matching(manager.get_catalog(CatalogType.LOCAL), name)
         if not found:
             raise SlmopsError(f"{name} is not registered with Foundry Local at {self.root}")
         model = found[0]
@@ -254,7 +264,7 @@ class FoundryLocalRegistry(Registry):
         except Exception as e:
             raise SlmopsError(f"Foundry Local could not load {name}: {clean_message(e)}; "
                               f"check {self.root / 'custom' / name} or register the model again") from None
-        self._chat_model, self._chat_key = model, (self.root, name)
+        self._chat_models = {**self._chat_models, key: model}
         return model
 
 

@@ -48,4 +48,5 @@ def test_deploy_default_model(cli, tmp_path):
     chosen = [t for t in data["tried"] if t["chosen"] == "yes"][0]
     assert chosen["mean_kld"] <= 0.5 and chosen["top1_agreement"] >= 0.6
     assert "Paris" in data["answer"]["answer"]
+    assert data["serve"] == f"SLMOPS_REGISTRY_DIR={reg} slmops serve smollm2-135m-instruct"
     assert json.loads((reg / "custom" / "smollm2-135m-instruct" / "inference_model.json").read_text())["slmops"]["family"] == "chatml"

@@ -1,0 +1,402 @@
+"""`slmops serve`: registered models behind an OpenAI-compatible HTTP API (FastAPI on uvicorn).
+
+Each model answers through its ChatRunner, as `model run` does: the registry's runtime or ORT GenAI, the checked
+template, the same control-token neutralisation. Generation runs in worker threads. A model answers `parallel`
+requests at once and keeps at most `max_queue` more waiting; past that a request gets 429 at once rather than a
+hung connection. A client that goes away stops its generation at the next token; so does shutting down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from . import progress
+from .chat_session import ChatRunner
+from .errors import SlmopsError
+from .roles import Registry
+
+MAX_BODY_BYTES = 1 << 20  # a request larger than any context these models have
+DONE = object()
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# -- the request, as the OpenAI API defines it (the fields slmops honours; others are ignored) -----------------
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The runtime options: the model's ModelConfig, overridden by what the request sets."""
+        options = dict(defaults)
+        for key, value in (("temperature", self.temperature), ("top_p", self.top_p), ("seed", self.seed), ("stop", self.stop),
+                           ("max_new_tokens", self.max_completion_tokens or self.max_tokens)):
+            if value is not None:
+                options[key] = value
+        return options
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+# -- models and their turns -------------------------------------------------------------------------------------
+class ServedModel:
+    """One model and its admission control: `parallel` requests generate, `max_queue` wait, the rest get 429."""
+
+    def __init__(self, runner: ChatRunner, parallel: int, max_queue: int):
+        self.runner, self.name, self.parallel, self.max_queue = runner, runner.entry.name, parallel, max_queue
+        self.active = self.waiting = 0
+        self.pieces_sent = 0  # text pieces handed to clients so far: /health shows that a generation has stopped
+        self.free: asyncio.Semaphore | None = None  # made on the server's event loop
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self.free is None:
+            self.free = asyncio.Semaphore(self.parallel)
+        if self.active + self.waiting >= self.parallel + self.max_queue:
+            raise ApiError(429, f"{self.name} is busy ({self.active} answering, {self.waiting} waiting); retry shortly",
+                           code="rate_limit_exceeded", kind="rate_limit_error")
+        self.waiting += 1
+        try:
+            await self.free.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.free.release()
+
+    def describe(self) -> dict[str, Any]:
+        e = self.runner.entry
+        created = int(datetime.datetime.fromisoformat(e.registered_at).timestamp()) if e.registered_at else 0
+        return {"id": self.name, "object": "model", "created": created, "owned_by": "slmops",
+                "family": e.family, "precision": e.precision, "engine": self.runner.engine}
+
+
+@dataclass
+class ServeSettings:
+    parallel: int = 1
+    max_queue: int = 16
+    api_key: str | None = None
+
+
+class Server:
+    """The served models and the generations running for them."""
+
+    def __init__(self, models: dict[str, ServedModel], settings: ServeSettings):
+        self.models, self.settings = models, settings
+        self.stopping = threading.Event()
+        self.executor = ThreadPoolExecutor(max_workers=sum(m.parallel for m in models.values()) + 1,
+                                           thread_name_prefix="slmops-generate")
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise ApiError(404, f"the model {name!r} is not served here; models: {', '.join(self.models)}",
+                           code="model_not_found", param="model")
+        return self.models[name]
+
+    async def generate(self, model: ServedModel, messages: list[dict[str, str]], options: dict[str, Any],
+                       usage: dict[str, Any], cancel: threading.Event) -> AsyncIterator[str]:
+        """The answer's pieces as the worker thread makes them; cancel (or shutdown) stops it at the next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def produce() -> None:
+            pieces = model.runner.stream(messages, options, usage)
+            try:
+                for piece in pieces:
+                    if cancel.is_set() or self.stopping.is_set():
+                        usage["cancelled"] = True
+                        break
+                    model.pieces_sent += 1
+                    put(piece)
+            except Exception as e:  # handed to the request, which answers it as an API error
+                put(e)
+            finally:
+                pieces.close()
+                put(DONE)
+
+        worker = loop.run_in_executor(self.executor, produce)
+        try:
+            while (item := await queue.get()) is not DONE:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(worker)  # the model's slot is free only once its thread has stopped
+
+
+def create_app(server: Server) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.stopping.set()
+        server.executor.shutdown(wait=True)
+
+    app = FastAPI(title="slmops", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        code = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
+        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code).body(),
+                            status_code=e.status_code)
+
+    async def require_key(request: Request) -> None:
+        key = server.settings.api_key
+        if key and not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": [{"id": m.name, "engine": m.runner.engine, "answering": m.active, "waiting": m.waiting,
+                                            "pieces_sent": m.pieces_sent}
+                                           for m in server.models.values()]}
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [m.describe() for m in server.models.values()]}
+
+    @v1.get("/models/{name}")
+    async def one_model(name: str) -> dict[str, Any]:
+        return server.model(name).describe()
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await read_body(request)
+        req = parse_request(body)
+        model = server.model(req.model)
+        messages = [m.plain() for m in req.messages]
+        options = req.options(model.runner.options)
+        try:  # before any status line goes out: a prompt no runtime can answer is the client's error
+            prompt_tokens = await asyncio.to_thread(model.runner.check_turn, messages, options)
+        except SlmopsError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise ApiError(400, str(e), code=code, param="messages") from None
+        cancel = threading.Event()
+        watcher = asyncio.create_task(watch_disconnect(request, cancel))
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            turn = model.turn()
+            await turn.__aenter__()  # a 429 is still answered as JSON, before the stream starts
+            events = stream_events(server, model, messages, options, cancel, completion_id, created, include_usage)
+            return StreamingResponse(finish_after(events, turn, watcher), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            async with model.turn():
+                usage: dict[str, Any] = {}
+                try:
+                    text = "".join([p async for p in server.generate(model, messages, options, usage, cancel)])
+                except SlmopsError as e:
+                    raise ApiError(500, str(e), kind="server_error") from None
+        finally:
+            watcher.cancel()
+        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+        completion_tokens = usage.get("completion_tokens", 0)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": usage.get("finish_reason", "stop"), "logprobs": None}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    app.include_router(v1)
+    return app
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request is {int(declared)} bytes, more than {MAX_BODY_BYTES}", code="request_too_large")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request is more than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    return body
+
+
+async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set cancel when the client goes away (the body is read by then, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(server: Server, model: ServedModel, messages: list[dict[str, str]], options: dict[str, Any],
+                        cancel: threading.Event, completion_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
+
+    usage: dict[str, Any] = {}
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for piece in server.generate(model, messages, options, usage, cancel):
+            yield chunk({"content": piece})
+    except SlmopsError as e:  # the status line is gone: OpenAI clients read an "error" object in the stream
+        yield sse(ApiError(500, str(e), kind="server_error").body())
+        yield "data: [DONE]\n\n"
+        return
+    yield chunk({}, usage.get("finish_reason", "stop"))
+    if include_usage:
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
+                   "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                            "total_tokens": prompt + completion}})
+    yield "data: [DONE]\n\n"
+
+
+async def finish_after(events: AsyncIterator[str], turn: Any, watcher: asyncio.Task) -> AsyncIterator[str]:
+    """The stream, then the model's slot freed and the disconnect watcher stopped, however the stream ends."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(Exception):
+            await events.aclose()
+        await turn.__aexit__(None, None, None)
+
+
+# -- starting it ---------------------------------------------------------------------------------------------------
+def open_models(registry: Registry, names: list[str], engine: str, settings: ServeSettings) -> dict[str, ServedModel]:
+    """Load the named registered models (all of them when names is empty), each once."""
+    names = names or sorted(e.name for e in registry.list())
+    if not names:
+        raise SlmopsError(f"no models are registered in {registry.name} at {registry.root}; deploy one with `slmops deploy`")
+    models = {}
+    for name in dict.fromkeys(names):
+        runner = ChatRunner(registry, name, engine, {})
+        with progress.step(f"Loading {runner.entry.name}"):
+            runner.load()
+        # Foundry Local's in-process runtime is not known to be safe with requests in parallel on one model.
+        parallel = settings.parallel if runner.engine == "ort-genai" else 1
+        models[runner.entry.name] = ServedModel(runner, parallel, settings.max_queue)
+    return models
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket (port 0: any free port), so a port in use is a clear error before anything starts."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise SlmopsError(f"cannot listen on {host!r}: {e.strerror}; pass an address such as 127.0.0.1") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SlmopsError(f"cannot listen on {host}:{port}: {e.strerror}; pick another port with --port") from None
+    sock.listen(128)
+    return sock
+
+
+def run(server: Server, sock: socket.socket) -> None:
+    """Serve until Ctrl-C or SIGTERM: then generations stop at their next token, open streams end with [DONE]
+    and the server exits."""
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.stopping.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the signal again once it has shut down
+        Uvicorn(config).run(sockets=[sock])
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")

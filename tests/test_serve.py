@@ -1,0 +1,266 @@
+"""`slmops serve`: the real server in a child process, answered through the real openai client (stream and not,
+two models, concurrent clients) and raw HTTP for the error cases, disconnects, the queue bound and Ctrl-C."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import NEUTRAL_DIR, SLMOPS
+
+pytestmark = pytest.mark.slow
+COUNT = "Count from 1 to 500, separated by commas."
+LONG = "Write a long story about a dragon, in at least ten chapters."  # SmolLM2 int4 goes on past 1,500 tokens
+
+
+class Served:
+    """A `slmops serve` child process on a free loopback port."""
+
+    def __init__(self, *args: str, env: dict[str, str]):
+        self.proc = subprocess.Popen([*SLMOPS, "serve", "--port", "0", *args], env=env, cwd=NEUTRAL_DIR,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.err: list[str] = []
+        deadline = time.time() + 300
+        for line in self.proc.stderr:
+            self.err.append(line)
+            if found := re.search(r"OpenAI API at (http://127\.0\.0\.1:(\d+)/v1)", line):
+                self.base_url, self.port = found[1], int(found[2])
+                break
+            assert time.time() < deadline, "".join(self.err)
+        else:
+            raise AssertionError(f"serve exited with {self.proc.wait()}: {''.join(self.err)}")
+        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
+
+    def client(self, key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=120)
+
+    def raw(self, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, json.loads(data)
+
+    def health(self, model: str) -> dict:
+        return next(m for m in self.raw("GET", "/health")[1]["models"] if m["id"] == model)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def serve_env(tmp_path_factory, default_checkpoint, tiny_llama_int4) -> dict[str, str]:
+    """A registry with two models: SmolLM2 int4 ("smol") and the tiny random llama ("tiny")."""
+    from slmops import convert
+
+    env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(tmp_path_factory.mktemp("serve-registry"))}
+    smol = convert.convert(str(default_checkpoint), {"precision": "int4"})
+    for name, path in (("smol", smol["path"]), ("tiny", tiny_llama_int4["path"])):
+        done = subprocess.run([*SLMOPS, "-q", "register", path, "--name", name], env=env, cwd=NEUTRAL_DIR,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(serve_env):
+    served = Served(env=serve_env)  # every registered model, through Foundry Local's runtime
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(serve_env):
+    """ORT GenAI, one request at a time, one waiting, and an API key."""
+    served = Served("smol", "--engine", "ort-genai", "--parallel", "1", "--max-queue", "1", env={**serve_env, "SLMOPS_API_KEY": "sekret"})
+    yield served
+    served.stop()
+
+
+def ask(client: openai.OpenAI, model: str, question: str, **kw) -> str:
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                           temperature=kw.pop("temperature", 0), max_tokens=kw.pop("max_tokens", 40), **kw)
+    return reply.choices[0].message.content
+
+
+def ask_streaming(client: openai.OpenAI, model: str, question: str, max_tokens: int = 40) -> str:
+    chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], temperature=0,
+                                            max_tokens=max_tokens, stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_lists_both_models(server):
+    assert sorted(m.id for m in server.client().models.list()) == ["smol", "tiny"]
+    assert server.client().models.retrieve("smol").id == "smol"
+    assert {m["id"] for m in server.raw("GET", "/health")[1]["models"]} == {"smol", "tiny"}
+
+
+def test_answers_like_model_run(server, serve_env):
+    client = server.client()
+    reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                           temperature=0, max_tokens=32)
+    done = subprocess.run([*SLMOPS, "model", "run", "smol", "--prompt", "What is the capital of France?", "--temperature", "0",
+                           "--max-new-tokens", "32", "--json"], env=serve_env, cwd=NEUTRAL_DIR, capture_output=True, text=True)
+    expected = json.loads(done.stdout)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].message.content == expected["answer"]  # same runtime, template and options
+    assert reply.usage.prompt_tokens == expected["prompt_tokens"]
+    assert reply.usage.completion_tokens == expected["completion_tokens"]
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason == "stop" and reply.model == "smol"
+
+
+def test_stream_matches_the_whole_answer(server):
+    client = server.client()
+    whole = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Name three rivers."}],
+                                           temperature=0, max_tokens=48)
+    chunks = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Name three rivers."}],
+                                                 temperature=0, max_tokens=48, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len(text) > 20
+    assert len({c.id for c in chunks}) == 1 and chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_max_tokens_stop_and_seed(server):
+    client = server.client()
+    short = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": COUNT}], temperature=0, max_tokens=3)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    full = ask(client, "smol", COUNT, max_tokens=40)
+    stop = full[12:15]  # a string the answer holds: the answer ends right before it, without it
+    cut = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": COUNT}], temperature=0, max_tokens=40,
+                                         stop=[stop, "zzz-never"])
+    assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [ask(client, "smol", "Tell me a story.", temperature=1.0, seed=seed, max_tokens=24) for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+def test_concurrent_clients_get_their_own_answers(server):
+    client = server.client()
+    jobs = [(model, q) for q in ("What is the capital of France?", "Name three colours.", "Who wrote Hamlet?", "What is 2+2?")
+            for model in ("smol", "tiny")]
+    one_by_one = [ask_streaming(client, m, q) for m, q in jobs]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        at_once = list(pool.map(lambda job: ask_streaming(client, *job), jobs))
+    assert at_once == one_by_one
+    assert len(set(one_by_one)) >= 5  # the two models and the questions really give different answers
+
+
+def error_of(status_and_body: tuple[int, dict]) -> tuple[int, str, str | None]:
+    status, body = status_and_body
+    return status, body["error"]["type"], body["error"]["code"]
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"model": "nosuch", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
+    (json.dumps({"model": "smol", "messages": []}), 400, None),
+    (json.dumps({"model": "smol", "messages": "hi"}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": 5}]}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hello " * 20000}]}), 400, "context_length_exceeded"),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "   "}]}), 400, None),
+    (b'{"model": "smol", "messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}', 413, "request_too_large"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, code):
+    got = error_of(server.raw("POST", "/v1/chat/completions", body))
+    assert got[0] == status and got[2] == code and got[1] == "invalid_request_error"
+    assert server.raw("GET", "/health")[0] == 200  # and the server goes on
+
+
+def test_unknown_routes_are_json_errors(server):
+    assert error_of(server.raw("GET", "/v1/nothing")) == (404, "invalid_request_error", "not_found")
+    assert error_of(server.raw("GET", "/v1/chat/completions"))[0] == 405
+    assert error_of(server.raw("GET", "/v1/models/nosuch")) == (404, "invalid_request_error", "model_not_found")
+
+
+def test_api_key(guarded):
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client("wrong").models.list()
+    assert error_of(guarded.raw("GET", "/v1/models")) == (401, "invalid_request_error", "invalid_api_key")
+    assert "Paris" in ask(guarded.client("sekret"), "smol", "What is the capital of France?")
+
+
+def wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def open_stream(served: Served, max_tokens: int = 1500) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=120)
+    body = {"model": "smol", "messages": [{"role": "user", "content": LONG}], "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Content-Type": "application/json", "Authorization": "Bearer sekret"})
+    return conn.getresponse()
+
+
+def test_queue_bound_and_disconnects(guarded):
+    first = open_stream(guarded)
+    assert first.status == 200 and first.readline().startswith(b"data: ")
+    assert wait_for(lambda: guarded.health("smol")["answering"] == 1)
+    waiting = {}
+    threading.Thread(target=lambda: waiting.setdefault("response", open_stream(guarded)), daemon=True).start()
+    assert wait_for(lambda: guarded.health("smol")["waiting"] == 1)
+    status, body = guarded.raw("POST", "/v1/chat/completions", json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}]}),
+                               {"Authorization": "Bearer sekret"})
+    assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    # The first client goes away mid-answer: its generation stops, and the waiting one is answered.
+    events = [line for line in (first.readline() for _ in range(10)) if line.strip()]
+    assert all(b'"finish_reason": null' in line for line in events)  # still mid-answer
+    first.close()
+    assert wait_for(lambda: "response" in waiting)
+    second = waiting["response"]
+    assert second.status == 200 and second.readline().startswith(b"data: ")
+    sent = guarded.health("smol")["pieces_sent"]
+    second.close()  # and it goes away too: nothing is generated after that
+    assert wait_for(lambda: guarded.health("smol")["answering"] == 0, 10)
+    settled = guarded.health("smol")["pieces_sent"]
+    time.sleep(1.5)
+    assert guarded.health("smol")["pieces_sent"] == settled < sent + 200  # 1,500 tokens would take many seconds
+    assert "Paris" in ask(guarded.client("sekret"), "smol", "What is the capital of France?")
+
+
+def test_ctrl_c_stops_cleanly_mid_stream(serve_env):
+    served = Served("smol", "--engine", "ort-genai", env=serve_env)
+    stream = open_stream(served)
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")
+    assert wait_for(lambda: served.health("smol")["pieces_sent"] > 5)
+    start = time.time()
+    served.proc.send_signal(signal.SIGINT)
+    assert served.proc.wait(timeout=30) == 0
+    assert time.time() - start < 10  # 1,500 tokens would take far longer: the generation stopped
+    assert stream.read().rstrip().endswith(b"data: [DONE]")  # the client sees the stream end, not a hang
+    err = "".join(served.err)
+    assert "Traceback" not in err and "stopped" in err
+    with pytest.raises(ConnectionRefusedError):
+        http.client.HTTPConnection("127.0.0.1", served.port, timeout=5).request("GET", "/health")
+
+
+def test_port_in_use_is_one_line(server, serve_env):
+    done = subprocess.run([*SLMOPS, "serve", "--port", str(server.port)], env=serve_env, cwd=NEUTRAL_DIR, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "pick another port with --port" in done.stderr and "Traceback" not in done.stderr
