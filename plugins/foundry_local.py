@@ -215,22 +215,24 @@ class FoundryLocalRegistry(Registry):
         )
 
         model = self._loaded(name)
-        session = ChatSession(model)
         temperature = float(options.get("temperature") or 0.0)
-        session.set_options(RequestOptions(search=SearchOptions(
-            max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
-            top_p=options.get("top_p"), seed=options.get("seed"), do_sample=temperature > 0)))
-        session.set_streaming(True)
-        request = Request()
-        for m in messages:
-            request.add_item(getattr(MessageItem, m["role"])(m["content"]))
         try:
-            with session.process_streaming_request(request) as response:
-                for item in response:
-                    text = _text_of(item)
-                    if text:
-                        yield text
-                tokens = response.final_response.get_usage()
+            # Every native object released as soon as it is done with (with-blocks), not when collected.
+            with ChatSession(model) as session, Request() as request:
+                session.set_options(RequestOptions(search=SearchOptions(
+                    max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
+                    top_p=options.get("top_p"), seed=options.get("seed"), do_sample=temperature > 0)))
+                session.set_streaming(True)
+                for m in messages:
+                    request.add_item(getattr(MessageItem, m["role"])(m["content"]))
+                with session.process_streaming_request(request) as response:
+                    for item in response:
+                        with item:
+                            text = _text_of(item)
+                        if text:
+                            yield text
+                    with response.final_response as final:
+                        tokens = final.get_usage()
         except SlmopsError:
             raise
         except Exception as e:

@@ -78,7 +78,7 @@ def serve_env(tmp_path_factory, default_checkpoint, tiny_llama_int4) -> dict[str
 
 @pytest.fixture(scope="module")
 def server(serve_env):
-    served = Served(env=serve_env)  # every registered model, through Foundry Local's runtime
+    served = Served("--engine", "registry", env=serve_env)  # every registered model, through Foundry Local's runtime
     yield served
     served.stop()
 
@@ -151,8 +151,16 @@ def test_max_tokens_stop_and_seed(server):
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
-def test_concurrent_clients_get_their_own_answers(server):
-    client = server.client()
+@pytest.fixture(scope="module")
+def parallel_server(serve_env):
+    served = Served("--engine", "ort-genai", "--parallel", "3", env=serve_env)  # generations really interleave
+    yield served
+    served.stop()
+
+
+@pytest.mark.parametrize("which", ["server", "parallel_server"])
+def test_concurrent_clients_get_their_own_answers(request, which):
+    client = request.getfixturevalue(which).client()
     jobs = [(model, q) for q in ("What is the capital of France?", "Name three colours.", "Who wrote Hamlet?", "What is 2+2?")
             for model in ("smol", "tiny")]
     one_by_one = [ask_streaming(client, m, q) for m, q in jobs]
@@ -160,6 +168,24 @@ def test_concurrent_clients_get_their_own_answers(server):
         at_once = list(pool.map(lambda job: ask_streaming(client, *job), jobs))
     assert at_once == one_by_one
     assert len(set(one_by_one)) >= 5  # the two models and the questions really give different answers
+
+
+def rss_mb(served: Served) -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{served.proc.pid}/status").read_text())[1]) / 1024
+
+
+@pytest.mark.parametrize("which", ["server", "parallel_server"])
+def test_memory_stays_flat_over_many_requests(request, which):
+    served = request.getfixturevalue(which)
+    client = served.client()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        def burst(n: int) -> None:
+            list(pool.map(lambda i: ask(client, "smol", f"Question {i}: why is the sky blue?", max_tokens=24), range(n)))
+
+        burst(12)  # warm: threads, arenas and caches reach their size
+        before = rss_mb(served)
+        burst(32)
+    assert rss_mb(served) - before < 60, f"{before:.0f} MB -> {rss_mb(served):.0f} MB over 32 requests"
 
 
 def error_of(status_and_body: tuple[int, dict]) -> tuple[int, str, str | None]:
