@@ -184,3 +184,18 @@ def test_generated_docs_are_current():
     spec.loader.exec_module(gen)
     assert (docs / "hooks.md").read_text() == gen.hooks_page(), "run `make docs`"
     assert "## `slmops deploy`" in (docs / "cli.md").read_text()
+
+
+def test_stop_text_cuts_stop_strings_split_over_pieces():
+    from slmops.chat import StopText
+
+    def run(pieces, stops):
+        text = StopText(stops)
+        out = [text.push(p) for p in pieces]
+        return "".join(out) + ("" if text.stopped else text.flush()), text.stopped, out
+
+    assert run(["Hello <|im", "_end|> more"], ["<|im_end|>"])[:2] == ("Hello ", True)
+    assert run(["1, 2, 3", ", 4"], ["3, 4"])[:2] == ("1, 2, ", True)
+    whole, stopped, out = run(["a <", "b> c"], ["<|im_end|>"])
+    assert (whole, stopped) == ("a <b> c", False) and out[0] == "a "  # "<" held back until it cannot be a stop
+    assert run(["no stops here"], [])[:2] == ("no stops here", False)
