@@ -45,6 +45,10 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("empty prompt", ["model", "run", "here", "--prompt", "  "], 1, "the prompt is empty"),
     ("prompt longer than the context", ["model", "run", "here", "--prompt", "{long}"], 1, "shorten the prompt"),
     ("cd of an unknown model", ["cache", "cd", "nosuch"], 1, "no model named 'nosuch'"),
+    # serve
+    ("serve an unknown model", ["serve", "nosuch", "--port", "0"], 1, "no model named 'nosuch'"),
+    ("serve on a port out of range", ["serve", "--port", "70000"], 2, "Invalid value for '--port'"),
+    ("serve on an unknown host", ["serve", "--host", "no.such.host.invalid", "--port", "0"], 1, "cannot listen on"),
 ]
 
 
