@@ -518,9 +518,9 @@ def model_run(state: State, name: str, prompt: str | None, system_text: str | No
 @click.argument("names", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
-@click.option("--engine", type=click.Choice(["ort-genai", "registry"]), default="ort-genai", show_default=True,
-              help="Answer through ORT GenAI directly (parallel requests, lower TTFT and memory) or the registry's runtime "
-                   "(Foundry Local, one request at a time per model).")
+@click.option("--engine", type=click.Choice(["registry", "ort-genai"]), default="registry", show_default=True,
+              help="Answer through the registry's runtime (Foundry Local: one request at a time per model) or ORT GenAI "
+                   "directly (--parallel requests at once).")
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests one model answers at once (ORT GenAI engine; the registry runtime answers one at a time).")
 @click.option("--max-queue", type=click.IntRange(0, 4096), default=16, show_default=True,
