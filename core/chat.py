@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,18 @@ class StopText:
         out, self.held = self.held, ""
         return out
 
+    def cut(self, pieces: Iterable[str]) -> Iterator[str]:
+        """pieces up to the first stop string (left out), what was held back given at the end."""
+        for piece in pieces:
+            out = self.push(piece)
+            if out:
+                yield out
+            if self.stopped:
+                return
+        rest = self.flush()
+        if rest:
+            yield rest
+
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
@@ -98,21 +110,20 @@ class OrtGenAIChat:
         start = time.perf_counter()
         usage.update(prompt_tokens=len(tokens), completion_tokens=0, finish_reason="stop")
         generator.append_tokens(tokens)
+
+        def decoded() -> Iterator[str]:
+            while not generator.is_done():
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                usage["completion_tokens"] += 1
+                if usage["completion_tokens"] == 1:
+                    usage["ttft_s"] = time.perf_counter() - start
+                if usage["completion_tokens"] >= budget and not self.session.is_eos(token):
+                    usage["finish_reason"] = "length"
+                yield stream.decode(token)
+
         text = StopText(list(self.chosen.family.stop) + stop_list(options.get("stop")))
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            usage["completion_tokens"] += 1
-            if usage["completion_tokens"] == 1:
-                usage["ttft_s"] = time.perf_counter() - start
-            piece = text.push(stream.decode(token))
-            if piece:
-                yield piece
-            if text.stopped:
-                break
-            if usage["completion_tokens"] >= budget and not self.session.is_eos(token):
-                usage["finish_reason"] = "length"
-        rest = "" if text.stopped else text.flush()
-        if rest:
-            yield rest
+        yield from text.cut(decoded())
+        if text.stopped:  # a stop string in the last token still ends the answer as "stop"
+            usage["finish_reason"] = "stop"
         usage["total_s"] = time.perf_counter() - start

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import click
@@ -63,9 +63,13 @@ class ChatRunner:
             self.ort = OrtGenAIChat(self.model_dir, self.adapter)
 
     def stream(self, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
-        """The answer piece by piece (options as OrtGenAIChat.stream takes them); usage gets token counts and
-        finish_reason."""
+        """check_turn, then generate."""
         self.check_turn(messages, options)
+        yield from self.generate(messages, options, usage)
+
+    def generate(self, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
+        """The answer to a checked turn, piece by piece (options as OrtGenAIChat.stream takes them); usage gets token
+        counts and finish_reason."""
         if self.engine == "registry":
             try:
                 # The runtime applies the chat template itself: only neutralise control tokens in user text.
@@ -79,16 +83,13 @@ class ChatRunner:
             self.ort = OrtGenAIChat(self.model_dir, self.adapter)
         yield from self.ort.stream(messages, options, usage)
 
-    def _stream(self, messages: list[dict[str, str]], usage: dict[str, Any]) -> Iterator[str]:
-        return self.stream(messages, self.options, usage)
-
     def answer(self, prompt: str, system: str | None, stream_to: IO[str] | None) -> dict[str, Any]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         usage: dict[str, Any] = {}
         start = time.perf_counter()
         first = None
         parts = []
-        for piece in self._stream(messages, usage):
+        for piece in self.stream(messages, self.options, usage):
             if first is None:
                 first = time.perf_counter() - start
             parts.append(piece)
@@ -120,8 +121,8 @@ class ChatRunner:
             history.append({"role": "user", "content": text})
             parts: list[str] = []
             usage: dict[str, Any] = {}
-            try:  # _stream checks the turn first: a refused turn is dropped and the session goes on
-                for piece in self._stream(history, usage):
+            try:  # stream checks the turn first: a refused turn is dropped and the session goes on
+                for piece in self.stream(history, self.options, usage):
                     parts.append(piece)
                     sys.stdout.write(piece)
                     sys.stdout.flush()
@@ -139,15 +140,7 @@ def _with_stops(pieces: Iterator[str], options: dict[str, Any], usage: dict[str,
     """A registry runtime's answer cut at the caller's stop strings, with its finish_reason."""
     text = StopText(stop_list(options.get("stop")))
     try:
-        for piece in pieces:
-            out = text.push(piece)
-            if out:
-                yield out
-            if text.stopped:
-                break
-        rest = "" if text.stopped else text.flush()
-        if rest:
-            yield rest
+        yield from text.cut(pieces)
     finally:
         close = getattr(pieces, "close", None)
         if close:

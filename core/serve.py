@@ -116,12 +116,10 @@ class ServedModel:
         self.runner, self.name, self.parallel, self.max_queue = runner, runner.entry.name, parallel, max_queue
         self.active = self.waiting = 0
         self.pieces_sent = 0  # text pieces handed to clients so far: /health shows that a generation has stopped
-        self.free: asyncio.Semaphore | None = None  # made on the server's event loop
+        self.free = asyncio.Semaphore(parallel)  # binds to the server's event loop at first use
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        if self.free is None:
-            self.free = asyncio.Semaphore(self.parallel)
         if self.active + self.waiting >= self.parallel + self.max_queue:
             raise ApiError(429, f"{self.name} is busy ({self.active} answering, {self.waiting} waiting); retry shortly",
                            code="rate_limit_exceeded", kind="rate_limit_error")
@@ -177,11 +175,10 @@ class Server:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def produce() -> None:
-            pieces = model.runner.stream(messages, options, usage)
+            pieces = model.runner.generate(messages, options, usage)  # the turn was checked before the answer began
             try:
                 for piece in pieces:
                     if cancel.is_set() or self.stopping.is_set():
-                        usage["cancelled"] = True
                         break
                     model.pieces_sent += 1
                     put(piece)
@@ -263,7 +260,8 @@ def create_app(server: Server) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             turn = model.turn()
             await turn.__aenter__()  # a 429 is still answered as JSON, before the stream starts
-            events = stream_events(server, model, messages, options, cancel, completion_id, created, include_usage)
+            events = stream_events(server, model, messages, options, cancel, completion_id, created, include_usage,
+                                   prompt_tokens)
             return StreamingResponse(finish_after(events, turn, watcher), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -275,13 +273,10 @@ def create_app(server: Server) -> FastAPI:
                     raise ApiError(500, str(e), kind="server_error") from None
         finally:
             watcher.cancel()
-        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-        completion_tokens = usage.get("completion_tokens", 0)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": usage.get("finish_reason", "stop"), "logprobs": None}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                "usage": usage_body(usage, prompt_tokens)}
 
     app.include_router(v1)
     return app
@@ -308,12 +303,19 @@ async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
             return
 
 
+def usage_body(usage: dict[str, Any], prompt_tokens: int) -> dict[str, int]:
+    """OpenAI's usage object; prompt_tokens: slmops's own count, for a runtime that reports none."""
+    prompt, completion = usage.get("prompt_tokens", prompt_tokens), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 async def stream_events(server: Server, model: ServedModel, messages: list[dict[str, str]], options: dict[str, Any],
-                        cancel: threading.Event, completion_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+                        cancel: threading.Event, completion_id: str, created: int, include_usage: bool,
+                        prompt_tokens: int) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
@@ -329,10 +331,8 @@ async def stream_events(server: Server, model: ServedModel, messages: list[dict[
         return
     yield chunk({}, usage.get("finish_reason", "stop"))
     if include_usage:
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                   "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                            "total_tokens": prompt + completion}})
+                   "choices": [], "usage": usage_body(usage, prompt_tokens)})
     yield "data: [DONE]\n\n"
 
 

@@ -54,7 +54,8 @@ def matching(catalog: Any, name: str) -> list[Any]:
 class FoundryLocalRegistry(Registry):
     name = "foundry-local"
     description = "Foundry Local model cache and runtime (foundry-local-sdk)"
-    _chat_models: dict[tuple, Any] = {}  # (root, name) -> the model a chat loaded, kept for the next turn
+    _chat_root: Path | None = None  # the registry folder whose SDK manager loaded _chat_models
+    _chat_models: dict[str, Any] = {}  # name -> the model a chat loaded, kept for the next turn (replaced, never mutated)
 
     def default_location(self) -> Path:
         # Foundry Local's own cache, as `foundry cache location` reports it.
@@ -98,7 +99,7 @@ class FoundryLocalRegistry(Registry):
             yield manager.get_catalog(CatalogType.LOCAL)  # only LOCAL: the public catalog needs the network
         finally:
             manager.close()
-            self._chat_models = {}  # closing the manager unloads them
+            self._chat_root, self._chat_models = None, {}  # closing the manager unloads them
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
@@ -249,12 +250,11 @@ class FoundryLocalRegistry(Registry):
         start and each model's load once."""
         from foundry_local_sdk import CatalogType, FoundryLocalManager
 
-        key = (self.root, name)
-        if key in self._chat_models:
-            return self._chat_models[key]
-        if not any(k[0] == self.root for k in self._chat_models):
-            self._chat_models = {}
+        if self._chat_root == self.root and name in self._chat_models:
+            return self._chat_models[name]
+        if self._chat_root != self.root:
             manager = self._start()
+            self._chat_root, self._chat_models = self.root, {}
         else:
             manager = FoundryLocalManager.instance  # keep the models already loaded by it
         found = matching(manager.get_catalog(CatalogType.LOCAL), name)
@@ -266,7 +266,7 @@ class FoundryLocalRegistry(Registry):
         except Exception as e:
             raise SlmopsError(f"Foundry Local could not load {name}: {clean_message(e)}; "
                               f"check {self.root / 'custom' / name} or register the model again") from None
-        self._chat_models = {**self._chat_models, key: model}
+        self._chat_models = {**self._chat_models, name: model}
         return model
 
 
