@@ -202,6 +202,8 @@ def error_of(status_and_body: tuple[int, dict]) -> tuple[int, str, str | None]:
     (json.dumps({"model": "smol", "messages": [{"role": "user", "content": 5}]}), 400, None),
     (json.dumps({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}), 400, None),
     (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}), 400, None),
+    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": "true"}), 400, None),
     (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, None),
     (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, None),
     (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hello " * 20000}]}), 400, "context_length_exceeded"),
