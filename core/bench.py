@@ -11,7 +11,7 @@ from . import implementations, plots, progress, quality
 from .chat import OrtGenAIChat
 from .config import Config
 from .edgecases import run_suite
-from .errors import SlmopsError
+from .errors import NoImplementation, SlmopsError
 from .fsutil import dir_size, write_text_atomic
 
 
@@ -81,7 +81,12 @@ def edge_cases(model_dir: Path) -> list[dict[str, Any]]:
 def compare_precisions(source: str | None, base_options: dict[str, Any], settings: dict[str, Any],
                        thresholds: dict[str, float]) -> dict[str, Any]:
     """Build the fp32, int8 and int4 candidates (cached), measure each, and recommend the smallest that passes."""
-    builds = {label: conv.convert(source, {**base_options, **opts}) for label, opts in reversed(conv.CANDIDATES)}
+    builds, skipped = {}, []
+    for label, opts in reversed(conv.CANDIDATES):
+        try:
+            builds[label] = conv.convert(source, {**base_options, **opts})
+        except NoImplementation as e:  # e.g. int4 gguf for a checkpoint source
+            skipped.append({"build": label, "why": str(e)})
     reference = Path(builds["fp32"]["path"])
     rows = []
     for label, build in builds.items():
@@ -94,12 +99,12 @@ def compare_precisions(source: str | None, base_options: dict[str, Any], setting
     for r in rows:
         r["size_ratio"] = r["size_mb"] / base["size_mb"]
         r["speed_ratio"] = r["decode_tok_s"] / base["decode_tok_s"]
-        r["passes"] = r["mean_kld"] <= thresholds["max_kld"] and r["top1_agreement"] >= thresholds["min_top1"]
+        r["passes"] = quality.passes(r, thresholds)
     passing = sorted((r for r in rows if r["passes"]), key=lambda r: r["size_mb"])
     choice = passing[0] if passing else base
     why = (f"{choice['build']} is the smallest build within max KLD {thresholds['max_kld']} and min top-1 {thresholds['min_top1']}"
            f" ({choice['size_ratio']:.2f}x fp32 size, {choice['speed_ratio']:.2f}x fp32 decode speed)")
-    return {"rows": rows, "recommendation": choice["build"], "why": why}
+    return {"rows": rows, "recommendation": choice["build"], "why": why, "skipped": skipped}
 
 
 def validate(model_dir: Path, cfg: Config, reference: str | None = None, domain: Path | None = None,

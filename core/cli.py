@@ -102,8 +102,9 @@ def convert_options(f=None, *, auto: bool = False):
         click.option("--provider", type=click.Choice(["CPUExecutionProvider"]), help="Execution provider."),
         click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Quantization block size."),
         click.option("--symmetric/--asymmetric", default=None, help="Symmetric quantization or with zero points."),
-        click.option("--algorithm", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last", "hqq"]),
-                     help="int4 algorithm: the builder's RTN and k-quant variants, or hqq (best quality, slow on CPU; needs --asymmetric)."),
+        click.option("--algorithm", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last", "hqq", "gguf"]),
+                     help="int4 algorithm: the builder's RTN and k-quant variants, hqq (slow on CPU; needs --asymmetric), "
+                          "or gguf (a GGUF source's own blocks, exact)."),
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
         click.option("--backend", help="Converter plugin (see `slmops plugins`); default: the fastest that fits."),
         click.option("--adapter", type=click.Path(), help="PEFT LoRA adapter folder to apply."),
@@ -599,8 +600,10 @@ def bench(state: State, target: str | None, compare_source: str | None, quality:
             output.emit_json(result)
             return
         output.table([{**r, "passes": "yes" if r["passes"] else "no"} for r in result["rows"]],
-                     ["build", "size_mb", "size_ratio", "decode_tok_s", "speed_ratio", "ttft_ms", "mean_kld", "top1_agreement", "perplexity", "passes"],
+                     ["build", "size_mb", "size_ratio", "decode_tok_s", "speed_ratio", "ttft_ms", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "mean_delta_p", "passes"],
                      title="precisions measured on this machine")
+        for skipped in result["skipped"]:
+            click.echo(f"not built: {skipped['build']}: {skipped['why']}")
         click.echo(f"recommendation: {result['recommendation']}: {result['why']}")
         return
     if not target:
@@ -626,7 +629,7 @@ def print_bench(result: dict[str, Any]) -> None:
     summary = [{"metric": k, "value": result[k]} for k in ("load_s", "ttft_ms_p50", "decode_tok_s", "latency_ms_p50", "latency_ms_p95",
                                                           "peak_rss_mb", "cpu_utilisation", "rss_growth_mb") if k in result]
     q = result.get("quality") or {}
-    summary += [{"metric": k, "value": q[k]} for k in ("mean_kld", "top1_agreement", "perplexity") if k in q]
+    summary += [{"metric": k, "value": q[k]} for k in ("positions", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "reference_perplexity", "mean_delta_p") if k in q]
     output.table(summary, ["metric", "value"], title=f"benchmark: {result['model']}")
     output.table(result["sweep"], ["prompt_tokens", "ttft_ms_p50", "prefill_tok_s", "decode_tok_s", "latency_ms_p50", "latency_ms_p95"],
                  title="input-length sweep")
@@ -693,7 +696,7 @@ def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, 
     if dry_run:
         click.echo("\n".join(result["plan"]))
         return
-    output.table(result["tried"], ["build", "size_mb", "mean_kld", "top1_agreement", "perplexity", "chosen"], title="builds tried")
+    output.table(result["tried"], ["build", "size_mb", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "chosen"], title="builds tried")
     output.table([{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["validation"]["checks"]], ["check", "ok", "value", "limit"], title="validation")
     m = result["validation"]["bench"]
     output.table([{"model": result["name"], "decode tok/s": m["decode_tok_s"], "TTFT ms": m["ttft_ms_p50"], "p50 ms": m["latency_ms_p50"],

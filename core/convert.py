@@ -34,7 +34,9 @@ from .roles import BLOCK_SIZES, PRECISIONS, Converter, ConvertRequest, Quantizer
 MANIFEST = "slmops-manifest.json"
 # The builds worth comparing, smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries them
 # in this order, bench --compare measures them all.
+# "int4 gguf" is a GGUF source's own blocks (exact weights); other sources skip it.
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
+    ("int4 gguf", {"precision": "int4", "algorithm": "gguf"}),
     ("int4 rtn_last asym", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False, "block_size": 32}),
     ("int4 rtn sym", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 32}),
     ("int4 rtn sym block 16", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 16}),
@@ -173,7 +175,8 @@ def convert(source_spec: str | None, request_options: dict[str, Any], backend: s
     with progress.step("Resolving the source"):
         source = sources.resolve(source_spec)
     checkpoint, source_sha = source.checkpoint, source.sha256
-    request = ConvertRequest(source_dir=checkpoint, **request_options)
+    gguf = Path(source.original) if source.kind in ("gguf", "default") else None
+    request = ConvertRequest(source_dir=checkpoint, gguf=gguf, **request_options)
     if request.accuracy_level is None and request.device == "cpu" and request.precision in ("int4", "int8"):
         # MatMulNBits computes in int8 at level 4. At the default level, 8-bit weights decoded SmolLM2 at 1.5 tok/s
         # against 59 at level 4 (the builder already picks 4 for int4 on the CPU).

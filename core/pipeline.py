@@ -34,7 +34,7 @@ def plan(cfg: Config) -> list[str]:
 
 def measured_quality(build: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """quality.compare of two builds, remembered by their keys: the same two builds always give the same numbers."""
-    memo = home() / "quality" / f"{build['key'][:16]}-{reference['key'][:16]}.json"
+    memo = home() / "quality" / f"{build['key'][:16]}-{reference['key'][:16]}-{quality.corpus_id()}.json"
     if memo.is_file():
         return json.loads(memo.read_text())
     result = quality.compare(Path(build["path"]), Path(reference["path"]))
@@ -61,7 +61,7 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[dict[str, A
             continue
         with progress.step(f"Measuring {label} against fp32"):
             q = measured_quality(build, reference)
-        ok = q["mean_kld"] <= v["max_kld"] and q["top1_agreement"] >= v["min_top1"]
+        ok = quality.passes(q, v)
         tried.append({"build": label, "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes" if ok else "no"})
         if ok:
             return build, q, tried

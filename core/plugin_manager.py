@@ -16,6 +16,7 @@ DEFAULT_PLUGINS = (
     "slmops.plugins.model_builder",
     "slmops.plugins.olive",
     "slmops.plugins.matmul_nbits",
+    "slmops.plugins.gguf_native",
     "slmops.plugins.templates",
     "slmops.plugins.foundry_local",
     "slmops.plugins.ort_genai_bench",

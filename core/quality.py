@@ -1,9 +1,15 @@
-"""Quality against a reference: teacher-forced next-token distributions (mean KL divergence, top-1 agreement,
-perplexity) on a text set shipped with slmops, and a user's own domain set."""
+"""Quality against a reference: teacher-forced next-token distributions (mean and p99 KL divergence, top-1
+agreement, perplexity, mean change in the probability of the right token) on the corpus shipped with slmops
+(data/corpus.jsonl: about 24k tokens of prose, code and dialogue), and a user's own domain set.
+
+Texts are cut into windows of CHUNK tokens and the second half of each window is scored, with the first half as
+context, as llama.cpp's perplexity tool does: every scored position sees at least CHUNK/2 tokens before it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,11 +18,28 @@ import numpy as np
 
 from .errors import SlmopsError
 
+CHUNK = 512
+CORPUS = "data/corpus.jsonl"
+SET_ENV = "SLMOPS_QUALITY_SET"  # a JSONL file of {"text"} rows to score instead of the shipped corpus
+
+
+def corpus_id(rows: list[dict[str, str]] | None = None) -> str:
+    """Names the scored text and how it is cut, so remembered results are not reused for other text."""
+    blob = json.dumps([CHUNK, [r.get("text") for r in (rows or load_set())]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def passes(q: dict[str, Any], thresholds: dict[str, Any]) -> bool:
+    """The quality gate: mean KLD at most max_kld and top-1 agreement at least min_top1."""
+    return q["mean_kld"] <= thresholds["max_kld"] and q["top1_agreement"] >= thresholds["min_top1"]
+
 
 def load_set(path: Path | None = None) -> list[dict[str, str]]:
-    """A JSONL set: {"text": ...} rows (scored by perplexity) and {"prompt", "expected"} rows (answer check)."""
+    """A JSONL set: {"text": ...} rows (scored by perplexity) and {"prompt", "expected"} rows (answer check).
+    Without a path: $SLMOPS_QUALITY_SET if set, else the shipped corpus."""
+    path = path or os.environ.get(SET_ENV) or None
     try:
-        raw = Path(path).read_text(encoding="utf-8") if path else resources.files("slmops").joinpath("data/quality.jsonl").read_text()
+        raw = Path(path).read_text(encoding="utf-8") if path else resources.files("slmops").joinpath(CORPUS).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise SlmopsError(f"cannot read the quality set {path}: {e}") from None
     rows = []
@@ -28,7 +51,7 @@ def load_set(path: Path | None = None) -> list[dict[str, str]]:
         except ValueError as e:
             raise SlmopsError(f"{path}:{number}: not valid JSON ({e}); each line must be one JSON object") from None
         if not isinstance(row, dict) or not ("text" in row or ("prompt" in row and "expected" in row)):
-            raise SlmopsError(f"{path}:{number}: each line needs \"text\", or \"prompt\" and \"expected\"")
+            raise SlmopsError(f'{path}:{number}: each line needs "text", or "prompt" and "expected"')
         rows.append(row)
     if not rows:
         raise SlmopsError(f"the quality set {path} is empty")
@@ -36,35 +59,54 @@ def load_set(path: Path | None = None) -> list[dict[str, str]]:
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    # float32 is enough: the sums below are per position over one vocabulary, and the totals are kept in float64
+    x = np.asarray(x, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def compare(candidate: Path, reference: Path, rows: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """Mean KL(reference || candidate), top-1 agreement, and both perplexities over the text rows."""
+def windows(tokens: list[int], chunk: int = CHUNK) -> list[list[int]]:
+    """The text's tokens cut into windows of chunk tokens (the last may be shorter); windows under 2 tokens dropped."""
+    return [w for w in (tokens[i : i + chunk] for i in range(0, len(tokens), chunk)) if len(w) >= 2]
+
+
+def compare(
+    candidate: Path, reference: Path, rows: list[dict[str, str]] | None = None, chunk: int = CHUNK
+) -> dict[str, Any]:
+    """KL(reference || candidate) per scored position (mean and p99), top-1 agreement, both perplexities and the
+    mean change in the right token's probability (candidate minus reference), over the text rows."""
     rows = [r for r in (rows or load_set()) if "text" in r]
     # Always two runs, also for one folder: a comparison that short-cuts equal paths proves nothing.
     from .runtime import Session
 
     ref, cand = Session(reference), Session(candidate)
-    kld, agree, nll_ref, nll_cand, positions = 0.0, 0, 0.0, 0.0, 0
+    klds, agree, nll_ref, nll_cand, delta_p = [], 0, 0.0, 0.0, 0.0
     for row in rows:
-        tokens = ref.encode(row["text"])
-        if len(tokens) < 2:
-            continue
-        lr = _log_softmax(ref.logits(tokens))[:-1]
-        lc = _log_softmax(cand.logits(tokens))[:-1]
-        target = np.array(tokens[1:])
-        kld += float((np.exp(lr) * (lr - lc)).sum())
-        agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
-        nll_ref -= float(lr[np.arange(len(target)), target].sum())
-        nll_cand -= float(lc[np.arange(len(target)), target].sum())
-        positions += len(target)
-    if positions == 0:
+        for window in windows(ref.encode(row["text"]), chunk):
+            first = len(window) // 2  # predictions from here on are scored; the tokens before are context
+            lr = _log_softmax(ref.logits(window)[first:-1])
+            lc = _log_softmax(cand.logits(window)[first:-1])
+            target = np.array(window[first + 1 :])
+            at = np.arange(len(target))
+            klds.append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
+            agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+            nll_ref -= float(lr[at, target].sum())
+            nll_cand -= float(lc[at, target].sum())
+            delta_p += float((np.exp(lc[at, target]) - np.exp(lr[at, target])).sum())
+    if not klds:
         raise SlmopsError("the quality set has no text long enough to score")
-    return {"positions": positions, "mean_kld": kld / positions, "top1_agreement": agree / positions,
-            "perplexity": float(np.exp(nll_cand / positions)), "reference_perplexity": float(np.exp(nll_ref / positions))}
+    kld = np.concatenate(klds)
+    n = len(kld)
+    return {
+        "positions": n,
+        "mean_kld": float(kld.mean()),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "top1_agreement": agree / n,
+        "perplexity": float(np.exp(nll_cand / n)),
+        "reference_perplexity": float(np.exp(nll_ref / n)),
+        "mean_delta_p": delta_p / n,
+        "corpus": corpus_id(rows),
+    }
 
 
 def domain_score(chat, rows: list[dict[str, str]], max_new_tokens: int = 64) -> dict[str, Any]:
@@ -73,7 +115,11 @@ def domain_score(chat, rows: list[dict[str, str]], max_new_tokens: int = 64) -> 
     hits, results = 0, []
     for r in graded:
         usage: dict[str, Any] = {}
-        answer = "".join(chat.stream([{"role": "user", "content": r["prompt"]}], {"max_new_tokens": max_new_tokens, "temperature": 0}, usage))
+        answer = "".join(
+            chat.stream(
+                [{"role": "user", "content": r["prompt"]}], {"max_new_tokens": max_new_tokens, "temperature": 0}, usage
+            )
+        )
         ok = r["expected"].lower() in answer.lower()
         hits += ok
         results.append({"prompt": r["prompt"], "expected": r["expected"], "answer": answer, "ok": ok})

@@ -28,11 +28,13 @@ class ConvertRequest:
     adapter: Path | None = None
     adapter_mode: str = "merge"  # "merge" into the weights, or "adapter": an ORT GenAI adapter file beside the base
     trust_remote_code: bool = False
+    gguf: Path | None = None  # the GGUF file when the source is one (source_dir is then its dequantized checkpoint)
 
     def options(self) -> dict[str, Any]:
-        """The options as plain JSON values, without the source path."""
+        """The options as plain JSON values, without the source paths (the source's hash is in the cache key)."""
         d = dataclasses.asdict(self)
         d.pop("source_dir")
+        d.pop("gguf")
         d["adapter"] = str(self.adapter) if self.adapter else None
         return d
 

@@ -9,7 +9,9 @@ from typing import Any
 from .roles import ConvertRequest
 
 # lm_head is kept at 8 bits by these algorithms; k_quant_mixed promotes some layers to 8 bits.
-EIGHT_BIT_ALLOWED = {"rtn_last", "k_quant_last", "k_quant_mixed"}
+EIGHT_BIT_ALLOWED = {"rtn_last", "k_quant_last", "k_quant_mixed", "gguf"}
+# The GGUF's own blocks decide block sizes and zero points (Q6_K: blocks of 16; Q4_1: a minimum per block).
+LAYOUT_FROM_SOURCE = {"gguf"}
 
 
 def graph_quantization(model_dir: Path) -> dict[str, Any]:
@@ -57,6 +59,8 @@ def compare(request: ConvertRequest, graph: dict[str, Any]) -> list[str]:
         problems.append(f"asked {request.precision} but the graph has no MatMulNBits nodes")
     elif want not in bits or not bits <= allowed:
         problems.append(f"asked {request.precision} but MatMulNBits bits are {sorted(bits)}")
+    if request.algorithm in LAYOUT_FROM_SOURCE:
+        return problems
     if graph["block_sizes"] and graph["block_sizes"] != [request.block_size]:
         problems.append(f"asked block size {request.block_size} but the graph has {graph['block_sizes']}")
     if graph["symmetric"] and graph["symmetric"] != [request.symmetric]:

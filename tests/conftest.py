@@ -51,6 +51,13 @@ def slmops_home(tmp_path_factory) -> Path:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.pop("SLMOPS_LOAD_PLUGINS", None)
+    # Tiny models are scored on a slice of the corpus (one window of each kind); the default model's tests and
+    # test_corpus_metrics use the whole corpus.
+    small = home / "quality-slice.jsonl"
+    rows = [json.loads(line) for line in (ROOT / "core" / "data" / "corpus.jsonl").read_text().splitlines()]
+    picked = [next(r for r in rows if r["kind"] == kind) for kind in ("prose", "code", "dialogue")]
+    small.write_text("".join(json.dumps({**r, "text": r["text"][:2400]}) + "\n" for r in picked))
+    os.environ["SLMOPS_QUALITY_SET"] = str(small)
     return home
 
 
@@ -93,8 +100,8 @@ def default_checkpoint(slmops_home) -> Path:
     return sources.resolve("default").checkpoint
 
 
-def build_tiny(out: Path, tokenizer_dir: Path, arch: str, chat_template: str | None = None, seed: int = 0) -> Path:
-    """A random-weight model of the given architecture with the default model's tokenizer."""
+def build_tiny(out: Path, tokenizer_dir: Path, arch: str, chat_template: str | None = None, seed: int = 0, **config) -> Path:
+    """A random-weight model of the given architecture with the default model's tokenizer (config: overrides)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -103,6 +110,7 @@ def build_tiny(out: Path, tokenizer_dir: Path, arch: str, chat_template: str | N
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=False)
+    common.update(config)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":

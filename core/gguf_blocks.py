@@ -1,0 +1,132 @@
+"""A GGUF's quantized tensors read as block forms the ONNX Runtime kernels take as they are:
+value = scale * (code - zero_point) + offset, integer codes per element, scale/zero point/offset per block.
+
+Every type below is affine in its codes within a block, so its blocks carry over without quantizing again:
+the codes come from the GGUF's own dequantization, and ``exact`` checks that the form gives back exactly the
+values gguf-py dequantizes (float32, bit for bit)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# GGUF type -> (code bits the runtime needs, elements per block, zero point, has an offset per block)
+# Q5 codes (0..31) and Q6_K codes (0..63) travel as 8-bit codes: still exact, twice the bytes of 4-bit.
+FORMS = {
+    "Q4_0": (4, 32, 8, False),
+    "Q4_1": (4, 32, 0, True),
+    "Q5_0": (8, 32, 16, False),
+    "Q5_1": (8, 32, 0, True),
+    "Q8_0": (8, 32, 128, False),
+    "Q4_K": (4, 32, 0, True),
+    "Q5_K": (8, 32, 0, True),
+    "Q6_K": (8, 16, 32, False),
+}
+SUPPORTED = tuple(FORMS)
+
+
+@dataclass
+class BlockForm:
+    """One matrix [rows, cols] as blocks along each row (cols is the input dimension of a MatMul)."""
+
+    gguf_type: str
+    bits: int
+    block: int
+    codes: np.ndarray  # uint8 [rows, cols]
+    scales: np.ndarray  # float32 [rows, cols // block]
+    zero_points: np.ndarray  # uint8 [rows, cols // block]
+    offsets: np.ndarray | None  # float32 [rows, cols // block], added after the scaled code; None: no offset
+
+    def dequantize(self) -> np.ndarray:
+        """The values this form stands for, in float32 as the GGUF computes them."""
+        rows, cols = self.codes.shape
+        c = self.codes.reshape(rows, -1, self.block).astype(np.float32) - self.zero_points[..., None].astype(np.float32)
+        v = self.scales[..., None] * c
+        if self.offsets is not None:
+            v = v + self.offsets[..., None]
+        return v.reshape(rows, cols).astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> BlockForm:
+        off = None if self.offsets is None else self.offsets[rows]
+        return BlockForm(
+            self.gguf_type, self.bits, self.block, self.codes[rows], self.scales[rows], self.zero_points[rows], off
+        )
+
+
+def _params(gguf_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scale, offset) per block from the raw GGUF blocks [n, bytes_per_block]; one row per GGUF block, one
+    column per sub-block of FORMS' block size."""
+    from gguf.quants import Q4_K
+
+    f16 = lambda b: b.copy().view(np.float16).astype(np.float32)  # noqa: E731 (fp16 fields of a block)
+    if gguf_type in ("Q4_0", "Q5_0", "Q8_0"):
+        return f16(raw[:, 0:2]), None
+    if gguf_type in ("Q4_1", "Q5_1"):
+        return f16(raw[:, 0:2]), f16(raw[:, 2:4])
+    if gguf_type in ("Q4_K", "Q5_K"):
+        d, dmin = f16(raw[:, 0:2]), f16(raw[:, 2:4])
+        sc, m = Q4_K.get_scale_min(raw[:, 4:16].copy())
+        return d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+    if gguf_type == "Q6_K":
+        scales = raw[:, 192:208].copy().view(np.int8).astype(np.float32)
+        return f16(raw[:, 208:210]) * scales, None
+    raise ValueError(gguf_type)
+
+
+def block_form(gguf_type: str, raw: np.ndarray, values: np.ndarray) -> BlockForm:
+    """The block form of one GGUF tensor: raw blocks [rows, bytes], values: gguf-py's dequantization [rows, cols]."""
+    bits, block, zp, has_offset = FORMS[gguf_type]
+    rows, cols = values.shape
+    per_row = raw.shape[1] // (cols // {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(gguf_type, 32))
+    scale, offset = _params(gguf_type, raw.reshape(-1, per_row))
+    scale = scale.reshape(rows, cols // block)
+    offset = None if offset is None else offset.reshape(rows, cols // block)
+    v = values.reshape(rows, -1, block).astype(np.float64)
+    shifted = v - (offset[..., None] if offset is not None else 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scale[..., None] == 0, 0.0, np.rint(shifted / scale[..., None]))
+    codes = (q + zp).clip(0, 2**bits - 1).astype(np.uint8).reshape(rows, cols)
+    zero_points = np.full(scale.shape, zp, dtype=np.uint8)
+    return BlockForm(gguf_type, bits, block, codes, scale.astype(np.float32), zero_points, offset)
+
+
+def row_key(row: np.ndarray) -> bytes:
+    """A row's identity: the exact float32 bytes, hashed (the dequantized checkpoint holds the same values)."""
+    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class GGUFWeights:
+    """The quantized 2-D tensors of a GGUF file, findable by the exact values of any of their rows."""
+
+    forms: dict[str, BlockForm]  # tensor name -> block form
+    rows: dict[bytes, tuple[str, int]]  # row_key -> (tensor name, row)
+    other_types: dict[str, str]  # tensor name -> type, for 2-D tensors with no exact form here
+
+
+def read(path: Path) -> GGUFWeights:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    forms: dict[str, BlockForm] = {}
+    rows: dict[bytes, tuple[str, int]] = {}
+    other: dict[str, str] = {}
+    for t in reader.tensors:
+        if len(t.shape) != 2:
+            continue
+        name, kind = t.name, t.tensor_type.name
+        if kind not in FORMS:
+            other[name] = kind
+            continue
+        values = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols], float32
+        form = block_form(kind, np.asarray(t.data), values)
+        if not np.array_equal(form.dequantize(), values):  # never expected; a wrong form must not pass as exact
+            other[name] = kind
+            continue
+        forms[name] = form
+        for i in range(values.shape[0]):
+            rows.setdefault(row_key(values[i]), (name, i))
+    return GGUFWeights(forms, rows, other)

@@ -1,0 +1,407 @@
+"""Quantizer: a GGUF source at its own quantization. The fp32 graph's weights are the GGUF's dequantized values;
+each MatMul (and the embedding) gets the GGUF's own blocks back instead of a second, lossy quantization.
+
+A block's value is scale * (code - zero_point) + offset. MatMulNBits takes the first part as it is; an offset per
+block (Q4_1, Q4_K, Q5_1, Q5_K keep a minimum) is added exactly by y += blocksum(x) @ offsets, where blocksum(x) sums
+x over each block of the input dimension: the same trick llama.cpp's Q4_1 dot product uses. Weights of types with no
+exact form here (or not found in the GGUF) take 8-bit RTN, and slmops-quantization.json says which."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from slmops import gguf_blocks, hookimpl
+from slmops.adapters import runtime_fed_matmuls
+from slmops.fsutil import copy_tree, write_json_atomic
+from slmops.roles import MODEL_FILES, ConvertRequest, Quantizer
+
+REPORT = "slmops-quantization.json"
+
+
+def pack(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' B: [rows, blocks, block * bits / 8], two 4-bit codes a byte with the even one low."""
+    rows, cols = codes.shape
+    if bits == 8:
+        return codes.reshape(rows, cols // block, block)
+    pairs = codes.reshape(rows, cols // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(rows, cols // block, block // 2)
+
+
+def pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return zp
+    rows, n = zp.shape
+    padded = np.zeros((rows, n + n % 2), dtype=np.uint8)
+    padded[:, :n] = zp
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(b: np.ndarray, zp: np.ndarray, bits: int, cols: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [rows, cols], zero points [rows, blocks]) back from B (or a gathered table) and its zero points."""
+    rows = b.shape[0]
+    flat, z = b.reshape(rows, -1), zp.reshape(rows, -1)
+    if bits == 8:
+        return flat[:, :cols], z[:, :blocks]
+    nibbles = lambda x: np.stack([x & 0x0F, x >> 4], axis=-1).reshape(rows, -1)  # noqa: E731 (even one low)
+    return nibbles(flat)[:, :cols], nibbles(z)[:, :blocks]
+
+
+def rtn8(matrix: np.ndarray, block: int = 32) -> gguf_blocks.BlockForm:
+    """The nearest 8-bit form of float rows (symmetric, per block), for weights the GGUF gives no exact form."""
+    rows, cols = matrix.shape
+    blocks = matrix.reshape(rows, -1, block).astype(np.float32)
+    scale = np.abs(blocks).max(axis=-1) / 127
+    safe = np.where(scale == 0, 1, scale)
+    codes = (np.rint(blocks / safe[..., None]) + 128).clip(0, 255).astype(np.uint8).reshape(rows, cols)
+    return gguf_blocks.BlockForm(
+        "rtn8", 8, block, codes, scale.astype(np.float32), np.full(scale.shape, 128, dtype=np.uint8), None
+    )
+
+
+def forms_for(matrix: np.ndarray, weights: gguf_blocks.GGUFWeights) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
+    """Runs (start row, end row, form) covering matrix [rows, cols]: each row found in the GGUF by its exact values
+    takes that tensor's blocks; consecutive rows of one type make one run (a packed QKV may mix types)."""
+    kinds, sources = [], []
+    for i in range(matrix.shape[0]):
+        hit = weights.rows.get(gguf_blocks.row_key(matrix[i]))
+        form = weights.forms[hit[0]] if hit else None
+        if form is not None and matrix.shape[1] % form.block:
+            hit = form = None
+        sources.append(hit)
+        kinds.append((form.gguf_type, form.bits, form.block) if form else None)
+    runs = []
+    start = 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start]:
+            if kinds[start] is None:
+                runs.append((start, i, rtn8(matrix[start:i])))
+            else:
+                runs.append((start, i, _gather(sources[start:i], weights)))
+            start = i
+    return runs
+
+
+def _gather(sources: list[tuple[str, int]], weights: gguf_blocks.GGUFWeights) -> gguf_blocks.BlockForm:
+    """One form from the GGUF rows named, in order (consecutive rows of one tensor taken at once)."""
+    pieces = [
+        weights.forms[name].take(np.array([row for _, row in group]))
+        for name, group in itertools.groupby(sources, key=lambda s: s[0])
+    ]
+    first = pieces[0]
+    cat = lambda attr: np.concatenate([getattr(p, attr) for p in pieces])  # noqa: E731
+    return gguf_blocks.BlockForm(
+        first.gguf_type,
+        first.bits,
+        first.block,
+        cat("codes"),
+        cat("scales"),
+        cat("zero_points"),
+        None if first.offsets is None else cat("offsets"),
+    )
+
+
+class Graph:
+    """Adds nodes and initializers to an ONNX model with unique names."""
+
+    def __init__(self, model):
+        import onnx
+
+        self.onnx, self.model, self.graph = onnx, model, model.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.new_nodes: list = []
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_gguf{self.count}"
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.name(base)
+        self.graph.initializer.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(
+        self, op: str, inputs: list[str], base: str, outputs: list[str] | None = None, domain: str = "", **attrs
+    ) -> str:
+        outputs = outputs or [self.name(base)]
+        self.new_nodes.append(
+            self.onnx.helper.make_node(op, inputs, outputs, name=self.name(base), domain=domain, **attrs)
+        )
+        return outputs[0]
+
+    def array(self, name: str) -> np.ndarray | None:
+        init = self.inits.get(name)
+        return None if init is None else self.onnx.numpy_helper.to_array(init)
+
+
+class GGUFNative(Quantizer):
+    name = "gguf-native"
+    description = "a GGUF source's own blocks (Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0...), exact, with a block-offset correction"
+    precisions = ("int4",)
+    cost = 5
+
+    def check(self, request: ConvertRequest) -> str | None:
+        if request.algorithm != "gguf":
+            return "keeps a GGUF's own quantization only (--algorithm gguf)"
+        if request.gguf is None:
+            return "--algorithm gguf needs a GGUF source (the file's own blocks are kept)"
+        return super().check(request)
+
+    def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
+        import onnx
+
+        weights = gguf_blocks.read(request.gguf)
+        model = onnx.load(str(fp32_dir / "model.onnx"))
+        g = Graph(model)
+        skip = set(runtime_fed_matmuls(model))
+        report: dict = {
+            "gguf": str(request.gguf),
+            "exact": collections.Counter(),
+            "approximate": collections.Counter(),
+            "tensors": {},
+        }
+        blocksums: dict[tuple[str, int, int], str] = {}
+        done: dict[str, list[tuple[int, int, gguf_blocks.BlockForm, dict[str, str]]]] = {}
+        keep = []
+        for node in model.graph.node:
+            weight = g.array(node.input[1]) if node.op_type == "MatMul" and node.name not in skip else None
+            if weight is None or weight.ndim != 2:
+                keep.append(node)
+                continue
+            k, n = weight.shape
+            runs = forms_for(np.ascontiguousarray(weight.T), weights)
+            made = []
+            outputs = []
+            for start, end, form in runs:
+                tag = f"{node.input[1]}_{start}"
+                names = {
+                    "b": g.const(f"{tag}_B", pack(form.codes, form.bits, form.block)),
+                    "scales": g.const(f"{tag}_scales", form.scales),
+                    "zp": g.const(f"{tag}_zp", pack_zero_points(form.zero_points, form.bits)),
+                }
+                y = g.node(
+                    "MatMulNBits",
+                    [node.input[0], names["b"], names["scales"], names["zp"]],
+                    f"{tag}_MatMulNBits",
+                    domain="com.microsoft",
+                    doc_string=f"{node.input[1]}:{start}",
+                    K=k,
+                    N=end - start,
+                    bits=form.bits,
+                    block_size=form.block,
+                    accuracy_level=request.accuracy_level or 4,
+                )
+                if form.offsets is not None:
+                    key = (node.input[0], k, form.block)
+                    if key not in blocksums:
+                        shape = g.const("blocks_shape", np.array([0, 0, k // form.block, form.block], dtype=np.int64))
+                        grouped = g.node("Reshape", [node.input[0], shape], "blocks")
+                        blocksums[key] = g.node(
+                            "ReduceSum",
+                            [grouped, g.const("last_axis", np.array([-1], dtype=np.int64))],
+                            "blocksum",
+                            keepdims=0,
+                        )
+                    names["offsets"] = g.const(
+                        f"{tag}_offsets", form.offsets.T
+                    )  # [blocks, rows] for blocksum @ offsets
+                    y = g.node(
+                        "Add", [y, g.node("MatMul", [blocksums[key], names["offsets"]], f"{tag}_offset")], f"{tag}_sum"
+                    )
+                outputs.append(y)
+                made.append((start, end, form, names))
+                exact = form.gguf_type != "rtn8"
+                report["exact" if exact else "approximate"][form.gguf_type] += (end - start) * k
+            if len(outputs) == 1:
+                g.new_nodes[-1].output[0] = node.output[0]
+            else:
+                g.node("Concat", outputs, f"{node.name}_concat", outputs=[node.output[0]], axis=-1)
+            report["tensors"][node.input[1]] = [[s, e, f.gguf_type] for s, e, f, _ in made]
+            done[node.input[1]] = made
+        model.graph.ClearField("node")
+        model.graph.node.extend(keep)
+        _quantize_embeddings(g, model, done, weights, report)
+        model.graph.node.extend(g.new_nodes)
+        _drop_unused(model)
+        used = {i for n in model.graph.node for i in n.input}
+        kept = [i for i in model.graph.initializer if i.name in used]
+        model.graph.ClearField("initializer")
+        model.graph.initializer.extend(kept)
+        _sort_topologically(model)
+        onnx.save(
+            model,
+            str(output_dir / "model.onnx"),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
+        copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
+        report["exact"], report["approximate"] = dict(report["exact"]), dict(report["approximate"])
+        write_json_atomic(output_dir / REPORT, report)
+
+
+def _quantize_embeddings(g: Graph, model, done: dict, weights: gguf_blocks.GGUFWeights, report: dict) -> None:
+    """The token embedding Gather reads the GGUF's blocks too (GatherBlockQuantized). A tied embedding (the fp32
+    graph gathers from Transpose(lm_head weight)) shares the lm_head's quantized tensors, as the model builder does."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    keep = []
+    for node in model.graph.node:
+        source = node.input[0] if node.op_type == "Gather" else ""
+        transpose = producers.get(source)
+        if source in g.inits and g.array(source).ndim == 2:  # an embedding table of its own
+            runs, shared = forms_for(g.array(source), weights), None
+        elif transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in done:  # tied
+            shared = transpose.input[0]
+            runs = [(s, e, f) for s, e, f, _ in done[shared]]
+        else:
+            keep.append(node)
+            continue
+        if len(runs) != 1:  # rows of several types would need a gather each: the table takes 8-bit RTN instead
+            table = g.array(source) if shared is None else g.array(shared).T
+            runs, shared = [(0, table.shape[0], rtn8(table))], None
+        _, rows, form = runs[0]
+        width = form.codes.shape[1]
+        if shared:
+            n = done[shared][0][3]
+        else:
+            n = {
+                "b": g.const("embed_B", pack(form.codes, form.bits, form.block)),
+                "scales": g.const("embed_scales", form.scales),
+                "zp": g.const("embed_zp", pack_zero_points(form.zero_points, form.bits)),
+            }
+            if form.offsets is not None:
+                n["offsets"] = g.const("embed_offsets", form.offsets.T)
+            kind = "exact" if form.gguf_type != "rtn8" else "approximate"
+            report[kind][form.gguf_type] = report[kind].get(form.gguf_type, 0) + rows * width
+            report["tensors"][source] = [[0, rows, form.gguf_type]]
+        flat = g.node("Reshape", [n["b"], g.const("table_shape", np.array([rows, -1], dtype=np.int64))], "embed_table")
+        out = [node.output[0]] if form.offsets is None else None
+        y = g.node(
+            "GatherBlockQuantized",
+            [flat, node.input[1], n["scales"], n["zp"]],
+            "embed",
+            outputs=out,
+            domain="com.microsoft",
+            doc_string=f"{shared or source}:embedding",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=form.block,
+            bits=form.bits,
+        )
+        if form.offsets is not None:
+            per_row = g.node("Transpose", [n["offsets"]], "embed_offsets_rows", perm=[1, 0])
+            offs = g.node(
+                "Unsqueeze",
+                [
+                    g.node("Gather", [per_row, node.input[1]], "embed_offsets"),
+                    g.const("axis", np.array([-1], dtype=np.int64)),
+                ],
+                "embed_offsets_1",
+            )
+            blocks = g.node(
+                "Reshape",
+                [y, g.const("shape", np.array([0, 0, width // form.block, form.block], dtype=np.int64))],
+                "embed_blocks",
+            )
+            added = g.node("Add", [blocks, offs], "embed_add")
+            g.node(
+                "Reshape",
+                [added, g.const("shape", np.array([0, 0, width], dtype=np.int64))],
+                "embed_out",
+                outputs=[node.output[0]],
+            )
+    model.graph.ClearField("node")
+    model.graph.node.extend(keep)
+
+
+def _drop_unused(model) -> None:
+    """Remove nodes whose outputs nothing reads (the fp32 embedding's Transpose once the Gather is quantized)."""
+    wanted = {o.name for o in model.graph.output}
+    while True:
+        used = wanted | {i for n in model.graph.node for i in n.input}
+        alive = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(model.graph.node):
+            return
+        model.graph.ClearField("node")
+        model.graph.node.extend(alive)
+
+
+def _sort_topologically(model) -> None:
+    """Nodes in an order where every input is made before it is used (ONNX requires it)."""
+    ready = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"the rewritten graph has a cycle or a missing input at {rest[0].name}")
+        pending = rest
+    model.graph.ClearField("node")
+    model.graph.node.extend(ordered)
+
+
+def read_back(model_dir: Path) -> dict[str, np.ndarray]:
+    """Every weight this quantizer wrote, dequantized from what model.onnx holds, by the fp32 graph's initializer
+    name: MatMul weights as [K, N]; an embedding table as "NAME:embedding" [vocab, hidden] (for a tied one NAME is
+    the lm_head weight it shares). Offsets are read from the correction that follows each node."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_dir / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i].append(n)
+
+    def initializer(name: str) -> np.ndarray:  # through the Reshape/Transpose/Gather/Unsqueeze in front of it
+        while name not in inits:
+            node = producer[name]
+            name = node.input[1] if node.op_type == "MatMul" else node.input[0]
+        return inits[name]
+
+    def offsets_after(output: str) -> np.ndarray | None:
+        for reader in readers[output]:
+            if reader.op_type == "Reshape":  # the embedding adds per block
+                return offsets_after(reader.output[0])
+            if reader.op_type == "Add":
+                return np.ascontiguousarray(initializer(reader.input[1]).T)
+        return None
+
+    parts: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+    for node in model.graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or ":" not in node.doc_string:
+            continue
+        name, where = node.doc_string.rsplit(":", 1)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        bits, block = attrs.get("bits", 4), attrs["block_size"]
+        b = initializer(node.input[1 if node.op_type == "MatMulNBits" else 0])
+        scales, zp = initializer(node.input[2]), initializer(node.input[3])
+        cols = scales.shape[1] * block
+        codes, z = unpack(b, zp, bits, cols, scales.shape[1])
+        form = gguf_blocks.BlockForm("", bits, block, codes, scales, z, offsets_after(node.output[0]))
+        if where == "embedding":
+            parts[f"{name}:embedding"].append((0, form.dequantize()))
+        else:
+            parts[name].append((int(where), form.dequantize().T))
+    axis = {True: 0, False: 1}
+    return {
+        name: np.concatenate([v for _, v in sorted(p, key=lambda x: x[0])], axis=axis[name.endswith(":embedding")])
+        for name, p in parts.items()
+    }
+
+
+@hookimpl
+def register_quantizers(register):
+    register(GGUFNative())
