@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,43 +71,64 @@ def windows(tokens: list[int], chunk: int = CHUNK) -> list[list[int]]:
     return [w for w in (tokens[i : i + chunk] for i in range(0, len(tokens), chunk)) if len(w) >= 2]
 
 
+Logits = Callable[[list[int]], np.ndarray]  # tokens -> next-token logits at every position, [len, vocab]
+
+
 def compare(
     candidate: Path, reference: Path, rows: list[dict[str, str]] | None = None, chunk: int = CHUNK
 ) -> dict[str, Any]:
     """KL(reference || candidate) per scored position (mean and p99), top-1 agreement, both perplexities and the
     mean change in the right token's probability (candidate minus reference), over the text rows."""
-    rows = [r for r in (rows or load_set()) if "text" in r]
     # Always two runs, also for one folder: a comparison that short-cuts equal paths proves nothing.
     from .runtime import Session
 
     ref, cand = Session(reference), Session(candidate)
-    klds, agree, nll_ref, nll_cand, delta_p = [], 0, 0.0, 0.0, 0.0
+    chunk = min(chunk, ref.context_length - 1, cand.context_length - 1)  # logits need one more token of room
+    return score(ref.logits, {"candidate": cand.logits}, ref.encode, rows, chunk)["candidate"]
+
+
+def score(
+    reference: Logits,
+    candidates: dict[str, Logits],
+    encode: Callable[[str], list[int]],
+    rows: list[dict[str, str]] | None = None,
+    chunk: int = CHUNK,
+) -> dict[str, dict[str, Any]]:
+    """compare() for several candidates in one pass over the text: the reference runs once per window."""
+    rows = [r for r in (rows or load_set()) if "text" in r]
+    sums = {name: {"kld": [], "agree": 0, "nll": 0.0, "delta_p": 0.0} for name in candidates}
+    nll_ref, positions = 0.0, 0
     for row in rows:
-        for window in windows(ref.encode(row["text"]), chunk):
+        for window in windows(encode(row["text"]), chunk):
             first = len(window) // 2  # predictions from here on are scored; the tokens before are context
-            lr = _log_softmax(ref.logits(window)[first:-1])
-            lc = _log_softmax(cand.logits(window)[first:-1])
+            lr = _log_softmax(reference(window)[first:-1])
             target = np.array(window[first + 1 :])
             at = np.arange(len(target))
-            klds.append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
-            agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
             nll_ref -= float(lr[at, target].sum())
-            nll_cand -= float(lc[at, target].sum())
-            delta_p += float((np.exp(lc[at, target]) - np.exp(lr[at, target])).sum())
-    if not klds:
+            positions += len(target)
+            for name, logits in candidates.items():
+                lc, s = _log_softmax(logits(window)[first:-1]), sums[name]
+                s["kld"].append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
+                s["agree"] += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+                s["nll"] -= float(lc[at, target].sum())
+                s["delta_p"] += float((np.exp(lc[at, target]) - np.exp(lr[at, target])).sum())
+    if not positions:
         raise SlmopsError("the quality set has no text long enough to score")
-    kld = np.concatenate(klds)
-    n = len(kld)
-    return {
-        "positions": n,
-        "mean_kld": float(kld.mean()),
-        "kld_p99": float(np.percentile(kld, 99)),
-        "top1_agreement": agree / n,
-        "perplexity": float(np.exp(nll_cand / n)),
-        "reference_perplexity": float(np.exp(nll_ref / n)),
-        "mean_delta_p": delta_p / n,
-        "corpus": corpus_id(rows),
-    }
+    results = {}
+    for name, s in sums.items():
+        kld = np.concatenate(s["kld"])
+        results[name] = {
+            "positions": positions,
+            "mean_kld": float(kld.mean()),
+            "kld_p99": float(np.percentile(kld, 99)),
+            "top1_agreement": s["agree"] / positions,
+            "perplexity": float(np.exp(s["nll"] / positions)),
+            "reference_perplexity": float(np.exp(nll_ref / positions)),
+            "mean_delta_p": s["delta_p"] / positions,
+            "window": chunk,
+            "corpus": corpus_id(rows),
+        }
+    return results
 
 
 def domain_score(chat, rows: list[dict[str, str]], max_new_tokens: int = 64) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import numpy as np
 
 from slmops import convert, edgecases, quality
 
+from .conftest import run_cli
+
 
 def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path):
     r = cli("bench", tiny_llama_int4["path"], "--runs", "3", "--lengths", "8,64", "--max-new-tokens", "6", "--soak", "3",
@@ -20,7 +22,7 @@ def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path
     assert [s["prompt_tokens"] for s in m["sweep"]] == [8, 64]
     for s in m["sweep"]:
         assert s["generated_tokens"] == 3 * 6 and s["latency_ms_p95"] >= s["latency_ms_p50"]
-    assert m["quality"]["mean_kld"] >= 0 and 0 <= m["quality"]["top1_agreement"] <= 1
+    assert m["quality"]["positions"] > 0 and 0 <= m["quality"]["top1_agreement"] <= 1
     assert len(m["edge_cases"]) == len(edgecases.CASES) and all(e["ok"] for e in m["edge_cases"])
     assert (tmp_path / "rep" / "speed.png").stat().st_size > 1000 and "decode tok/s" in (tmp_path / "rep" / "report.md").read_text()
 
@@ -51,6 +53,30 @@ def test_damaged_model_scores_worse(tiny_qwen2, tmp_path):
     onnx.save(model, str(damaged / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     good, bad = quality.compare(int8, fp32), quality.compare(damaged, fp32)
     assert bad["mean_kld"] > 10 * good["mean_kld"] and bad["top1_agreement"] < good["top1_agreement"]
+    assert bad["mean_delta_p"] < good["mean_delta_p"] and bad["kld_p99"] > good["kld_p99"]
+    # the default gate refuses the damaged build
+    common = ["--runs", "1", "--lengths", "8,32", "--max-new-tokens", "4", "--soak", "2", "--json"]
+    refused = run_cli("validate", damaged, "--reference", fp32, *common)
+    assert refused.rc == 1 and "quality: mean KLD" in refused.err, refused
+
+
+def test_corpus_metrics_on_a_tiny_model(tiny_llama_int4, monkeypatch):
+    """The shipped corpus, whole: every text cut into 512-token windows, the second half of each scored."""
+    monkeypatch.delenv("SLMOPS_QUALITY_SET")
+    rows = quality.load_set()
+    assert {r["kind"] for r in rows} == {"prose", "code", "dialogue"}
+    fp32 = Path(convert.convert(tiny_llama_int4["source"]["checkpoint"], {"precision": "fp32"})["path"])
+    from slmops.runtime import Session
+
+    encode = Session(fp32).encode
+    tokens = sum(len(encode(r["text"])) for r in rows)
+    q = quality.compare(Path(tiny_llama_int4["path"]), fp32)
+    assert q["window"] == 511  # the tiny model's context is 512: a window and the next token fit in it
+    expected = sum(len(w) - len(w) // 2 - 1 for r in rows for w in quality.windows(encode(r["text"]), 511))
+    assert tokens >= 20_000 and expected > 10_000
+    assert q["positions"] == expected and q["corpus"] == quality.corpus_id()
+    assert q["kld_p99"] > q["mean_kld"] > 0 and q["reference_perplexity"] > 1
+    assert abs(q["mean_delta_p"]) < 0.5
 
 
 def test_edge_case_suite_reports_a_crash_instead_of_raising():

@@ -2,6 +2,10 @@
 on the embedded default model."""
 
 import json
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 
 def test_deploy_tiny_model_end_to_end(cli, tiny_llama, tmp_path):
@@ -40,13 +44,32 @@ def test_deploy_takes_the_adapter_mode(cli, tmp_path):
     assert settings["model.adapter_mode"]["value"] == "adapter" and settings["model.adapter_mode"]["from"].endswith("slmops.toml:2")
 
 
+@pytest.mark.slow
 def test_deploy_default_model(cli, tmp_path):
+    """The default GGUF deploys at its own quantization: the first candidate passes the strict gate on the whole
+    corpus, at most a quarter of the fp32 build's size, and its graph holds exactly the GGUF's weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from slmops import bench, convert
+    from slmops.plugins import gguf_native
+
     reg = tmp_path / "reg"
-    r = cli("deploy", "--precision", "auto", "--registry-dir", reg, "--ask", "What is the capital of France?", "--json", timeout=1200)
+    r = cli("deploy", "--precision", "auto", "--registry-dir", reg, "--ask", "What is the capital of France?", "--json",
+            env={"SLMOPS_QUALITY_SET": ""}, timeout=1800)
     assert r.rc == 0, r
     data = r.json()
-    chosen = [t for t in data["tried"] if t["chosen"] == "yes"][0]
-    assert chosen["mean_kld"] <= 0.5 and chosen["top1_agreement"] >= 0.6
+    chosen = [t for t in data["tried"] if t["chosen"] == "yes"]
+    assert [t["build"] for t in chosen] == ["int4 gguf"] and chosen[0]["positions"] > 10_000
+    build = Path(data["build"])
+    fp32 = bench.reference_for(build)
+    assert convert.read_manifest(build)["output_bytes"] <= 0.25 * convert.read_manifest(fp32)["output_bytes"]
+    source = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32 / "model.onnx")).graph.initializer}
+    back = gguf_native.read_back(build)
+    assert len(back) == 152  # 30 layers x 5 MatMuls, the lm_head, and the tied embedding read through it
+    for name, values in back.items():
+        expected = source["lm_head.MatMul.weight"].T if name.endswith(":embedding") else source[name]
+        assert np.array_equal(values, expected), name
     assert "Paris" in data["answer"]["answer"]
     assert data["serve"] == f"SLMOPS_REGISTRY_DIR={reg} slmops serve smollm2-135m-instruct"
     assert json.loads((reg / "custom" / "smollm2-135m-instruct" / "inference_model.json").read_text())["slmops"]["family"] == "chatml"
