@@ -24,9 +24,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# llama.cpp for the side-by-side columns, built from source once (PyPI has no wheel); AMX off: the VMs here
-# advertise AMX but do not allow it ("Illegal instruction").
-LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# llama.cpp for the side-by-side columns, built from source once (PyPI has no wheel); AMX off: some VMs here
+# advertise AMX but do not allow it ("Illegal instruction"); AVX-512 only where the CPU has it (AMD EPYC VMs here
+# have AVX2 only).
+AVX512 := $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$(AVX512) -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 bench: install
 	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q "llama-cpp-python[server]==0.3.36"

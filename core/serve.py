@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime
 import json
+import os
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -349,8 +352,19 @@ async def finish_after(events: AsyncIterator[str], turn: Any, watcher: asyncio.T
 
 
 # -- starting it ---------------------------------------------------------------------------------------------------
+def limit_malloc_arenas(count: int = 2) -> None:
+    """Keep glibc to a few malloc arenas (unless MALLOC_ARENA_MAX says otherwise). By default each thread may get
+    its own (8 per core), and the native runtimes' allocations spread over them: measured on a 2-core AMD EPYC, the
+    server answering through Foundry Local's runtime sat at 2.0 GB and grew in ~380 MB steps to 2.4 GB over 96
+    requests; with two arenas it stayed at 422-434 MB."""
+    if sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-8, count)  # -8: M_ARENA_MAX
+
+
 def open_models(registry: Registry, names: list[str], engine: str, settings: ServeSettings) -> dict[str, ServedModel]:
     """Load the named registered models (all of them when names is empty), each once."""
+    limit_malloc_arenas()  # before the runtimes start their threads
     names = names or sorted(e.name for e in registry.list())
     if not names:
         raise SlmopsError(f"no models are registered in {registry.name} at {registry.root}; deploy one with `slmops deploy`")

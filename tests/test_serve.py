@@ -64,11 +64,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def serve_env(tmp_path_factory, default_checkpoint, tiny_llama_int4) -> dict[str, str]:
-    """A registry with two models: SmolLM2 int4 ("smol") and the tiny random llama ("tiny")."""
+    """A registry with two models: SmolLM2 int4 as deployed ("smol": the GGUF's own blocks) and the tiny random
+    llama ("tiny"). The RTN int4 of SmolLM2 (mean KLD 0.5) was too lossy to answer alike on both runtimes: on an
+    AVX2-only CPU, Foundry Local's runtime went on past the answer where ORT GenAI stopped."""
     from slmops import convert
 
     env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(tmp_path_factory.mktemp("serve-registry"))}
-    smol = convert.convert(str(default_checkpoint), {"precision": "int4"})
+    smol = convert.convert(None, {"precision": "int4", "algorithm": "gguf"})
     for name, path in (("smol", smol["path"]), ("tiny", tiny_llama_int4["path"])):
         done = subprocess.run([*SLMOPS, "-q", "register", path, "--name", name], env=env, cwd=NEUTRAL_DIR,
                               capture_output=True, text=True)
