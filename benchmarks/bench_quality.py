@@ -96,20 +96,29 @@ def main() -> None:
     scores = quality.score(ref.logits, candidates, ref.encode)
     print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values()))['positions']} positions", flush=True)
     tokens = prompt_tokens(ref.encode)
-    rows = [{"build": "fp32 (the source's weights)", "mb": dir_size(reference) / 1e6, "speed": ort_speed(reference, tokens)}]
-    rows += [{"build": label, "mb": dir_size(path) / 1e6, "speed": ort_speed(path, tokens), **scores[label]}
-             for label, path in builds.items()]
+    rows = [
+        {"build": "fp32 (the source's weights)", "mb": dir_size(reference) / 1e6, "speed": ort_speed(reference, tokens)}
+    ]
+    rows += [
+        {"build": label, "mb": dir_size(path) / 1e6, "speed": ort_speed(path, tokens), **scores[label]}
+        for label, path in builds.items()
+    ]
     if llama:
         label = "llama.cpp Q4_1 (same GGUF)"
         rows.append({"build": label, "mb": gguf.stat().st_size / 1e6, "speed": llama[1](tokens), **scores[label]})
     base = next((r for r in rows if r["build"].startswith("llama.cpp")), None)
-    print(f"\n{'build':<36} {'MB':>6} {'x fp32':>6} {'mean KLD':>9} {'KLD p99':>8} {'top-1':>6} {'PPL':>6} "
-          f"{'pp128':>7} {'tg128':>7} {'pp/llama':>8} {'tg/llama':>8}")
+    print(
+        f"\n{'build':<36} {'MB':>6} {'x fp32':>6} {'mean KLD':>9} {'KLD p99':>8} {'top-1':>6} {'PPL':>6} "
+        f"{'pp128':>7} {'tg128':>7} {'pp/llama':>8} {'tg/llama':>8}"
+    )
     for r in rows:
         pp, tg = r["speed"]
         ratio = (f"{pp / base['speed'][0]:>8.2f} {tg / base['speed'][1]:>8.2f}") if base else f"{'-':>8} {'-':>8}"
-        q = (f"{r['mean_kld']:>9.4f} {r['kld_p99']:>8.3f} {r['top1_agreement']:>6.3f} {r['perplexity']:>6.2f}"
-             if "mean_kld" in r else f"{0:>9.4f} {0:>8.3f} {1:>6.3f} {scores[next(iter(scores))]['reference_perplexity']:>6.2f}")
+        q = (
+            f"{r['mean_kld']:>9.4f} {r['kld_p99']:>8.3f} {r['top1_agreement']:>6.3f} {r['perplexity']:>6.2f}"
+            if "mean_kld" in r
+            else f"{0:>9.4f} {0:>8.3f} {1:>6.3f} {scores[next(iter(scores))]['reference_perplexity']:>6.2f}"
+        )
         print(f"{r['build']:<36} {r['mb']:>6.0f} {r['mb'] / rows[0]['mb']:>6.2f} {q} {pp:>7.0f} {tg:>7.1f} {ratio}")
     if not base:
         print("\nllama-cpp-python is not installed (make bench builds it): the llama.cpp row was skipped")

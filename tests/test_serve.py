@@ -63,7 +63,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def serve_env(tmp_path_factory, default_checkpoint, tiny_llama_int4) -> dict[str, str]:
+def serve_env(tmp_path_factory, tiny_llama_int4) -> dict[str, str]:
     """A registry with two models: SmolLM2 int4 as deployed ("smol": the GGUF's own blocks) and the tiny random
     llama ("tiny"). The RTN int4 of SmolLM2 (mean KLD 0.5) was too lossy to answer alike on both runtimes: on an
     AVX2-only CPU, Foundry Local's runtime went on past the answer where ORT GenAI stopped."""
