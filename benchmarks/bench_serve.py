@@ -21,9 +21,16 @@ import threading
 import time
 from pathlib import Path
 
-QUESTIONS = ["What is the capital of France?", "Name three rivers in Europe.", "What is a prime number?",
-             "Give me a tip for writing clean code.", "Why is the sky blue?", "What does a CPU do?",
-             "Suggest a name for a cat.", "What is the boiling point of water?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three rivers in Europe.",
+    "What is a prime number?",
+    "Give me a tip for writing clean code.",
+    "Why is the sky blue?",
+    "What does a CPU do?",
+    "Suggest a name for a cat.",
+    "What is the boiling point of water?",
+]
 CLIENTS = (1, 4, 8)
 ROUNDS, MAX_TOKENS, LEVEL_DEADLINE_S = 2, 64, 120
 
@@ -62,8 +69,9 @@ class ServerProcess:
 def one_request(client, model: str, question: str) -> tuple[float, int]:
     """(TTFT in seconds, completion pieces) of one streamed chat request."""
     start, first, pieces = time.perf_counter(), None, 0
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                            max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter() - start
@@ -82,10 +90,16 @@ def load(server: ServerProcess, model: str, clients: int) -> dict:
         results = list(pool.map(lambda q: one_request(client, model, q), jobs, timeout=LEVEL_DEADLINE_S))
     wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results if r[1])
-    return {"server": server.label, "clients": clients, "requests": len(jobs), "empty": sum(not r[1] for r in results),
-            "tok_s": sum(r[1] for r in results) / wall,
-            "ttft_p50_ms": 1000 * statistics.median(ttfts), "ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-            "peak_rss_mb": server.peak_rss_mb()}
+    return {
+        "server": server.label,
+        "clients": clients,
+        "requests": len(jobs),
+        "empty": sum(not r[1] for r in results),
+        "tok_s": sum(r[1] for r in results) / wall,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+        "peak_rss_mb": server.peak_rss_mb(),
+    }
 
 
 def slmops_model(registry: Path, env: dict[str, str]) -> str:
@@ -93,7 +107,20 @@ def slmops_model(registry: Path, env: dict[str, str]) -> str:
 
     options = dict(convert.CANDIDATES)["int4 rtn_last asym"]  # what `make demo` deploys for the default model
     build = convert.convert(str(sources.resolve("default").checkpoint), options)
-    subprocess.run([sys.executable, "-c", "from slmops.cli import main; main()", "-q", "register", build["path"], "--name", "smol"], env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from slmops.cli import main; main()",
+            "-q",
+            "register",
+            build["path"],
+            "--name",
+            "smol",
+        ],
+        env=env,
+        check=True,
+    )
     return "smol"
 
 
@@ -107,18 +134,46 @@ def main() -> None:
     env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(registry)}
     slmops = [sys.executable, "-c", "from slmops.cli import main; main()", "serve", "--port", "0"]
     ready = r"OpenAI API at (http://\S+/v1)"
-    servers = [("slmops serve (Foundry Local runtime)", [*slmops, "smol"], ready, "smol"),
-               ("slmops serve (ORT GenAI, --parallel 2)", [*slmops, "smol", "--engine", "ort-genai", "--parallel", "2"], ready, "smol")]
+    servers = [
+        ("slmops serve (Foundry Local runtime)", [*slmops, "smol"], ready, "smol"),
+        (
+            "slmops serve (ORT GenAI, --parallel 2)",
+            [*slmops, "smol", "--engine", "ort-genai", "--parallel", "2"],
+            ready,
+            "smol",
+        ),
+    ]
     try:
         import llama_cpp.server  # noqa: F401
 
-        servers.append(("llama.cpp server (llama-cpp-python, Q4_1)",
-                        [sys.executable, "-m", "llama_cpp.server", "--model", str(sources.default_gguf()), "--host", "127.0.0.1",
-                         "--port", "8391", "--n_ctx", "2048", "--n_threads", str(os.cpu_count()),
-                         "--interrupt_requests", "False"],  # its default cuts a stream short when the next request comes
-                        r"Uvicorn running on (http://\S+)", "llama"))
+        servers.append(
+            (
+                "llama.cpp server (llama-cpp-python, Q4_1)",
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    str(sources.default_gguf()),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "8391",
+                    "--n_ctx",
+                    "2048",
+                    "--n_threads",
+                    str(os.cpu_count()),
+                    "--interrupt_requests",
+                    "False",
+                ],  # its default cuts a stream short when the next request comes
+                r"Uvicorn running on (http://\S+)",
+                "llama",
+            )
+        )
     except ImportError:
-        print("llama-cpp-python[server] is not installed: no llama.cpp column (make bench installs it)", file=sys.stderr)
+        print(
+            "llama-cpp-python[server] is not installed: no llama.cpp column (make bench installs it)", file=sys.stderr
+        )
     model = slmops_model(registry, env)
     rows = []
     for label, cmd, pattern, name in servers:
@@ -135,15 +190,21 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     llama = {r["clients"]: r for r in rows if r["server"].startswith("llama")}
-    print(f"{'server':<42} {'clients':>7} {'empty':>5} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'RSS MB':>7} "
-          f"{'tok/s vs llama.cpp':>19}")
+    print(
+        f"{'server':<42} {'clients':>7} {'empty':>5} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'RSS MB':>7} "
+        f"{'tok/s vs llama.cpp':>19}"
+    )
     for r in rows:
         ratio = f"{r['tok_s'] / llama[r['clients']]['tok_s']:.2f}x" if r["clients"] in llama else "-"
-        print(f"{r['server']:<42} {r['clients']:>7} {r['empty']:>5} {r['tok_s']:>7.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p95_ms']:>7.0f}ms "
-              f"{r['peak_rss_mb']:>7.0f} {ratio:>19}")
-    print(f"\n{ROUNDS} streamed requests per client, {MAX_TOKENS} tokens at most, greedy; loopback; "
-          f"{os.cpu_count()} CPU cores. tok/s: all clients' completion tokens over the level's wall time;\n"
-          "empty: answers with no text (cut or failed).")
+        print(
+            f"{r['server']:<42} {r['clients']:>7} {r['empty']:>5} {r['tok_s']:>7.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p95_ms']:>7.0f}ms "
+            f"{r['peak_rss_mb']:>7.0f} {ratio:>19}"
+        )
+    print(
+        f"\n{ROUNDS} streamed requests per client, {MAX_TOKENS} tokens at most, greedy; loopback; "
+        f"{os.cpu_count()} CPU cores. tok/s: all clients' completion tokens over the level's wall time;\n"
+        "empty: answers with no text (cut or failed)."
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ WRAPPER = (
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child must never block on a full pipe
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], stdout=subprocess.PIPE, stderr=log, env=env, cwd=cwd, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *cmd], stdout=subprocess.PIPE, stderr=log, env=env, cwd=cwd, text=True
+    )
     wall = time.perf_counter() - start
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["rc"] != 0:

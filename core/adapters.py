@@ -29,10 +29,18 @@ def extract(unmerged_dir: Path, output_dir: Path, name: str, work_dir: Path) -> 
     olive_out = work_dir / "olive-adapters"
     workflow: dict[str, Any] = {
         "input_model": {"type": "ONNXModel", "model_path": str(unmerged_dir), "onnx_file_name": "model.onnx"},
-        "passes": {"extract": {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
-                               "optional_inputs": True, "save_format": "onnx_adapter",
-                               # weights beside the graph, as the builder writes them (protobuf stops at 2 GB)
-                               "save_as_external_data": True, "external_data_name": "model.onnx.data"}},
+        "passes": {
+            "extract": {
+                "type": "ExtractAdapters",
+                "make_inputs": True,
+                "dynamic_lora_r": True,
+                "optional_inputs": True,
+                "save_format": "onnx_adapter",
+                # weights beside the graph, as the builder writes them (protobuf stops at 2 GB)
+                "save_as_external_data": True,
+                "external_data_name": "model.onnx.data",
+            }
+        },
         "cache_dir": str(work_dir / "olive-cache"),
         "output_dir": str(olive_out),
     }
@@ -95,5 +103,8 @@ def check_effect(model_dir: Path, name: str, prompt: str = "The capital of Franc
     base = session.logits(tokens)[-1]
     session.use_adapter(name)
     tuned = session.logits(tokens)[-1]
-    return {"name": name, "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
-            "top1_changed": bool(base.argmax() != tuned.argmax())}
+    return {
+        "name": name,
+        "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
+        "top1_changed": bool(base.argmax() != tuned.argmax()),
+    }

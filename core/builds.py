@@ -41,15 +41,27 @@ def users(registry: Registry | None) -> dict[str, list[str]]:
 
 def list_builds(registry: Registry | None) -> list[dict[str, Any]]:
     used = users(registry)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     rows = []
-    for folder in sorted(p for p in builds_dir().glob("*") if p.is_dir() and not p.name.startswith(".")) if builds_dir().is_dir() else []:
+    for folder in (
+        sorted(p for p in builds_dir().glob("*") if p.is_dir() and not p.name.startswith("."))
+        if builds_dir().is_dir()
+        else []
+    ):
         manifest = read_manifest(folder) or {}
         created = manifest.get("created_at")
         age = (now - datetime.datetime.fromisoformat(created)).days if created else None
-        rows.append({"build": folder.name, "precision": manifest.get("options", {}).get("precision", "?"),
-                     "size_bytes": dir_size(folder), "created_at": created, "age_days": age,
-                     "used_by": used.get(manifest.get("key", ""), []), "path": str(folder)})
+        rows.append(
+            {
+                "build": folder.name,
+                "precision": manifest.get("options", {}).get("precision", "?"),
+                "size_bytes": dir_size(folder),
+                "created_at": created,
+                "age_days": age,
+                "used_by": used.get(manifest.get("key", ""), []),
+                "path": str(folder),
+            }
+        )
     return rows
 
 
@@ -67,8 +79,11 @@ def remove(name: str) -> Path:
 
 def prune(registry: Registry | None, older_than_days: float = 0, dry_run: bool = False) -> list[dict[str, Any]]:
     """The builds nothing uses (and older than older_than_days), removed unless dry_run; returns them."""
-    doomed = [row for row in list_builds(registry)
-              if not row["used_by"] and (row["age_days"] is None or row["age_days"] >= older_than_days)]
+    doomed = [
+        row
+        for row in list_builds(registry)
+        if not row["used_by"] and (row["age_days"] is None or row["age_days"] >= older_than_days)
+    ]
     for row in doomed if not dry_run else []:
         remove(row["build"])
     return doomed

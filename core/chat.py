@@ -28,8 +28,15 @@ def safe_messages(messages: Messages, chosen: templates.ChosenTemplate, info=Non
     def clean(text: str) -> str:  # invalid UTF-8 (lone surrogates) becomes U+FFFD instead of an encoder crash
         return text.encode("utf-8", "replace").decode("utf-8")
 
-    return [{"role": m["role"], "content": templates.neutralize(clean(m["content"]), tokens) if m["role"] != "system" else clean(m["content"])}
-            for m in messages]
+    return [
+        {
+            "role": m["role"],
+            "content": templates.neutralize(clean(m["content"]), tokens)
+            if m["role"] != "system"
+            else clean(m["content"]),
+        }
+        for m in messages
+    ]
 
 
 class StopText:
@@ -48,8 +55,11 @@ class StopText:
             self.stopped = True
             out, self.held = self.held[: min(found)], ""
             return out
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        keep = max(
+            (k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1)) if self.held.endswith(s[:k])),
+            default=0,
+        )
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out
 
     def flush(self) -> str:
@@ -81,12 +91,18 @@ class OrtGenAIChat:
 
         self.model_dir = Path(model_dir)
         self.session = Session(self.model_dir, adapter)
-        self.adapter, self.load_s, self.context_length = self.session.adapter, self.session.load_s, self.session.context_length
+        self.adapter, self.load_s, self.context_length = (
+            self.session.adapter,
+            self.session.load_s,
+            self.session.context_length,
+        )
         self.chosen = load_template(self.model_dir)
         self.info = templates.read_model_info(self.model_dir)
 
     def prompt_tokens(self, messages: Messages) -> list[int]:
-        text = templates.render(self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system)
+        text = templates.render(
+            self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system
+        )
         return self.session.encode(text)
 
     def stream(self, messages: Messages, options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
@@ -97,9 +113,14 @@ class OrtGenAIChat:
         max_new = int(options.get("max_new_tokens") or 256)
         limit = min(self.context_length, int(options.get("max_length") or self.context_length))
         if len(tokens) >= limit:
-            raise SlmopsError(f"the prompt is {len(tokens)} tokens, more than the model's context of {limit}; shorten it")
+            raise SlmopsError(
+                f"the prompt is {len(tokens)} tokens, more than the model's context of {limit}; shorten it"
+            )
         temperature = float(options.get("temperature", 0.0) or 0.0)
-        search = {"do_sample": temperature > 0, "repetition_penalty": float(options.get("repetition_penalty", 1.0) or 1.0)}
+        search = {
+            "do_sample": temperature > 0,
+            "repetition_penalty": float(options.get("repetition_penalty", 1.0) or 1.0),
+        }
         if temperature > 0:
             search.update(temperature=temperature, top_p=float(options.get("top_p", 1.0) or 1.0))
         if options.get("seed") is not None:

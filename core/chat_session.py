@@ -21,7 +21,9 @@ class ChatRunner:
     """One registered model, answering conversations through the registry's runtime or ORT GenAI. `model run`,
     deploy's question and `slmops serve` all answer through it, so they share template and control-token handling."""
 
-    def __init__(self, registry: Registry, name: str, engine: str, overrides: dict[str, Any], adapter: str | None = None):
+    def __init__(
+        self, registry: Registry, name: str, engine: str, overrides: dict[str, Any], adapter: str | None = None
+    ):
         self.registry = registry
         self.entry = reg.find_runnable(self.registry, name)
         self.model_dir = Path(self.entry.path)
@@ -47,11 +49,17 @@ class ChatRunner:
 
         context = context_length(self.model_dir)
         limit = min(context, int((options or self.options).get("max_length") or context))
-        text = templates.render(self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system)
-        count = len(templates.count_tokens(self.model_dir, text)) if (self.model_dir / "tokenizer.json").is_file() else 0
+        text = templates.render(
+            self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system
+        )
+        count = (
+            len(templates.count_tokens(self.model_dir, text)) if (self.model_dir / "tokenizer.json").is_file() else 0
+        )
         if count >= limit:
-            raise SlmopsError(f"the conversation is {count} tokens, the model's context is {limit}; shorten the prompt"
-                              " (in a chat: start a new one)")
+            raise SlmopsError(
+                f"the conversation is {count} tokens, the model's context is {limit}; shorten the prompt"
+                " (in a chat: start a new one)"
+            )
         return count
 
     def load(self) -> None:
@@ -73,7 +81,9 @@ class ChatRunner:
         if self.engine == "registry":
             try:
                 # The runtime applies the chat template itself: only neutralise control tokens in user text.
-                pieces = self.registry.chat(self.entry.name, safe_messages(messages, self.chosen, self.info), options, usage)
+                pieces = self.registry.chat(
+                    self.entry.name, safe_messages(messages, self.chosen, self.info), options, usage
+                )
             except NotImplementedError:
                 self.engine = "ort-genai"
             else:
@@ -97,14 +107,24 @@ class ChatRunner:
                 stream_to.write(piece)
                 stream_to.flush()
         total = time.perf_counter() - start
-        return {"model": self.entry.name, "engine": self.engine, "adapter": self.ort.adapter.name if self.ort else None, "answer": "".join(parts),
-                "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-                "ttft_s": round(first, 4) if first else None, "total_s": round(total, 4)}
+        return {
+            "model": self.entry.name,
+            "engine": self.engine,
+            "adapter": self.ort.adapter.name if self.ort else None,
+            "answer": "".join(parts),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "ttft_s": round(first, 4) if first else None,
+            "total_s": round(total, 4),
+        }
 
     def interactive(self, system: str | None, exit_words: set[str]) -> None:
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        click.echo(f"Chatting with {self.entry.name} ({self.engine}). Type {', '.join(sorted(exit_words))} or Ctrl-D to leave; "
-                   "Ctrl-C stops a reply.", err=True)
+        click.echo(
+            f"Chatting with {self.entry.name} ({self.engine}). Type {', '.join(sorted(exit_words))} or Ctrl-D to leave; "
+            "Ctrl-C stops a reply.",
+            err=True,
+        )
         while True:
             try:
                 text = input(">>> ")

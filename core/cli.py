@@ -33,7 +33,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="slmops")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="slmops.toml to use (default: found by walking up).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="slmops.toml to use (default: found by walking up).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.pass_context
@@ -50,16 +55,61 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool, quiet: bool) -
 @cli.command()
 @json_option
 def plugins(as_json: bool) -> None:
-    """List loaded plugins, their package and the hooks they implement."""
-    from .plugin_manager import load_errors, plugin_table
+    """List loaded plugins (package, version, hooks) and the implementations each provides."""
+    from .implementations import table
+    from .plugin_manager import plugin_table, problems
 
-    rows = plugin_table()
+    rows, provided = plugin_table(), table()
     if as_json:
-        output.emit_json({"plugins": rows, "errors": [e.__dict__ for e in load_errors]})
+        output.emit_json({"plugins": rows, "implementations": provided, "errors": [e.__dict__ for e in problems]})
         return
-    output.table(rows, ["name", "package", "version", "hooks"])
-    for e in load_errors:
-        click.echo(f"failed to load: {e.name} ({e.package}): {e.error}", err=True)
+    output.table(rows, ["name", "package", "version", "hooks"], title="plugins")
+    output.table(provided, ["role", "name", "plugin", "package"], title="implementations")
+    for e in problems:
+        click.echo(f"disabled: {e.name} ({e.package}){' in ' + e.hook if e.hook else ''}: {e.error}", err=True)
+
+
+def _pip(*args: str) -> None:
+    """pip in slmops's own environment (the interpreter running this command), its output shown as it comes."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "pip", *args])
+    if done.returncode != 0:
+        raise SlmopsError(f"pip {args[0]} failed (exit status {done.returncode}); see pip's message above")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("packages", nargs=-1)
+@click.option("-U", "--upgrade", is_flag=True, help="Upgrade packages to their latest version.")
+@click.option(
+    "-e",
+    "--editable",
+    type=click.Path(exists=True, file_okay=False),
+    help="Install a plugin project from a local folder in editable mode.",
+)
+@click.option("--force-reinstall", is_flag=True, help="Reinstall even if already up to date.")
+def install(packages: tuple[str, ...], upgrade: bool, editable: str | None, force_reinstall: bool) -> None:
+    """Install plugin PACKAGES (pip specifiers, paths, or pip options) into slmops's own environment."""
+    if not packages and not editable:
+        raise UsageError("name a package to install, e.g. `slmops install slmops-myplugin`")
+    args = [
+        "install",
+        *(["--upgrade"] if upgrade else []),
+        *(["--force-reinstall"] if force_reinstall else []),
+        *(["--editable", editable] if editable else []),
+        *packages,
+    ]
+    _pip(*args)
+
+
+@cli.command()
+@click.argument("packages", nargs=-1, required=True)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def uninstall(packages: tuple[str, ...], yes: bool) -> None:
+    """Uninstall plugin PACKAGES from slmops's own environment."""
+    if "slmops" in {p.lower() for p in packages}:
+        raise UsageError("`slmops uninstall slmops` would remove slmops itself; use pip for that")
+    _pip("uninstall", *(["-y"] if yes else []), *packages)
 
 
 @cli.command("config")
@@ -68,12 +118,17 @@ def plugins(as_json: bool) -> None:
 def show_config(state: State, as_json: bool) -> None:
     """Print the effective settings and where each came from."""
     cfg = state.config
-    rows = [{"key": f"{s}.{k}", "value": cfg.values[s][k], "from": cfg.origin[f"{s}.{k}"], "meaning": SCHEMA[s][k][2]}
-            for s in SCHEMA for k in SCHEMA[s]]
+    rows = [
+        {"key": f"{s}.{k}", "value": cfg.values[s][k], "from": cfg.origin[f"{s}.{k}"], "meaning": SCHEMA[s][k][2]}
+        for s in SCHEMA
+        for k in SCHEMA[s]
+    ]
     if as_json:
         output.emit_json({"file": str(cfg.path) if cfg.path else None, "settings": rows})
     else:
-        output.table(rows, ["key", "value", "from", "meaning"], title=f"config: {cfg.path or 'defaults (no slmops.toml found)'}")
+        output.table(
+            rows, ["key", "value", "from", "meaning"], title=f"config: {cfg.path or 'defaults (no slmops.toml found)'}"
+        )
 
 
 @cli.command()
@@ -95,22 +150,40 @@ def convert_options(f=None, *, auto: bool = False):
     """The conversion flags shared by convert and deploy; None means 'from slmops.toml'."""
     if f is None:
         return lambda g: convert_options(g, auto=auto)
-    precisions = ["fp32", "fp16", "int8", "int4"] + (["auto"] if auto else [])
+    # The values come from what the loaded plugins offer; they are checked when the command runs (`slmops plugins`).
     opts = [
-        click.option("--precision", type=click.Choice(precisions), help="Weight precision" + (", or auto (smallest that passes validation)." if auto else ".")),
-        click.option("--device", type=click.Choice(["cpu"]), help="Target device."),
-        click.option("--provider", type=click.Choice(["CPUExecutionProvider"]), help="Execution provider."),
-        click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Quantization block size."),
+        click.option(
+            "--precision",
+            help="Weight precision: fp32, fp16, int8, int4 or what a plugin adds"
+            + (", or auto (the smallest build that passes validation)." if auto else "."),
+        ),
+        click.option("--device", help="Target device (default cpu)."),
+        click.option("--provider", help="Execution provider (default CPUExecutionProvider)."),
+        click.option(
+            "--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Quantization block size."
+        ),
         click.option("--symmetric/--asymmetric", default=None, help="Symmetric quantization or with zero points."),
-        click.option("--algorithm", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last", "hqq", "gguf"]),
-                     help="int4 algorithm: the builder's RTN and k-quant variants, hqq (slow on CPU; needs --asymmetric), "
-                          "or gguf (a GGUF source's own blocks, exact)."),
+        click.option(
+            "--algorithm",
+            help="int4 algorithm: the builder's rtn, rtn_last and k_quant variants, hqq (slow on CPU; "
+            "needs --asymmetric), gguf (a GGUF source's own blocks, exact), or a plugin's.",
+        ),
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
-        click.option("--backend", help="Converter plugin (see `slmops plugins`); default: the fastest that fits."),
+        click.option(
+            "--backend", help="Converter plugin by name (see `slmops plugins`); default: the cheapest that fits."
+        ),
+        click.option(
+            "--quantizer", help="Quantizer plugin by name (see `slmops plugins`); default: the cheapest route."
+        ),
         click.option("--adapter", type=click.Path(), help="PEFT LoRA adapter folder to apply."),
-        click.option("--adapter-mode", type=click.Choice(["merge", "adapter"]),
-                     help="merge (default): the LoRA into the weights; adapter: keep the base as it is and write the LoRA as an ORT GenAI adapter file (adapters/NAME.onnx_adapter), switched on at run time."),
-        click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the checkpoint's own Python code to run."),
+        click.option(
+            "--adapter-mode",
+            type=click.Choice(["merge", "adapter"]),
+            help="merge (default): the LoRA into the weights; adapter: keep the base as it is and write the LoRA as an ORT GenAI adapter file (adapters/NAME.onnx_adapter), switched on at run time.",
+        ),
+        click.option(
+            "--trust-remote-code", is_flag=True, default=None, help="Allow the checkpoint's own Python code to run."
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -118,7 +191,7 @@ def convert_options(f=None, *, auto: bool = False):
 
 
 def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
-    for key in ("precision", "device", "provider", "symmetric", "algorithm", "accuracy_level", "backend"):
+    for key in ("precision", "device", "provider", "symmetric", "algorithm", "accuracy_level", "backend", "quantizer"):
         cfg.override(f"convert.{key}", flags.get(key), "command line")
     if flags.get("block_size"):
         cfg.override("convert.block_size", int(flags["block_size"]), "command line")
@@ -130,13 +203,35 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
 @cli.command()
 @click.argument("source", required=False)
 @convert_options
-@click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False), help="Output folder (default: slmops's build cache).")
-@click.option("--config", "olive_config", type=click.Path(dir_okay=False), help="An Olive workflow JSON (the guide's Method 2).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning", help="Log level of Olive and the builder.")
+@click.option(
+    "--output",
+    "-o",
+    "output_dir",
+    type=click.Path(file_okay=False),
+    help="Output folder (default: slmops's build cache).",
+)
+@click.option(
+    "--config", "olive_config", type=click.Path(dir_okay=False), help="An Olive workflow JSON (the guide's Method 2)."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    help="Log level of Olive and the builder.",
+)
+@click.option("--dry-run", is_flag=True, help="Show the route (converter, quantizer, cache folder) and build nothing.")
 @json_option
 @pass_state
-def convert(state: State, source: str | None, output_dir: str | None = None, olive_config: str | None = None,
-            log_level: str = "warning", as_json: bool = False, **flags: Any) -> None:
+def convert(
+    state: State,
+    source: str | None,
+    output_dir: str | None = None,
+    olive_config: str | None = None,
+    log_level: str = "warning",
+    dry_run: bool = False,
+    as_json: bool = False,
+    **flags: Any,
+) -> None:
     """Convert SOURCE (a checkpoint folder, a GGUF file, or the default model) to a verified ORT GenAI model."""
     from . import convert as conv
 
@@ -156,12 +251,31 @@ def convert(state: State, source: str | None, output_dir: str | None = None, oli
             cfg.override("convert.output", out, olive_config)
     if cfg.get("convert.precision") == "auto":  # auto is deploy's search; one build starts where the guide does
         cfg.override("convert.precision", "int4", "auto (convert builds one precision: int4, as the guide recommends)")
-    result = conv.convert(cfg.get("model.source"), cfg.convert_options(), cfg.get("convert.backend"),
-                          cfg.get("convert.output") or None)
+    result = conv.convert(
+        cfg.get("model.source"),
+        cfg.convert_options(),
+        cfg.get("convert.backend"),
+        cfg.get("convert.output") or None,
+        cfg.get("convert.quantizer"),
+        dry_run,
+    )
     if as_json:
         output.emit_json(result)
-        return
-    print_build(result)
+    elif dry_run:
+        rows = [
+            {"": "source", "value": f"{result['source']['path']} ({result['architecture']})"},
+            {"": "route", "value": f"{result['route']} (cost {result['cost']})"},
+            {"": "precision", "value": result["options"]["precision"]},
+            {
+                "": "build folder",
+                "value": result["path"] + (" (cached: nothing to build)" if result["cached"] else " (would be built)"),
+            },
+            *[{"": "costlier route", "value": alt} for alt in result["alternatives"]],
+            *[{"": "cannot", "value": why} for why in result["rejected"]],
+        ]
+        output.table(rows, ["", "value"], title="convert --dry-run")
+    else:
+        print_build(result)
 
 
 def print_build(result: dict[str, Any]) -> None:
@@ -171,12 +285,21 @@ def print_build(result: dict[str, Any]) -> None:
         {"": "status", "value": "cache hit (no rebuild)" if result["cached"] else "built and verified"},
         {"": "converter", "value": result["converter"] + (f" + {result['quantizer']}" if result["quantizer"] else "")},
         {"": "precision", "value": result["options"]["precision"]},
-        {"": "graph", "value": f"MatMulNBits by bits {graph['matmul_nbits'] or '-'}, block {graph['block_sizes'] or '-'}, "
-                               f"symmetric {graph['symmetric'] or '-'}, float MatMuls {graph['float_matmuls']}"},
+        {
+            "": "graph",
+            "value": f"MatMulNBits by bits {graph['matmul_nbits'] or '-'}, block {graph['block_sizes'] or '-'}, "
+            f"symmetric {graph['symmetric'] or '-'}, float MatMuls {graph['float_matmuls']}",
+        },
         {"": "size", "value": output.human_bytes(result["output_bytes"])},
-        *[{"": "adapter", "value": f"{name} ({path}; max logit change {effect['max_logit_change']})"}
-          for name, path in result.get("adapters", {}).items() if (effect := result["verification"].get("adapter"))],
-        {"": "sample", "value": repr(result["verification"]["sample"]["text"]) if result["verification"].get("sample") else "-"},
+        *[
+            {"": "adapter", "value": f"{name} ({path}; max logit change {effect['max_logit_change']})"}
+            for name, path in result.get("adapters", {}).items()
+            if (effect := result["verification"].get("adapter"))
+        ],
+        {
+            "": "sample",
+            "value": repr(result["verification"]["sample"]["text"]) if result["verification"].get("sample") else "-",
+        },
         {"": "timings", "value": ", ".join(f"{k} {v}s" for k, v in result["timings"].items())},
     ]
     output.table(rows, ["", "value"])
@@ -209,10 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM unwinds like an exception, so staging folders are removed and child processes killed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        from .plugin_manager import pm, warn_load_errors
+        from .plugin_manager import call_each
 
-        warn_load_errors()
-        pm.hook.register_commands(cli=cli)
+        call_each("register_commands", lambda plugin: {"cli": cli})
         rv = cli.main(args=argv, prog_name="slmops", standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)
     except click.exceptions.Exit as e:
@@ -235,13 +357,17 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         where = f" ({e.filename})" if e.filename else ""
-        print(f"slmops: error: {e.strerror or _one_line(e)}{where}; check that the folder exists, is writable and has free space",
-              file=sys.stderr)
+        print(
+            f"slmops: error: {e.strerror or _one_line(e)}{where}; check that the folder exists, is writable and has free space",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except Exception as e:  # a bug or a plugin failure: still one line, the traceback on --debug
         if debug:
             raise
-        print(f"slmops: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"slmops: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr
+        )
         sys.exit(1)
 
 
@@ -254,9 +380,12 @@ def templates() -> None:
 @json_option
 def templates_ls(as_json: bool) -> None:
     """List the known families and the plugin providing each."""
-    from .implementations import template_families
+    from .implementations import plugin_of, template_families
 
-    rows = [{"family": f.name, "plugin": f.plugin, "description": f.description, "stop": f.stop} for f in template_families()]
+    rows = [
+        {"family": f.name, "plugin": plugin_of(f), "description": f.description, "stop": f.stop}
+        for f in template_families()
+    ]
     output.emit_json(rows) if as_json else output.table(rows, ["family", "plugin", "description", "stop"])
 
 
@@ -265,17 +394,33 @@ def templates_ls(as_json: bool) -> None:
 @json_option
 def templates_show(family: str, as_json: bool) -> None:
     """Show a family's PromptTemplate, stop strings and ModelConfig defaults."""
+    from .implementations import plugin_of
     from .templates import family_by_name
 
     f = family_by_name(family)
-    data = {"family": f.name, "plugin": f.plugin, "bos": f.bos, "PromptTemplate": f.prompt_template(), "stop": f.stop,
-            "ModelConfig": f.model_config, "system_in_first_user": f.system_in_first_user}
+    data = {
+        "family": f.name,
+        "plugin": plugin_of(f),
+        "bos": f.bos,
+        "PromptTemplate": f.prompt_template(),
+        "stop": f.stop,
+        "ModelConfig": f.model_config,
+        "system_in_first_user": f.system_in_first_user,
+    }
     if as_json:
         output.emit_json(data)
         return
-    rows = [{"field": k, "value": repr(v)} for k, v in {"bos": f.bos, **f.prompt_template(), "stop": f.stop,
-                                                          "system folding": f.system_in_first_user, **f.model_config}.items()]
-    output.table(rows, ["field", "value"], title=f"{f.name} ({f.plugin})")
+    rows = [
+        {"field": k, "value": repr(v)}
+        for k, v in {
+            "bos": f.bos,
+            **f.prompt_template(),
+            "stop": f.stop,
+            "system folding": f.system_in_first_user,
+            **f.model_config,
+        }.items()
+    ]
+    output.table(rows, ["field", "value"], title=f"{f.name} ({plugin_of(f)})")
 
 
 @templates.command("render")
@@ -286,7 +431,9 @@ def templates_render(family: str, system_text: str | None, user_text: str) -> No
     """Print the exact prompt FAMILY builds for a system and user message."""
     from .templates import family_by_name, render
 
-    messages = ([{"role": "system", "content": system_text}] if system_text else []) + [{"role": "user", "content": user_text}]
+    messages = ([{"role": "system", "content": system_text}] if system_text else []) + [
+        {"role": "user", "content": user_text}
+    ]
     sys.stdout.write(render(family_by_name(family), messages))
     sys.stdout.write("\n")
 
@@ -306,9 +453,13 @@ def templates_check(model_dir: str, family: str, as_json: bool) -> None:
         output.emit_json(result)
     else:
         click.echo(f"family: {chosen.family.name} ({chosen.how}); default system: {chosen.default_system!r}")
-        output.table(result["conversations"], ["conversation", "ok", "tokens", "first_diff_char", "first_diff_token", "skipped"])
+        output.table(
+            result["conversations"], ["conversation", "ok", "tokens", "first_diff_char", "first_diff_token", "skipped"]
+        )
     if not result["ok"]:
-        raise SlmopsError(f"template {chosen.family.name} does not match {model_dir}'s chat template (see the rows marked False)")
+        raise SlmopsError(
+            f"template {chosen.family.name} does not match {model_dir}'s chat template (see the rows marked False)"
+        )
 
 
 registry_option = click.option("--registry", "registry_backend", help="Registry plugin (default: [registry] backend).")
@@ -320,12 +471,23 @@ registry_option = click.option("--registry", "registry_backend", help="Registry 
 @click.option("--family", default=None, help="Prompt-template family (default: detect).")
 @click.option("--version", "version_", default=None, help="Version recorded in inference_model.json.")
 @click.option("--description", default=None, help="Description recorded in inference_model.json.")
-@click.option("--replace/--no-replace", default=None, help="Replace an existing entry of the same name (default) or refuse.")
+@click.option(
+    "--replace/--no-replace", default=None, help="Replace an existing entry of the same name (default) or refuse."
+)
 @registry_option
 @json_option
 @pass_state
-def register_cmd(state: State, model_dir: str, name: str, family: str | None, version_: str | None, description: str | None,
-                 replace: bool | None, registry_backend: str | None, as_json: bool) -> None:
+def register_cmd(
+    state: State,
+    model_dir: str,
+    name: str,
+    family: str | None,
+    version_: str | None,
+    description: str | None,
+    replace: bool | None,
+    registry_backend: str | None,
+    as_json: bool,
+) -> None:
     """Place MODEL_DIR in the registry as NAME, with a checked inference_model.json."""
     from . import registry as reg
 
@@ -335,16 +497,33 @@ def register_cmd(state: State, model_dir: str, name: str, family: str | None, ve
     cfg.override("registry.description", description, "command line")
     cfg.override("registry.replace", replace, "command line")
     registry = reg.open_registry(cfg, registry_backend)
-    with reg.package(Path(model_dir), name, cfg.get("model.family"), cfg.get("registry.version"),
-                     cfg.get("registry.description"), registry.name) as pkg:
+    with reg.package(
+        Path(model_dir),
+        name,
+        cfg.get("model.family"),
+        cfg.get("registry.version"),
+        cfg.get("registry.description"),
+        registry.name,
+    ) as pkg:
         result = reg.register(registry, pkg, cfg.get("registry.replace"))
     if as_json:
         output.emit_json(result)
     else:
         e = result["entry"]
-        output.table([{"name": e["name"], "id": e["id"], "family": e["family"], "precision": e["precision"],
-                       "size": output.human_bytes(e["size_bytes"]), "path": e["path"]}],
-                     ["name", "id", "family", "precision", "size", "path"], title=f"registered with {registry.name}")
+        output.table(
+            [
+                {
+                    "name": e["name"],
+                    "id": e["id"],
+                    "family": e["family"],
+                    "precision": e["precision"],
+                    "size": output.human_bytes(e["size_bytes"]),
+                    "path": e["path"],
+                }
+            ],
+            ["name", "id", "family", "precision", "size", "path"],
+            title=f"registered with {registry.name}",
+        )
 
 
 @cli.group()
@@ -371,10 +550,14 @@ def cache_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
     elif not entries:
         click.echo(f"no models registered in {registry.name} at {registry.root}")
     else:
-        output.table(entry_rows(entries), ["name", "id", "status", "family", "precision", "size", "registered_at", "path"])
+        output.table(
+            entry_rows(entries), ["name", "id", "status", "family", "precision", "size", "registered_at", "path"]
+        )
         for e in entries:
             if e.status != "ok":
-                click.echo(f"{e.name}: its folder {e.path} is missing; `slmops cache rm {e.name}` removes the entry", err=True)
+                click.echo(
+                    f"{e.name}: its folder {e.path} is missing; `slmops cache rm {e.name}` removes the entry", err=True
+                )
 
 
 @cache.command("location")
@@ -442,8 +625,14 @@ def builds_ls(state: State, registry_backend: str | None, as_json: bool) -> None
     elif not rows:
         click.echo(f"no builds in {builds_dir()}")
     else:
-        output.table([{**r, "size": output.human_bytes(r["size_bytes"]), "used_by": ", ".join(r["used_by"]) or "-"} for r in rows],
-                     ["build", "precision", "size", "age_days", "used_by"], title=f"builds in {builds_dir()}")
+        output.table(
+            [
+                {**r, "size": output.human_bytes(r["size_bytes"]), "used_by": ", ".join(r["used_by"]) or "-"}
+                for r in rows
+            ],
+            ["build", "precision", "size", "age_days", "used_by"],
+            title=f"builds in {builds_dir()}",
+        )
 
 
 @builds.command("rm")
@@ -456,7 +645,13 @@ def builds_rm(build: str) -> None:
 
 
 @builds.command("prune")
-@click.option("--older-than", type=click.FloatRange(0), default=0, show_default=True, help="Only builds at least this many days old.")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(0),
+    default=0,
+    show_default=True,
+    help="Only builds at least this many days old.",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be removed.")
 @registry_option
 @json_option
@@ -486,8 +681,13 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
 @click.argument("name")
 @click.option("--prompt", "-p", help="Answer this once and exit (stdout: only the answer).")
 @click.option("--system", "system_text", help="System message.")
-@click.option("--engine", type=click.Choice(["registry", "ort-genai"]), default="registry", show_default=True,
-              help="Run through the registry's runtime (Foundry Local) or ORT GenAI directly.")
+@click.option(
+    "--engine",
+    type=click.Choice(["registry", "ort-genai"]),
+    default="registry",
+    show_default=True,
+    help="Run through the registry's runtime (Foundry Local) or ORT GenAI directly.",
+)
 @click.option("--adapter", help="LoRA adapter to switch on (default: the model's only one; 'none' for the base).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 5), help="Override ModelConfig temperature (0: greedy).")
@@ -497,14 +697,28 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
 @registry_option
 @json_option
 @pass_state
-def model_run(state: State, name: str, prompt: str | None, system_text: str | None, engine: str, registry_backend: str | None,
-              as_json: bool, adapter: str | None, **overrides: Any) -> None:
+def model_run(
+    state: State,
+    name: str,
+    prompt: str | None,
+    system_text: str | None,
+    engine: str,
+    registry_backend: str | None,
+    as_json: bool,
+    adapter: str | None,
+    **overrides: Any,
+) -> None:
     """Chat with NAME: interactive and streaming, or one answer with --prompt."""
     from . import registry as reg
     from .chat_session import ChatRunner
 
-    runner = ChatRunner(reg.open_registry(state.config, registry_backend), name, engine,
-                        {k: v for k, v in overrides.items() if v is not None}, adapter)
+    runner = ChatRunner(
+        reg.open_registry(state.config, registry_backend),
+        name,
+        engine,
+        {k: v for k, v in overrides.items() if v is not None},
+        adapter,
+    )
     if prompt is not None:
         result = runner.answer(prompt, system_text, stream_to=None if as_json else sys.stdout)
         if as_json:
@@ -519,18 +733,44 @@ def model_run(state: State, name: str, prompt: str | None, system_text: str | No
 @click.argument("names", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
-@click.option("--engine", type=click.Choice(["registry", "ort-genai"]), default="registry", show_default=True,
-              help="Answer through the registry's runtime (Foundry Local: one request at a time per model) or ORT GenAI "
-                   "directly (--parallel requests at once).")
-@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Requests one model answers at once (ORT GenAI engine; the registry runtime answers one at a time).")
-@click.option("--max-queue", type=click.IntRange(0, 4096), default=16, show_default=True,
-              help="Requests a model keeps waiting; past that the server answers 429.")
-@click.option("--api-key", envvar="SLMOPS_API_KEY", help="Require 'Authorization: Bearer KEY' (also from $SLMOPS_API_KEY).")
+@click.option(
+    "--engine",
+    type=click.Choice(["registry", "ort-genai"]),
+    default="registry",
+    show_default=True,
+    help="Answer through the registry's runtime (Foundry Local: one request at a time per model) or ORT GenAI "
+    "directly (--parallel requests at once).",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Requests one model answers at once (ORT GenAI engine; the registry runtime answers one at a time).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(0, 4096),
+    default=16,
+    show_default=True,
+    help="Requests a model keeps waiting; past that the server answers 429.",
+)
+@click.option(
+    "--api-key", envvar="SLMOPS_API_KEY", help="Require 'Authorization: Bearer KEY' (also from $SLMOPS_API_KEY)."
+)
 @registry_option
 @pass_state
-def serve(state: State, names: tuple[str, ...], host: str, port: int, engine: str, parallel: int, max_queue: int,
-          api_key: str | None, registry_backend: str | None) -> None:
+def serve(
+    state: State,
+    names: tuple[str, ...],
+    host: str,
+    port: int,
+    engine: str,
+    parallel: int,
+    max_queue: int,
+    api_key: str | None,
+    registry_backend: str | None,
+) -> None:
     """Serve registered models (NAMES, default all) with an OpenAI-compatible API: /v1/models, /v1/chat/completions."""
     from . import registry as reg
     from . import serve as srv
@@ -540,43 +780,63 @@ def serve(state: State, names: tuple[str, ...], host: str, port: int, engine: st
     models = srv.open_models(reg.open_registry(state.config, registry_backend), list(names), engine, settings)
     address = sock.getsockname()
     where = f"http://{'[' + address[0] + ']' if ':' in address[0] else address[0]}:{address[1]}/v1"
-    output.table([{"model": m.name, "engine": m.runner.engine, "parallel": m.parallel, "queue": m.max_queue}
-                  for m in models.values()], ["model", "engine", "parallel", "queue"], title="serving")
+    output.table(
+        [
+            {"model": m.name, "engine": m.runner.engine, "parallel": m.parallel, "queue": m.max_queue}
+            for m in models.values()
+        ],
+        ["model", "engine", "parallel", "queue"],
+        title="serving",
+    )
     if not srv.is_loopback(host) and not settings.api_key:
-        click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this machine can use the models",
-                   err=True)
+        click.echo(
+            f"warning: listening on {host} without --api-key: anyone who reaches this machine can use the models",
+            err=True,
+        )
     click.echo(f"OpenAI API at {where} (base_url for the openai client); Ctrl-C stops", err=True)
     srv.run(srv.Server(models, settings), sock)
     click.echo("slmops serve: stopped", err=True)
 
 
-def bench_settings(cfg: Config, runs: int | None, max_new_tokens: int | None, lengths: str | None, soak: int | None) -> dict[str, Any]:
+def bench_settings(
+    cfg: Config, runs: int | None, max_new_tokens: int | None, lengths: str | None, soak: int | None
+) -> dict[str, Any]:
     cfg.override("bench.runs", runs, "command line")
     cfg.override("bench.max_new_tokens", max_new_tokens, "command line")
     if lengths:
         try:
             cfg.override("bench.lengths", [int(x) for x in lengths.split(",")], "command line")
         except ValueError:
-            raise UsageError(f"--lengths must be comma-separated whole numbers, e.g. 16,128,512, not {lengths!r}") from None
+            raise UsageError(
+                f"--lengths must be comma-separated whole numbers, e.g. 16,128,512, not {lengths!r}"
+            ) from None
     cfg.override("validate.soak_requests", soak, "command line")
     return {**cfg.section("bench"), "soak_requests": cfg.get("validate.soak_requests")}
 
 
 def bench_flags(f):
-    for opt in reversed([
-        click.option("--runs", type=click.IntRange(1), help="Measured runs per prompt length."),
-        click.option("--max-new-tokens", type=click.IntRange(2), help="Tokens generated per run."),
-        click.option("--lengths", help="Prompt lengths of the sweep, e.g. 16,128,512."),
-        click.option("--soak", type=click.IntRange(0), help="Requests in the memory soak."),
-        click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here."),
-    ]):
+    for opt in reversed(
+        [
+            click.option("--runs", type=click.IntRange(1), help="Measured runs per prompt length."),
+            click.option("--max-new-tokens", type=click.IntRange(2), help="Tokens generated per run."),
+            click.option("--lengths", help="Prompt lengths of the sweep, e.g. 16,128,512."),
+            click.option("--soak", type=click.IntRange(0), help="Requests in the memory soak."),
+            click.option(
+                "--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here."
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
 
 @cli.command()
 @click.argument("target", required=False)
-@click.option("--compare", "compare_source", help="Build fp32/int8/int4 from this SOURCE ('default' for the embedded model) and compare.")
+@click.option(
+    "--compare",
+    "compare_source",
+    help="Build fp32/int8/int4 from this SOURCE ('default' for the embedded model) and compare.",
+)
 @click.option("--quality/--no-quality", default=True, help="Also measure quality against the fp32 reference.")
 @click.option("--reference", type=click.Path(file_okay=False), help="fp32 model folder to compare against.")
 @click.option("--domain", type=click.Path(dir_okay=False), help="JSONL domain set to score.")
@@ -585,8 +845,22 @@ def bench_flags(f):
 @bench_flags
 @json_option
 @pass_state
-def bench(state: State, target: str | None, compare_source: str | None, quality: bool, reference: str | None, domain: str | None,
-          edge_cases: bool, benchmarker: str | None, runs, max_new_tokens, lengths, soak, report, as_json: bool) -> None:
+def bench(
+    state: State,
+    target: str | None,
+    compare_source: str | None,
+    quality: bool,
+    reference: str | None,
+    domain: str | None,
+    edge_cases: bool,
+    benchmarker: str | None,
+    runs,
+    max_new_tokens,
+    lengths,
+    soak,
+    report,
+    as_json: bool,
+) -> None:
     """Measure TARGET (a registered name or a model folder): speed, memory, CPU, quality, edge cases."""
     from . import bench as b
 
@@ -599,9 +873,24 @@ def bench(state: State, target: str | None, compare_source: str | None, quality:
         if as_json:
             output.emit_json(result)
             return
-        output.table([{**r, "passes": "yes" if r["passes"] else "no"} for r in result["rows"]],
-                     ["build", "size_mb", "size_ratio", "decode_tok_s", "speed_ratio", "ttft_ms", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "mean_delta_p", "passes"],
-                     title="precisions measured on this machine")
+        output.table(
+            [{**r, "passes": "yes" if r["passes"] else "no"} for r in result["rows"]],
+            [
+                "build",
+                "size_mb",
+                "size_ratio",
+                "decode_tok_s",
+                "speed_ratio",
+                "ttft_ms",
+                "mean_kld",
+                "kld_p99",
+                "top1_agreement",
+                "perplexity",
+                "mean_delta_p",
+                "passes",
+            ],
+            title="precisions measured on this machine",
+        )
         for skipped in result["skipped"]:
             click.echo(f"not built: {skipped['build']}: {skipped['why']}")
         click.echo(f"recommendation: {result['recommendation']}: {result['why']}")
@@ -612,7 +901,9 @@ def bench(state: State, target: str | None, compare_source: str | None, quality:
     result = {"model": str(model_dir), **b.measure(model_dir, settings, benchmarker)}
     if quality:
         try:
-            result["quality"] = b.quality_of(model_dir, b.reference_for(model_dir, reference), Path(domain) if domain else None)
+            result["quality"] = b.quality_of(
+                model_dir, b.reference_for(model_dir, reference), Path(domain) if domain else None
+            )
         except SlmopsError as e:
             result["quality"] = {"skipped": str(e)}
     if edge_cases:
@@ -626,15 +917,37 @@ def bench(state: State, target: str | None, compare_source: str | None, quality:
 
 
 def print_bench(result: dict[str, Any]) -> None:
-    summary = [{"metric": k, "value": result[k]} for k in ("load_s", "ttft_ms_p50", "decode_tok_s", "latency_ms_p50", "latency_ms_p95",
-                                                          "peak_rss_mb", "cpu_utilisation", "rss_growth_mb") if k in result]
+    from . import bench as b
+
+    summary = [{"metric": k, "value": result[k]} for k in b.SUMMARY_KEYS if k in result]
+    summary += [{"metric": k, "value": v} for k, v in b.extra_metrics(result).items()]
     q = result.get("quality") or {}
-    summary += [{"metric": k, "value": q[k]} for k in ("positions", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "reference_perplexity", "mean_delta_p") if k in q]
+    summary += [
+        {"metric": k, "value": q[k]}
+        for k in (
+            "positions",
+            "mean_kld",
+            "kld_p99",
+            "top1_agreement",
+            "perplexity",
+            "reference_perplexity",
+            "mean_delta_p",
+        )
+        if k in q
+    ]
     output.table(summary, ["metric", "value"], title=f"benchmark: {result['model']}")
-    output.table(result["sweep"], ["prompt_tokens", "ttft_ms_p50", "prefill_tok_s", "decode_tok_s", "latency_ms_p50", "latency_ms_p95"],
-                 title="input-length sweep")
+    if result.get("sweep"):
+        output.table(
+            result["sweep"],
+            ["prompt_tokens", "ttft_ms_p50", "prefill_tok_s", "decode_tok_s", "latency_ms_p50", "latency_ms_p95"],
+            title="input-length sweep",
+        )
     if result.get("edge_cases"):
-        output.table([{**e, "ok": "pass" if e["ok"] else "FAIL"} for e in result["edge_cases"]], ["case", "ok", "what"], title="edge cases")
+        output.table(
+            [{**e, "ok": "pass" if e["ok"] else "FAIL"} for e in result["edge_cases"]],
+            ["case", "ok", "what"],
+            title="edge cases",
+        )
     if result.get("report"):
         click.echo(f"report: {result['report']}")
 
@@ -648,8 +961,20 @@ def print_bench(result: dict[str, Any]) -> None:
 @bench_flags
 @json_option
 @pass_state
-def validate_cmd(state: State, target: str, max_kld: float | None, min_top1: float | None, reference: str | None, domain: str | None,
-                 runs, max_new_tokens, lengths, soak, report, as_json: bool) -> None:
+def validate_cmd(
+    state: State,
+    target: str,
+    max_kld: float | None,
+    min_top1: float | None,
+    reference: str | None,
+    domain: str | None,
+    runs,
+    max_new_tokens,
+    lengths,
+    soak,
+    report,
+    as_json: bool,
+) -> None:
     """The guide's quality checklist as pass/fail; exit 1 when a check fails."""
     from . import bench as b
 
@@ -663,7 +988,11 @@ def validate_cmd(state: State, target: str, max_kld: float | None, min_top1: flo
     if as_json:
         output.emit_json(result)
     else:
-        output.table([{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["checks"]], ["check", "ok", "value", "limit"], title="validation")
+        output.table(
+            [{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["checks"]],
+            ["check", "ok", "value", "limit"],
+            title="validation",
+        )
     if not result["ok"]:
         raise SlmopsError("validation failed: " + ", ".join(c["check"] for c in result["checks"] if not c["ok"]))
 
@@ -680,13 +1009,21 @@ def validate_cmd(state: State, target: str, max_kld: float | None, min_top1: flo
 @click.option("--dry-run", is_flag=True, help="Print the plan and do nothing.")
 @json_option
 @pass_state
-def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json, **flags: Any) -> None:
+def deploy(
+    state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json, **flags: Any
+) -> None:
     """Run the whole guide from slmops.toml: convert, template, register, validate, ask, benchmark."""
     from .pipeline import deploy as run_deploy
 
     cfg = state.config
-    for key, value in (("model.source", source), ("model.name", name), ("model.family", family), ("validate.max_kld", max_kld),
-                       ("validate.min_top1", min_top1), ("registry.cache_dir", registry_dir)):
+    for key, value in (
+        ("model.source", source),
+        ("model.name", name),
+        ("model.family", family),
+        ("validate.max_kld", max_kld),
+        ("validate.min_top1", min_top1),
+        ("registry.cache_dir", registry_dir),
+    ):
         cfg.override(key, value, "command line")
     apply_convert_flags(cfg, flags)
     result = run_deploy(cfg, ask, dry_run)
@@ -696,12 +1033,32 @@ def deploy(state: State, source, name, family, max_kld, min_top1, registry_dir, 
     if dry_run:
         click.echo("\n".join(result["plan"]))
         return
-    output.table(result["tried"], ["build", "size_mb", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "chosen"], title="builds tried")
-    output.table([{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["validation"]["checks"]], ["check", "ok", "value", "limit"], title="validation")
+    output.table(
+        result["tried"],
+        ["build", "size_mb", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "chosen"],
+        title="builds tried",
+    )
+    output.table(
+        [{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["validation"]["checks"]],
+        ["check", "ok", "value", "limit"],
+        title="validation",
+    )
     m = result["validation"]["bench"]
-    output.table([{"model": result["name"], "decode tok/s": m["decode_tok_s"], "TTFT ms": m["ttft_ms_p50"], "p50 ms": m["latency_ms_p50"],
-                   "p95 ms": m["latency_ms_p95"], "peak RSS MB": m["peak_rss_mb"], "size": output.human_bytes(m["size_bytes"])}],
-                 ["model", "decode tok/s", "TTFT ms", "p50 ms", "p95 ms", "peak RSS MB", "size"], title="benchmark summary")
+    output.table(
+        [
+            {
+                "model": result["name"],
+                "decode tok/s": m["decode_tok_s"],
+                "TTFT ms": m["ttft_ms_p50"],
+                "p50 ms": m["latency_ms_p50"],
+                "p95 ms": m["latency_ms_p95"],
+                "peak RSS MB": m["peak_rss_mb"],
+                "size": output.human_bytes(m["size_bytes"]),
+            }
+        ],
+        ["model", "decode tok/s", "TTFT ms", "p50 ms", "p95 ms", "peak RSS MB", "size"],
+        title="benchmark summary",
+    )
     if result.get("answer"):
         click.echo(f"Q: {ask}\nA: {result['answer']['answer'].strip()}")
     click.echo(f"Chat with it: {result['run']}\nServe it (OpenAI API at http://127.0.0.1:8000/v1): {result['serve']}")

@@ -5,18 +5,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from .errors import UsageError
-from .roles import BLOCK_SIZES, PRECISIONS
+from .roles import BLOCK_SIZES
 
 CONFIG_NAME = "slmops.toml"
 
@@ -26,7 +21,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "source": ("default", str, "HF checkpoint folder, GGUF file, or 'default' (embedded SmolLM2-135M-Instruct)"),
         "name": ("smollm2-135m-instruct", str, "name the model is registered under"),
         "adapter": ("", str, "PEFT LoRA adapter folder to apply to the source"),
-        "adapter_mode": ("merge", str, "merge the LoRA into the weights, or adapter: an ORT GenAI adapter file beside the base"),
+        "adapter_mode": (
+            "merge",
+            str,
+            "merge the LoRA into the weights, or adapter: an ORT GenAI adapter file beside the base",
+        ),
         "family": ("auto", str, "prompt-template family, or 'auto' to detect"),
         "trust_remote_code": (False, bool, "allow the checkpoint's own Python code to run"),
     },
@@ -35,6 +34,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "device": ("cpu", str, "target device"),
         "provider": ("CPUExecutionProvider", str, "ONNX Runtime execution provider"),
         "backend": ("auto", str, "converter plugin, or auto (the fastest that supports the request)"),
+        "quantizer": ("auto", str, "quantizer plugin, or auto (the cheapest route that supports the request)"),
         "block_size": (32, int, "int4/int8 quantization block size: 16, 32, 64, 128 or 256"),
         "symmetric": (True, bool, "symmetric quantization (false: with zero points)"),
         "algorithm": ("rtn", str, "int4 algorithm: rtn, rtn_last, k_quant, k_quant_mixed, k_quant_last, hqq, gguf"),
@@ -74,7 +74,6 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
 # section.key -> (check, what a good value is). Flags and slmops.toml values go through the same checks, before any
 # work starts, so `max_new_tokens = 0` is a usage error rather than a native abort twenty minutes in.
 VALUE_CHECKS: dict[str, tuple[Any, str]] = {
-    "convert.precision": _one_of(*PRECISIONS, "auto"),
     "convert.block_size": _one_of(*BLOCK_SIZES),
     "convert.accuracy_level": _one_of(0, 1, 2, 3, 4),
     "model.adapter_mode": _one_of("merge", "adapter"),
@@ -85,8 +84,10 @@ VALUE_CHECKS: dict[str, tuple[Any, str]] = {
     "bench.runs": _at_least(1),
     "bench.warmup": _at_least(0),
     "bench.max_new_tokens": _at_least(2),
-    "bench.lengths": ((lambda v: bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)),
-                      "a non-empty list of whole numbers >= 1, e.g. [16, 128, 512]"),
+    "bench.lengths": (
+        (lambda v: bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)),
+        "a non-empty list of whole numbers >= 1, e.g. [16, 128, 512]",
+    ),
 }
 
 
@@ -106,10 +107,18 @@ class Config:
     def convert_options(self) -> dict[str, Any]:
         """The [convert] and model settings as ConvertRequest keyword arguments."""
         c, adapter = self.values["convert"], self.values["model"]["adapter"]
-        return {"precision": c["precision"], "device": c["device"], "provider": c["provider"],
-                "block_size": c["block_size"], "symmetric": c["symmetric"], "algorithm": c["algorithm"],
-                "accuracy_level": c["accuracy_level"] or None, "adapter": Path(adapter) if adapter else None,
-                "adapter_mode": self.values["model"]["adapter_mode"], "trust_remote_code": self.values["model"]["trust_remote_code"]}
+        return {
+            "precision": c["precision"],
+            "device": c["device"],
+            "provider": c["provider"],
+            "block_size": c["block_size"],
+            "symmetric": c["symmetric"],
+            "algorithm": c["algorithm"],
+            "accuracy_level": c["accuracy_level"] or None,
+            "adapter": Path(adapter) if adapter else None,
+            "adapter_mode": self.values["model"]["adapter_mode"],
+            "trust_remote_code": self.values["model"]["trust_remote_code"],
+        }
 
     def override(self, dotted: str, value: Any, origin: str) -> None:
         """Set a value from the command line; None means the flag was not given."""
@@ -152,7 +161,9 @@ def _check_type(dotted: str, value: Any, kind: type, where: str | None) -> Any:
 
 def load_config(path: Path | None = None, search: bool = True) -> Config:
     """Defaults, then the TOML file (given, or found by walking up), each value tagged with its origin."""
-    values = {s: {k: (list(v[0]) if isinstance(v[0], list) else v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
+    values = {
+        s: {k: (list(v[0]) if isinstance(v[0], list) else v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()
+    }
     origin = {f"{s}.{k}": "default" for s, keys in SCHEMA.items() for k in keys}
     if path is None and search:
         path = find_config()
@@ -177,7 +188,9 @@ def load_config(path: Path | None = None, search: bool = True) -> Config:
             dotted = f"{section}.{key}"
             line = _line_of(text, key)
             if key not in SCHEMA[section]:
-                raise UsageError(f"{path}:{line}: unknown key {dotted}; known in [{section}]: {', '.join(SCHEMA[section])}")
+                raise UsageError(
+                    f"{path}:{line}: unknown key {dotted}; known in [{section}]: {', '.join(SCHEMA[section])}"
+                )
             values[section][key] = _check_type(dotted, value, SCHEMA[section][key][1], f"{path}:{line}")
             origin[dotted] = f"{path}:{line}"
     return Config(values, origin, path)

@@ -24,12 +24,12 @@ from .fsutil import (
     dir_size,
     file_hashes,
     lock,
-    staging_dir,
     scratch_dir,
+    staging_dir,
     write_json_atomic,
 )
 from .isolate import in_child
-from .roles import BLOCK_SIZES, PRECISIONS, Converter, ConvertRequest, Quantizer
+from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer
 
 MANIFEST = "slmops-manifest.json"
 # The builds worth comparing, smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries them
@@ -56,18 +56,47 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
+def offered() -> dict[str, list[str]]:
+    """What the loaded converter and quantizer plugins offer: precisions, int4 algorithms, devices, providers."""
+    converters, quantizers = implementations.converters(), implementations.quantizers()
+
+    def union(*groups: Any) -> list[str]:
+        return sorted({v for group in groups for v in group})
+
+    return {
+        "precision": union(*(c.precisions for c in converters), *(q.precisions for q in quantizers)),
+        "algorithm": union(*(c.algorithms for c in converters), *(q.algorithms for q in quantizers)),
+        "device": union(*(c.devices for c in converters)),
+        "provider": union(*(c.providers for c in converters)),
+    }
+
+
 def check_options(request: ConvertRequest) -> None:
-    if request.precision not in PRECISIONS:
-        raise SlmopsError(f"unknown precision {request.precision!r}; use one of {', '.join(PRECISIONS)}")
+    choices = offered()
+    for key in ("precision", "device", "provider"):
+        value = getattr(request, key)
+        if value not in choices[key]:
+            raise SlmopsError(
+                f"no installed plugin offers {key} {value!r}; use one of {', '.join(choices[key])} "
+                "(`slmops plugins` lists what is installed)"
+            )
+    if request.precision == "int4" and request.algorithm not in choices["algorithm"]:
+        raise SlmopsError(
+            f"no installed plugin offers int4 algorithm {request.algorithm!r}; use one of {', '.join(choices['algorithm'])}"
+        )
     if request.block_size not in BLOCK_SIZES:
-        raise SlmopsError(f"block size {request.block_size} is not supported; use one of {', '.join(map(str, BLOCK_SIZES))}")
+        raise SlmopsError(
+            f"block size {request.block_size} is not supported; use one of {', '.join(map(str, BLOCK_SIZES))}"
+        )
     if request.accuracy_level not in (None, 0, 1, 2, 3, 4):
         raise SlmopsError(f"accuracy level {request.accuracy_level} is not supported; use 0 (default) or 1-4")
     if request.precision == "fp16" and request.device == "cpu":
         # Seen with onnxruntime-genai 0.14.1 on onnxruntime 1.31: the fp16 CPU build fails at generation time
         # ("Shape mismatch attempting to re-use buffer"). Never hand over a model that cannot generate.
-        raise SlmopsError("fp16 models built for the CPU fail to generate with this ONNX Runtime GenAI; "
-                          "use --precision fp32 (same quality) or int8 (smaller, near-lossless)")
+        raise SlmopsError(
+            "fp16 models built for the CPU fail to generate with this ONNX Runtime GenAI; "
+            "use --precision fp32 (same quality) or int8 (smaller, near-lossless)"
+        )
     if request.adapter_mode not in ("merge", "adapter"):
         raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or adapter")
 
@@ -76,44 +105,74 @@ def keeps_adapter(request: ConvertRequest) -> bool:
     return request.adapter is not None and request.adapter_mode == "adapter"
 
 
-def plan(request: ConvertRequest, architecture: str, backend: str = "auto") -> tuple[Converter, Quantizer | None]:
+@dataclasses.dataclass
+class Route:
+    """How a request gets built: a converter, then a quantizer if the converter does not build the precision."""
+
+    converter: Converter
+    quantizer: Quantizer | None
+    cost: int
+    rejected: list[str]  # "plugin: why not", for every implementation that could not take the request
+    alternatives: list[str] = dataclasses.field(default_factory=list)  # routes that could, at a higher cost
+
+    def describe(self) -> str:
+        return self.converter.name + (f" (fp32) + {self.quantizer.name}" if self.quantizer else "")
+
+
+def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quantizer: str = "auto") -> Route:
     """The cheapest route to the request: a converter that builds the precision itself, or one that builds fp32
-    followed by a quantizer. Routes cost the sum of their plugins' costs."""
+    followed by a quantizer. Routes cost the sum of their plugins' costs. ``backend`` / ``quantizer`` name the
+    converter / quantizer to use ("auto": any)."""
     converters = implementations.converters()
     if backend != "auto":
         converters = [implementations.by_name(converters, backend, "converter")]
+    quantizers = implementations.quantizers()
+    if quantizer != "auto":
+        quantizers = [implementations.by_name(quantizers, quantizer, "quantizer")]
     reasons: list[str] = []
-    routes: list[tuple[int, Converter, Quantizer | None]] = []
+    routes: list[Route] = []
     for c in converters:
         why = c.check(request, architecture)
+        if not why and quantizer != "auto":
+            why = f"builds {request.precision} itself, but --quantizer {quantizer} was asked for"
         if not why and keeps_adapter(request) and request.precision != "fp32":
             # a converter quantizing by itself would quantize the LoRA branches too, and they could not be swapped
             why = "keeps a LoRA as an adapter file only in an fp32 build (quantized afterwards around the adapter)"
-        (reasons.append(f"{c.name}: {why}") if why else routes.append((c.cost, c, None)))
+        (reasons.append(f"{c.name}: {why}") if why else routes.append(Route(c, None, c.cost, reasons)))
     fp32 = dataclasses.replace(request, precision="fp32")
     bases = [c for c in converters if c.check(fp32, architecture) is None]
-    for q in implementations.quantizers():
+    for q in quantizers:
         why = q.check(request)
         if why:
             reasons.append(f"{q.name}: {why}")
             continue
-        routes += [(b.cost + q.cost, b, q) for b in bases]
+        routes += [Route(b, q, b.cost + q.cost, reasons) for b in bases]
     if routes:
-        _, converter, quantizer = min(routes, key=lambda r: r[0])
-        return converter, quantizer
+        routes.sort(key=lambda r: r.cost)
+        routes[0].alternatives = [f"{r.describe()} (cost {r.cost})" for r in routes[1:]]
+        return routes[0]
     known = sorted({a for c in converters for a in c.supported_architectures()})
     if known and architecture not in known:
         reasons.append(f"supported architectures: {', '.join(known)}")
-    raise NoImplementation(f"no converter can build {architecture} at {request.precision}"
-                           f" ({request.algorithm}): " + "; ".join(reasons))
+    raise NoImplementation(
+        f"no converter can build {architecture} at {request.precision} ({request.algorithm}): " + "; ".join(reasons)
+    )
 
 
 def build_key(source_sha: str, request: ConvertRequest, converter: Converter, quantizer: Quantizer | None) -> str:
     options = request.options()
     if request.adapter:
         options["adapter"] = content_hash(request.adapter)
-    blob = json.dumps({"source": source_sha, "options": options, "converter": converter.name,
-                       "quantizer": quantizer.name if quantizer else None, "tools": tool_versions()}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "source": source_sha,
+            "options": options,
+            "converter": converter.name,
+            "quantizer": quantizer.name if quantizer else None,
+            "tools": tool_versions(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -128,7 +187,7 @@ def architecture_of(checkpoint: Path) -> str:
     config = sources.check_checkpoint(checkpoint)
     archs = config.get("architectures") or []
     if not archs:
-        raise SlmopsError(f"{checkpoint}/config.json names no architecture; add \"architectures\": [\"...ForCausalLM\"]")
+        raise SlmopsError(f'{checkpoint}/config.json names no architecture; add "architectures": ["...ForCausalLM"]')
     return archs[0]
 
 
@@ -138,7 +197,9 @@ def check_adapter(adapter: Path) -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise SlmopsError(f"{adapter} is not a PEFT adapter (no adapter_config.json); give the folder peft saved")
     if not any((adapter / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
-        raise SlmopsError(f"{adapter} has no adapter weights (adapter_model.safetensors or .bin); give the folder peft saved")
+        raise SlmopsError(
+            f"{adapter} has no adapter weights (adapter_model.safetensors or .bin); give the folder peft saved"
+        )
     for weights in adapter.glob("*.safetensors"):
         sources.check_safetensors(weights)
 
@@ -162,14 +223,23 @@ def _merge(base: Path, adapter: Path, out: Path, trust_remote_code: bool) -> Non
     try:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except Exception as e:
-        raise SlmopsError(f"adapter {adapter} does not fit the base model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise SlmopsError(
+            f"adapter {adapter} does not fit the base model: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
 
 
-def convert(source_spec: str | None, request_options: dict[str, Any], backend: str = "auto",
-            output: str | None = None) -> dict[str, Any]:
-    """Build (or find in the cache) a verified ORT GenAI model; return its manifest plus path and cached flag."""
+def convert(
+    source_spec: str | None,
+    request_options: dict[str, Any],
+    backend: str = "auto",
+    output: str | None = None,
+    quantizer_name: str = "auto",
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Build (or find in the cache) a verified ORT GenAI model; return its manifest plus path and cached flag.
+    With dry_run, return the route it would take and whether the build is cached, and build nothing."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with progress.step("Resolving the source"):
@@ -188,13 +258,30 @@ def convert(source_spec: str | None, request_options: dict[str, Any], backend: s
             checkpoint = merge_adapter(checkpoint, source_sha, request.adapter, request.trust_remote_code)
             request = dataclasses.replace(request, source_dir=checkpoint)
     architecture = architecture_of(checkpoint)
-    converter, quantizer = plan(request, architecture, backend)
+    route = plan(request, architecture, backend, quantizer_name)
+    converter, quantizer = route.converter, route.quantizer
     key = build_key(source_sha, request, converter, quantizer)
     build_dir = home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
     timings["plan_s"] = time.perf_counter() - start
 
     manifest = read_manifest(build_dir)
     cached = is_intact(build_dir, manifest, key, say=False)
+    if dry_run:
+        return {
+            "dry_run": True,
+            "source": {"spec": source.spec, "kind": source.kind, "path": str(source.original)},
+            "architecture": architecture,
+            "options": request.options(),
+            "converter": converter.name,
+            "quantizer": quantizer.name if quantizer else None,
+            "route": route.describe(),
+            "cost": route.cost,
+            "rejected": route.rejected,
+            "alternatives": route.alternatives,
+            "path": str(build_dir),
+            "cached": cached,
+            "output": output,
+        }
     if not cached:
         with lock(build_dir):
             clean_stale(build_dir.parent)  # what killed builds left behind
@@ -217,22 +304,40 @@ def is_intact(build_dir: Path, manifest: dict[str, Any] | None, key: str, say: b
         return False
     changed = changed_files(build_dir, manifest.get("files") or {}) if "files" in manifest else ["(no file list)"]
     if changed and say:
-        progress.note(f"the cached build {build_dir.name} was changed since it was verified ({', '.join(changed[:3])}): rebuilding")
+        progress.note(
+            f"the cached build {build_dir.name} was changed since it was verified ({', '.join(changed[:3])}): rebuilding"
+        )
     return not changed
 
 
-def _build(source: sources.Source, request: ConvertRequest, architecture: str, converter: Converter,
-           quantizer: Quantizer | None, key: str, build_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
+def _build(
+    source: sources.Source,
+    request: ConvertRequest,
+    architecture: str,
+    converter: Converter,
+    quantizer: Quantizer | None,
+    key: str,
+    build_dir: Path,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     with staging_dir(build_dir) as out, scratch_dir(build_dir.parent) as work:
         work_dir = Path(work)
-        label = f"{request.precision}" + (f" block {request.block_size}, {'sym' if request.symmetric else 'asym'}" if request.precision in ("int4", "int8") else "")
+        label = f"{request.precision}" + (
+            f" block {request.block_size}, {'sym' if request.symmetric else 'asym'}"
+            if request.precision in ("int4", "int8")
+            else ""
+        )
         adapter = adapters.adapter_name(request.adapter) if keeps_adapter(request) else None
         # Each step writes into a fresh folder: the last one writes straight into the staging folder.
         model_dir = out if quantizer is None and not adapter else work_dir / "converted"
         model_dir.mkdir(exist_ok=True)
         t = time.perf_counter()
-        with progress.step(f"Converting {architecture} with {converter.name} ({label if quantizer is None else 'fp32'})"):
-            converter.convert(request if quantizer is None else dataclasses.replace(request, precision="fp32"), model_dir, work_dir)
+        with progress.step(
+            f"Converting {architecture} with {converter.name} ({label if quantizer is None else 'fp32'})"
+        ):
+            converter.convert(
+                request if quantizer is None else dataclasses.replace(request, precision="fp32"), model_dir, work_dir
+            )
         timings["convert_s"] = time.perf_counter() - t
         if adapter:
             extracted = out if quantizer is None else work_dir / "extracted"
@@ -252,7 +357,7 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
         t = time.perf_counter()
         with progress.step("Verifying: reading the graph back and generating"):
             graph = verify.graph_quantization(out)
-            problems = verify.compare(request, graph)
+            problems = verify.compare(request, graph, quantizer.graph_facts(request) if quantizer else None)
             try:
                 sample = verify.generate_check(out)
             except Exception as e:
@@ -270,9 +375,15 @@ def _build(source: sources.Source, request: ConvertRequest, architecture: str, c
             raise SlmopsError("verification failed, nothing was written: " + "; ".join(problems))
         manifest = {
             "key": key,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"spec": source.spec, "kind": source.kind, "path": str(source.original), "sha256": source.sha256,
-                       "checkpoint": str(request.source_dir), "architecture": architecture},
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "source": {
+                "spec": source.spec,
+                "kind": source.kind,
+                "path": str(source.original),
+                "sha256": source.sha256,
+                "checkpoint": str(request.source_dir),
+                "architecture": architecture,
+            },
             "options": request.options(),
             "converter": converter.name,
             "quantizer": quantizer.name if quantizer else None,
@@ -307,5 +418,7 @@ def publish(build_dir: Path, output: Path, manifest: dict[str, Any]) -> Path:
                         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                         copy_file(f, tmp / rel)  # the user's own file (notes, evaluations) stays
     except PermissionError as e:
-        raise SlmopsError(f"cannot write to {output}: permission denied ({e.filename}); choose a writable --output folder") from None
+        raise SlmopsError(
+            f"cannot write to {output}: permission denied ({e.filename}); choose a writable --output folder"
+        ) from None
     return output

@@ -10,9 +10,17 @@ from typing import Any
 from .config import home
 
 TESTED = {
-    "olive-ai": "0.13.0", "onnxruntime": "1.31.0", "onnxruntime-genai": "0.14.1", "onnx": "1.23.2",
-    "transformers": "5.23.0", "torch": "2.13.0", "foundry-local-sdk": "2.2.1", "gguf": "0.19.0",
-    "accelerate": "1.15.0", "pluggy": "1.7.0", "click": "8.5.1",
+    "olive-ai": "0.13.0",
+    "onnxruntime": "1.31.0",
+    "onnxruntime-genai": "0.14.1",
+    "onnx": "1.23.2",
+    "transformers": "5.23.0",
+    "torch": "2.13.0",
+    "foundry-local-sdk": "2.2.1",
+    "gguf": "0.19.0",
+    "accelerate": "1.15.0",
+    "pluggy": "1.7.0",
+    "click": "8.5.1",
 }
 MIN_RAM_GB = 8  # the deployment guide's prerequisite
 MIN_DISK_GB = 5
@@ -39,7 +47,7 @@ def checks() -> list[dict[str, Any]]:
         rows.append({"check": check, "status": status, "detail": detail})
 
     py = sys.version_info
-    add("python", "ok" if py >= (3, 10) else "fail", f"{py.major}.{py.minor}.{py.micro} (needs 3.10+)")
+    add("python", "ok" if py >= (3, 11) else "fail", f"{py.major}.{py.minor}.{py.micro} (needs 3.11+)")
     for dist, tested in TESTED.items():
         found = _version(dist)
         if found is None:
@@ -48,25 +56,28 @@ def checks() -> list[dict[str, Any]]:
             add(dist, "ok" if found == tested else "warn", found if found == tested else f"{found} (tested: {tested})")
     genai, olive = _version("onnxruntime-genai"), _version("olive-ai")
     if genai and olive and _tuple(olive)[:2] == (0, 13) and _tuple(genai) >= (0, 15):
-        add("olive + genai", "fail", f"onnxruntime-genai {genai} breaks Olive {olive}'s ModelBuilder pass; install onnxruntime-genai==0.14.1")
+        add(
+            "olive + genai",
+            "fail",
+            f"onnxruntime-genai {genai} breaks Olive {olive}'s ModelBuilder pass; install onnxruntime-genai==0.14.1",
+        )
     try:
         import onnxruntime_genai as og
 
         add("ORT GenAI runtime", "ok", f"onnxruntime_genai {og.__version__} imports")
     except Exception as e:
         add("ORT GenAI runtime", "fail", f"{type(e).__name__}: {e}")
-    try:
-        from slmops.plugins.foundry_local import load_sdk
+    from .implementations import plugin_of, registries
 
-        load_sdk()  # loads the native runtime
-
-        add("Foundry Local runtime", "ok", "foundry_local_sdk native runtime loads")
-    except Exception as e:
-        add("Foundry Local runtime", "fail", f"{type(e).__name__}: {e}")
+    for registry in registries():
+        problem = registry.runtime_problem()
+        add(f"registry {registry.name}", "fail" if problem else "ok", problem or f"ready ({plugin_of(registry)})")
     ram = psutil.virtual_memory().available / 1e9
     add("free RAM", "ok" if ram >= MIN_RAM_GB else "warn", f"{ram:.1f} GB available (guide asks for {MIN_RAM_GB} GB)")
     folder = home()
     folder.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(folder).free / 1e9
-    add("free disk", "ok" if disk >= MIN_DISK_GB else "fail", f"{disk:.1f} GB free at {folder} (needs {MIN_DISK_GB} GB)")
+    add(
+        "free disk", "ok" if disk >= MIN_DISK_GB else "fail", f"{disk:.1f} GB free at {folder} (needs {MIN_DISK_GB} GB)"
+    )
     return rows

@@ -45,8 +45,13 @@ def copy_file(src: str | Path, dst: str | Path) -> str:
 
 def copy_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
     """Fill target with copies of source's files (names in skip left out, at any depth)."""
-    shutil.copytree(source, target, copy_function=copy_file, dirs_exist_ok=True,
-                    ignore=lambda folder, names: [n for n in names if n in skip])
+    shutil.copytree(
+        source,
+        target,
+        copy_function=copy_file,
+        dirs_exist_ok=True,
+        ignore=lambda folder, names: [n for n in names if n in skip],
+    )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -140,21 +145,33 @@ def staging_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def rename(source: Path, target: Path) -> None:
+    """os.replace, with a clear error where a running program holds the files (Windows refuses to move a folder
+    while a runtime has a model in it open)."""
+    try:
+        os.replace(source, target)
+    except PermissionError as e:
+        raise SlmopsError(
+            f"cannot move {source} to {target}: a file is in use or read-only ({e.filename or source}); "
+            "stop what is using the model (a running `slmops serve` or chat) and try again"
+        ) from None
+
+
 def replace_dir(new: Path, final: Path) -> None:
     """Put folder new at final; an existing final is moved aside first and deleted once new is in."""
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+        rename(final, old)
         fault_point("replace:moved-aside")
         try:
-            os.replace(new, final)
+            rename(new, final)
         except BaseException:
             os.replace(old, final)
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(new, final)
+        rename(new, final)
 
 
 def check_disk(folder: Path, need: int, what: str) -> None:
@@ -164,8 +181,10 @@ def check_disk(folder: Path, need: int, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise SlmopsError(f"too little disk for {what} at {folder}: {human_bytes(free)} free, about {human_bytes(need)} needed; "
-                          "free space, or set SLMOPS_HOME to a folder on a disk with more room")
+        raise SlmopsError(
+            f"too little disk for {what} at {folder}: {human_bytes(free)} free, about {human_bytes(need)} needed; "
+            "free space, or set SLMOPS_HOME to a folder on a disk with more room"
+        )
 
 
 def dir_size(path: Path) -> int:
@@ -220,8 +239,9 @@ def changed_files(folder: Path, recorded: dict[str, str]) -> list[str]:
     """The files of recorded (from file_hashes) that are missing from folder or differ now. Only those are read:
     other files there (a user's evaluations beside an -o build) cost nothing."""
     memo = HashMemo()
-    changed = sorted(rel for rel, digest in recorded.items()
-                     if not (folder / rel).is_file() or memo(folder / rel) != digest)
+    changed = sorted(
+        rel for rel, digest in recorded.items() if not (folder / rel).is_file() or memo(folder / rel) != digest
+    )
     memo.save()
     return changed
 

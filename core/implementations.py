@@ -1,28 +1,51 @@
-"""The lists of registered implementations, one per role, and the choice among them."""
+"""The lists of registered implementations, one per role, which plugin gave each, and the choice among them."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-from .errors import NoImplementation, SlmopsError
-from .plugin_manager import pm
+from .errors import NoImplementation
+from .plugin_manager import call_each, package_of, plugin_manager, warn
 from .roles import Benchmarker, Converter, Quantizer, Registry, TemplateFamily
+
+ROLES = {  # hook -> what one implementation is called in messages
+    "register_converters": "converter",
+    "register_quantizers": "quantizer",
+    "register_template_families": "template family",
+    "register_registries": "registry",
+    "register_benchmarkers": "benchmarker",
+}
+_provider: dict[int, tuple[Any, str]] = {}  # id(implementation) -> (implementation, plugin name)
 
 
 def _collect(hook_name: str) -> list[Any]:
-    """Call one register_* hook of every plugin, tagging each object with the plugin that gave it."""
-    found: list[Any] = []
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        def register(obj: Any, _plugin: str = impl.plugin_name) -> None:
-            obj.plugin = _plugin
-            found.append(obj)
+    """Call one register_* hook of every plugin, recording which plugin registered each implementation.
+    Names are unique per role: the first registered (built-ins come first) is kept, a later one is warned about."""
+    found: dict[str, Any] = {}
+    role = ROLES[hook_name]
 
-        try:
-            impl.function(register=register)
-        except Exception as e:
-            raise SlmopsError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(e).__name__}: {e}") from e
-    return found
+    def register(plugin: str, obj: Any) -> None:
+        name = getattr(obj, "name", "")
+        if name in found:
+            first = plugin_of(found[name])
+            warn(
+                f"two {role} implementations are named {name!r}: {first}'s ({package_of(first)}) is used, "
+                f"{plugin}'s ({package_of(plugin)}) is ignored; SLMOPS_DISABLE_PLUGINS={first} would pick the other"
+            )
+            return
+        _provider[id(obj)] = (obj, plugin)
+        found[name] = obj
+
+    call_each(hook_name, lambda plugin: {"register": functools.partial(register, plugin)})
+    # a plugin disabled half-way (its hook raised after registering something) gives nothing
+    return [obj for obj in found.values() if plugin_manager().has_plugin(plugin_of(obj))]
+
+
+def plugin_of(implementation: Any) -> str:
+    """The name of the plugin that registered an implementation ('' if none did)."""
+    entry = _provider.get(id(implementation))
+    return entry[1] if entry and entry[0] is implementation else ""
 
 
 @functools.cache
@@ -56,6 +79,28 @@ def by_name(items: list[Any], name: str, role: str) -> Any:
             return item
     known = ", ".join(i.name for i in items) or "none"
     raise NoImplementation(f"no {role} named {name!r}; installed: {known}")
+
+
+def table() -> list[dict[str, str]]:
+    """Every implementation: role, name, plugin and package."""
+    lists = {
+        "converter": converters(),
+        "quantizer": quantizers(),
+        "template family": template_families(),
+        "registry": registries(),
+        "benchmarker": benchmarkers(),
+    }
+    return [
+        {
+            "role": role,
+            "name": item.name,
+            "plugin": plugin_of(item),
+            "package": package_of(plugin_of(item)),
+            "description": getattr(item, "description", ""),
+        }
+        for role, items in lists.items()
+        for item in items
+    ]
 
 
 def clear_caches() -> None:

@@ -23,5 +23,7 @@ def die_with_parent() -> None:
 
 def in_child(function: Callable[..., Any], *args: Any) -> Any:
     """function(*args) in a spawned process; its result is returned and its exception re-raised here."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+    ) as pool:
         return pool.submit(function, *args).result()

@@ -11,17 +11,43 @@ from typing import Any
 
 from .errors import SlmopsError
 
-TOP_KEYS = {"input_model", "systems", "passes", "host", "target", "cache_dir", "output_dir", "engine", "log_severity_level"}
+TOP_KEYS = {
+    "input_model",
+    "systems",
+    "passes",
+    "host",
+    "target",
+    "cache_dir",
+    "output_dir",
+    "engine",
+    "log_severity_level",
+}
 INPUT_KEYS = {"type", "model_path", "task", "adapter_path"}
-PASS_KEYS = {"precision", "quantization_config", "int4_block_size", "int4_is_symmetric", "int4_accuracy_level", "int4_algo_config"}
+PASS_KEYS = {
+    "precision",
+    "quantization_config",
+    "int4_block_size",
+    "int4_is_symmetric",
+    "int4_accuracy_level",
+    "int4_algo_config",
+}
 QUANT_KEYS = {"block_size": "block_size", "is_symmetric": "symmetric", "accuracy_level": "accuracy_level"}
-ALGO = {"default": "rtn", "rtn": "rtn", "rtn_last": "rtn_last", "k_quant": "k_quant", "k_quant_mixed": "k_quant_mixed", "k_quant_last": "k_quant_last"}
+ALGO = {
+    "default": "rtn",
+    "rtn": "rtn",
+    "rtn_last": "rtn_last",
+    "k_quant": "k_quant",
+    "k_quant_mixed": "k_quant_mixed",
+    "k_quant_last": "k_quant_last",
+}
 
 
 def _unknown(where: str, keys: set[str], known: set[str], path: Path) -> None:
     extra = sorted(keys - known)
     if extra:
-        raise SlmopsError(f"{path}: {where} key {extra[0]!r} is not supported (Olive would ignore it); known: {', '.join(sorted(known))}")
+        raise SlmopsError(
+            f"{path}: {where} key {extra[0]!r} is not supported (Olive would ignore it); known: {', '.join(sorted(known))}"
+        )
 
 
 def _object(value: Any, where: str, path: Path) -> dict[str, Any]:
@@ -45,12 +71,18 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     _unknown("top-level", set(data), TOP_KEYS, path)
     model = _object(data.get("input_model"), "input_model", path)
     _unknown("input_model", set(model), INPUT_KEYS, path)
-    if model.get("type", "HfModel") != "HfModel" or not isinstance(model.get("model_path"), str) or not model["model_path"]:
+    if (
+        model.get("type", "HfModel") != "HfModel"
+        or not isinstance(model.get("model_path"), str)
+        or not model["model_path"]
+    ):
         raise SlmopsError(f"{path}: input_model must be an HfModel with a model_path")
     passes = _object(data.get("passes"), "passes", path)
     builders = [p for p in passes.values() if isinstance(p, dict) and p.get("type") == "ModelBuilder"]
     if len(passes) != 1 or len(builders) != 1:
-        raise SlmopsError(f"{path}: slmops runs workflows with exactly one ModelBuilder pass; found {sorted(passes) or 'none'}")
+        raise SlmopsError(
+            f"{path}: slmops runs workflows with exactly one ModelBuilder pass; found {sorted(passes) or 'none'}"
+        )
     config = _object(builders[0].get("config"), "the ModelBuilder pass's config", path)
     _unknown("ModelBuilder config", set(config), PASS_KEYS, path)
     options: dict[str, Any] = {}
@@ -61,23 +93,35 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     for key, ours in QUANT_KEYS.items():
         if key in quant:
             options[ours] = quant[key]
-    for key, ours in (("int4_block_size", "block_size"), ("int4_is_symmetric", "symmetric"), ("int4_accuracy_level", "accuracy_level")):
+    for key, ours in (
+        ("int4_block_size", "block_size"),
+        ("int4_is_symmetric", "symmetric"),
+        ("int4_accuracy_level", "accuracy_level"),
+    ):
         if key in config:
             options[ours] = config[key]
     if "int4_algo_config" in config:
         if config["int4_algo_config"] not in ALGO:
-            raise SlmopsError(f"{path}: int4_algo_config {config['int4_algo_config']!r} is not supported; use one of {', '.join(ALGO)}")
+            raise SlmopsError(
+                f"{path}: int4_algo_config {config['int4_algo_config']!r} is not supported; use one of {', '.join(ALGO)}"
+            )
         options["algorithm"] = ALGO[config["int4_algo_config"]]
     for system in _object(data.get("systems"), "systems", path).values():
         for acc in _object(system, "a system", path).get("accelerators") or []:
             acc = _object(acc, "an accelerator", path)
             providers = acc.get("execution_providers") or []
             if providers and providers != ["CPUExecutionProvider"]:
-                raise SlmopsError(f"{path}: execution provider {providers[0]} is not supported here; use CPUExecutionProvider")
+                raise SlmopsError(
+                    f"{path}: execution provider {providers[0]} is not supported here; use CPUExecutionProvider"
+                )
     if model.get("adapter_path"):
         options["adapter"] = model["adapter_path"]
     base = path.parent
-    source = str((base / model["model_path"]).resolve()) if not Path(model["model_path"]).is_absolute() else model["model_path"]
+    source = (
+        str((base / model["model_path"]).resolve())
+        if not Path(model["model_path"]).is_absolute()
+        else model["model_path"]
+    )
     out = data.get("output_dir")
     if out is not None and not isinstance(out, str):
         raise SlmopsError(f"{path}: output_dir must be a folder name, not {type(out).__name__} {out!r}")

@@ -21,10 +21,14 @@ from .fsutil import changed_files, file_hashes, write_json_atomic
 
 def plan(cfg: Config) -> list[str]:
     m, c, r, v = cfg.section("model"), cfg.section("convert"), cfg.section("registry"), cfg.section("validate")
-    precision = ("auto: " + " -> ".join(label for label, _ in conv.CANDIDATES)) if c["precision"] == "auto" else c["precision"]
+    precision = (
+        ("auto: " + " -> ".join(label for label, _ in conv.CANDIDATES)) if c["precision"] == "auto" else c["precision"]
+    )
     return [
         f"1. source: {m['source']}" + (f" + adapter {m['adapter']} ({m['adapter_mode']})" if m["adapter"] else ""),
-        f"2. convert with {c['backend']} backend, precision {precision}; fp32 build as the quality reference",
+        f"2. convert with {c['backend']} backend"
+        + (f" and {c['quantizer']} quantizer" if c["quantizer"] != "auto" else "")
+        + f", precision {precision}; fp32 build as the quality reference",
         f"3. template: {m['family']} (checked against the tokenizer's chat template)",
         f"4. validate the packaged model: mean KLD <= {v['max_kld']}, top-1 >= {v['min_top1']}, soak {v['soak_requests']} requests, edge cases",
         f"5. register as {m['name']} in {r['backend']} ({r['cache_dir'] or 'default location'}); an earlier {m['name']} stays unless this passes",
@@ -42,20 +46,30 @@ def measured_quality(build: dict[str, Any], reference: dict[str, Any]) -> dict[s
     return result
 
 
-def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+def choose_build(
+    cfg: Config, base_options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """(chosen build, its quality, table of what was tried). Auto: smallest candidate that passes the gate."""
-    source, backend = cfg.get("model.source"), cfg.get("convert.backend")
+    source, backend, quantizer = cfg.get("model.source"), cfg.get("convert.backend"), cfg.get("convert.quantizer")
     v = cfg.section("validate")
     reference = conv.convert(source, {**base_options, "precision": "fp32"}, backend)
     if cfg.get("convert.precision") != "auto":
-        build = conv.convert(source, base_options, backend, cfg.get("convert.output") or None)
+        build = conv.convert(source, base_options, backend, cfg.get("convert.output") or None, quantizer)
         with progress.step("Measuring quality against the fp32 reference"):
             q = measured_quality(build, reference)
-        return build, q, [{"build": base_options["precision"], "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes"}]
+        return (
+            build,
+            q,
+            [{"build": base_options["precision"], "size_mb": build["output_bytes"] / 1e6, **q, "chosen": "yes"}],
+        )
     tried = []
     for label, extra in conv.CANDIDATES:
         try:
-            build = reference if extra["precision"] == "fp32" else conv.convert(source, {**base_options, **extra}, backend)
+            build = (
+                reference
+                if extra["precision"] == "fp32"
+                else conv.convert(source, {**base_options, **extra}, backend, quantizer_name=quantizer)
+            )
         except NoImplementation:  # e.g. rtn_last with a LoRA kept as an adapter file: no plugin builds it
             tried.append({"build": label, "chosen": "cannot be built with these options"})
             continue
@@ -77,29 +91,61 @@ def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[s
     registry = reg.open_registry(cfg)
     build, q, tried = choose_build(cfg, cfg.convert_options())
     model_dir = Path(build["path"])
-    key = hashlib.sha256(json.dumps([build["key"], cfg.section("validate"), cfg.get("model.family"), name,
-                                     cfg.get("registry.version"), str(registry.root)], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                build["key"],
+                cfg.section("validate"),
+                cfg.get("model.family"),
+                name,
+                cfg.get("registry.version"),
+                str(registry.root),
+            ],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     record_path = home() / "deploys" / f"{name}.json"
     record = _read_json(record_path)
     if _still_deployed(registry, name, record, key):
-        progress.note(f"{name} is already deployed from this build and passed validation: skipping register and validate")
+        progress.note(
+            f"{name} is already deployed from this build and passed validation: skipping register and validate"
+        )
         validation = record["validation"]
     else:
-        with reg.package(model_dir, name, cfg.get("model.family"), cfg.get("registry.version"),
-                         cfg.get("registry.description"), registry.name) as pkg:
+        with reg.package(
+            model_dir,
+            name,
+            cfg.get("model.family"),
+            cfg.get("registry.version"),
+            cfg.get("registry.description"),
+            registry.name,
+        ) as pkg:
             validation = bench.validate(pkg.path, cfg, measured_quality=q)
             if not validation["ok"]:
-                failed = "; ".join(f"{c['check']} ({c['value']}, limit {c['limit']})" for c in validation["checks"] if not c["ok"])
-                raise SlmopsError(f"{name}: the new build failed validation and was not registered "
-                                  f"(what was registered before under this name is unchanged): {failed}")
+                failed = "; ".join(
+                    f"{c['check']} ({c['value']}, limit {c['limit']})" for c in validation["checks"] if not c["ok"]
+                )
+                raise SlmopsError(
+                    f"{name}: the new build failed validation and was not registered "
+                    f"(what was registered before under this name is unchanged): {failed}"
+                )
             files = file_hashes(pkg.path)
             reg.register(registry, pkg, replace=True)
         validation = {k: validation[k] for k in ("ok", "checks", "bench")}
         write_json_atomic(record_path, {"key": key, "build": str(model_dir), "validation": validation, "files": files})
     # How to use it next; a registry outside its default place is named, since those commands have no --registry-dir
-    where = "" if registry.root == registry.default_location() else f"{reg.REGISTRY_ENV}={shlex.quote(str(registry.root))} "
-    result: dict[str, Any] = {"name": name, "build": str(model_dir), "registry": registry.name, "tried": tried,
-                              "validation": validation, "run": f"{where}slmops model run {name}", "serve": f"{where}slmops serve {name}"}
+    where = (
+        "" if registry.root == registry.default_location() else f"{reg.REGISTRY_ENV}={shlex.quote(str(registry.root))} "
+    )
+    result: dict[str, Any] = {
+        "name": name,
+        "build": str(model_dir),
+        "registry": registry.name,
+        "tried": tried,
+        "validation": validation,
+        "run": f"{where}slmops model run {name}",
+        "serve": f"{where}slmops serve {name}",
+    }
     if ask:
         runner = ChatRunner(registry, name, "registry", {"temperature": 0.0, "max_new_tokens": 64})
         with progress.step(f"Asking {name} through {registry.name if runner.engine == 'registry' else 'ORT GenAI'}"):

@@ -29,7 +29,7 @@ def draw(data: dict[str, Any], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     bench, compare = data.get("bench"), data.get("compare")
-    if bench:
+    if bench and bench.get("sweep"):
         sweep = bench["sweep"]
         x = [s["prompt_tokens"] for s in sweep]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))

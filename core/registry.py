@@ -28,7 +28,9 @@ REGISTRY_ENV = "SLMOPS_REGISTRY_DIR"
 def check_name(name: str) -> str:
     # fullmatch: `$` alone would accept a trailing newline
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        raise SlmopsError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'")
+        raise SlmopsError(
+            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
+        )
     return name
 
 
@@ -50,29 +52,41 @@ class Package:
 
 
 @contextlib.contextmanager
-def package(model_dir: Path, name: str, family: str = "auto", version: str = "1", description: str = "",
-            registry_name: str = "") -> Iterator[Package]:
+def package(
+    model_dir: Path, name: str, family: str = "auto", version: str = "1", description: str = "", registry_name: str = ""
+) -> Iterator[Package]:
     """Choose and check the prompt template, and stage a copy of model_dir with inference_model.json beside
     slmops's cache. The staged folder is what gets validated and registered; it is deleted afterwards."""
     check_name(name)
     model_dir = Path(model_dir)
     if not (model_dir / "genai_config.json").is_file():
-        raise SlmopsError(f"{model_dir} is not an ONNX Runtime GenAI model (no genai_config.json); convert it first with `slmops convert`")
+        raise SlmopsError(
+            f"{model_dir} is not an ONNX Runtime GenAI model (no genai_config.json); convert it first with `slmops convert`"
+        )
     with progress.step("Choosing and checking the prompt template"):
         chosen = templates.choose(model_dir, family)
         check = templates.fidelity(model_dir, chosen)
     if not check["ok"]:
         bad = next(r for r in check["conversations"] if not r["ok"])
-        raise SlmopsError(f"template {chosen.family.name} differs from the model's chat template in '{bad['conversation']}' "
-                          f"at character {bad.get('first_diff_char')} / token {bad.get('first_diff_token')}: "
-                          f"{bad.get('template')!r} vs {bad.get('tokenizer')!r}; pass --family with the right family")
+        raise SlmopsError(
+            f"template {chosen.family.name} differs from the model's chat template in '{bad['conversation']}' "
+            f"at character {bad.get('first_diff_char')} / token {bad.get('first_diff_token')}: "
+            f"{bad.get('template')!r} vs {bad.get('tokenizer')!r}; pass --family with the right family"
+        )
     progress.note(f"template: {chosen.family.name} ({chosen.how}); matches the tokenizer's chat template")
     manifest = read_manifest(model_dir) or {}
     entry = RegistryEntry(
-        name=name, id=f"{name}:1", path="", family=chosen.family.name,
-        precision=manifest.get("options", {}).get("precision", ""), size_bytes=dir_size(model_dir),
-        registered_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        version=version, description=description or f"{name}, deployed by slmops", registry=registry_name)
+        name=name,
+        id=f"{name}:1",
+        path="",
+        family=chosen.family.name,
+        precision=manifest.get("options", {}).get("precision", ""),
+        size_bytes=dir_size(model_dir),
+        registered_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        version=version,
+        description=description or f"{name}, deployed by slmops",
+        registry=registry_name,
+    )
     doc = templates.inference_model(name, entry.description, version, chosen)
     staged_root = home() / "staged"
     clean_stale(staged_root)
@@ -81,8 +95,17 @@ def package(model_dir: Path, name: str, family: str = "auto", version: str = "1"
     try:
         copy_tree(model_dir, folder, skip=("inference_model.json",))
         write_json_atomic(folder / "inference_model.json", doc)
-        yield Package(folder, entry, doc, {"family": chosen.family.name, "how": chosen.how,
-                                           "default_system": chosen.default_system, "fidelity": check})
+        yield Package(
+            folder,
+            entry,
+            doc,
+            {
+                "family": chosen.family.name,
+                "how": chosen.how,
+                "default_system": chosen.default_system,
+                "fidelity": check,
+            },
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -108,6 +131,8 @@ def find_runnable(registry: Registry, name: str) -> RegistryEntry:
     """A registered model whose folder is there, or a clear error when it is gone."""
     entry = find(registry, name)
     if not entry.path or not (Path(entry.path) / "genai_config.json").is_file():
-        raise SlmopsError(f"{entry.name} is registered but its folder {entry.path or '(none)'} is missing; "
-                          f"remove the entry with `slmops cache rm {entry.name}` and register the model again")
+        raise SlmopsError(
+            f"{entry.name} is registered but its folder {entry.path or '(none)'} is missing; "
+            f"remove the entry with `slmops cache rm {entry.name}` and register the model again"
+        )
     return entry

@@ -11,6 +11,10 @@ from typing import Any
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # quantization block sizes MatMulNBits takes
 MODEL_FILES = ("model.onnx", "model.onnx.data")  # the graph and its weights; the rest of a folder goes along as is
+# A template family's ModelConfig (inference_model.json) unless it says otherwise.
+CHAT_DEFAULTS = {"max_length": 2048, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+# What every benchmarker's run() must return (numbers); anything else it returns is shown as an extra metric.
+BENCH_RESULT_KEYS = ("decode_tok_s", "ttft_ms_p50")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Converter:
     description: str = ""
     precisions: tuple[str, ...] = ()  # precisions built directly
     algorithms: tuple[str, ...] = ("rtn",)  # int4 algorithms offered
+    devices: tuple[str, ...] = ("cpu",)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
     cost: int = 100  # lower wins when several converters accept a request
 
     def check(self, request: ConvertRequest, architecture: str) -> str | None:
@@ -73,6 +79,7 @@ class Quantizer:
     name: str = ""
     description: str = ""
     precisions: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("rtn",)  # what --algorithm values it answers to
     cost: int = 10  # added to the fp32 converter's cost when slmops compares routes
 
     def check(self, request: ConvertRequest) -> str | None:
@@ -82,6 +89,12 @@ class Quantizer:
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         raise NotImplementedError
+
+    def graph_facts(self, request: ConvertRequest) -> dict[str, Any]:
+        """What the written graph must show, read back by slmops after quantize(): ``ops``, op types of which at
+        least one node must appear. For MatMulNBits slmops also checks bits, block size, symmetry and accuracy level
+        against the request. Quality is judged separately, measured against the fp32 build (deploy's gate)."""
+        return {"ops": ["MatMulNBits"]}
 
 
 @dataclass
@@ -114,7 +127,6 @@ class TemplateFamily:
     system_in_first_user: str | None = None  # families with no system role: how to fold it in
     model_types: tuple[str, ...] = ()  # config.json model_type values of this family
     markers: tuple[str, ...] = ()  # strings found in this family's chat templates
-    plugin: str = ""  # filled in by the core
 
     def prompt_template(self) -> dict[str, str]:
         return {"system": self.system, "user": self.user, "assistant": self.assistant, "prompt": self.prompt}
@@ -169,11 +181,17 @@ class Registry:
     def remove(self, name: str) -> None:
         raise NotImplementedError
 
+    def runtime_problem(self) -> str | None:
+        """None when this registry's runtime (if it has one) can start on this machine, else why not; for doctor."""
+        return None
+
     def load(self, name: str) -> bool:
         """Load a registered model into this registry's runtime ahead of chat(); False when it has no runtime."""
         return False
 
-    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
+    def chat(
+        self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]
+    ) -> Iterator[str]:
         """Stream the answer through this registry's own runtime, filling usage with token counts at the end.
         Registries without a runtime raise NotImplementedError; slmops then runs the model with ORT GenAI."""
         raise NotImplementedError

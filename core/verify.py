@@ -22,6 +22,7 @@ def graph_quantization(model_dir: Path) -> dict[str, Any]:
     nbits = collections.Counter()
     block_sizes, accuracy, symmetric = set(), set(), set()
     float_matmuls = 0
+    ops = collections.Counter(node.op_type for node in model.graph.node)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -40,23 +41,34 @@ def graph_quantization(model_dir: Path) -> dict[str, Any]:
         "accuracy_levels": sorted(accuracy),
         "float_matmuls": float_matmuls,
         "weight_dtypes": dict(dtypes.most_common(3)),
+        "ops": dict(sorted(ops.items())),
     }
 
 
-def compare(request: ConvertRequest, graph: dict[str, Any]) -> list[str]:
-    """Differences between what was asked and what the graph says; empty when they agree."""
+def compare(request: ConvertRequest, graph: dict[str, Any], facts: dict[str, Any] | None = None) -> list[str]:
+    """Differences between what was asked (and what the quantizer declared, its graph_facts) and what the graph
+    says; empty when they agree."""
     problems = []
+    declared = list((facts or {}).get("ops") or ["MatMulNBits"])
+    missing = [op for op in declared if not graph.get("ops", {}).get(op)]
+    if request.precision not in ("fp32", "fp16") and missing:
+        problems.append(f"the quantizer declared {', '.join(missing)} nodes, but the graph has none")
+    if "MatMulNBits" not in declared:  # another representation: its declared facts and measured quality judge it
+        return problems
     bits = {int(b) for b in graph["matmul_nbits"]}
     if request.precision in ("fp32", "fp16"):
         if bits:
-            problems.append(f"asked {request.precision} but the graph has quantized MatMulNBits nodes ({graph['matmul_nbits']})")
+            problems.append(
+                f"asked {request.precision} but the graph has quantized MatMulNBits nodes ({graph['matmul_nbits']})"
+            )
         if request.precision == "fp16" and "FLOAT16" not in graph["weight_dtypes"]:
             problems.append("asked fp16 but no float16 weights found")
         return problems
     want = 8 if request.precision == "int8" else 4
     allowed = {want} | ({8} if want == 4 and request.algorithm in EIGHT_BIT_ALLOWED else set())
     if not bits:
-        problems.append(f"asked {request.precision} but the graph has no MatMulNBits nodes")
+        if not missing:
+            problems.append(f"asked {request.precision} but the graph has no MatMulNBits nodes")
     elif want not in bits or not bits <= allowed:
         problems.append(f"asked {request.precision} but MatMulNBits bits are {sorted(bits)}")
     if request.algorithm in LAYOUT_FROM_SOURCE:
@@ -65,7 +77,9 @@ def compare(request: ConvertRequest, graph: dict[str, Any]) -> list[str]:
         problems.append(f"asked block size {request.block_size} but the graph has {graph['block_sizes']}")
     if graph["symmetric"] and graph["symmetric"] != [request.symmetric]:
         asked = "symmetric" if request.symmetric else "asymmetric"
-        problems.append(f"asked {asked} but the graph's quantization is {'symmetric' if graph['symmetric'] == [True] else 'mixed or asymmetric'}")
+        problems.append(
+            f"asked {asked} but the graph's quantization is {'symmetric' if graph['symmetric'] == [True] else 'mixed or asymmetric'}"
+        )
     if request.accuracy_level and graph["accuracy_levels"] != [request.accuracy_level]:
         problems.append(f"asked accuracy level {request.accuracy_level} but the graph has {graph['accuracy_levels']}")
     return problems

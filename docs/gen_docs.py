@@ -12,8 +12,14 @@ HERE = Path(__file__).parent
 
 
 def hooks_page() -> str:
-    lines = ["# Hook reference", "", "Generated from `core/hookspecs.py` by `docs/gen_docs.py`; do not edit by hand.", "",
-             inspect.getdoc(hookspecs) or "", ""]
+    lines = [
+        "# Hook reference",
+        "",
+        "Generated from `core/hookspecs.py` by `docs/gen_docs.py`; do not edit by hand.",
+        "",
+        inspect.getdoc(hookspecs) or "",
+        "",
+    ]
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if name.startswith("register_"):
             lines += [f"## `{name}{inspect.signature(fn)}`", "", inspect.getdoc(fn) or "", ""]
@@ -26,7 +32,9 @@ def cli_page() -> str:
     lines = ["# CLI reference", "", "Generated from the commands' help by `docs/gen_docs.py`; do not edit by hand.", ""]
 
     def walk(cmd: click.Command, path: list[str]) -> None:
-        ctx = click.Context(cmd, info_name=" ".join(path))
+        ctx = click.Context(
+            cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100
+        )  # the same page on any terminal
         lines.extend([f"## `{' '.join(path)}`", "", "```", cmd.get_help(ctx).replace(" " * 2 + "\n", "\n"), "```", ""])
         if isinstance(cmd, click.Group):
             for name in sorted(cmd.commands):

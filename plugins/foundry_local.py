@@ -23,10 +23,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from slmops import hookimpl
-from slmops.errors import SlmopsError
-from slmops.fsutil import clean_stale, copy_tree, dir_size, fault_point, lock, replace_dir
-from slmops.roles import Registry, RegistryEntry
+from slmops.api import (
+    Registry,
+    RegistryEntry,
+    SlmopsError,
+    clean_stale,
+    copy_tree,
+    dir_size,
+    fault_point,
+    hookimpl,
+    lock,
+    rename,
+    replace_dir,
+)
 
 RECORD = "foundry.local.modelinfo.json"
 ENTRY = "slmops-entry.json"
@@ -55,11 +64,20 @@ class FoundryLocalRegistry(Registry):
     name = "foundry-local"
     description = "Foundry Local model cache and runtime (foundry-local-sdk)"
     _chat_root: Path | None = None  # the registry folder whose SDK manager loaded _chat_models
-    _chat_models: dict[str, Any] = {}  # name -> the model a chat loaded, kept for the next turn (replaced, never mutated)
+    _chat_models: dict[
+        str, Any
+    ] = {}  # name -> the model a chat loaded, kept for the next turn (replaced, never mutated)
 
     def default_location(self) -> Path:
         # Foundry Local's own cache, as `foundry cache location` reports it.
         return Path(os.environ.get("FOUNDRY_LOCAL_CACHE", Path.home() / ".foundry" / "cache")) / "models"
+
+    def runtime_problem(self) -> str | None:
+        try:
+            load_sdk()  # loads the native runtime
+        except Exception as e:
+            return f"foundry_local_sdk does not load: {type(e).__name__}: {e}"
+        return None
 
     # -- the SDK manager ---------------------------------------------------------------------------------
     def _check_record(self) -> None:
@@ -73,8 +91,14 @@ class FoundryLocalRegistry(Registry):
                 raise ValueError("no 'models' list")
         except (ValueError, OSError) as e:
             backup = record.with_suffix(".json.bak")
-            fix = f"restore it with `cp {backup} {record}`" if backup.exists() else f"move it away and re-register the models in {self.root / 'custom'}"
-            raise SlmopsError(f"the Foundry Local registry record {record} is damaged ({e}); nothing was changed; {fix}") from None
+            fix = (
+                f"restore it with `cp {backup} {record}`"
+                if backup.exists()
+                else f"move it away and re-register the models in {self.root / 'custom'}"
+            )
+            raise SlmopsError(
+                f"the Foundry Local registry record {record} is damaged ({e}); nothing was changed; {fix}"
+            ) from None
 
     def _start(self) -> Any:
         """A fresh SDK manager on this registry's folder (the SDK allows one per process)."""
@@ -85,9 +109,15 @@ class FoundryLocalRegistry(Registry):
         self._check_record()
         if FoundryLocalManager.instance is not None:
             FoundryLocalManager.instance.close()
-        FoundryLocalManager.initialize(Configuration(
-            app_name="slmops", model_cache_dir=str(self.root), app_data_dir=str(self.root / ".foundry-app"),
-            logs_dir=str(self.root / ".foundry-logs"), log_level=LogLevel.ERROR))
+        FoundryLocalManager.initialize(
+            Configuration(
+                app_name="slmops",
+                model_cache_dir=str(self.root),
+                app_data_dir=str(self.root / ".foundry-app"),
+                logs_dir=str(self.root / ".foundry-logs"),
+                log_level=LogLevel.ERROR,
+            )
+        )
         return FoundryLocalManager.instance
 
     @contextlib.contextmanager
@@ -137,8 +167,10 @@ class FoundryLocalRegistry(Registry):
         try:
             catalog.register_model(model_path=str(folder), model_id=model_id, metadata=info)
         except Exception as e:
-            raise SlmopsError(f"Foundry Local refused {display_name}: {clean_message(e)}; "
-                              "check the folder's genai_config.json (convert the model again with `slmops convert`)") from None
+            raise SlmopsError(
+                f"Foundry Local refused {display_name}: {clean_message(e)}; "
+                "check the folder's genai_config.json (convert the model again with `slmops convert`)"
+            ) from None
 
     # -- the role ----------------------------------------------------------------------------------------
     def register(self, model_dir: Path, entry: RegistryEntry, inference_model: dict, replace: bool) -> RegistryEntry:
@@ -147,7 +179,9 @@ class FoundryLocalRegistry(Registry):
         with self._locked() as catalog:
             existing = matching(catalog, entry.name) + matching(catalog, entry.id)
             if (existing or target.exists()) and not replace:
-                raise SlmopsError(f"{entry.name} is already registered; pass --replace to replace it, or choose another --name")
+                raise SlmopsError(
+                    f"{entry.name} is already registered; pass --replace to replace it, or choose another --name"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{entry.name}.partial-{os.getpid()}-"))
             try:
@@ -202,11 +236,13 @@ class FoundryLocalRegistry(Registry):
             if target.is_dir():
                 # Aside first (a name clean_stale removes), so a kill cannot leave a folder that looks registered.
                 doomed = target.with_name(f".{name}.partial-{os.getpid()}-removing")
-                os.replace(target, doomed)
+                rename(target, doomed)
                 fault_point("remove:moved-aside")
                 shutil.rmtree(doomed)
 
-    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]) -> Iterator[str]:
+    def chat(
+        self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]
+    ) -> Iterator[str]:
         from foundry_local_sdk import (
             ChatSession,
             MessageItem,
@@ -220,9 +256,17 @@ class FoundryLocalRegistry(Registry):
         try:
             # Every native object released as soon as it is done with (with-blocks), not when collected.
             with ChatSession(model) as session, Request() as request:
-                session.set_options(RequestOptions(search=SearchOptions(
-                    max_output_tokens=int(options.get("max_new_tokens") or 256), temperature=temperature,
-                    top_p=options.get("top_p"), seed=options.get("seed"), do_sample=temperature > 0)))
+                session.set_options(
+                    RequestOptions(
+                        search=SearchOptions(
+                            max_output_tokens=int(options.get("max_new_tokens") or 256),
+                            temperature=temperature,
+                            top_p=options.get("top_p"),
+                            seed=options.get("seed"),
+                            do_sample=temperature > 0,
+                        )
+                    )
+                )
                 session.set_streaming(True)
                 for m in messages:
                     request.add_item(getattr(MessageItem, m["role"])(m["content"]))
@@ -237,8 +281,10 @@ class FoundryLocalRegistry(Registry):
         except SlmopsError:
             raise
         except Exception as e:
-            raise SlmopsError(f"Foundry Local could not answer with {name}: {clean_message(e)}; "
-                              "`--engine ort-genai` runs the model with slmops's checked template instead") from None
+            raise SlmopsError(
+                f"Foundry Local could not answer with {name}: {clean_message(e)}; "
+                "`--engine ort-genai` runs the model with slmops's checked template instead"
+            ) from None
         usage.update(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens)
 
     def load(self, name: str) -> bool:
@@ -264,8 +310,10 @@ class FoundryLocalRegistry(Registry):
         try:
             model.load()
         except Exception as e:
-            raise SlmopsError(f"Foundry Local could not load {name}: {clean_message(e)}; "
-                              f"check {self.root / 'custom' / name} or register the model again") from None
+            raise SlmopsError(
+                f"Foundry Local could not load {name}: {clean_message(e)}; "
+                f"check {self.root / 'custom' / name} or register the model again"
+            ) from None
         self._chat_models = {**self._chat_models, name: model}
         return model
 

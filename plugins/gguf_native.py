@@ -14,10 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops import gguf_blocks, hookimpl
-from slmops.adapters import runtime_fed_matmuls
-from slmops.fsutil import copy_tree, write_json_atomic
-from slmops.roles import MODEL_FILES, ConvertRequest, Quantizer
+from slmops.api import (
+    MODEL_FILES,
+    ConvertRequest,
+    Quantizer,
+    copy_tree,
+    hookimpl,
+    runtime_fed_matmuls,
+    write_json_atomic,
+)
+from slmops.plugins import gguf_blocks
 
 REPORT = "slmops-quantization.json"
 
@@ -142,6 +148,7 @@ class GGUFNative(Quantizer):
     name = "gguf-native"
     description = "a GGUF source's own blocks (Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0...), exact, with a block-offset correction"
     precisions = ("int4",)
+    algorithms = ("gguf",)
     cost = 5
 
     def check(self, request: ConvertRequest) -> str | None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from slmops import hookimpl
-from slmops.adapters import runtime_fed_matmuls
-from slmops.fsutil import copy_tree
-from slmops.roles import MODEL_FILES, ConvertRequest, Quantizer
+from slmops.api import MODEL_FILES, ConvertRequest, Quantizer, copy_tree, hookimpl, runtime_fed_matmuls
 
 
 class MatMulNBits(Quantizer):
     name = "matmul-nbits"
     description = "onnxruntime.quantization MatMulNBitsQuantizer: 8 or 4 bits block-wise RTN, or 4-bit HQQ"
     precisions = ("int8", "int4")
+    algorithms = ("rtn", "hqq")
 
     def check(self, request: ConvertRequest) -> str | None:
         if request.precision == "int4" and request.algorithm not in ("rtn", "hqq"):

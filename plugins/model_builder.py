@@ -8,11 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slmops import hookimpl
-from slmops.builder_options import BuilderConverter, builder_options
-from slmops.isolate import die_with_parent
-from slmops.errors import SlmopsError
-from slmops.roles import ConvertRequest
+from slmops.api import ConvertRequest, SlmopsError, die_with_parent, hookimpl
+from slmops.plugins.builder_options import BuilderConverter, builder_options
 
 # The build runs in a child process that imports what the builder's own CLI imports and nothing of slmops, so its
 # peak memory is the builder's, and everything it allocated (the torch model) goes back to the OS when it exits.
@@ -32,16 +29,30 @@ class ModelBuilderConverter(BuilderConverter):
     cost = 10
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
-        arguments = dict(model_name=str(request.source_dir), input_path=str(request.source_dir), output_dir=str(output_dir),
-                         precision=request.precision, execution_provider=request.device, cache_dir=str(work_dir),
-                         **builder_options(request))
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(arguments)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=die_with_parent if os.name == "posix" else None)
+        arguments = dict(
+            model_name=str(request.source_dir),
+            input_path=str(request.source_dir),
+            output_dir=str(output_dir),
+            precision=request.precision,
+            execution_provider=request.device,
+            cache_dir=str(work_dir),
+            **builder_options(request),
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(arguments)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            preexec_fn=die_with_parent if os.name == "posix" else None,
+        )
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
-            raise SlmopsError(f"the model builder could not build {request.source_dir}: "
-                              f"{lines[-1] if lines else f'exit status {done.returncode}'}; the installed onnxruntime-genai "
-                              "does not handle this model's config (see `slmops doctor` for the versions; --log-level info shows the builder's log)")
+            raise SlmopsError(
+                f"the model builder could not build {request.source_dir}: "
+                f"{lines[-1] if lines else f'exit status {done.returncode}'}; the installed onnxruntime-genai "
+                "does not handle this model's config (see `slmops doctor` for the versions; --log-level info shows the builder's log)"
+            )
 
 
 @hookimpl

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slmops import hookimpl, olive_api
-from slmops.builder_options import BuilderConverter, builder_options
-from slmops.roles import ConvertRequest
+from slmops.api import ConvertRequest, hookimpl, run_olive
+from slmops.plugins.builder_options import BuilderConverter, builder_options
 
 # Keys of Olive 0.13's ModelBuilder pass that slmops's request maps to; anything else Olive ignores.
 PASS_KEYS = ("int4_block_size", "int4_is_symmetric", "int4_accuracy_level", "int4_algo_config")
@@ -19,12 +18,20 @@ def olive_workflow(request: ConvertRequest, output_dir: Path, work_dir: Path) ->
     pass_config: dict[str, Any] = {"precision": request.precision}
     pass_config.update({k: options.pop(k) for k in PASS_KEYS if k in options})
     pass_config["extra_options"] = options
-    input_model: dict[str, Any] = {"type": "HfModel", "model_path": str(request.source_dir), "task": "text-generation",
-                                   "load_kwargs": {"trust_remote_code": request.trust_remote_code}}
+    input_model: dict[str, Any] = {
+        "type": "HfModel",
+        "model_path": str(request.source_dir),
+        "task": "text-generation",
+        "load_kwargs": {"trust_remote_code": request.trust_remote_code},
+    }
     return {
         "input_model": input_model,
-        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
-            {"device": request.device, "execution_providers": [request.provider]}]}},
+        "systems": {
+            "local_system": {
+                "type": "LocalSystem",
+                "accelerators": [{"device": request.device, "execution_providers": [request.provider]}],
+            }
+        },
         "passes": {"builder": {"type": "ModelBuilder", "config": pass_config}},
         "host": "local_system",
         "target": "local_system",
@@ -40,7 +47,7 @@ class OliveConverter(BuilderConverter):
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         olive_out = work_dir / "olive-output"
-        olive_api.run(olive_workflow(request, olive_out, work_dir), work_dir)
+        run_olive(olive_workflow(request, olive_out, work_dir), work_dir)
         move_model_files(olive_out, output_dir)
 
 

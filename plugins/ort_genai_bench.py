@@ -3,18 +3,17 @@ memory, CPU) over a sweep of prompt lengths, then a soak for memory growth."""
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slmops import hookimpl
-from slmops.runtime import Session
-from slmops.roles import Benchmarker
+from slmops.api import Benchmarker, Session, hookimpl
 
-FILLER = ("Small language models run on laptops and edge devices, where memory and power are scarce. "
-          "Quantization stores weights in fewer bits so models load faster and answer sooner. ")
+FILLER = (
+    "Small language models run on laptops and edge devices, where memory and power are scarce. "
+    "Quantization stores weights in fewer bits so models load faster and answer sooner. "
+)
 
 
 def reset_peak_rss() -> bool:
@@ -37,6 +36,8 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory in MB: Linux's VmHWM, Windows' peak working set; elsewhere (macOS, whose ru_maxrss is in
+    bytes where Linux's is in KiB) psutil's current RSS, a lower bound."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -44,7 +45,10 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2**20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,7 +65,11 @@ class OrtGenAIBenchmarker(Benchmarker):
     description = "onnxruntime_genai generation loop, greedy, timed per token"
 
     def check(self, model_dir: Path) -> str | None:
-        return None if (Path(model_dir) / "genai_config.json").is_file() else "not an ORT GenAI folder (no genai_config.json)"
+        return (
+            None
+            if (Path(model_dir) / "genai_config.json").is_file()
+            else "not an ORT GenAI folder (no genai_config.json)"
+        )
 
     def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
         import psutil
@@ -88,10 +96,18 @@ class OrtGenAIBenchmarker(Benchmarker):
                 generator.generate_next_token()
                 n += 1
             end = time.perf_counter()
-            return {"ttft_s": first - start, "decode_tokens": n - 1, "decode_s": end - first, "total_s": end - start,
-                    "prompt_tokens": len(tokens), "generated_tokens": n}
+            return {
+                "ttft_s": first - start,
+                "decode_tokens": n - 1,
+                "decode_s": end - first,
+                "total_s": end - start,
+                "prompt_tokens": len(tokens),
+                "generated_tokens": n,
+            }
 
-        lengths = sorted({min(int(n), context - max_new - 1) for n in settings.get("lengths", [16, 64, 256]) if int(n) > 0})
+        lengths = sorted(
+            {min(int(n), context - max_new - 1) for n in settings.get("lengths", [16, 64, 256]) if int(n) > 0}
+        )
         cpu0, wall0 = proc.cpu_times(), time.perf_counter()
         sweep, all_runs = [], []
         for length in lengths:
@@ -104,16 +120,18 @@ class OrtGenAIBenchmarker(Benchmarker):
                 runs.append(generate(tokens))
             all_runs += runs
             decode_s = sum(r["decode_s"] for r in runs)
-            sweep.append({
-                "prompt_tokens": length,
-                "ttft_ms_p50": 1000 * percentile([r["ttft_s"] for r in runs], 0.5),
-                "prefill_tok_s": length / percentile([r["ttft_s"] for r in runs], 0.5),
-                "decode_tok_s": sum(r["decode_tokens"] for r in runs) / decode_s if decode_s else float("nan"),
-                "latency_ms_p50": 1000 * percentile([r["total_s"] for r in runs], 0.5),
-                "latency_ms_p95": 1000 * percentile([r["total_s"] for r in runs], 0.95),
-                "generated_tokens": sum(r["generated_tokens"] for r in runs),
-                "runs": len(runs),
-            })
+            sweep.append(
+                {
+                    "prompt_tokens": length,
+                    "ttft_ms_p50": 1000 * percentile([r["ttft_s"] for r in runs], 0.5),
+                    "prefill_tok_s": length / percentile([r["ttft_s"] for r in runs], 0.5),
+                    "decode_tok_s": sum(r["decode_tokens"] for r in runs) / decode_s if decode_s else float("nan"),
+                    "latency_ms_p50": 1000 * percentile([r["total_s"] for r in runs], 0.5),
+                    "latency_ms_p95": 1000 * percentile([r["total_s"] for r in runs], 0.95),
+                    "generated_tokens": sum(r["generated_tokens"] for r in runs),
+                    "runs": len(runs),
+                }
+            )
         cpu1, wall1 = proc.cpu_times(), time.perf_counter()
         cpu_util = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / (wall1 - wall0) / (psutil.cpu_count() or 1)
         soak_n = int(settings.get("soak_requests", 0))

@@ -1,8 +1,6 @@
 """Template provider: the common small-model families. Each field is a whole turn, separators included."""
 
-from slmops import hookimpl
-from slmops.roles import TemplateFamily
-from slmops.templates import CHAT_DEFAULT_CONFIG as CHAT_DEFAULTS
+from slmops.api import CHAT_DEFAULTS, TemplateFamily, hookimpl
 
 FAMILIES = [
     TemplateFamily(
@@ -63,7 +61,13 @@ FAMILIES = [
         assistant="<start_of_turn>model\n{Content}<end_of_turn>\n",
         prompt="<start_of_turn>user\n{Content}<end_of_turn>\n<start_of_turn>model\n",
         stop=["<end_of_turn>", "<eos>"],
-        model_config={**CHAT_DEFAULTS, "max_length": 8192, "temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.0},
+        model_config={
+            **CHAT_DEFAULTS,
+            "max_length": 8192,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "repetition_penalty": 1.0,
+        },
         system_in_first_user="{System}\n\n{Content}",
         model_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
         markers=("<start_of_turn>", "<end_of_turn>"),

@@ -19,11 +19,8 @@ def _install_third_party_plugin() -> Path:
     """Make tests/thirdparty_plugin an installed distribution for this test run only (a dist-info with its entry
     points, from its own pyproject), so slmops finds it through the `slmops` entry point group as it would any
     pip-installed plugin, while the project's .venv used by `make demo` never carries test plugins."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
     import tempfile
+    import tomllib
 
     project = tomllib.loads((THIRD_PARTY / "pyproject.toml").read_text())["project"]
     site = Path(tempfile.mkdtemp(prefix="slmops-test-site-"))
@@ -34,7 +31,9 @@ def _install_third_party_plugin() -> Path:
     (dist / "entry_points.txt").write_text("[slmops]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
     paths = [str(site), str(THIRD_PARTY)]
     sys.path[:0] = paths
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     return site
 
 
@@ -79,11 +78,20 @@ class Result:
         return f"rc={self.rc}\nstdout={self.out[-2000:]}\nstderr={self.err[-2000:]}"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None, timeout: int = 600) -> Result:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None, timeout: int = 600
+) -> Result:
     """Run the real `slmops` command line in a child process (no terminal: stdin is empty unless input is given)."""
     full_env = {**os.environ, **(env or {})}
-    done = subprocess.run([*SLMOPS, *map(str, args)], capture_output=True, text=True, cwd=cwd or NEUTRAL_DIR, env=full_env,
-                          input=input or "", timeout=timeout)
+    done = subprocess.run(
+        [*SLMOPS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or NEUTRAL_DIR,
+        env=full_env,
+        input=input or "",
+        timeout=timeout,
+    )
     return Result(done)
 
 
@@ -100,16 +108,27 @@ def default_checkpoint(slmops_home) -> Path:
     return sources.resolve("default").checkpoint
 
 
-def build_tiny(out: Path, tokenizer_dir: Path, arch: str, chat_template: str | None = None, seed: int = 0, **config) -> Path:
+def build_tiny(
+    out: Path, tokenizer_dir: Path, arch: str, chat_template: str | None = None, seed: int = 0, **config
+) -> Path:
     """A random-weight model of the given architecture with the default model's tokenizer (config: overrides)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     common.update(config)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))

@@ -25,7 +25,12 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("fp16 on the CPU", ["convert", "{tiny}", "--precision", "fp16"], 1, "fp16 models built for the CPU fail"),
     ("block size not offered", ["convert", "{tiny}", "--block-size", "48"], 2, "Invalid value for '--block-size'"),
     ("unknown backend", ["convert", "{tiny}", "--backend", "nosuch"], 1, "no converter named 'nosuch'"),
-    ("output under a file", ["convert", "{tiny}", "-o", "{a_file}/out"], 1, "check that the folder exists, is writable"),
+    (
+        "output under a file",
+        ["convert", "{tiny}", "-o", "{a_file}/out"],
+        1,
+        "check that the folder exists, is writable",
+    ),
     # gate values: usage errors before any work
     ("negative max KLD", ["validate", "{int4}", "--max-kld", "-1"], 2, "validate.max_kld = -1.0 is impossible"),
     ("top-1 above 1", ["validate", "{int4}", "--min-top1", "2"], 2, "validate.min_top1 = 2.0 is impossible"),
@@ -33,11 +38,31 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("infinite max KLD", ["deploy", "--max-kld", "inf", "--registry-dir", "{tmp}/reg"], 2, "is impossible"),
     # bench settings from flags and from slmops.toml get the same checks
     ("zero length", ["bench", "{int4}", "--lengths", "0"], 2, "bench.lengths = [0] is impossible"),
-    ("length not a number", ["bench", "{int4}", "--lengths", "a"], 2, "--lengths must be comma-separated whole numbers"),
-    ("toml max_new_tokens 0", ["--config", "{toml:[bench]\nmax_new_tokens = 0}", "bench", "{int4}"], 2, "bench.max_new_tokens = 0 is impossible"),
+    (
+        "length not a number",
+        ["bench", "{int4}", "--lengths", "a"],
+        2,
+        "--lengths must be comma-separated whole numbers",
+    ),
+    (
+        "toml max_new_tokens 0",
+        ["--config", "{toml:[bench]\nmax_new_tokens = 0}", "bench", "{int4}"],
+        2,
+        "bench.max_new_tokens = 0 is impossible",
+    ),
     ("toml runs 0", ["--config", "{toml:[bench]\nruns = 0}", "bench", "{int4}"], 2, "bench.runs = 0 is impossible"),
-    ("toml lengths of text", ["--config", '{toml:[bench]\nlengths = ["a"]}', "bench", "{int4}"], 2, "bench.lengths = ['a'] is impossible"),
-    ("toml min_top1 2", ["--config", "{toml:[validate]\nmin_top1 = 2}", "deploy"], 2, "validate.min_top1 = 2.0 is impossible"),
+    (
+        "toml lengths of text",
+        ["--config", '{toml:[bench]\nlengths = ["a"]}', "bench", "{int4}"],
+        2,
+        "bench.lengths = ['a'] is impossible",
+    ),
+    (
+        "toml min_top1 2",
+        ["--config", "{toml:[validate]\nmin_top1 = 2}", "deploy"],
+        2,
+        "validate.min_top1 = 2.0 is impossible",
+    ),
     # names and the registry
     ("name with a trailing newline", ["register", "{int4}", "--name", "ok\n"], 1, "invalid model name"),
     ("unknown model", ["model", "run", "nosuch", "--prompt", "hi"], 1, "no model named 'nosuch'"),
@@ -74,8 +99,10 @@ def inputs(tiny_llama, tiny_llama_int4, tmp_path_factory) -> dict[str, str]:
     (root / "bare_adapter").mkdir()
     (root / "bare_adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     made["bare_adapter"] = str(root / "bare_adapter")
-    method2 = {"input_model": {"type": "HfModel", "model_path": str(tiny_llama)},
-               "passes": {"builder": {"type": "ModelBuilder", "config": "int4"}}}
+    method2 = {
+        "input_model": {"type": "HfModel", "model_path": str(tiny_llama)},
+        "passes": {"builder": {"type": "ModelBuilder", "config": "int4"}},
+    }
     (root / "m2.json").write_text(json.dumps(method2))
     made["bad_method2"] = str(root / "m2.json")
     return made
@@ -93,7 +120,7 @@ def registry(inputs, tmp_path_factory) -> Path:
 def fill(arg: str, inputs: dict[str, str], tmp: Path) -> str:
     if arg.startswith("{toml:"):
         path = tmp / "slmops.toml"
-        path.write_text(arg[len("{toml:"):-1] + "\n")
+        path.write_text(arg[len("{toml:") : -1] + "\n")
         return str(path)
     for key, value in inputs.items():
         arg = arg.replace("{" + key + "}", value)

@@ -6,16 +6,30 @@ from pathlib import Path
 import numpy as np
 
 from slmops import convert, edgecases, quality
+from slmops.bench import SUMMARY_KEYS
 
 from .conftest import run_cli
 
 
 def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path):
-    r = cli("bench", tiny_llama_int4["path"], "--runs", "3", "--lengths", "8,64", "--max-new-tokens", "6", "--soak", "3",
-            "--report", tmp_path / "rep", "--json")
+    r = cli(
+        "bench",
+        tiny_llama_int4["path"],
+        "--runs",
+        "3",
+        "--lengths",
+        "8,64",
+        "--max-new-tokens",
+        "6",
+        "--soak",
+        "3",
+        "--report",
+        tmp_path / "rep",
+        "--json",
+    )
     assert r.rc == 0, r
     m = r.json()
-    for key in ("load_s", "ttft_ms_p50", "decode_tok_s", "latency_ms_p50", "latency_ms_p95", "peak_rss_mb", "cpu_utilisation", "rss_growth_mb"):
+    for key in SUMMARY_KEYS:
         assert isinstance(m[key], float) and m[key] == m[key], key  # present, not NaN
     assert m["latency_ms_p95"] >= m["latency_ms_p50"] > 0 and m["decode_tok_s"] > 0 and 0 < m["cpu_utilisation"] <= 1.0
     assert m["peak_rss_scope"] == "this benchmark"  # not the CLI start-up or an earlier conversion
@@ -24,7 +38,9 @@ def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path
         assert s["generated_tokens"] == 3 * 6 and s["latency_ms_p95"] >= s["latency_ms_p50"]
     assert m["quality"]["positions"] > 0 and 0 <= m["quality"]["top1_agreement"] <= 1
     assert len(m["edge_cases"]) == len(edgecases.CASES) and all(e["ok"] for e in m["edge_cases"])
-    assert (tmp_path / "rep" / "speed.png").stat().st_size > 1000 and "decode tok/s" in (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "speed.png").stat().st_size > 1000 and "decode tok/s" in (
+        tmp_path / "rep" / "report.md"
+    ).read_text()
 
 
 def test_kld_of_a_model_against_its_copy_is_zero(tiny_llama_int4, tmp_path):
@@ -48,7 +64,9 @@ def test_damaged_model_scores_worse(tiny_qwen2, tmp_path):
     for init in model.graph.initializer:
         w = numpy_helper.to_array(init)
         if w.ndim == 2 and w.dtype == np.float32:
-            init.CopyFrom(numpy_helper.from_array(w + rng.normal(0, 3 * float(w.std()), w.shape).astype(np.float32), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(w + rng.normal(0, 3 * float(w.std()), w.shape).astype(np.float32), init.name)
+            )
     (damaged / "model.onnx.data").unlink()
     onnx.save(model, str(damaged / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     good, bad = quality.compare(int8, fp32), quality.compare(damaged, fp32)

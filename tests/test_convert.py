@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from slmops import convert, verify
 from slmops.errors import SlmopsError
 
@@ -42,7 +43,9 @@ def test_qwen2_int8_and_fp32(tiny_qwen2, precision, bits):
 
 def test_cli_convert_to_output_json(cli, tiny_qwen2, tmp_path):
     out = tmp_path / "out"
-    r = cli("convert", tiny_qwen2, "--precision", "int4", "--block-size", "64", "--asymmetric", "--output", out, "--json")
+    r = cli(
+        "convert", tiny_qwen2, "--precision", "int4", "--block-size", "64", "--asymmetric", "--output", out, "--json"
+    )
     assert r.rc == 0, r
     data = r.json()
     assert data["path"] == str(out) and (out / "genai_config.json").is_file()
@@ -53,10 +56,18 @@ def test_cli_convert_to_output_json(cli, tiny_qwen2, tmp_path):
 def test_guide_config_file_block_128_asymmetric_is_applied(cli, tiny_llama, tmp_path):
     config = {
         "input_model": {"type": "HfModel", "model_path": str(tiny_llama), "task": "text-generation"},
-        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [{"execution_providers": ["CPUExecutionProvider"]}]}},
-        "passes": {"builder": {"type": "ModelBuilder", "config": {"precision": "int4",
-                                                                 "quantization_config": {"block_size": 128, "is_symmetric": False}}}},
-        "host": "local_system", "target": "local_system", "cache_dir": "cache",
+        "systems": {
+            "local_system": {"type": "LocalSystem", "accelerators": [{"execution_providers": ["CPUExecutionProvider"]}]}
+        },
+        "passes": {
+            "builder": {
+                "type": "ModelBuilder",
+                "config": {"precision": "int4", "quantization_config": {"block_size": 128, "is_symmetric": False}},
+            }
+        },
+        "host": "local_system",
+        "target": "local_system",
+        "cache_dir": "cache",
         "output_dir": "models/output/your-finetuned-model-onnx",
     }
     path = tmp_path / "finetuned_conversion_config.json"
@@ -69,8 +80,15 @@ def test_guide_config_file_block_128_asymmetric_is_applied(cli, tiny_llama, tmp_
 
 
 def test_config_key_olive_would_ignore_is_an_error(cli, tiny_llama, tmp_path):
-    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_llama)},
-              "passes": {"builder": {"type": "ModelBuilder", "config": {"precision": "int4", "quantization_config": {"group_size": 64}}}}}
+    config = {
+        "input_model": {"type": "HfModel", "model_path": str(tiny_llama)},
+        "passes": {
+            "builder": {
+                "type": "ModelBuilder",
+                "config": {"precision": "int4", "quantization_config": {"group_size": 64}},
+            }
+        },
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     r = cli("convert", "--config", path)
@@ -90,7 +108,9 @@ def test_lora_adapter_is_merged(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     result = convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": adapter})
@@ -99,7 +119,9 @@ def test_lora_adapter_is_merged(tiny_llama, tmp_path):
     assert merged != tiny_llama and (merged / "config.json").is_file()
     # The merged weights differ from the base: the adapter was really applied.
     merged_model = AutoModelForCausalLM.from_pretrained(merged)
-    assert not torch.allclose(merged_model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert not torch.allclose(
+        merged_model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.base_layer.weight
+    )
 
 
 def test_not_an_adapter_is_refused(tiny_llama, tmp_path):
@@ -107,13 +129,16 @@ def test_not_an_adapter_is_refused(tiny_llama, tmp_path):
         convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": tmp_path})
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/no/such/model"], "does not exist"),
-    (["{empty}"], "not a Hugging Face checkpoint"),
-    (["{tiny}", "--precision", "fp16"], "fp16 models built for the CPU fail"),
-    (["{tiny}", "--block-size", "48"], "Invalid value for '--block-size'"),
-    (["{tiny}", "--backend", "nosuch"], "no converter named 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/model"], "does not exist"),
+        (["{empty}"], "not a Hugging Face checkpoint"),
+        (["{tiny}", "--precision", "fp16"], "fp16 models built for the CPU fail"),
+        (["{tiny}", "--block-size", "48"], "Invalid value for '--block-size'"),
+        (["{tiny}", "--backend", "nosuch"], "no converter named 'nosuch'"),
+    ],
+)
 def test_bad_input_is_one_line(cli, tiny_llama, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     args = [a.replace("{empty}", str(tmp_path / "empty")).replace("{tiny}", str(tiny_llama)) for a in args]
@@ -181,8 +206,10 @@ def lora_adapter(tiny_llama, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     adapter = tmp_path_factory.mktemp("lora") / "support-bot"
     peft_model.save_pretrained(adapter)
     return adapter
@@ -242,17 +269,19 @@ def test_plan_takes_the_cheapest_route(tiny_llama):
     """The test plugin's failing converter claims int8 directly at cost 1000: builder + quantizer (20) wins."""
     from slmops.roles import ConvertRequest
 
-    converter, quantizer = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
-    assert (converter.name, quantizer.name) == ("model-builder", "matmul-nbits")
-    converter, quantizer = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
-    assert (converter.name, quantizer) == ("model-builder", None)
-    converter, quantizer = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM", "failing")
-    assert (converter.name, quantizer) == ("failing", None)
+    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
+    assert (route.converter.name, route.quantizer.name, route.cost) == ("model-builder", "matmul-nbits", 20)
+    assert "failing (cost 1000)" in route.alternatives
+    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
+    assert (route.converter.name, route.quantizer) == ("model-builder", None)
+    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM", "failing")
+    assert (route.converter.name, route.quantizer) == ("failing", None)
 
 
 def test_hqq_fits_float_zero_points_and_is_closer_to_fp32(tiny_qwen2):
     """HQQ (data-free, Olive's OnnxHqqQuantization algorithm) goes fp32 -> matmul-nbits; it must beat plain RTN."""
     import onnx
+
     from slmops import quality
 
     hqq = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "hqq", "symmetric": False})

@@ -12,8 +12,14 @@ from slmops import hookspecs
 
 def test_every_hook_documents_its_arguments():
     hooks = [n for n in dir(hookspecs) if n.startswith("register_")]
-    assert {"register_converters", "register_quantizers", "register_template_families", "register_registries",
-            "register_benchmarkers", "register_commands"} <= set(hooks)
+    assert {
+        "register_converters",
+        "register_quantizers",
+        "register_template_families",
+        "register_registries",
+        "register_benchmarkers",
+        "register_commands",
+    } <= set(hooks)
     for name in hooks:
         doc = getattr(hookspecs, name).__doc__
         assert doc and ":param" in doc, name
@@ -21,13 +27,12 @@ def test_every_hook_documents_its_arguments():
 
 def test_hook_hands_register_callback_and_core_keeps_the_list():
     from slmops import implementations
-    from slmops.plugin_manager import pm
+    from slmops.api import Benchmarker
+    from slmops.plugin_manager import plugin_manager
 
     class Plugin:
         @hookspecs.hookimpl
         def register_benchmarkers(self, register):
-            from slmops.roles import Benchmarker
-
             class A(Benchmarker):
                 name = "bench-a"
 
@@ -37,14 +42,15 @@ def test_hook_hands_register_callback_and_core_keeps_the_list():
             register(A())
             register(B())
 
-    pm.register(Plugin(), name="throwaway")
+    plugin_manager().register(Plugin(), name="throwaway")
     implementations.clear_caches()
     try:
         names = [b.name for b in implementations.benchmarkers()]
-        assert "bench-a" in names and "bench-b" in names and "ort-genai" in names
-        assert {b.plugin for b in implementations.benchmarkers() if b.name.startswith("bench-")} == {"throwaway"}
+        assert names == ["ort-genai", "bench-a", "bench-b"]  # built-ins first, then in registration order
+        assert {implementations.plugin_of(b) for b in implementations.benchmarkers()[1:]} == {"throwaway"}
+        assert not hasattr(implementations.benchmarkers()[1], "plugin")  # the core keeps the record, not the object
     finally:
-        pm.unregister(name="throwaway")
+        plugin_manager().unregister(name="throwaway")
         implementations.clear_caches()
 
 
@@ -85,17 +91,93 @@ def test_broken_plugin_is_one_line_and_does_not_break_other_commands(cli, tmp_pa
     assert r.json()["errors"][0]["name"] == "broken"
 
 
-def test_plugin_raising_in_hook_is_one_line(cli, tmp_path):
-    dist = tmp_path / "raising_plugin-1.0.dist-info"
+def _plugin_dist(tmp_path, dist_name: str, entry: str, source: str) -> dict[str, str]:
+    """An installed distribution (dist-info + module on PYTHONPATH) whose slmops entry point is ``entry``."""
+    module = entry + "_mod"
+    dist = tmp_path / f"{dist_name.replace('-', '_')}-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: raising-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[slmops]\nraising = raising_plugin_mod\n")
-    (tmp_path / "raising_plugin_mod.py").write_text(
-        "from slmops import hookimpl\n@hookimpl\ndef register_template_families(register):\n    raise ValueError('boom')\n")
-    r = cli("templates", "ls", env={"PYTHONPATH": str(tmp_path)})
-    assert r.rc == 1
-    assert r.err.strip().splitlines()[-1].startswith("slmops: error: plugin 'raising' failed in register_template_families")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[slmops]\n{entry} = {module}\n")
+    (tmp_path / f"{module}.py").write_text(source)
+    return {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_plugin_raising_in_hook_is_disabled_with_one_warning(cli, tmp_path):
+    env = _plugin_dist(
+        tmp_path,
+        "raising-plugin",
+        "raising",
+        (
+            "from slmops.api import TemplateFamily, hookimpl\n"
+            "@hookimpl\ndef register_template_families(register):\n"
+            "    register(TemplateFamily('half', 'registered before the raise', '', '', '', ''))\n"
+            "    raise ValueError('boom')\n"
+        ),
+    )
+    r = cli("templates", "ls", "--json", env=env)
+    assert r.rc == 0, r
+    families = {f["family"] for f in r.json()}
+    assert "chatml" in families and "half" not in families  # the rest works; nothing of the raising plugin is used
+    warnings = [line for line in r.err.splitlines() if "raising" in line]
+    assert len(warnings) == 1 and "register_template_families" in warnings[0] and "boom" in warnings[0], r
     assert "Traceback" not in r.err
+    errors = cli("plugins", "--json", env=env).json()["errors"]
+    assert [(e["name"], e["package"], e["hook"]) for e in errors] == [
+        ("raising", "raising-plugin", "register_template_families")
+    ]
+
+
+def test_plugin_raising_in_register_commands_does_not_break_help(cli, tmp_path):
+    env = _plugin_dist(
+        tmp_path,
+        "bad-commands",
+        "badcommands",
+        (
+            "from slmops.api import hookimpl\n@hookimpl\ndef register_commands(cli):\n    raise RuntimeError('no commands today')\n"
+        ),
+    )
+    r = cli("--help", env=env)
+    assert r.rc == 0 and "deploy" in r.out, r
+    assert "badcommands" in r.err and "register_commands" in r.err and "Traceback" not in r.err
+
+
+def test_two_implementations_with_one_name_warn_naming_both(cli, tmp_path):
+    # A third party's chatml must not silently take over detection of the default model.
+    env = _plugin_dist(
+        tmp_path,
+        "chatml-clone",
+        "chatmlclone",
+        (
+            "from slmops.api import TemplateFamily, hookimpl\n"
+            "@hookimpl\ndef register_template_families(register):\n"
+            "    register(TemplateFamily('chatml', 'an impostor', 'S{Content}', 'U{Content}', 'A{Content}', 'P{Content}'))\n"
+        ),
+    )
+    r = cli("templates", "show", "chatml", "--json", env=env)
+    assert r.rc == 0, r
+    assert r.json()["plugin"] == "slmops.plugins.templates" and r.json()["PromptTemplate"]["user"] != "U{Content}"
+    warning = [line for line in r.err.splitlines() if "named 'chatml'" in line]
+    assert len(warning) == 1 and "slmops.plugins.templates" in warning[0] and "chatmlclone" in warning[0], r
+    r = cli("templates", "show", "chatml", "--json", env={**env, "SLMOPS_DISABLE_PLUGINS": "templates"})
+    assert r.json()["plugin"] == "chatmlclone"
+
+
+def test_load_and_disable_by_distribution_name_and_unknown_names_warn(cli):
+    r = cli("plugins", "--json", env={"SLMOPS_LOAD_PLUGINS": "slmops-thirdparty"})
+    assert "thirdparty" in {p["name"] for p in r.json()["plugins"]}, r
+    r = cli("plugins", "--json", env={"SLMOPS_DISABLE_PLUGINS": "slmops_thirdparty,nosuch"})
+    assert "thirdparty" not in {p["name"] for p in r.json()["plugins"]}
+    assert "SLMOPS_DISABLE_PLUGINS names 'nosuch', which is no installed plugin" in r.err, r
+    assert "slmops_thirdparty" not in r.err  # a distribution name is known, spelled either way
+
+
+def test_plugins_shows_which_plugin_provides_each_implementation(cli):
+    rows = cli("plugins", "--json").json()["implementations"]
+    by = {(r["role"], r["name"]): r for r in rows}
+    assert by[("template family", "zephyrish")]["plugin"] == "thirdparty"
+    assert by[("template family", "zephyrish")]["package"] == "slmops-thirdparty"
+    assert by[("quantizer", "gguf-native")]["plugin"] == "slmops.plugins.gguf_native"
+    assert by[("registry", "foundry-local")]["package"] == "slmops"
 
 
 def test_config_found_walking_up_and_flags_override(cli, tmp_path):
@@ -113,12 +195,15 @@ def test_config_found_walking_up_and_flags_override(cli, tmp_path):
     assert rows["model.name"]["value"] == "x1" and rows["convert.precision"]["value"] == "int4"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('[convert]\nprecision = "int4\n', "invalid TOML"),
-    ('[convert]\nblok_size = 32\n', "unknown key convert.blok_size"),
-    ('[convert]\n\nblock_size = "big"\n', "convert.block_size must be int"),
-    ('[nosuch]\nx = 1\n', "unknown section [nosuch]"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[convert]\nprecision = "int4\n', "invalid TOML"),
+        ("[convert]\nblok_size = 32\n", "unknown key convert.blok_size"),
+        ('[convert]\n\nblock_size = "big"\n', "convert.block_size must be int"),
+        ("[nosuch]\nx = 1\n", "unknown section [nosuch]"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key(cli, tmp_path, text, expected):
     path = tmp_path / "slmops.toml"
     path.write_text(text)
@@ -133,9 +218,11 @@ def test_bad_config_is_one_line_naming_the_key(cli, tmp_path, text, expected):
 
 
 def test_missing_config_unknown_command_and_option(cli, tmp_path):
-    for args, text in [(("--config", tmp_path / "nope.toml", "config"), "not found"),
-                       (("frobnicate",), "No such command"),
-                       (("convert", "--colour", "red"), "No such option")]:
+    for args, text in [
+        (("--config", tmp_path / "nope.toml", "config"), "not found"),
+        (("frobnicate",), "No such command"),
+        (("convert", "--colour", "red"), "No such option"),
+    ]:
         r = cli(*args)
         assert r.rc != 0
         lines = r.err.strip().splitlines()
@@ -147,7 +234,7 @@ def test_doctor_reports_the_stack(cli):
     rows = {row["check"]: row for row in r.json()}
     assert rows["onnxruntime-genai"]["status"] == "ok"
     assert rows["ORT GenAI runtime"]["status"] == "ok"
-    assert rows["Foundry Local runtime"]["status"] == "ok"
+    assert rows["registry foundry-local"]["status"] == "ok"  # asked through the registry role, not by import
     assert "GB" in rows["free RAM"]["detail"]
     assert r.rc == 0, r
 
@@ -182,8 +269,9 @@ def test_generated_docs_are_current():
     spec = importlib.util.spec_from_file_location("gen_docs", docs / "gen_docs.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    assert (docs / "hooks.md").read_text() == gen.hooks_page(), "run `make docs`"
-    assert "## `slmops deploy`" in (docs / "cli.md").read_text()
+    assert (docs / "hooks.md").read_text() == gen.hooks_page(), "docs/hooks.md is stale: run `make docs`"
+    assert (docs / "cli.md").read_text() == gen.cli_page(), "docs/cli.md is stale: run `make docs`"
+    assert "## `slmops deploy`" in gen.cli_page() and "## `slmops install`" in gen.cli_page()
 
 
 def test_stop_text_cuts_stop_strings_split_over_pieces():

@@ -14,12 +14,15 @@ import pytest
 from slmops.fsutil import clean_stale
 
 # Small bench settings: validation in these tests checks the gate logic, not the speed.
-FAST_TOML = '[bench]\nruns = 1\nwarmup = 0\nmax_new_tokens = 4\nlengths = [16]\n[validate]\nsoak_requests = 2\n'
+FAST_TOML = "[bench]\nruns = 1\nwarmup = 0\nmax_new_tokens = 4\nlengths = [16]\n[validate]\nsoak_requests = 2\n"
 
 
 def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 def record_ids(registry_dir: Path) -> list[str]:
@@ -114,10 +117,20 @@ def test_registered_model_with_its_folder_deleted(cli, registry_dir, tiny_llama_
     r = cli("cache", "ls", "--json", cwd=Path("/"))
     assert r.rc == 0, r
     (row,) = r.json()
-    assert row["status"] == "missing" and row["size_bytes"] == 0 and row["path"] == str(registry_dir / "custom" / "gone")
-    for args in (("model", "run", "gone", "--prompt", "hi"), ("bench", "gone"), ("validate", "gone"), ("cache", "cd", "gone")):
+    assert (
+        row["status"] == "missing" and row["size_bytes"] == 0 and row["path"] == str(registry_dir / "custom" / "gone")
+    )
+    for args in (
+        ("model", "run", "gone", "--prompt", "hi"),
+        ("bench", "gone"),
+        ("validate", "gone"),
+        ("cache", "cd", "gone"),
+    ):
         r = cli(*args)
-        assert r.rc == 1 and "is missing" in r.err and "slmops cache rm gone" in r.err and "Traceback" not in r.err, (args, r)
+        assert r.rc == 1 and "is missing" in r.err and "slmops cache rm gone" in r.err and "Traceback" not in r.err, (
+            args,
+            r,
+        )
     assert cli("cache", "rm", "gone", "--yes").rc == 0
     assert cli("cache", "ls", "--json").json() == [] and record_ids(registry_dir) == []
 
@@ -125,7 +138,19 @@ def test_registered_model_with_its_folder_deleted(cli, registry_dir, tiny_llama_
 def test_deploy_revalidates_after_someone_else_registered(cli, tiny_llama, tiny_llama_int4, tmp_path, fast_config):
     """deploy skips its work only when the registered model is still the one it validated."""
     reg = tmp_path / "reg"
-    args = ["--config", fast_config, "deploy", "--source", tiny_llama, "--name", "d", "--precision", "fp32", "--registry-dir", reg]
+    args = [
+        "--config",
+        fast_config,
+        "deploy",
+        "--source",
+        tiny_llama,
+        "--name",
+        "d",
+        "--precision",
+        "fp32",
+        "--registry-dir",
+        reg,
+    ]
     assert cli(*args).rc == 0
     assert "already deployed" in cli(*args).err
     env = {"SLMOPS_REGISTRY_DIR": str(reg)}

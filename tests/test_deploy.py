@@ -10,7 +10,18 @@ import pytest
 
 def test_deploy_tiny_model_end_to_end(cli, tiny_llama, tmp_path):
     reg = tmp_path / "reg"
-    args = ["deploy", "--source", tiny_llama, "--name", "tiny-deploy", "--precision", "fp32", "--registry-dir", reg, "--json"]
+    args = [
+        "deploy",
+        "--source",
+        tiny_llama,
+        "--name",
+        "tiny-deploy",
+        "--precision",
+        "fp32",
+        "--registry-dir",
+        reg,
+        "--json",
+    ]
     r = cli(*args, "--ask", "Hello?")
     assert r.rc == 0, r
     data = r.json()
@@ -23,7 +34,19 @@ def test_deploy_tiny_model_end_to_end(cli, tiny_llama, tmp_path):
 
 def test_deploy_gate_failure_leaves_nothing_registered(cli, tiny_llama, tmp_path):
     reg = tmp_path / "reg"
-    r = cli("deploy", "--source", tiny_llama, "--name", "gated", "--precision", "int4", "--max-kld", "0", "--registry-dir", reg)
+    r = cli(
+        "deploy",
+        "--source",
+        tiny_llama,
+        "--name",
+        "gated",
+        "--precision",
+        "int4",
+        "--max-kld",
+        "0",
+        "--registry-dir",
+        reg,
+    )
     assert r.rc == 1 and "failed validation and was not registered" in r.err, r
     assert not (reg / "custom" / "gated").exists()
     assert cli("cache", "ls", "--json", env={"SLMOPS_REGISTRY_DIR": str(reg)}).json() == []
@@ -41,7 +64,9 @@ def test_deploy_takes_the_adapter_mode(cli, tmp_path):
     assert r.rc == 0 and f"+ adapter {tmp_path} (adapter)" in r.out
     (tmp_path / "slmops.toml").write_text('[model]\nadapter_mode = "adapter"\n')
     settings = {s["key"]: s for s in cli("config", "--json", cwd=tmp_path).json()["settings"]}
-    assert settings["model.adapter_mode"]["value"] == "adapter" and settings["model.adapter_mode"]["from"].endswith("slmops.toml:2")
+    assert settings["model.adapter_mode"]["value"] == "adapter" and settings["model.adapter_mode"]["from"].endswith(
+        "slmops.toml:2"
+    )
 
 
 @pytest.mark.slow
@@ -55,8 +80,18 @@ def test_deploy_default_model(cli, tmp_path):
     from slmops.plugins import gguf_native
 
     reg = tmp_path / "reg"
-    r = cli("deploy", "--precision", "auto", "--registry-dir", reg, "--ask", "What is the capital of France?", "--json",
-            env={"SLMOPS_QUALITY_SET": ""}, timeout=1800)
+    r = cli(
+        "deploy",
+        "--precision",
+        "auto",
+        "--registry-dir",
+        reg,
+        "--ask",
+        "What is the capital of France?",
+        "--json",
+        env={"SLMOPS_QUALITY_SET": ""},
+        timeout=1800,
+    )
     assert r.rc == 0, r
     data = r.json()
     chosen = [t for t in data["tried"] if t["chosen"] == "yes"]
@@ -72,4 +107,7 @@ def test_deploy_default_model(cli, tmp_path):
         assert np.array_equal(values, expected), name
     assert "Paris" in data["answer"]["answer"]
     assert data["serve"] == f"SLMOPS_REGISTRY_DIR={reg} slmops serve smollm2-135m-instruct"
-    assert json.loads((reg / "custom" / "smollm2-135m-instruct" / "inference_model.json").read_text())["slmops"]["family"] == "chatml"
+    assert (
+        json.loads((reg / "custom" / "smollm2-135m-instruct" / "inference_model.json").read_text())["slmops"]["family"]
+        == "chatml"
+    )

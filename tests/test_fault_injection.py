@@ -21,20 +21,26 @@ from slmops.fsutil import STALE_RE
 from tests.conftest import NEUTRAL_DIR, SLMOPS, run_cli
 
 KILLS = 30
-FAST_TOML = '[bench]\nruns = 1\nwarmup = 0\nmax_new_tokens = 4\nlengths = [16]\n[validate]\nsoak_requests = 2\n'
+FAST_TOML = "[bench]\nruns = 1\nwarmup = 0\nmax_new_tokens = 4\nlengths = [16]\n[validate]\nsoak_requests = 2\n"
 
 
 def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 def descendants_of(pids: list[int]) -> list[psutil.Process]:
     """Live processes (not zombies) started by any of pids, at any depth, found through their recorded parent."""
     found = []
     for proc in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and "onnxruntime_genai.models.builder" in " ".join(proc.info["cmdline"] or []) \
-                and proc.info["ppid"] in pids:
+        if (
+            proc.info["status"] != psutil.STATUS_ZOMBIE
+            and "onnxruntime_genai.models.builder" in " ".join(proc.info["cmdline"] or [])
+            and proc.info["ppid"] in pids
+        ):
             found.append(proc)
     return found
 
@@ -63,7 +69,9 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
     env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_REGISTRY_DIR": str(reg)}
 
     def cli(*args: object) -> subprocess.CompletedProcess:
-        done = subprocess.run([*SLMOPS, *map(str, args)], env=env, cwd=NEUTRAL_DIR, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [*SLMOPS, *map(str, args)], env=env, cwd=NEUTRAL_DIR, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr
         return done
 
@@ -86,8 +94,17 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
     rng = random.Random(20261123)
 
     def fresh_build() -> list[object]:  # a new build each time, so kills land inside the model builder too
-        return ["convert", tiny_llama, "--precision", "int4", "--block-size", rng.choice(["16", "64", "128", "256"]),
-                "--symmetric" if rng.random() < 0.5 else "--asymmetric", "--accuracy-level", str(rng.randint(0, 4))]
+        return [
+            "convert",
+            tiny_llama,
+            "--precision",
+            "int4",
+            "--block-size",
+            rng.choice(["16", "64", "128", "256"]),
+            "--symmetric" if rng.random() < 0.5 else "--asymmetric",
+            "--accuracy-level",
+            str(rng.randint(0, 4)),
+        ]
 
     # How long each command takes when left alone, so the kills can land anywhere in it.
     duration = {}
@@ -101,8 +118,13 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
             break
         which = len(victims) if i % 4 == 3 else rng.randrange(len(victims))
         args = fresh_build() if which == len(victims) else victims[which]
-        proc = subprocess.Popen([*SLMOPS, "-q", *map(str, args)], env=env, cwd=NEUTRAL_DIR,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*SLMOPS, "-q", *map(str, args)],
+            env=env,
+            cwd=NEUTRAL_DIR,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             proc.wait(timeout=rng.uniform(0.1, 1.0) * duration[which])
             finished += 1
@@ -115,8 +137,10 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
             proc.wait()
             killed += 1
             deadline = time.time() + 10
-            while any(psutil.pid_exists(c) and psutil.Process(c).status() != psutil.STATUS_ZOMBIE for c in children) \
-                    and time.time() < deadline:
+            while (
+                any(psutil.pid_exists(c) and psutil.Process(c).status() != psutil.STATUS_ZOMBIE for c in children)
+                and time.time() < deadline
+            ):
                 time.sleep(0.1)
             alive = [c for c in children if psutil.pid_exists(c) and psutil.Process(c).status() != psutil.STATUS_ZOMBIE]
             assert alive == [], f"children of a killed slmops outlived it: {alive} ({args})"
@@ -135,7 +159,10 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
         now = tree_hashes(victim_out)
         assert all(now.get(rel) == digest for rel, digest in manifest["files"].items())
     if (reg / "custom" / "deployed").exists():  # registered only after it passed validation
-        assert json.loads((reg / "custom" / "deployed" / "slmops-manifest.json").read_text())["options"]["precision"] == "fp32"
+        assert (
+            json.loads((reg / "custom" / "deployed" / "slmops-manifest.json").read_text())["options"]["precision"]
+            == "fp32"
+        )
     for name in ("keep", *[n for n in ("victim", "deployed") if (reg / "custom" / n).exists()]):
         r = run_cli("model", "run", name, "--prompt", "Hi", "--max-new-tokens", "2", env=env)
         assert r.rc == 0, r
@@ -144,8 +171,14 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
 def test_sigterm_ends_the_builder_and_leaves_nothing(tiny_llama, tmp_path):
     env = {**os.environ, "SLMOPS_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([*SLMOPS, "-q", "convert", tiny_llama, "--precision", "fp32"], env=env, cwd=NEUTRAL_DIR,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*SLMOPS, "-q", "convert", tiny_llama, "--precision", "fp32"],
+        env=env,
+        cwd=NEUTRAL_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not descendants_of([proc.pid]) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -160,7 +193,13 @@ def test_sigterm_ends_the_builder_and_leaves_nothing(tiny_llama, tmp_path):
     assert not [p for p in builds.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-REGISTER_POINTS = ["register:staged", "register:trial", "register:unregistered", "replace:moved-aside", "register:swapped"]
+REGISTER_POINTS = [
+    "register:staged",
+    "register:trial",
+    "register:unregistered",
+    "replace:moved-aside",
+    "register:swapped",
+]
 REMOVE_POINTS = ["remove:unregistered", "remove:moved-aside"]
 
 
@@ -174,7 +213,9 @@ def test_kill_at_each_step_of_a_replacement(point, tiny_llama, tiny_llama_int4, 
     env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_REGISTRY_DIR": str(reg)}
     old, new = Path(tiny_llama_int4["path"]), Path(convert.convert(str(tiny_llama), {"precision": "int8"})["path"])
     assert run_cli("register", old, "--name", "m", env=env).rc == 0
-    args = ("register", new, "--name", "m") if point.startswith(("register", "replace")) else ("cache", "rm", "m", "--yes")
+    args = (
+        ("register", new, "--name", "m") if point.startswith(("register", "replace")) else ("cache", "rm", "m", "--yes")
+    )
     killed = run_cli(*args, env={**env, "SLMOPS_FAULT_AT": point})
     assert killed.rc == -signal.SIGKILL, killed
     assert run_cli("cache", "ls", env=env).rc == 0  # the next command reconciles

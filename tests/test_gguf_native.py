@@ -8,8 +8,8 @@ import gguf
 import numpy as np
 import pytest
 
-from slmops import convert, gguf_blocks
-from slmops.plugins import gguf_native
+from slmops import convert
+from slmops.plugins import gguf_blocks, gguf_native
 from slmops.roles import ConvertRequest
 
 from .conftest import build_tiny

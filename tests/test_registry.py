@@ -52,11 +52,27 @@ def test_register_again_replaces_or_refuses(cli, registered):
 def test_runtime_uses_the_template(cli, registered, engine):
     """The prompt tokens the runtime reports equal the token count of the template's own rendering."""
     path = Path(registered["entry"]["path"])
-    r = cli("model", "run", "tiny", "--prompt", "What is the capital of France?", "--engine", engine, "--max-new-tokens", "4", "--json")
+    r = cli(
+        "model",
+        "run",
+        "tiny",
+        "--prompt",
+        "What is the capital of France?",
+        "--engine",
+        engine,
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert r.rc == 0, r
     data = r.json()
     chosen = templates.family_from_inference_model(json.loads((path / "inference_model.json").read_text()))
-    expected = templates.count_tokens(path, templates.render(chosen.family, [{"role": "user", "content": "What is the capital of France?"}], chosen.default_system))
+    expected = templates.count_tokens(
+        path,
+        templates.render(
+            chosen.family, [{"role": "user", "content": "What is the capital of France?"}], chosen.default_system
+        ),
+    )
     assert data["prompt_tokens"] == len(expected) and 1 <= data["completion_tokens"] <= 4
 
 
@@ -108,15 +124,31 @@ def test_failed_registration_leaves_nothing(cli, registry_dir, tmp_path):
 def test_concurrent_register_and_remove(cli, registry_dir, tiny_llama_int4, tmp_path):
     for i in range(4):
         assert cli("register", tiny_llama_int4["path"], "--name", f"old{i}").rc == 0
-    from tests.conftest import SLMOPS, NEUTRAL_DIR
-
     import os
 
+    from tests.conftest import NEUTRAL_DIR, SLMOPS
+
     env = {**os.environ}
-    procs = [subprocess.Popen([*SLMOPS, "-q", "register", tiny_llama_int4["path"], "--name", f"new{i}"], env=env, cwd=NEUTRAL_DIR,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
-    procs += [subprocess.Popen([*SLMOPS, "-q", "cache", "rm", f"old{i}", "--yes"], env=env, cwd=NEUTRAL_DIR,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [*SLMOPS, "-q", "register", tiny_llama_int4["path"], "--name", f"new{i}"],
+            env=env,
+            cwd=NEUTRAL_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
+    procs += [
+        subprocess.Popen(
+            [*SLMOPS, "-q", "cache", "rm", f"old{i}", "--yes"],
+            env=env,
+            cwd=NEUTRAL_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

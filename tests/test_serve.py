@@ -28,8 +28,14 @@ class Served:
     """A `slmops serve` child process on a free loopback port."""
 
     def __init__(self, *args: str, env: dict[str, str]):
-        self.proc = subprocess.Popen([*SLMOPS, "serve", "--port", "0", *args], env=env, cwd=NEUTRAL_DIR,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [*SLMOPS, "serve", "--port", "0", *args],
+            env=env,
+            cwd=NEUTRAL_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.err: list[str] = []
         deadline = time.time() + 300
         for line in self.proc.stderr:
@@ -45,7 +51,9 @@ class Served:
     def client(self, key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=120)
 
-    def raw(self, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    def raw(
+        self, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None
+    ) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
@@ -72,8 +80,9 @@ def serve_env(tmp_path_factory, tiny_llama_int4) -> dict[str, str]:
     env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(tmp_path_factory.mktemp("serve-registry"))}
     smol = convert.convert(None, {"precision": "int4", "algorithm": "gguf"})
     for name, path in (("smol", smol["path"]), ("tiny", tiny_llama_int4["path"])):
-        done = subprocess.run([*SLMOPS, "-q", "register", path, "--name", name], env=env, cwd=NEUTRAL_DIR,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [*SLMOPS, "-q", "register", path, "--name", name], env=env, cwd=NEUTRAL_DIR, capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
     return env
 
@@ -88,20 +97,35 @@ def server(serve_env):
 @pytest.fixture(scope="module")
 def guarded(serve_env):
     """ORT GenAI, one request at a time, one waiting, and an API key."""
-    served = Served("smol", "--engine", "ort-genai", "--parallel", "1", "--max-queue", "1", env={**serve_env, "SLMOPS_API_KEY": "sekret"})
+    served = Served(
+        "smol",
+        "--engine",
+        "ort-genai",
+        "--parallel",
+        "1",
+        "--max-queue",
+        "1",
+        env={**serve_env, "SLMOPS_API_KEY": "sekret"},
+    )
     yield served
     served.stop()
 
 
 def ask(client: openai.OpenAI, model: str, question: str, **kw) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           temperature=kw.pop("temperature", 0), max_tokens=kw.pop("max_tokens", 40), **kw)
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        temperature=kw.pop("temperature", 0),
+        max_tokens=kw.pop("max_tokens", 40),
+        **kw,
+    )
     return reply.choices[0].message.content
 
 
 def ask_streaming(client: openai.OpenAI, model: str, question: str, max_tokens: int = 40) -> str:
-    chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], temperature=0,
-                                            max_tokens=max_tokens, stream=True)
+    chunks = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens, stream=True
+    )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -113,10 +137,31 @@ def test_lists_both_models(server):
 
 def test_answers_like_model_run(server, serve_env):
     client = server.client()
-    reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                           temperature=0, max_tokens=32)
-    done = subprocess.run([*SLMOPS, "model", "run", "smol", "--prompt", "What is the capital of France?", "--temperature", "0",
-                           "--max-new-tokens", "32", "--json"], env=serve_env, cwd=NEUTRAL_DIR, capture_output=True, text=True)
+    reply = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=32,
+    )
+    done = subprocess.run(
+        [
+            *SLMOPS,
+            "model",
+            "run",
+            "smol",
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "32",
+            "--json",
+        ],
+        env=serve_env,
+        cwd=NEUTRAL_DIR,
+        capture_output=True,
+        text=True,
+    )
     expected = json.loads(done.stdout)
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].message.content == expected["answer"]  # same runtime, template and options
@@ -128,10 +173,19 @@ def test_answers_like_model_run(server, serve_env):
 
 def test_stream_matches_the_whole_answer(server):
     client = server.client()
-    whole = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Name three rivers."}],
-                                           temperature=0, max_tokens=48)
-    chunks = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Name three rivers."}],
-                                                 temperature=0, max_tokens=48, stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Name three rivers."}], temperature=0, max_tokens=48
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "Name three rivers."}],
+            temperature=0,
+            max_tokens=48,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content and len(text) > 20
     assert len({c.id for c in chunks}) == 1 and chunks[0].choices[0].delta.role == "assistant"
@@ -142,12 +196,19 @@ def test_stream_matches_the_whole_answer(server):
 
 def test_max_tokens_stop_and_seed(server):
     client = server.client()
-    short = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": COUNT}], temperature=0, max_tokens=3)
+    short = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": COUNT}], temperature=0, max_tokens=3
+    )
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
     full = ask(client, "smol", COUNT, max_tokens=40)
     stop = full[12:15]  # a string the answer holds: the answer ends right before it, without it
-    cut = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": COUNT}], temperature=0, max_tokens=40,
-                                         stop=[stop, "zzz-never"])
+    cut = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": COUNT}],
+        temperature=0,
+        max_tokens=40,
+        stop=[stop, "zzz-never"],
+    )
     assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
     sampled = [ask(client, "smol", "Tell me a story.", temperature=1.0, seed=seed, max_tokens=24) for seed in (7, 7, 8)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
@@ -163,8 +224,11 @@ def parallel_server(serve_env):
 @pytest.mark.parametrize("which", ["server", "parallel_server"])
 def test_concurrent_clients_get_their_own_answers(request, which):
     client = request.getfixturevalue(which).client()
-    jobs = [(model, q) for q in ("What is the capital of France?", "Name three colours.", "Who wrote Hamlet?", "What is 2+2?")
-            for model in ("smol", "tiny")]
+    jobs = [
+        (model, q)
+        for q in ("What is the capital of France?", "Name three colours.", "Who wrote Hamlet?", "What is 2+2?")
+        for model in ("smol", "tiny")
+    ]
     one_by_one = [ask_streaming(client, m, q) for m, q in jobs]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         at_once = list(pool.map(lambda job: ask_streaming(client, *job), jobs))
@@ -181,8 +245,11 @@ def test_memory_stays_flat_over_many_requests(request, which):
     served = request.getfixturevalue(which)
     client = served.client()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
+
         def burst(n: int) -> None:
-            list(pool.map(lambda i: ask(client, "smol", f"Question {i}: why is the sky blue?", max_tokens=24), range(n)))
+            list(
+                pool.map(lambda i: ask(client, "smol", f"Question {i}: why is the sky blue?", max_tokens=24), range(n))
+            )
 
         burst(12)  # warm: threads, arenas and caches reach their size
         before = rss_mb(served)
@@ -195,23 +262,42 @@ def error_of(status_and_body: tuple[int, dict]) -> tuple[int, str, str | None]:
     return status, body["error"]["type"], body["error"]["code"]
 
 
-@pytest.mark.parametrize("body, status, code", [
-    (b"{not json", 400, None),
-    (b"[1, 2]", 400, None),
-    (json.dumps({"model": "nosuch", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
-    (json.dumps({"model": "smol", "messages": []}), 400, None),
-    (json.dumps({"model": "smol", "messages": "hi"}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": 5}]}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": "true"}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, None),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hello " * 20000}]}), 400, "context_length_exceeded"),
-    (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "   "}]}), 400, None),
-    (b'{"model": "smol", "messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}', 413, "request_too_large"),
-])
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps({"model": "nosuch", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
+        (json.dumps({"model": "smol", "messages": []}), 400, None),
+        (json.dumps({"model": "smol", "messages": "hi"}), 400, None),
+        (json.dumps({"model": "smol", "messages": [{"role": "user", "content": 5}]}), 400, None),
+        (json.dumps({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}), 400, None),
+        (
+            json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+            400,
+            None,
+        ),
+        (
+            json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}),
+            400,
+            None,
+        ),
+        (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": "true"}), 400, None),
+        (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, None),
+        (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, None),
+        (
+            json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hello " * 20000}]}),
+            400,
+            "context_length_exceeded",
+        ),
+        (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "   "}]}), 400, None),
+        (
+            b'{"model": "smol", "messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}',
+            413,
+            "request_too_large",
+        ),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, body, status, code):
     got = error_of(server.raw("POST", "/v1/chat/completions", body))
     assert got[0] == status and got[2] == code and got[1] == "invalid_request_error"
@@ -242,9 +328,19 @@ def wait_for(condition, seconds: float = 30) -> bool:
 
 def open_stream(served: Served, max_tokens: int = 1500) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=120)
-    body = {"model": "smol", "messages": [{"role": "user", "content": LONG}], "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                 headers={"Content-Type": "application/json", "Authorization": "Bearer sekret"})
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": LONG}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sekret"},
+    )
     return conn.getresponse()
 
 
@@ -255,8 +351,12 @@ def test_queue_bound_and_disconnects(guarded):
     waiting = {}
     threading.Thread(target=lambda: waiting.setdefault("response", open_stream(guarded)), daemon=True).start()
     assert wait_for(lambda: guarded.health("smol")["waiting"] == 1)
-    status, body = guarded.raw("POST", "/v1/chat/completions", json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}]}),
-                               {"Authorization": "Bearer sekret"})
+    status, body = guarded.raw(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}]}),
+        {"Authorization": "Bearer sekret"},
+    )
     assert status == 429 and body["error"]["type"] == "rate_limit_error"
     # The first client goes away mid-answer: its generation stops, and the waiting one is answered.
     events = [line for line in (first.readline() for _ in range(10)) if line.strip()]
@@ -291,6 +391,12 @@ def test_ctrl_c_stops_cleanly_mid_stream(serve_env):
 
 
 def test_port_in_use_is_one_line(server, serve_env):
-    done = subprocess.run([*SLMOPS, "serve", "--port", str(server.port)], env=serve_env, cwd=NEUTRAL_DIR, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [*SLMOPS, "serve", "--port", str(server.port)],
+        env=serve_env,
+        cwd=NEUTRAL_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "pick another port with --port" in done.stderr and "Traceback" not in done.stderr

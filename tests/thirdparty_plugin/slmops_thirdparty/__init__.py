@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from slmops import hookimpl
-from slmops.roles import Converter, Registry, RegistryEntry, TemplateFamily
+from slmops.api import Converter, Registry, RegistryEntry, TemplateFamily, hookimpl
 
 # A made-up chat format, so detection can only find it through this plugin.
 ZEPHYRISH = TemplateFamily(

@@ -8,10 +8,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .roles import Converter, ConvertRequest
+from slmops.api import Converter, ConvertRequest
 
 # slmops's algorithm names -> the builder's int4_algo_config ("rtn" is the builder's default RTN path)
-INT4_ALGORITHMS = {"rtn": None, "rtn_last": "rtn_last", "k_quant": "k_quant", "k_quant_mixed": "k_quant_mixed", "k_quant_last": "k_quant_last"}
+INT4_ALGORITHMS = {
+    "rtn": None,
+    "rtn_last": "rtn_last",
+    "k_quant": "k_quant",
+    "k_quant_mixed": "k_quant_mixed",
+    "k_quant_last": "k_quant_last",
+}
 
 
 def builder_options(request: ConvertRequest) -> dict[str, Any]:

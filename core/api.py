@@ -1,0 +1,112 @@
+"""The one module a slmops plugin imports: roles, the hook marker, and the helpers plugins need.
+
+Everything else in slmops is internal and may change between releases; what is named here keeps working. The
+built-in plugins (slmops/plugins/) import nothing else from slmops, and a test holds them to it.
+
+- Roles: subclass :class:`Converter`, :class:`Quantizer`, :class:`Registry`, :class:`Benchmarker`, or fill a
+  :class:`TemplateFamily`, and hand it to the ``register`` callback of the matching hook (docs/hooks.md).
+- Errors: raise :class:`SlmopsError` with one line that says what is wrong and what to do; slmops prints it
+  without a traceback and exits non-zero. Any other exception is reported as a bug of the plugin.
+- Files: write through :func:`staging_dir` / :func:`replace_dir` (a temporary path, then a rename), guard shared
+  files with :func:`lock`, copy model folders with :func:`copy_tree` (it carries every non-graph file: config,
+  tokenizer, adapters/), and write JSON with :func:`write_json_atomic`.
+- Config: :func:`current_config` is the slmops.toml of the running command (for a plugin command too), and
+  :func:`open_registry` the registry it names.
+- Runtime: :class:`Session` runs a model folder with ONNX Runtime GenAI (encode, logits, generate, stream).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .adapters import runtime_fed_matmuls
+from .config import Config, home, load_config
+from .errors import SlmopsError
+from .fsutil import (
+    clean_stale,
+    copy_tree,
+    dir_size,
+    fault_point,
+    lock,
+    rename,
+    replace_dir,
+    staging_dir,
+    write_json_atomic,
+)
+from .hookspecs import hookimpl
+from .isolate import die_with_parent
+from .roles import (
+    BENCH_RESULT_KEYS,
+    BLOCK_SIZES,
+    CHAT_DEFAULTS,
+    MODEL_FILES,
+    PRECISIONS,
+    Benchmarker,
+    Converter,
+    ConvertRequest,
+    ModelInfo,
+    Quantizer,
+    Registry,
+    RegistryEntry,
+    TemplateFamily,
+)
+from .runtime import Session
+
+__all__ = [
+    "BENCH_RESULT_KEYS",
+    "BLOCK_SIZES",
+    "CHAT_DEFAULTS",
+    "MODEL_FILES",
+    "PRECISIONS",
+    "Benchmarker",
+    "Config",
+    "ConvertRequest",
+    "Converter",
+    "ModelInfo",
+    "Quantizer",
+    "Registry",
+    "RegistryEntry",
+    "Session",
+    "SlmopsError",
+    "TemplateFamily",
+    "clean_stale",
+    "copy_tree",
+    "current_config",
+    "die_with_parent",
+    "dir_size",
+    "fault_point",
+    "hookimpl",
+    "home",
+    "lock",
+    "open_registry",
+    "rename",
+    "replace_dir",
+    "run_olive",
+    "runtime_fed_matmuls",
+    "staging_dir",
+    "write_json_atomic",
+]
+
+
+def current_config() -> Config:
+    """The settings of the running command (its --config, else slmops.toml found walking up, else defaults)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    state = ctx.find_root().obj if ctx else None
+    return state.config if state is not None and hasattr(state, "config") else load_config()
+
+
+def open_registry(config: Config | None = None, name: str | None = None) -> Registry:
+    """The registry named by ``name``, else by the config's ``[registry] backend``, with its root folder set."""
+    from .registry import open_registry as _open
+
+    return _open(config or current_config(), name)
+
+
+def run_olive(workflow: dict[str, Any], work_dir: Path) -> Any:
+    """Run an Olive workflow (the dict an Olive JSON config holds) with Olive's logging kept quiet."""
+    from . import olive_api
+
+    return olive_api.run(workflow, work_dir)

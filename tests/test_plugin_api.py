@@ -1,0 +1,265 @@
+"""The plugin API as a third party meets it: one public module, lazy loading, choosing by name, contracts, installing
+plugins, and an import that works on Windows and macOS too."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _slmops_imports(path: Path) -> list[str]:
+    """Every slmops module a file imports (relative imports spelled out against its package)."""
+    package = "slmops.plugins" if path.parent.name == "plugins" else "slmops"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "slmops"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+                found += [module] if node.module else [f"{base}.{a.name}" for a in node.names]
+            elif node.module and node.module.split(".")[0] == "slmops":
+                found.append(node.module)
+    return found
+
+
+def test_plugins_use_only_the_public_api():
+    offenders = {}
+    for path in [*(ROOT / "plugins").glob("*.py"), *(ROOT / "tests" / "thirdparty_plugin").rglob("*.py")]:
+        bad = [m for m in _slmops_imports(path) if m != "slmops.api" and not m.startswith("slmops.plugins")]
+        if bad:
+            offenders[path.name] = bad
+    assert not offenders, f"plugins may import slmops.api only: {offenders}"
+
+
+def test_the_core_imports_no_plugin():
+    offenders = {
+        p.name: [m for m in _slmops_imports(p) if m.startswith("slmops.plugins")] for p in (ROOT / "core").glob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path):
+    # The two tests above pass vacuously if the AST walk misses imports: show it catches each spelling.
+    (tmp_path / "plugins").mkdir()
+    sample = tmp_path / "plugins" / "p.py"
+    sample.write_text(
+        "from slmops.fsutil import lock\nimport slmops.roles\nfrom .. import config\nfrom slmops.api import hookimpl\n"
+    )
+    assert _slmops_imports(sample) == ["slmops.fsutil", "slmops.roles", "slmops.config", "slmops.api"]
+
+
+PLATFORM_CHECK = textwrap.dedent("""
+    import ast, importlib, pkgutil, sys
+    from pathlib import Path
+    platform = sys.argv[1]
+    import slmops, slmops.plugins
+    names = [m.name for m in pkgutil.walk_packages(slmops.__path__, "slmops.")]
+    # Third-party libraries branch on the platform themselves (filelock imports msvcrt on Windows): import them as
+    # they are here, then pretend to be the other platform for slmops's own modules only.
+    for name in names:
+        tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                wanted = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                wanted = [(node.module, a.name) for a in node.names]
+            else:
+                continue
+            for module, attribute in wanted:
+                if module.split(".")[0] in ("slmops", "__future__", "fcntl", "resource", "termios", "pwd", "grp"):
+                    continue
+                loaded = importlib.import_module(module)
+                if attribute and not hasattr(loaded, attribute):  # a submodule
+                    importlib.import_module(module + "." + attribute)
+    if platform != "linux":
+        sys.platform = platform
+        for unix_only in ("fcntl", "resource", "termios", "pwd", "grp"):
+            sys.modules[unix_only] = None  # importing it now raises ImportError, as on Windows
+    for name in names:
+        importlib.import_module(name)
+    from slmops import plugin_manager
+    assert not plugin_manager._loaded, "importing slmops modules loaded the plugins"
+    from slmops.cli import main
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+    print(len(names), "modules")
+""")
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32", "darwin"])
+def test_every_module_imports_and_help_runs_on(platform, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", PLATFORM_CHECK, platform], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "deploy" in done.stdout and int(done.stdout.split()[-2]) >= 30, done.stdout[-500:]
+
+
+def test_quantizer_is_chosen_by_name_and_dry_run_shows_the_route(cli, tiny_llama):
+    r = cli("convert", str(tiny_llama), "--precision", "int4", "--quantizer", "matmul-nbits", "--dry-run", "--json")
+    assert r.rc == 0, r
+    plan = r.json()
+    assert (plan["converter"], plan["quantizer"]) == ("model-builder", "matmul-nbits")
+    assert plan["route"] == "model-builder (fp32) + matmul-nbits" and plan["cached"] is False
+    assert any(why.startswith("model-builder: builds int4 itself, but --quantizer") for why in plan["rejected"])
+    assert not Path(plan["path"]).exists()  # nothing was built
+    plan = cli("convert", str(tiny_llama), "--precision", "int4", "--dry-run", "--json").json()
+    assert plan["route"] == "model-builder" and "olive (cost 50)" in plan["alternatives"]
+    r = cli("convert", str(tiny_llama), "--precision", "int4", "--quantizer", "nope", "--dry-run")
+    assert r.rc == 1 and "no quantizer named 'nope'; installed: matmul-nbits, gguf-native" in r.err
+
+
+def test_choices_come_from_the_loaded_plugins(cli, tiny_llama):
+    r = cli("convert", str(tiny_llama), "--precision", "int3", "--dry-run")
+    assert r.rc != 0 and "no installed plugin offers precision 'int3'; use one of fp16, fp32, int4, int8" in r.err, r
+    r = cli("convert", str(tiny_llama), "--algorithm", "magic", "--dry-run")
+    assert r.rc != 0 and "int4 algorithm 'magic'" in r.err and "gguf" in r.err, r
+    # Without the gguf-native plugin, its algorithm is no longer offered.
+    r = cli(
+        "convert", str(tiny_llama), "--algorithm", "gguf", "--dry-run", env={"SLMOPS_DISABLE_PLUGINS": "gguf_native"}
+    )
+    assert r.rc != 0 and "int4 algorithm 'gguf'" in r.err, r
+
+
+def test_a_benchmarker_is_held_to_its_contract_and_its_extra_metrics_are_shown(cli, tmp_path, tiny_llama_int4):
+    from tests.test_core import _plugin_dist
+
+    env = _plugin_dist(
+        tmp_path,
+        "slmops-stopwatch",
+        "stopwatch",
+        textwrap.dedent("""
+        from slmops.api import Benchmarker, hookimpl
+
+        class Stopwatch(Benchmarker):
+            name = "stopwatch"
+            def run(self, model_dir, settings, progress):
+                return {"decode_tok_s": 12.5, "ttft_ms_p50": 40.0, "joules_per_token": 0.25}
+
+        class Broken(Benchmarker):
+            name = "forgetful"
+            def run(self, model_dir, settings, progress):
+                return {"decode_tok_s": 3.0}
+
+        @hookimpl
+        def register_benchmarkers(register):
+            register(Stopwatch())
+            register(Broken())
+    """),
+    )
+    report = tmp_path / "report"
+    r = cli(
+        "bench",
+        tiny_llama_int4["path"],
+        "--benchmarker",
+        "stopwatch",
+        "--no-quality",
+        "--no-edge-cases",
+        "--report",
+        str(report),
+        env=env,
+    )
+    assert r.rc == 0, r
+    assert "joules_per_token" in r.out and "0.25" in r.out
+    text = (report / "report.md").read_text()
+    assert "| joules_per_token | 0.25 |" in text and "Decode 12.5 tok/s" in text
+    r = cli("bench", tiny_llama_int4["path"], "--benchmarker", "forgetful", "--no-quality", "--no-edge-cases", env=env)
+    assert (
+        r.rc == 1 and "benchmarker 'forgetful' returned no number for ttft_ms_p50" in r.err and "Traceback" not in r.err
+    )
+
+
+def _tutorial_file(caption: str) -> str:
+    """The code block that follows ``caption`` in docs/plugins.md's tutorial."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    after = text[text.index(caption) :]
+    start = after.index("```") + after[after.index("```") :].index("\n") + 1
+    return after[start : after.index("```", start)]
+
+
+def test_the_tutorial_plugin_installs_works_and_uninstalls(cli, tmp_path, registry_dir):
+    # docs/plugins.md's tutorial, as written: its files, `slmops install -e .`, its family and command, uninstall.
+    project = tmp_path / "slmops-myfam"
+    (project / "slmops_myfam").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(_tutorial_file("`pyproject.toml`:"))
+    (project / "slmops_myfam" / "__init__.py").write_text(_tutorial_file("`slmops_myfam/__init__.py`:"))
+    try:
+        r = cli("install", "--no-deps", "-q", "-e", str(project))
+        assert r.rc == 0, r
+        rows = cli("plugins", "--json").json()
+        assert {"name": "myfam", "package": "slmops-myfam", "version": "0.1.0"}.items() <= next(
+            p for p in rows["plugins"] if p["name"] == "myfam"
+        ).items()
+        assert {
+            "role": "template family",
+            "name": "myfam",
+            "plugin": "myfam",
+            "package": "slmops-myfam",
+        }.items() <= next(i for i in rows["implementations"] if i["name"] == "myfam").items()
+        shown = cli("templates", "show", "myfam", "--json").json()
+        assert shown["plugin"] == "myfam" and shown["ModelConfig"]["max_length"] == 4096
+        r = cli("myfam-models")
+        assert r.rc == 0 and r.out == "", r  # the command runs against the (empty) registry the config names
+    finally:
+        r = cli("uninstall", "-y", "slmops-myfam")
+    assert r.rc == 0, r
+    assert "myfam" not in {p["name"] for p in cli("plugins", "--json").json()["plugins"]}
+    r = cli("uninstall", "-y", "slmops")
+    assert r.rc == 2 and "would remove slmops itself" in r.err
+
+
+DYNAMIC_INT8 = textwrap.dedent("""
+    from slmops.api import MODEL_FILES, Quantizer, copy_tree, hookimpl
+
+    class DynamicInt8(Quantizer):
+        name = "dynamic-int8"
+        description = "onnxruntime quantize_dynamic: int8 weights, MatMulInteger"
+        precisions = ("int8",)
+        cost = 100
+        declares = "MatMulInteger"
+
+        def quantize(self, fp32_dir, output_dir, request):
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
+            quantize_dynamic(str(fp32_dir / "model.onnx"), str(output_dir / "model.onnx"), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"], use_external_data_format=True)
+
+        def graph_facts(self, request):
+            return {"ops": [self.declares]}
+
+    class Liar(DynamicInt8):
+        name = "liar"
+        declares = "MatMulNBits"  # says it writes MatMulNBits; writes MatMulInteger
+
+    @hookimpl
+    def register_quantizers(register):
+        register(DynamicInt8())
+        register(Liar())
+""")
+
+
+def test_a_quantizer_of_another_kind_is_judged_by_the_facts_it_declares(cli, tmp_path, tiny_llama):
+    # A dynamic-int8 quantizer (MatMulInteger, no MatMulNBits) builds, verifies and generates; one whose declared
+    # facts are false is refused.
+    from tests.test_core import _plugin_dist
+
+    env = _plugin_dist(tmp_path, "slmops-dynamic-int8", "dynamicint8", DYNAMIC_INT8)
+    r = cli("convert", str(tiny_llama), "--precision", "int8", "--quantizer", "dynamic-int8", "--json", env=env)
+    assert r.rc == 0, r
+    build = r.json()
+    assert build["quantizer"] == "dynamic-int8" and build["verification"]["graph"]["ops"]["MatMulInteger"] > 0
+    assert build["verification"]["graph"]["matmul_nbits"] == {} and build["verification"]["sample"]["tokens"] > 0
+    r = cli("convert", str(tiny_llama), "--precision", "int8", "--quantizer", "liar", "--json", env=env)
+    assert r.rc == 1 and "the quantizer declared MatMulNBits nodes, but the graph has none" in r.err, r
