@@ -43,7 +43,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
     },
     "registry": {
         "backend": ("foundry-local", str, "registry plugin"),
-        "cache_dir": ("", str, "registry location (default: $SLMOPS_REGISTRY_DIR, else Foundry Local's)"),
+        "cache_dir": (
+            "",
+            str,
+            "location of the [registry] backend (default: $SLMOPS_REGISTRY_DIR, else its own default)",
+        ),
         "version": ("1", str, "version recorded in inference_model.json"),
         "description": ("", str, "description recorded in inference_model.json"),
         "replace": (True, bool, "replace an existing entry of the same name"),

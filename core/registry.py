@@ -34,9 +34,19 @@ def check_name(name: str) -> str:
     return name
 
 
+def location_variable(registry_name: str) -> str:
+    """The environment variable that places one registry: SLMOPS_REGISTRY_DIR_<NAME>, e.g. ..._FOUNDRY_LOCAL."""
+    return f"{REGISTRY_ENV}_{re.sub(r'[^A-Z0-9]', '_', registry_name.upper())}"
+
+
 def open_registry(cfg: Config, backend: str | None = None) -> Registry:
+    """The registry named by backend (else [registry] backend), at its own folder: $SLMOPS_REGISTRY_DIR_<NAME>;
+    for the configured registry also [registry] cache_dir or $SLMOPS_REGISTRY_DIR; else its default_location().
+    Registries never share a folder by default: one named with --registry does not take the configured one's."""
     registry = implementations.by_name(implementations.registries(), backend or cfg.get("registry.backend"), "registry")
-    where = cfg.get("registry.cache_dir") or os.environ.get(REGISTRY_ENV)
+    where = os.environ.get(location_variable(registry.name))
+    if not where and registry.name == cfg.get("registry.backend"):
+        where = cfg.get("registry.cache_dir") or os.environ.get(REGISTRY_ENV)
     registry.root = Path(where).expanduser().resolve() if where else registry.default_location()
     return registry
 

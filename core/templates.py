@@ -78,7 +78,7 @@ def read_model_info(path: Path) -> ModelInfo:
 
 
 def family_by_name(name: str) -> TemplateFamily:
-    from . import implementations  # not at import: the built-in template plugin imports this module
+    from . import implementations  # not at import: importing templates must not need the plugin machinery
 
     return implementations.by_name(implementations.template_families(), name, "template family")
 
@@ -234,7 +234,6 @@ def derive_family(info: ModelInfo) -> TemplateFamily:
         prompt=prompt,
         stop=[info.eos_token] if info.eos_token else [],
         model_config=dict(CHAT_DEFAULTS),
-        plugin="slmops (derived)",
     )
 
 

@@ -159,12 +159,15 @@ def test_concurrent_register_and_remove(cli, registry_dir, tiny_llama_int4, tmp_
     assert sorted(p.name for p in (registry_dir / "custom").iterdir()) == names
 
 
-def test_commands_work_with_another_registry_plugin(cli, tmp_path, tiny_llama_int4, monkeypatch):
-    monkeypatch.setenv("SLMOPS_REGISTRY_DIR", str(tmp_path / "folder-reg"))
+def test_commands_work_with_another_registry_plugin(cli, tmp_path, tiny_llama_int4, monkeypatch, registry_dir):
+    # Each registry has its own folder: the configured one's ($SLMOPS_REGISTRY_DIR) is not the folder registry's.
+    monkeypatch.setenv("SLMOPS_REGISTRY_DIR_FOLDER", str(tmp_path / "folder-reg"))
     assert cli("register", tiny_llama_int4["path"], "--name", "f1", "--registry", "folder").rc == 0
     assert json.loads((tmp_path / "folder-reg" / "index.json").read_text())["f1"]["family"] == "chatml"
     assert [e["name"] for e in cli("cache", "ls", "--registry", "folder", "--json").json()] == ["f1"]
     r = cli("model", "run", "f1", "--registry", "folder", "--prompt", "Hello", "--max-new-tokens", "3", "--json")
     assert r.rc == 0 and r.json()["prompt_tokens"] > 0, r  # no runtime of its own: ORT GenAI runs it
+    assert cli("cache", "ls", "--json").json() == [] and not (registry_dir / "index.json").exists()
+    assert cli("cache", "location", "--registry", "folder").out.strip() == str(tmp_path / "folder-reg")
     assert cli("cache", "rm", "f1", "--yes", "--registry", "folder").rc == 0
     assert cli("cache", "ls", "--registry", "folder", "--json").json() == []
