@@ -41,7 +41,6 @@ def benchmarker_for(model_dir: Path, name: str | None = None):
     raise SlmopsError(f"no benchmarker can measure {model_dir}: " + "; ".join(reasons))
 
 
-# What the ort-genai benchmarker reports besides BENCH_RESULT_KEYS; any other number a benchmarker returns is an extra metric.
 # The rows of `slmops bench`'s summary table, in order.
 SUMMARY_KEYS = (
     "load_s",
@@ -52,15 +51,6 @@ SUMMARY_KEYS = (
     "peak_rss_mb",
     "cpu_utilisation",
     "rss_growth_mb",
-)
-KNOWN_KEYS = (
-    "load_s",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "peak_rss_mb",
-    "cpu_utilisation",
-    "rss_growth_mb",
-    "soak_requests",
 )
 
 
@@ -83,8 +73,9 @@ def measure(model_dir: Path, settings: dict[str, Any], benchmarker: str | None =
 
 
 def extra_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers a benchmarker returned beyond the known ones: shown in the table and the report as they are."""
-    known = {*BENCH_RESULT_KEYS, *KNOWN_KEYS, "size_bytes", "max_new_tokens"}
+    """The numbers a benchmarker returned beyond the summary's and the run's settings: shown in the table and the
+    report as they are."""
+    known = {*BENCH_RESULT_KEYS, *SUMMARY_KEYS, "soak_requests", "max_new_tokens", "size_bytes"}
     return {
         k: v for k, v in result.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)
     }

@@ -497,14 +497,7 @@ def register_cmd(
     cfg.override("registry.description", description, "command line")
     cfg.override("registry.replace", replace, "command line")
     registry = reg.open_registry(cfg, registry_backend)
-    with reg.package(
-        Path(model_dir),
-        name,
-        cfg.get("model.family"),
-        cfg.get("registry.version"),
-        cfg.get("registry.description"),
-        registry.name,
-    ) as pkg:
+    with reg.package(Path(model_dir), name, cfg, registry.name) as pkg:
         result = reg.register(registry, pkg, cfg.get("registry.replace"))
     if as_json:
         output.emit_json(result)

@@ -112,7 +112,7 @@ class Route:
     converter: Converter
     quantizer: Quantizer | None
     cost: int
-    rejected: list[str]  # "plugin: why not", for every implementation that could not take the request
+    rejected: list[str] = dataclasses.field(default_factory=list)  # "plugin: why not", for those that cannot
     alternatives: list[str] = dataclasses.field(default_factory=list)  # routes that could, at a higher cost
 
     def describe(self) -> str:
@@ -138,7 +138,7 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
         if not why and keeps_adapter(request) and request.precision != "fp32":
             # a converter quantizing by itself would quantize the LoRA branches too, and they could not be swapped
             why = "keeps a LoRA as an adapter file only in an fp32 build (quantized afterwards around the adapter)"
-        (reasons.append(f"{c.name}: {why}") if why else routes.append(Route(c, None, c.cost, reasons)))
+        (reasons.append(f"{c.name}: {why}") if why else routes.append(Route(c, None, c.cost)))
     fp32 = dataclasses.replace(request, precision="fp32")
     bases = [c for c in converters if c.check(fp32, architecture) is None]
     for q in quantizers:
@@ -146,11 +146,11 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
         if why:
             reasons.append(f"{q.name}: {why}")
             continue
-        routes += [Route(b, q, b.cost + q.cost, reasons) for b in bases]
+        routes += [Route(b, q, b.cost + q.cost) for b in bases]
     if routes:
-        routes.sort(key=lambda r: r.cost)
-        routes[0].alternatives = [f"{r.describe()} (cost {r.cost})" for r in routes[1:]]
-        return routes[0]
+        best, *others = sorted(routes, key=lambda r: r.cost)
+        best.rejected, best.alternatives = reasons, [f"{r.describe()} (cost {r.cost})" for r in others]
+        return best
     known = sorted({a for c in converters for a in c.supported_architectures()})
     if known and architecture not in known:
         reasons.append(f"supported architectures: {', '.join(known)}")

@@ -112,14 +112,7 @@ def deploy(cfg: Config, ask: str | None = None, dry_run: bool = False) -> dict[s
         )
         validation = record["validation"]
     else:
-        with reg.package(
-            model_dir,
-            name,
-            cfg.get("model.family"),
-            cfg.get("registry.version"),
-            cfg.get("registry.description"),
-            registry.name,
-        ) as pkg:
+        with reg.package(model_dir, name, cfg, registry.name) as pkg:
             validation = bench.validate(pkg.path, cfg, measured_quality=q)
             if not validation["ok"]:
                 failed = "; ".join(

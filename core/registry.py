@@ -62,12 +62,12 @@ class Package:
 
 
 @contextlib.contextmanager
-def package(
-    model_dir: Path, name: str, family: str = "auto", version: str = "1", description: str = "", registry_name: str = ""
-) -> Iterator[Package]:
-    """Choose and check the prompt template, and stage a copy of model_dir with inference_model.json beside
-    slmops's cache. The staged folder is what gets validated and registered; it is deleted afterwards."""
+def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iterator[Package]:
+    """Choose and check the prompt template ([model] family), and stage a copy of model_dir with
+    inference_model.json ([registry] version and description) beside slmops's cache. The staged folder is what gets
+    validated and registered; it is deleted afterwards."""
     check_name(name)
+    family, version, description = cfg.get("model.family"), cfg.get("registry.version"), cfg.get("registry.description")
     model_dir = Path(model_dir)
     if not (model_dir / "genai_config.json").is_file():
         raise SlmopsError(

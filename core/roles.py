@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # quantization block sizes MatMulNBits takes
 MODEL_FILES = ("model.onnx", "model.onnx.data")  # the graph and its weights; the rest of a folder goes along as is
 # A template family's ModelConfig (inference_model.json) unless it says otherwise.
