@@ -123,6 +123,8 @@ def test_quantizer_is_chosen_by_name_and_dry_run_shows_the_route(cli, tiny_llama
 def test_choices_come_from_the_loaded_plugins(cli, tiny_llama):
     r = cli("convert", str(tiny_llama), "--precision", "int3", "--dry-run")
     assert r.rc != 0 and "no installed plugin offers precision 'int3'; use one of fp16, fp32, int4, int8" in r.err, r
+    r = cli("convert", str(tiny_llama), "--device", "gpu", "--dry-run")
+    assert r.rc != 0 and "no installed plugin offers device 'gpu'; use one of cpu" in r.err, r
     r = cli("convert", str(tiny_llama), "--algorithm", "magic", "--dry-run")
     assert r.rc != 0 and "int4 algorithm 'magic'" in r.err and "gguf" in r.err, r
     # Without the gguf-native plugin, its algorithm is no longer offered.
@@ -215,7 +217,8 @@ def test_the_tutorial_plugin_installs_works_and_uninstalls(cli, tmp_path, regist
         r = cli("uninstall", "-y", "slmops-myfam")
     assert r.rc == 0, r
     assert "myfam" not in {p["name"] for p in cli("plugins", "--json").json()["plugins"]}
-    r = cli("uninstall", "-y", "slmops")
+    # No -y and no input: were the guard gone, pip would stop at its prompt instead of removing slmops here.
+    r = cli("uninstall", "slmops")
     assert r.rc == 2 and "would remove slmops itself" in r.err
 
 
