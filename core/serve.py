@@ -440,11 +440,12 @@ async def finish_after(events: AsyncIterator[str], turn: Any, watcher: asyncio.T
 
 
 # -- starting it ---------------------------------------------------------------------------------------------------
-def limit_malloc_arenas(count: int = 2) -> None:
-    """Keep glibc to a few malloc arenas (unless MALLOC_ARENA_MAX says otherwise). By default each thread may get
-    its own (8 per core), and the native runtimes' allocations spread over them: measured on a 2-core AMD EPYC, the
-    server answering through Foundry Local's runtime sat at 2.0 GB and grew in ~380 MB steps to 2.4 GB over 96
-    requests; with two arenas it stayed at 422-434 MB."""
+def limit_malloc_arenas(count: int = 1) -> None:
+    """Keep glibc to one malloc arena (unless MALLOC_ARENA_MAX says otherwise), so memory one request frees is what
+    the next one reuses. By default each thread may get its own arena (8 per core) and keep what it freed: measured
+    on a 2-core AMD EPYC, the server answering through Foundry Local's runtime sat at 2.0 GB and grew in ~380 MB
+    steps. Two arenas still held two of those steps once requests landed on both threads (455 -> 829 MB in CI, 814 MB
+    here); with one it stays at 382 MB, and three parallel ORT GenAI generations are as fast as with two."""
     if sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(-8, count)  # -8: M_ARENA_MAX
