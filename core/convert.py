@@ -355,13 +355,17 @@ def _build(
         if not (out / "genai_config.json").is_file():
             raise SlmopsError(f"converter {converter.name} wrote no genai_config.json; the build is unusable")
         t = time.perf_counter()
-        with progress.step("Verifying: reading the graph back and generating"):
+        with progress.step("Verifying: reading the graph back, generating, comparing with the source in torch"):
             graph = verify.graph_quantization(out)
             problems = verify.compare(request, graph, quantizer.graph_facts(request) if quantizer else None)
             try:
                 sample = verify.generate_check(out)
             except Exception as e:
                 sample, problems = None, problems + [f"ORT GenAI cannot generate: {type(e).__name__}: {e}"]
+            found = None
+            if not problems and not adapter:  # with an adapter kept apart, the source is base plus adapter
+                found = verify.against_source(out, request)
+                problems += verify.source_problems(request, found)
             effect = None
             if adapter and not problems:
                 try:
@@ -391,7 +395,7 @@ def _build(
             "output_bytes": dir_size(out),
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "adapters": {name: str(path.relative_to(out)) for name, path in adapters.find(out).items()},
-            "verification": {"ok": True, "graph": graph, "sample": sample, "adapter": effect},
+            "verification": {"ok": True, "graph": graph, "sample": sample, "source": found, "adapter": effect},
             "files": file_hashes(out, skip=(MANIFEST,)),  # checked on every cache hit
         }
         write_json_atomic(out / MANIFEST, manifest)

@@ -35,10 +35,10 @@ def passes(q: dict[str, Any], thresholds: dict[str, Any]) -> bool:
     return q["mean_kld"] <= thresholds["max_kld"] and q["top1_agreement"] >= thresholds["min_top1"]
 
 
-def load_set(path: Path | None = None) -> list[dict[str, str]]:
+def load_set(path: Path | None = None, shipped: bool = False) -> list[dict[str, str]]:
     """A JSONL set: {"text": ...} rows (scored by perplexity) and {"prompt", "expected"} rows (answer check).
-    Without a path: $SLMOPS_QUALITY_SET if set, else the shipped corpus."""
-    path = path or os.environ.get(SET_ENV) or None
+    Without a path: $SLMOPS_QUALITY_SET if set, else (and always with shipped) the shipped corpus."""
+    path = None if shipped else (path or os.environ.get(SET_ENV) or None)
     try:
         raw = Path(path).read_text(encoding="utf-8") if path else resources.files("slmops").joinpath(CORPUS).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -59,7 +59,7 @@ def load_set(path: Path | None = None) -> list[dict[str, str]]:
     return rows
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     # float32 is enough: the sums below are per position over one vocabulary, and the totals are kept in float64
     x = np.asarray(x, dtype=np.float32)
     shifted = x - x.max(axis=-1, keepdims=True)
@@ -101,13 +101,13 @@ def score(
     for row in rows:
         for window in windows(encode(row["text"]), chunk):
             first = len(window) // 2  # predictions from here on are scored; the tokens before are context
-            lr = _log_softmax(reference(window)[first:-1])
+            lr = log_softmax(reference(window)[first:-1])
             target = np.array(window[first + 1 :])
             at = np.arange(len(target))
             nll_ref -= float(lr[at, target].sum())
             positions += len(target)
             for name, logits in candidates.items():
-                lc, s = _log_softmax(logits(window)[first:-1]), sums[name]
+                lc, s = log_softmax(logits(window)[first:-1]), sums[name]
                 s["kld"].append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
                 s["agree"] += int((lr.argmax(-1) == lc.argmax(-1)).sum())
                 s["nll"] -= float(lc[at, target].sum())

@@ -34,8 +34,12 @@ class Session:
         self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)  # the model as it is deployed
         self.load_s = time.perf_counter() - start
         self.context_length = context_length(self.model_dir)
-        eos = json.loads((self.model_dir / "genai_config.json").read_text())["model"].get("eos_token_id", [])
+        genai = json.loads((self.model_dir / "genai_config.json").read_text())["model"]
+        eos = genai.get("eos_token_id", [])
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # Sliding-window attention (Gemma 2/3) refuses a KV cache shorter than its window, however short the text.
+        window = (genai.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0
+        self.shortest_cache = min(int(window), self.context_length)
 
     def is_eos(self, token: int) -> bool:
         return token in self.eos_ids
@@ -52,10 +56,10 @@ class Session:
     def generator(self, max_length: int, **search: Any) -> Any:
         """An og.Generator for up to max_length tokens (prompt included), adapter on; search: its other options."""
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, **search)
+        params.set_search_options(max_length=max(max_length, self.shortest_cache), **search)
         generator = self.og.Generator(self.model, params)
         self.adapter.apply(generator)
-        return generator
+        return Generation(generator, max_length)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """The next-token logits at every position of tokens, [len(tokens), vocab]."""
@@ -70,3 +74,27 @@ class Session:
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])
+
+
+class Generation:
+    """An og.Generator that stops at max_length tokens itself: its KV cache may be longer than that (a sliding
+    window's minimum), so the runtime's own is_done would let it run on."""
+
+    def __init__(self, generator: Any, max_length: int):
+        self.generator = generator
+        self.max_length = max_length
+        self.length = 0
+
+    def append_tokens(self, tokens: list[int]) -> None:
+        self.generator.append_tokens(tokens)
+        self.length += len(tokens)
+
+    def generate_next_token(self) -> None:
+        self.generator.generate_next_token()
+        self.length += 1
+
+    def is_done(self) -> bool:
+        return self.length >= self.max_length or self.generator.is_done()
+
+    def __getattr__(self, name: str) -> Any:  # get_output, get_next_tokens, ... as the runtime has them
+        return getattr(self.generator, name)

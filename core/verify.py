@@ -95,3 +95,60 @@ def generate_check(model_dir: Path, prompt: str = "The capital of France is", ne
     if not out:
         raise RuntimeError("the model generated no token")
     return {"prompt": prompt, "tokens": len(out), "text": session.decode(out)}
+
+
+# -- against the source --------------------------------------------------------------------------------------------
+SOURCE_POSITIONS = 192  # tokens of the shipped corpus, teacher-forced through both models
+FP32_MAX_KLD = 1e-4  # an fp32 build is the source in another runtime: only float rounding may differ
+DIVERGED_KLD = 1e-3  # a position counts as diverging from here (or where the top token differs)
+
+
+def source_logits(source_dir: str, tokens: list[int], trust_remote_code: bool) -> Any:
+    """The source checkpoint's next-token logits in torch, float32, [len(tokens), vocab] (run in a child process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
+    """Teacher-force the same tokens through the build (ORT GenAI, no adapter) and its source (torch): KL(source ||
+    build) per position, top-1 agreement, and the first position that diverges."""
+    import numpy as np
+
+    from .isolate import in_child
+    from .quality import load_set, log_softmax
+    from .runtime import Session
+
+    session = Session(model_dir, "none")
+    text = "\n\n".join(row["text"] for row in load_set(None, shipped=True) if "text" in row)
+    tokens = session.encode(text)[: min(SOURCE_POSITIONS, session.context_length - 1)]
+    reference = log_softmax(in_child(source_logits, str(request.source_dir), tokens, request.trust_remote_code))
+    built = log_softmax(session.logits(tokens))
+    if reference.shape != built.shape:
+        return {"error": f"the build gives logits of shape {built.shape}, the source {reference.shape}"}
+    kld = (np.exp(reference) * (reference - built)).sum(axis=-1, dtype=np.float64)
+    same_top = reference.argmax(-1) == built.argmax(-1)
+    diverged = np.flatnonzero((kld > DIVERGED_KLD) | ~same_top)
+    return {
+        "positions": len(tokens),
+        "mean_kld": float(kld.mean()),
+        "max_kld": float(kld.max()),
+        "top1_agreement": float(same_top.mean()),
+        "first_divergence": int(diverged[0]) if len(diverged) else None,
+    }
+
+
+def source_problems(request: ConvertRequest, found: dict[str, Any]) -> list[str]:
+    """An fp32 build must be its source: a converter that misread the config (RoPE, norms, window) fails here."""
+    if "error" in found:
+        return [found["error"]]
+    if request.precision != "fp32" or (found["mean_kld"] <= FP32_MAX_KLD and found["top1_agreement"] == 1.0):
+        return []
+    return [
+        f"the fp32 build does not match its source in torch: mean KLD {found['mean_kld']:.2e} (at most "
+        f"{FP32_MAX_KLD:g}), top-1 agreement {found['top1_agreement']:.3f} over {found['positions']} positions, "
+        f"first diverging at position {found['first_divergence']}; the converter misread the model's config"
+    ]

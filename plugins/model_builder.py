@@ -11,15 +11,19 @@ from pathlib import Path
 from slmops.api import ConvertRequest, SlmopsError, die_with_parent, hookimpl
 from slmops.plugins.builder_options import BuilderConverter, builder_options
 
-# The build runs in a child process that imports what the builder's own CLI imports and nothing of slmops, so its
+# The build runs in a child process that imports what the builder's own CLI imports (and slmops's small fixes), so its
 # peak memory is the builder's, and everything it allocated (the torch model) goes back to the OS when it exits.
 # It prints a lot, and its libraries warn about their own deprecations: neither is the user's business.
 CHILD = """\
 import contextlib, json, sys, warnings
-from onnxruntime_genai.models.builder import create_model
+from onnxruntime_genai.models import builder
+from slmops.plugins.builder_fixes import fit_the_builder, option_text
+arguments, options = json.loads(sys.argv[1])
 with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
-    create_model(**json.loads(sys.argv[1]))
+    fit_the_builder()
+    options = builder.parse_extra_options(*arguments.values(), option_text(options))  # as the builder's CLI does
+    builder.create_model(**arguments, **options)
 """
 
 
@@ -36,10 +40,9 @@ class ModelBuilderConverter(BuilderConverter):
             precision=request.precision,
             execution_provider=request.device,
             cache_dir=str(work_dir),
-            **builder_options(request),
         )
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(arguments)],
+            [sys.executable, "-c", CHILD, json.dumps([arguments, builder_options(request)])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.api import ConvertRequest, hookimpl, run_olive
+from slmops.plugins.builder_fixes import fit_the_builder, option_text
 from slmops.plugins.builder_options import BuilderConverter, builder_options
 
 # Keys of Olive 0.13's ModelBuilder pass that slmops's request maps to; anything else Olive ignores.
@@ -47,8 +48,35 @@ class OliveConverter(BuilderConverter):
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         olive_out = work_dir / "olive-output"
+        fit_olive_to_the_builder()
         run_olive(olive_workflow(request, olive_out, work_dir), work_dir)
         move_model_files(olive_out, output_dir)
+
+
+def fit_olive_to_the_builder() -> None:
+    """Olive 0.13's ModelBuilder pass was written for onnxruntime-genai 0.14; on 0.15+ (which slmops needs for Gemma 3
+    and LongRoPE Phi) it fails twice. It calls create_model with raw options, which 0.15+ wants parsed first
+    (parse_extra_options, as the builder's CLI does): we parse them on its way in. And it patches
+    onnxruntime_genai.models.quantized_model, gone in 0.18, for Olive-quantized (GPTQ/AWQ) inputs, which slmops never
+    passes: that patch is skipped. Everything else, the workflow, the pass and the build, is Olive's own."""
+    from olive.passes.onnx.model_builder import ModelBuilder
+    from onnxruntime_genai.models import builder
+
+    fit_the_builder()
+    create = builder.create_model
+    if getattr(create, "slmops_parsed", False) or not hasattr(builder, "parse_extra_options"):
+        return
+
+    def create_model(model_name, input_path, output_dir, precision, execution_provider, cache_dir, **options):
+        precision = getattr(precision, "value", precision)  # Olive passes its Precision enum
+        fixed = (model_name, input_path, output_dir, precision, execution_provider, cache_dir)
+        if "hf_details" not in options:
+            options = builder.parse_extra_options(*fixed, option_text(options))
+        return create(*fixed, **options)
+
+    create_model.slmops_parsed = True
+    builder.create_model = create_model
+    ModelBuilder.maybe_patch_quant = staticmethod(lambda: None)
 
 
 def move_model_files(olive_out: Path, output_dir: Path) -> None:

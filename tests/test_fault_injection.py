@@ -38,7 +38,7 @@ def descendants_of(pids: list[int]) -> list[psutil.Process]:
     for proc in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
         if (
             proc.info["status"] != psutil.STATUS_ZOMBIE
-            and "onnxruntime_genai.models.builder" in " ".join(proc.info["cmdline"] or [])
+            and "from onnxruntime_genai.models import builder" in " ".join(proc.info["cmdline"] or [])
             and proc.info["ppid"] in pids
         ):
             found.append(proc)

@@ -266,3 +266,39 @@ def test_a_quantizer_of_another_kind_is_judged_by_the_facts_it_declares(cli, tmp
     assert build["verification"]["graph"]["matmul_nbits"] == {} and build["verification"]["sample"]["tokens"] > 0
     r = cli("convert", str(tiny_llama), "--precision", "int8", "--quantizer", "liar", "--json", env=env)
     assert r.rc == 1 and "the quantizer declared MatMulNBits nodes, but the graph has none" in r.err, r
+
+
+MISREADER = textwrap.dedent("""
+    import json, shutil, subprocess, sys
+    from slmops.api import Converter, hookimpl
+
+    class Misreader(Converter):
+        name = "misreader"
+        description = "the builder's CLI on a config whose RoPE theta it got wrong"
+        precisions = ("fp32",)
+        cost = 1000
+
+        def convert(self, request, output_dir, work_dir):
+            misread = work_dir / "misread"
+            shutil.copytree(request.source_dir, misread)
+            config = json.loads((misread / "config.json").read_text())
+            config["rope_parameters"]["rope_theta"] = 1000000.0  # the source says 10,000
+            (misread / "config.json").write_text(json.dumps(config))
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(misread), "-o",
+                            str(output_dir), "-p", "fp32", "-e", "cpu", "-c", str(work_dir / "cache"),
+                            "--extra_options", "hf_token=false"], check=True, capture_output=True)
+
+    @hookimpl
+    def register_converters(register):
+        register(Misreader())
+""")
+
+
+def test_a_converter_that_misreads_the_config_is_caught_by_the_source(cli, tmp_path, tiny_llama):
+    # The graph reads back fine and generates; only the comparison with the source in torch can see the wrong RoPE.
+    from tests.test_core import _plugin_dist
+
+    env = _plugin_dist(tmp_path, "slmops-misreader", "misreader", MISREADER)
+    r = cli("convert", str(tiny_llama), "--precision", "fp32", "--backend", "misreader", "--json", env=env)
+    [error] = [line for line in r.err.splitlines() if "does not match its source in torch" in line]
+    assert r.rc == 1 and "first diverging at position" in error, r
