@@ -93,7 +93,7 @@ def main() -> None:
         candidates["llama.cpp Q4_1 (same GGUF)"] = llama[0]
     print(f"scoring {len(candidates)} builds against the fp32 source on the corpus ...", flush=True)
     start = time.perf_counter()
-    scores = quality.score(ref.logits, candidates, ref.encode)
+    scores = quality.score(ref.logits, candidates, ref.tokens, prefix=ref.prefix)
     print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values()))['positions']} positions", flush=True)
     tokens = prompt_tokens(ref.encode)
     rows = [

@@ -103,7 +103,7 @@ class OrtGenAIChat:
         text = templates.render(
             self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system
         )
-        return self.session.encode(text)
+        return self.session.tokens(text)  # the template wrote the BOS where the model's own template does
 
     def stream(self, messages: Messages, options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
         """The answer piece by piece. options: max_new_tokens, max_length, temperature, top_p, repetition_penalty,

@@ -453,6 +453,8 @@ def templates_check(model_dir: str, family: str, as_json: bool) -> None:
         output.emit_json(result)
     else:
         click.echo(f"family: {chosen.family.name} ({chosen.how}); default system: {chosen.default_system!r}")
+        if not result["checked"]:
+            click.echo(f"not checked: {result['reason']}")
         output.table(
             result["conversations"], ["conversation", "ok", "tokens", "first_diff_char", "first_diff_token", "skipped"]
         )

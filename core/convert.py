@@ -13,6 +13,7 @@ from typing import Any
 
 from . import adapters, implementations, progress, sources, verify
 from .config import home
+from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
 from .fsutil import (
     changed_files,
@@ -153,7 +154,13 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
         return best
     known = sorted({a for c in converters for a in c.supported_architectures()})
     if known and architecture not in known:
-        reasons.append(f"supported architectures: {', '.join(known)}")
+        tested = [a for a in TESTED_ARCHITECTURES if a in known]
+        untested = [a for a in known if a not in tested]
+        raise NoImplementation(
+            f"no converter can build {architecture} (config.json's architectures); tested: {', '.join(tested)}; "
+            f"also known to the converters, not tested here: {', '.join(untested)}; a plugin can add more "
+            "(docs/plugins.md)"
+        )
     raise NoImplementation(
         f"no converter can build {architecture} at {request.precision} ({request.algorithm}): " + "; ".join(reasons)
     )

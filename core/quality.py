@@ -20,13 +20,14 @@ import numpy as np
 from .errors import SlmopsError
 
 CHUNK = 512
+WINDOWING = 2  # 2: every window opens with the tokenizer's BOS; results remembered under 1 are not reused
 CORPUS = "data/corpus.jsonl"
 SET_ENV = "SLMOPS_QUALITY_SET"  # a JSONL file of {"text"} rows to score instead of the shipped corpus
 
 
-def corpus_id(rows: list[dict[str, str]] | None = None) -> str:
+def corpus_id(rows: list[dict[str, str]] | None = None, prefix: list[int] | None = None) -> str:
     """Names the scored text and how it is cut, so remembered results are not reused for other text."""
-    blob = json.dumps([CHUNK, [r.get("text") for r in (rows or load_set())]])
+    blob = json.dumps([CHUNK, WINDOWING, prefix or [], [r.get("text") for r in (rows or load_set())]])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -66,9 +67,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def windows(tokens: list[int], chunk: int = CHUNK) -> list[list[int]]:
-    """The text's tokens cut into windows of chunk tokens (the last may be shorter); windows under 2 tokens dropped."""
-    return [w for w in (tokens[i : i + chunk] for i in range(0, len(tokens), chunk)) if len(w) >= 2]
+def windows(tokens: list[int], chunk: int = CHUNK, prefix: list[int] | None = None) -> list[list[int]]:
+    """The text's tokens cut into windows of chunk tokens (the last may be shorter), each opened by the tokenizer's
+    prefix (its BOS: a window is a text of its own, as in llama.cpp's perplexity); windows under 2 tokens dropped."""
+    prefix = prefix or []
+    step = chunk - len(prefix)
+    cut = (prefix + tokens[i : i + step] for i in range(0, len(tokens), step))
+    return [w for w in cut if len(w) - len(prefix) >= 2]
 
 
 Logits = Callable[[list[int]], np.ndarray]  # tokens -> next-token logits at every position, [len, vocab]
@@ -84,7 +89,7 @@ def compare(
 
     ref, cand = Session(reference), Session(candidate)
     chunk = min(chunk, ref.context_length - 1, cand.context_length - 1)  # logits need one more token of room
-    return score(ref.logits, {"candidate": cand.logits}, ref.encode, rows, chunk)["candidate"]
+    return score(ref.logits, {"candidate": cand.logits}, ref.tokens, rows, chunk, ref.prefix)["candidate"]
 
 
 def score(
@@ -93,13 +98,15 @@ def score(
     encode: Callable[[str], list[int]],
     rows: list[dict[str, str]] | None = None,
     chunk: int = CHUNK,
+    prefix: list[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """compare() for several candidates in one pass over the text: the reference runs once per window."""
+    """compare() for several candidates in one pass over the text: the reference runs once per window. encode:
+    a text's own tokens; prefix: what the tokenizer puts before a text (BOS), opening every window."""
     rows = [r for r in (rows or load_set()) if "text" in r]
     sums = {name: {"kld": [], "agree": 0, "nll": 0.0, "delta_p": 0.0} for name in candidates}
     nll_ref, positions = 0.0, 0
     for row in rows:
-        for window in windows(encode(row["text"]), chunk):
+        for window in windows(encode(row["text"]), chunk, prefix):
             first = len(window) // 2  # predictions from here on are scored; the tokens before are context
             lr = log_softmax(reference(window)[first:-1])
             target = np.array(window[first + 1 :])
@@ -126,7 +133,7 @@ def score(
             "reference_perplexity": float(np.exp(nll_ref / positions)),
             "mean_delta_p": s["delta_p"] / positions,
             "window": chunk,
-            "corpus": corpus_id(rows),
+            "corpus": corpus_id(rows, prefix),
         }
     return results
 

@@ -83,7 +83,10 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
             f"at character {bad.get('first_diff_char')} / token {bad.get('first_diff_token')}: "
             f"{bad.get('template')!r} vs {bad.get('tokenizer')!r}; pass --family with the right family"
         )
-    progress.note(f"template: {chosen.family.name} ({chosen.how}); matches the tokenizer's chat template")
+    if check["checked"]:
+        progress.note(f"template: {chosen.family.name} ({chosen.how}); matches the tokenizer's chat template")
+    else:
+        progress.note(f"template: {chosen.family.name} ({chosen.how}); not checked: {check['reason']}")
     manifest = read_manifest(model_dir) or {}
     entry = RegistryEntry(
         name=name,
@@ -104,6 +107,9 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
     folder = Path(tempfile.mkdtemp(dir=staged_root, prefix=f".{name}.partial-{os.getpid()}-"))
     try:
         copy_tree(model_dir, folder, skip=("inference_model.json",))
+        if not templates.read_model_info(model_dir).chat_template:  # a base model: no runtime chats without one
+            with progress.step(f"Writing the {chosen.family.name} chat template for a model that has none"):
+                check["written"] = templates.write_chat_template(folder, chosen)
         write_json_atomic(folder / "inference_model.json", doc)
         yield Package(
             folder,

@@ -20,6 +20,19 @@ def context_length(model_dir: Path) -> int:
     return int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length") or 2048)
 
 
+def text_prefix(model_dir: Path) -> list[int]:
+    """The tokens the model's tokenizer puts before any text: BOS for Llama 3, Gemma, Mistral; none for Qwen or
+    SmolLM2. Read from tokenizer.json's post-processor, which ORT GenAI does not apply."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return []
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    marked, plain = (tokenizer.encode("a", add_special_tokens=special).ids for special in (True, False))
+    return marked[: marked.index(plain[0])] if plain and plain[0] in marked else []
+
+
 class Session:
     """A loaded model. adapter: the adapter to switch on (None: the folder's only one, "none": the base)."""
 
@@ -40,6 +53,7 @@ class Session:
         # Sliding-window attention (Gemma 2/3) refuses a KV cache shorter than its window, however short the text.
         window = (genai.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0
         self.shortest_cache = min(int(window), self.context_length)
+        self.prefix = text_prefix(self.model_dir)
 
     def is_eos(self, token: int) -> bool:
         return token in self.eos_ids
@@ -48,7 +62,13 @@ class Session:
         self.adapter = ActiveAdapter(self.og, self.model, self.model_dir, name)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        """Plain text as the source's tokenizer encodes it: with the BOS it puts first, where it puts one."""
+        return self.prefix + self.tokens(text)
+
+    def tokens(self, text: str) -> list[int]:
+        """Exactly the text's own tokens, nothing added: for a rendered chat prompt, whose template already wrote
+        any BOS (ORT GenAI 0.18's encode adds none, so it is never there twice)."""
+        return [int(t) for t in self.tokenizer.encode(text)]
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)

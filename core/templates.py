@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,11 @@ def read_model_info(path: Path) -> ModelInfo:
         v = tok.get(key)
         return v.get("content") if isinstance(v, dict) else v
 
+    # A converted folder has no config.json; its genai_config.json names the same model type.
+    model_type = config.get("model_type") or load("genai_config.json").get("model", {}).get("type", "")
     return ModelInfo(
         path=path,
-        model_type=config.get("model_type", ""),
+        model_type=model_type,
         architectures=config.get("architectures") or [],
         chat_template=template,
         special_tokens=special,
@@ -248,8 +251,25 @@ def count_tokens(model_dir: Path, text: str) -> list[int]:
     return _tokenizer(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
 
 
+def prompt_tokenizer(path: Path) -> tuple[str, Any]:
+    """How a rendered prompt becomes tokens where it is deployed: the runtime's own tokenizer in an ORT GenAI folder;
+    in a checkpoint, the tokenizer.json it would get, with nothing added (which is what the runtime does)."""
+    if (path / "genai_config.json").is_file():
+        from .runtime import Session
+
+        return "ORT GenAI", Session(path, "none").tokens
+    return "tokenizers", lambda text: count_tokens(path, text)
+
+
 def fidelity(path: Path, chosen: ChosenTemplate) -> dict[str, Any]:
-    """Render each conversation with the template and with the tokenizer's template; compare bytes and tokens."""
+    """Render each conversation with the template and with the model's own chat template and compare the text;
+    then compare the tokens the runtime makes of slmops's rendering with the source tokenizer's
+    apply_chat_template(tokenize=True), BOS included, so a BOS missing or written twice is caught. Not checked
+    when the model has no chat template or its template takes none of the conversations."""
+    from transformers import AutoTokenizer
+
+    from .verify import first_difference
+
     info = read_model_info(path)
     if not info.chat_template:
         return {
@@ -258,34 +278,122 @@ def fidelity(path: Path, chosen: ChosenTemplate) -> dict[str, Any]:
             "reason": "the model has no chat template to compare with",
             "conversations": [],
         }
+    tokenized_by, tokenize = prompt_tokenizer(path)
+    source = AutoTokenizer.from_pretrained(path)
     results = []
     for name, conv in CONVERSATIONS.items():
         try:
             theirs = tokenizer_render(info, conv)
+            their_tokens = list(
+                source.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
+            )
         except Exception as e:
             results.append({"conversation": name, "ok": True, "skipped": f"the model's template rejects it: {e}"})
             continue
         ours = render(chosen.family, conv, chosen.default_system)
-        row: dict[str, Any] = {"conversation": name, "ok": ours == theirs}
-        if ours != theirs:
-            pos = next(
-                (i for i, (x, y) in enumerate(zip(ours, theirs, strict=False)) if x != y), min(len(ours), len(theirs))
-            )
+        row: dict[str, Any] = {"conversation": name, "ok": ours == theirs, "tokens": len(their_tokens)}
+        if (pos := first_difference(ours, theirs)) is not None:
             row.update(
                 first_diff_char=pos,
                 template=ours[max(0, pos - 20) : pos + 20],
                 tokenizer=theirs[max(0, pos - 20) : pos + 20],
             )
-        if (path / "tokenizer.json").is_file():
-            a, b = count_tokens(path, ours), count_tokens(path, theirs)
-            row["tokens"] = len(b)
-            if a != b:
-                row["ok"] = False
-                row["first_diff_token"] = next(
-                    (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-                )
+        if (token := first_difference(tokenize(ours), their_tokens)) is not None:
+            row.update(ok=False, first_diff_token=token)
         results.append(row)
-    return {"ok": all(r["ok"] for r in results), "checked": True, "conversations": results}
+    if all("skipped" in r for r in results):
+        return {
+            "ok": True,
+            "checked": False,
+            "reason": "the model's chat template takes none of the test conversations",
+            "conversations": results,
+        }
+    return {
+        "ok": all(r["ok"] for r in results),
+        "checked": True,
+        "tokenized_by": tokenized_by,
+        "conversations": results,
+    }
+
+
+def chat_template(family: TemplateFamily, default_system: str | None = None) -> str:
+    """A Jinja chat template that writes exactly what render() writes, for a model that came without one (a base
+    model): ORT GenAI and so Foundry Local read chat_template.jinja, and refuse to chat without it."""
+    fold = family.system_in_first_user
+
+    def text(fmt: str, **names: str) -> str:  # "a{Content}b" -> "'a' + content + 'b'", as a Jinja expression
+        parts = re.split(r"(\{Content\}|\{System\})", fmt)
+        out = [names[p[1:-1].lower()] if p in ("{Content}", "{System}") else literal(p) for p in parts if p]
+        return " + ".join(out) or "''"
+
+    turn = (
+        "{%- if m['role'] == 'user' and loop.last and add_generation_prompt -%}{{ "
+        + text(family.prompt, content="content")
+        + " }}"
+        "{%- elif m['role'] == 'user' -%}{{ " + text(family.user, content="content") + " }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ " + text(family.assistant, content="content") + " }}"
+        "{%- elif m['role'] == 'system' -%}{{ " + text(family.system, content="content") + " }}"
+        "{%- endif -%}"
+    )
+    default = "none" if default_system is None else literal(default_system)
+    head = (
+        "{{- " + literal(family.bos) + " -}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+        "{%- set rest = messages[1:] -%}{%- else -%}{%- set system = "
+        + default
+        + " -%}{%- set rest = messages -%}{%- endif -%}"
+    )
+    if fold:  # no system role: the system text goes into the first user turn, or nowhere
+        merge = text(fold, system="system", content="m['content']")
+        body = (
+            "{%- for m in rest -%}{%- set content = m['content'] -%}"
+            "{%- if loop.first and system is not none and m['role'] == 'user' -%}{%- set content = "
+            + merge
+            + " -%}{%- endif -%}"
+            + turn
+            + "{%- endfor -%}"
+        )
+    else:
+        body = (
+            "{%- if system is not none -%}{{ " + text(family.system, content="system") + " }}{%- endif -%}"
+            "{%- for m in rest -%}{%- set content = m['content'] -%}" + turn + "{%- endfor -%}"
+        )
+    return head + body
+
+
+def literal(value: str) -> str:
+    """A Jinja string literal (the escapes both transformers' Jinja and ORT GenAI's read)."""
+    escaped = (
+        value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    )
+    return "'" + escaped + "'"
+
+
+def runtime_render(model_dir: Path, messages: Messages, add_generation_prompt: bool = True) -> str:
+    """The prompt as the deployed runtime (ORT GenAI, as in Foundry Local) renders it from the folder's template."""
+    from .runtime import Session
+
+    return Session(model_dir, "none").tokenizer.apply_chat_template(
+        messages=json.dumps(messages), add_generation_prompt=add_generation_prompt
+    )
+
+
+def write_chat_template(model_dir: Path, chosen: ChosenTemplate) -> dict[str, Any]:
+    """Give a model without a chat template (a base model) its family's, as chat_template.jinja, and check that
+    the runtime renders every test conversation exactly as slmops does; raises if it does not."""
+    (model_dir / "chat_template.jinja").write_text(chat_template(chosen.family, chosen.default_system))
+    for name, conv in CONVERSATIONS.items():
+        theirs, ours = runtime_render(model_dir, conv), render(chosen.family, conv, chosen.default_system)
+        if theirs != ours:
+            from .verify import first_difference
+
+            pos = first_difference(ours, theirs)
+            raise SlmopsError(
+                f"the chat template slmops wrote for {chosen.family.name} renders '{name}' differently in ORT GenAI "
+                f"at character {pos}: {ours[max(0, pos - 20) : pos + 20]!r} vs {theirs[max(0, pos - 20) : pos + 20]!r}; "
+                "pass --family with another family"
+            )
+    return {"file": "chat_template.jinja", "family": chosen.family.name, "runtime_renders_the_same": len(CONVERSATIONS)}
 
 
 def control_tokens(family: TemplateFamily, info: ModelInfo | None = None) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +104,22 @@ FP32_MAX_KLD = 1e-4  # an fp32 build is the source in another runtime: only floa
 DIVERGED_KLD = 1e-3  # a position counts as diverging from here (or where the top token differs)
 
 
-def source_logits(source_dir: str, tokens: list[int], trust_remote_code: bool) -> Any:
-    """The source checkpoint's next-token logits in torch, float32, [len(tokens), vocab] (run in a child process)."""
+def source_logits(source_dir: str, text: str, limit: int, trust_remote_code: bool) -> tuple[list[int], Any]:
+    """The source's own tokens for text (its tokenizer, BOS and all; at most limit) and its next-token logits in
+    torch, float32, [len(tokens), vocab] (run in a child process)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokens = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=trust_remote_code)(text).input_ids[:limit]
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
+        return tokens, model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
 def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
-    """Teacher-force the same tokens through the build (ORT GenAI, no adapter) and its source (torch): KL(source ||
-    build) per position, top-1 agreement, and the first position that diverges."""
+    """Teacher-force the source's tokens through the build (ORT GenAI, no adapter) and the source (torch): KL(source
+    || build) per position, top-1 agreement, the first position that diverges; and whether the deployed runtime
+    tokenizes the text as the source's tokenizer does (BOS included)."""
     import numpy as np
 
     from .isolate import in_child
@@ -124,31 +128,46 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
 
     session = Session(model_dir, "none")
     text = "\n\n".join(row["text"] for row in load_set(None, shipped=True) if "text" in row)
-    tokens = session.encode(text)[: min(SOURCE_POSITIONS, session.context_length - 1)]
-    reference = log_softmax(in_child(source_logits, str(request.source_dir), tokens, request.trust_remote_code))
-    built = log_softmax(session.logits(tokens))
+    limit = min(SOURCE_POSITIONS, session.context_length - 1)
+    tokens, logits = in_child(source_logits, str(request.source_dir), text, limit, request.trust_remote_code)
+    reference, built = log_softmax(logits), log_softmax(session.logits(tokens))
     if reference.shape != built.shape:
         return {"error": f"the build gives logits of shape {built.shape}, the source {reference.shape}"}
     kld = (np.exp(reference) * (reference - built)).sum(axis=-1, dtype=np.float64)
     same_top = reference.argmax(-1) == built.argmax(-1)
     diverged = np.flatnonzero((kld > DIVERGED_KLD) | ~same_top)
+    ours = session.encode(text)[:limit]
     return {
         "positions": len(tokens),
         "mean_kld": float(kld.mean()),
         "max_kld": float(kld.max()),
         "top1_agreement": float(same_top.mean()),
         "first_divergence": int(diverged[0]) if len(diverged) else None,
+        "first_token_difference": first_difference(ours, tokens),
     }
+
+
+def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
+    """The first index where two token lists (or texts) differ, one ending early counting; None when equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def source_problems(request: ConvertRequest, found: dict[str, Any]) -> list[str]:
     """An fp32 build must be its source: a converter that misread the config (RoPE, norms, window) fails here."""
     if "error" in found:
         return [found["error"]]
-    if request.precision != "fp32" or (found["mean_kld"] <= FP32_MAX_KLD and found["top1_agreement"] == 1.0):
-        return []
-    return [
-        f"the fp32 build does not match its source in torch: mean KLD {found['mean_kld']:.2e} (at most "
-        f"{FP32_MAX_KLD:g}), top-1 agreement {found['top1_agreement']:.3f} over {found['positions']} positions, "
-        f"first diverging at position {found['first_divergence']}; the converter misread the model's config"
-    ]
+    problems = []
+    if found.get("first_token_difference") is not None:  # every build of the source would feed the wrong tokens
+        problems.append(
+            f"the runtime tokenizes text unlike the source's tokenizer from token {found['first_token_difference']} "
+            "on (a BOS missing or doubled, or a tokenizer file the runtime reads differently)"
+        )
+    if request.precision == "fp32" and (found["mean_kld"] > FP32_MAX_KLD or found["top1_agreement"] < 1.0):
+        problems.append(
+            f"the fp32 build does not match its source in torch: mean KLD {found['mean_kld']:.2e} (at most "
+            f"{FP32_MAX_KLD:g}), top-1 agreement {found['top1_agreement']:.3f} over {found['positions']} positions, "
+            f"first diverging at position {found['first_divergence']}; the converter misread the model's config"
+        )
+    return problems

@@ -79,10 +79,11 @@ class OrtGenAIBenchmarker(Benchmarker):
         session = Session(Path(model_dir))  # timed as deployed: with its LoRA switched on
         load_s, context = session.load_s, session.context_length
         max_new = int(settings.get("max_new_tokens", 32))
-        filler = session.encode(FILLER * 8)
+        filler = session.tokens(FILLER * 8)
 
         def prompt_of(length: int) -> list[int]:
-            reps = filler * (length // len(filler) + 1)
+            # one text, as the tokenizer would feed it: its BOS (if any) once, then the filler
+            reps = session.prefix + filler * (length // len(filler) + 1)
             return reps[:length]
 
         def generate(tokens: list[int]) -> dict[str, float]:

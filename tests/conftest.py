@@ -155,6 +155,38 @@ def tiny_qwen2(tmp_path_factory, default_checkpoint) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-qwen2", default_checkpoint, "qwen2")
 
 
+# A chat template no built-in family matches (so slmops derives one), opening with the tokenizer's BOS as Llama 3's
+# and Gemma's do.
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bos(tmp_path_factory, default_checkpoint) -> Path:
+    """A tiny llama whose tokenizer puts a BOS before every text, as Llama 3's, Gemma's and Mistral's do (a
+    post-processor in tokenizer.json), with a chat template that writes the BOS itself."""
+    out = build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-bos", default_checkpoint, "llama", BOS_TEMPLATE)
+    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    for name, key, value in (
+        ("tokenizer_config.json", "bos_token", "<|endoftext|>"),
+        ("config.json", "bos_token_id", 0),
+    ):
+        data = json.loads((out / name).read_text())
+        data[key] = value
+        (out / name).write_text(json.dumps(data))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_int4(tiny_llama) -> dict:
     from slmops import convert

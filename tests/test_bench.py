@@ -86,11 +86,14 @@ def test_corpus_metrics_on_a_tiny_model(tiny_llama_int4, monkeypatch):
     fp32 = Path(convert.convert(tiny_llama_int4["source"]["checkpoint"], {"precision": "fp32"})["path"])
     from slmops.runtime import Session
 
-    encode = Session(fp32).encode
+    session = Session(fp32)
+    encode = session.tokens
     tokens = sum(len(encode(r["text"])) for r in rows)
     q = quality.compare(Path(tiny_llama_int4["path"]), fp32)
     assert q["window"] == 511  # the tiny model's context is 512: a window and the next token fit in it
-    expected = sum(len(w) - len(w) // 2 - 1 for r in rows for w in quality.windows(encode(r["text"]), 511))
+    expected = sum(
+        len(w) - len(w) // 2 - 1 for r in rows for w in quality.windows(encode(r["text"]), 511, session.prefix)
+    )
     assert tokens >= 20_000 and expected > 10_000
     assert q["positions"] == expected and q["corpus"] == quality.corpus_id()
     assert q["kld_p99"] > q["mean_kld"] > 0 and q["reference_perplexity"] > 1

@@ -159,7 +159,11 @@ def test_unsupported_architecture_lists_the_supported(tmp_path, tiny_llama):
     (fake / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SlmopsError) as err:
         convert.convert(str(fake), {"precision": "int4"})
-    assert "FooForCausalLM" in str(err.value) and "Qwen2ForCausalLM" in str(err.value)
+    message = str(err.value)
+    assert message.startswith("no converter can build FooForCausalLM") and "\n" not in message
+    tested, untested = message.split("tested: ", 1)[1].split("; also known to the converters, not tested here: ")
+    assert "Gemma3ForCausalLM, MistralForCausalLM" in tested and "OlmoForCausalLM" in untested.split(";")[0]
+    assert "Gemma3ForCausalLM" not in untested
 
 
 def test_failed_build_leaves_nothing_and_keeps_earlier_output(cli, tiny_llama, tmp_path, slmops_home):

@@ -302,3 +302,65 @@ def test_a_converter_that_misreads_the_config_is_caught_by_the_source(cli, tmp_p
     r = cli("convert", str(tiny_llama), "--precision", "fp32", "--backend", "misreader", "--json", env=env)
     [error] = [line for line in r.err.splitlines() if "does not match its source in torch" in line]
     assert r.rc == 1 and "first diverging at position" in error, r
+
+
+LIARS = textwrap.dedent("""
+    import subprocess, sys
+    from slmops.api import MODEL_FILES, Converter, Quantizer, copy_tree, hookimpl
+
+    class BlockLiar(Quantizer):
+        name = "block-liar"
+        description = "asked any block size, writes blocks of 32"
+        precisions = ("int4",)
+
+        def quantize(self, fp32_dir, output_dir, request):
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_dir / "model.onnx")), bits=4, block_size=32,
+                                             is_symmetric=request.symmetric)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(output_dir / "model.onnx"), use_external_data_format=True)
+            copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
+
+    class Perturber(Converter):
+        name = "perturber"
+        description = "the builder's fp32 graph with one weight tensor scaled by 1.5"
+        precisions = ("fp32",)
+        cost = 1000
+
+        def convert(self, request, output_dir, work_dir):
+            import onnx
+            from onnx import numpy_helper
+
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(request.source_dir),
+                            "-o", str(work_dir / "built"), "-p", "fp32", "-e", "cpu", "-c", str(work_dir / "cache"),
+                            "--extra_options", "hf_token=false"], check=True, capture_output=True)
+            model = onnx.load(str(work_dir / "built" / "model.onnx"))
+            weight = next(t for t in model.graph.initializer if "layers.1" in t.name and "down_proj" in t.name)
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+            onnx.save(model, str(output_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+            copy_tree(work_dir / "built", output_dir, skip=MODEL_FILES)
+
+    @hookimpl
+    def register_quantizers(register):
+        register(BlockLiar())
+
+    @hookimpl
+    def register_converters(register):
+        register(Perturber())
+""")
+
+
+def test_plugins_that_lie_about_what_they_wrote_are_caught(cli, tmp_path, tiny_llama):
+    # Asked blocks of 128, wrote 32: the graph read back says so. One weight tensor perturbed: the graph is sound
+    # and generates, only the comparison with the source in torch sees it.
+    from tests.test_core import _plugin_dist
+
+    env = _plugin_dist(tmp_path, "slmops-liars", "liars", LIARS)
+    r = cli("convert", str(tiny_llama), "--precision", "int4", "--block-size", "128", "--quantizer", "block-liar",
+            env=env)  # fmt: skip
+    assert r.rc == 1 and "asked block size 128 but the graph has [32]" in r.err, r
+    r = cli("convert", str(tiny_llama), "--precision", "fp32", "--backend", "perturber", env=env)
+    [error] = [line for line in r.err.splitlines() if "does not match its source in torch" in line]
+    assert r.rc == 1 and "first diverging at position" in error, r

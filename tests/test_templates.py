@@ -1,7 +1,5 @@
 """Every built-in family against a real chat template of that family, detection, derivation, errors, CLI."""
 
-import json
-
 import pytest
 
 from slmops import templates
@@ -55,12 +53,12 @@ REAL_TEMPLATES = {
 
 
 def with_tokens(path, bos, eos):
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    if bos:
-        cfg["bos_token"] = bos
-    if eos:
-        cfg["eos_token"] = eos
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    """The family's BOS and EOS as special tokens of the tokenizer, as in a real model of the family."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v})
+    tok.save_pretrained(path)
     return path
 
 
