@@ -49,7 +49,7 @@ class Session:
         self.context_length = context_length(self.model_dir)
         genai = json.loads((self.model_dir / "genai_config.json").read_text())["model"]
         eos = genai.get("eos_token_id", [])
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = {int(i) for i in (eos if isinstance(eos, list) else [eos])}
         # Sliding-window attention (Gemma 2/3) refuses a KV cache shorter than its window, however short the text.
         window = (genai.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0
         self.shortest_cache = min(int(window), self.context_length)

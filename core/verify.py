@@ -104,16 +104,24 @@ FP32_MAX_KLD = 1e-4  # an fp32 build is the source in another runtime: only floa
 DIVERGED_KLD = 1e-3  # a position counts as diverging from here (or where the top token differs)
 
 
-def source_logits(source_dir: str, text: str, limit: int, trust_remote_code: bool) -> tuple[list[int], Any]:
-    """The source's own tokens for text (its tokenizer, BOS and all; at most limit) and its next-token logits in
-    torch, float32, [len(tokens), vocab] (run in a child process)."""
+def source_logits(source_dir: str, text: str, limit: int, trust_remote_code: bool) -> tuple[list[int], Any, list[int]]:
+    """The source's own tokens for text (its tokenizer, BOS and all; at most limit), its next-token logits in
+    torch, float32, [len(tokens), vocab], and its end-of-text ids (run in a child process)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokens = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=trust_remote_code)(text).input_ids[:limit]
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=trust_remote_code)
+    tokens = tokenizer(text).input_ids[:limit]
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    # What ends a text for the source: config.json's eos ids and the tokenizer's eos (what the builder reads too)
+    eos = {tokenizer.eos_token_id, *ids(model.config.eos_token_id)} - {None}
     with torch.no_grad():
-        return tokens, model(torch.tensor([tokens])).logits[0].float().numpy()
+        return tokens, model(torch.tensor([tokens])).logits[0].float().numpy(), sorted(eos)
+
+
+def ids(value: Any) -> list[int]:
+    """A token id setting (one id, a list of them, or none) as a list."""
+    return [] if value is None else [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
@@ -129,7 +137,7 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
     session = Session(model_dir, "none")
     text = "\n\n".join(row["text"] for row in load_set(None, shipped=True) if "text" in row)
     limit = min(SOURCE_POSITIONS, session.context_length - 1)
-    tokens, logits = in_child(source_logits, str(request.source_dir), text, limit, request.trust_remote_code)
+    tokens, logits, eos = in_child(source_logits, str(request.source_dir), text, limit, request.trust_remote_code)
     reference, built = log_softmax(logits), log_softmax(session.logits(tokens))
     if reference.shape != built.shape:
         return {"error": f"the build gives logits of shape {built.shape}, the source {reference.shape}"}
@@ -144,6 +152,7 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
         "top1_agreement": float(same_top.mean()),
         "first_divergence": int(diverged[0]) if len(diverged) else None,
         "first_token_difference": first_difference(ours, tokens),
+        "eos": {"source": eos, "build": sorted(session.eos_ids)},
     }
 
 
@@ -155,7 +164,8 @@ def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
 
 
 def source_problems(request: ConvertRequest, found: dict[str, Any]) -> list[str]:
-    """An fp32 build must be its source: a converter that misread the config (RoPE, norms, window) fails here."""
+    """What the source check found wrong. Every build: the runtime's tokens and end-of-text ids must be the source's
+    (a misread BOS or eos). An fp32 build must also be its source: a misread RoPE, norm or window fails here."""
     if "error" in found:
         return [found["error"]]
     problems = []
@@ -163,6 +173,12 @@ def source_problems(request: ConvertRequest, found: dict[str, Any]) -> list[str]
         problems.append(
             f"the runtime tokenizes text unlike the source's tokenizer from token {found['first_token_difference']} "
             "on (a BOS missing or doubled, or a tokenizer file the runtime reads differently)"
+        )
+    missing = sorted(set(found["eos"]["source"]) - set(found["eos"]["build"]))
+    if missing:  # generation would run past the end of an answer
+        problems.append(
+            f"the build does not stop at end-of-text ids {missing} that the source's config.json or tokenizer names "
+            f"(it stops at {found['eos']['build']})"
         )
     if request.precision == "fp32" and (found["mean_kld"] > FP32_MAX_KLD or found["top1_agreement"] < 1.0):
         problems.append(

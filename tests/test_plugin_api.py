@@ -342,6 +342,20 @@ LIARS = textwrap.dedent("""
             onnx.save(model, str(output_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
             copy_tree(work_dir / "built", output_dir, skip=MODEL_FILES)
 
+    class EosMisreader(Perturber):
+        name = "eos-misreader"
+        description = "the builder's fp32 folder, with an eos id it did not read from the source"
+
+        def convert(self, request, output_dir, work_dir):
+            import json
+
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(request.source_dir),
+                            "-o", str(output_dir), "-p", "fp32", "-e", "cpu", "-c", str(work_dir / "cache"),
+                            "--extra_options", "hf_token=false"], check=True, capture_output=True)
+            genai = json.loads((output_dir / "genai_config.json").read_text())
+            genai["model"]["eos_token_id"] = [5]
+            (output_dir / "genai_config.json").write_text(json.dumps(genai))
+
     @hookimpl
     def register_quantizers(register):
         register(BlockLiar())
@@ -349,12 +363,14 @@ LIARS = textwrap.dedent("""
     @hookimpl
     def register_converters(register):
         register(Perturber())
+        register(EosMisreader())
 """)
 
 
 def test_plugins_that_lie_about_what_they_wrote_are_caught(cli, tmp_path, tiny_llama):
     # Asked blocks of 128, wrote 32: the graph read back says so. One weight tensor perturbed: the graph is sound
-    # and generates, only the comparison with the source in torch sees it.
+    # and generates, only the comparison with the source in torch sees it. An eos the source never named: the
+    # model would run past the end of its answers.
     from tests.test_core import _plugin_dist
 
     env = _plugin_dist(tmp_path, "slmops-liars", "liars", LIARS)
@@ -364,3 +380,5 @@ def test_plugins_that_lie_about_what_they_wrote_are_caught(cli, tmp_path, tiny_l
     r = cli("convert", str(tiny_llama), "--precision", "fp32", "--backend", "perturber", env=env)
     [error] = [line for line in r.err.splitlines() if "does not match its source in torch" in line]
     assert r.rc == 1 and "first diverging at position" in error, r
+    r = cli("convert", str(tiny_llama), "--precision", "fp32", "--backend", "eos-misreader", env=env)
+    assert r.rc == 1 and "does not stop at end-of-text ids [2]" in r.err and "it stops at [5]" in r.err, r
