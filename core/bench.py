@@ -145,10 +145,13 @@ def compare_precisions(
         r["speed_ratio"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["passes"] = quality.passes(r, thresholds)
     passing = sorted((r for r in rows if r["passes"]), key=lambda r: r["size_mb"])
+    gate = f"max KLD {thresholds['max_kld']} and min top-1 {thresholds['min_top1']}"
     choice = passing[0] if passing else base
     why = (
-        f"{choice['build']} is the smallest build within max KLD {thresholds['max_kld']} and min top-1 {thresholds['min_top1']}"
+        f"{choice['build']} is the smallest build within {gate}"
         f" ({choice['size_ratio']:.2f}x fp32 size, {choice['speed_ratio']:.2f}x fp32 decode speed)"
+        if passing
+        else f"no build is within {gate}; fp32 is the source's own precision (loosen [validate] to trade quality for size)"
     )
     return {"rows": rows, "recommendation": choice["build"], "why": why, "skipped": skipped}
 

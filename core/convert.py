@@ -268,7 +268,13 @@ def convert(
     route = plan(request, architecture, backend, quantizer_name)
     converter, quantizer = route.converter, route.quantizer
     key = build_key(source_sha, request, converter, quantizer)
-    build_dir = home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
+    # The key names a build; the folder's name also says its source, so a moved or renamed source finds its build
+    built = sorted((home() / "builds").glob(f"*-{request.precision}-{key[:12]}"))
+    build_dir = (
+        built[0]
+        if built
+        else home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
+    )
     timings["plan_s"] = time.perf_counter() - start
 
     manifest = read_manifest(build_dir)

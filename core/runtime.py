@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import ActiveAdapter
+from .errors import SlmopsError
 
 
 def context_length(model_dir: Path) -> int:
@@ -42,7 +43,13 @@ class Session:
         self.og = og
         self.model_dir = Path(model_dir)
         start = time.perf_counter()
-        self.model = og.Model(str(self.model_dir))
+        try:
+            self.model = og.Model(str(self.model_dir))
+        except Exception as e:  # the runtime's own message, e.g. a genai_config.json it cannot parse
+            raise SlmopsError(
+                f"ONNX Runtime GenAI cannot load {self.model_dir}: {' '.join(str(e).split())[:300]}; "
+                "build it again with `slmops convert`"
+            ) from None
         self.tokenizer = og.Tokenizer(self.model)
         self.adapter = ActiveAdapter(og, self.model, self.model_dir, adapter)  # the model as it is deployed
         self.load_s = time.perf_counter() - start

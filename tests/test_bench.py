@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops import convert, edgecases, quality
+from slmops import bench, convert, edgecases, quality
 from slmops.bench import SUMMARY_KEYS
 
 from .conftest import run_cli
@@ -123,3 +123,22 @@ def test_validate_exit_code_follows_thresholds(cli, tiny_llama_int4):
     checks = {c["check"]: c for c in loose.json()["checks"]}
     assert checks["quality: mean KLD"]["ok"] and checks["edge cases handled"]["ok"]
     assert loose.rc == (0 if all(c["ok"] for c in checks.values()) else 1)
+
+
+def test_compare_recommends_the_smallest_build_that_passes(tiny_llama):
+    # Measured once with a loose gate; then a gate between int8's KLD and the best int4's must pick int8, and a gate
+    # nothing passes says so instead of calling fp32 "within" it.
+    settings = {"runs": 1, "max_new_tokens": 4, "lengths": [8], "soak_requests": 0}
+    loose = bench.compare_precisions(str(tiny_llama), {}, settings, {"max_kld": 100.0, "min_top1": 0.0})
+    rows = {r["build"]: r for r in loose["rows"]}
+    assert set(rows) == {"fp32", "int8", "int4 rtn sym", "int4 rtn sym block 16", "int4 rtn_last asym"}
+    assert loose["recommendation"] == min(rows.values(), key=lambda r: r["size_mb"])["build"]
+    assert loose["recommendation"].startswith("int4") and "is the smallest build within" in loose["why"]
+    best_int4 = min(r["mean_kld"] for name, r in rows.items() if name.startswith("int4"))
+    assert rows["int8"]["mean_kld"] < best_int4
+    between = {"max_kld": (rows["int8"]["mean_kld"] + best_int4) / 2, "min_top1": 0.0}
+    middle = bench.compare_precisions(str(tiny_llama), {}, settings, between)
+    assert middle["recommendation"] == "int8"
+    assert {r["build"] for r in middle["rows"] if r["passes"]} == {"int8", "fp32"}
+    none = bench.compare_precisions(str(tiny_llama), {}, settings, {"max_kld": 100.0, "min_top1": 1.1})
+    assert none["recommendation"] == "fp32" and none["why"].startswith("no build is within")

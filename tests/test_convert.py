@@ -304,3 +304,27 @@ def test_hqq_fits_float_zero_points_and_is_closer_to_fp32(tiny_qwen2):
 def test_hqq_asks_for_asymmetric(tiny_qwen2):
     with pytest.raises(SlmopsError, match="hqq fits a zero point per block: add --asymmetric"):
         convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "hqq"})
+
+
+def test_a_changed_source_or_tool_version_is_a_new_build(tiny_llama, tmp_path, monkeypatch):
+    # The cache key is the source's content (not its path), the options and the tool versions.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    first = convert.convert(str(tiny_llama), {"precision": "fp32"})
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_llama, copy)
+    moved = convert.convert(str(copy), {"precision": "fp32"})
+    assert moved["cached"] and moved["key"] == first["key"]
+    weights = load_file(copy / "model.safetensors")
+    name = next(n for n in weights if "down_proj" in n)
+    weights[name] = weights[name] * 1.5
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    changed = convert.convert(str(copy), {"precision": "fp32"})
+    assert not changed["cached"] and changed["key"] != first["key"]
+    real = convert.tool_versions()
+    monkeypatch.setattr(convert, "tool_versions", lambda: {**real, "onnxruntime-genai": "0.0.1"})
+    upgraded = convert.convert(str(tiny_llama), {"precision": "fp32"})
+    assert not upgraded["cached"] and upgraded["key"] not in (first["key"], changed["key"])
+    assert upgraded["tools"]["onnxruntime-genai"] == "0.0.1"

@@ -39,7 +39,7 @@ class FailingConverter(Converter):
     cost = 1000
 
     def check(self, request, architecture):
-        return None if architecture == "LlamaForCausalLM" else "llama only"
+        return super().check(request, architecture) if architecture == "LlamaForCausalLM" else "llama only"
 
     def convert(self, request, output_dir: Path, work_dir: Path) -> None:
         (output_dir / "model.onnx").write_bytes(b"half")
