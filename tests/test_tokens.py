@@ -65,18 +65,18 @@ def test_model_run_feeds_the_tokens_the_chat_template_makes(cli, registry_dir, b
     assert r.json()["prompt_tokens"] == len(expected)
 
 
-def test_a_bos_only_the_source_tokenizer_knows_is_caught_by_the_tokens(tiny_model_factory):
+def test_a_bos_only_the_source_tokenizer_knows_is_caught_by_the_tokens(tmp_path, default_checkpoint):
     # The text matches the model's template byte for byte, but "<bos>" is a special token only in
-    # tokenizer_config.json: transformers reads it as one token, the runtime as plain text pieces.
+    # tokenizer_config.json: transformers reads it as one token, the runtime as plain text pieces. (A model of its
+    # own: test_templates adds "<bos>" to the shared fixture's tokenizer.json.)
+    from tests.conftest import build_tiny
     from tests.test_templates import REAL_TEMPLATES
 
-    path = tiny_model_factory(REAL_TEMPLATES["gemma"][0])
+    path = build_tiny(tmp_path / "gemma-like", default_checkpoint, "llama", REAL_TEMPLATES["gemma"][0])
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<bos>"}))
-    try:
-        check = templates.fidelity(path, templates.choose(path))
-    finally:
-        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "<bos>" not in (path / "tokenizer.json").read_text()
+    check = templates.fidelity(path, templates.choose(path))
     assert check["checked"] and not check["ok"]
     assert all("first_diff_char" not in r and r["first_diff_token"] == 0 for r in check["conversations"]), check
 
