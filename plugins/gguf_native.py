@@ -26,6 +26,8 @@ from slmops.api import (
 from slmops.plugins import gguf_blocks
 
 REPORT = "slmops-quantization.json"
+PLANES = "planes"  # doc_string of the Add that sums an 8-bit weight's two 4-bit planes
+FLOAT_ACTIVATIONS = 1  # MatMulNBits accuracy level 1: float32 compute, the activations are not quantized
 
 
 def pack(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -66,6 +68,27 @@ def rtn8(matrix: np.ndarray, block: int = 32) -> gguf_blocks.BlockForm:
     return gguf_blocks.BlockForm(
         "rtn8", 8, block, codes, scale.astype(np.float32), np.full(scale.shape, 128, dtype=np.uint8), None
     )
+
+
+def nibble_planes(form: gguf_blocks.BlockForm) -> list[gguf_blocks.BlockForm]:
+    """An 8-bit form as two exact 4-bit forms that add up to it: code c = 16*hi + lo and zero point z = 16*zh + zl
+    give scale*(c - z) = 16*scale*(hi - zh) + scale*(lo - zl). ONNX Runtime 1.31 has a fast float-activation kernel
+    for 4-bit MatMulNBits only (8-bit at float activations decoded SmolLM2 at 4 tok/s), so float activations take
+    8-bit weights this way. The offset, if any, stays with the whole."""
+    if form.bits != 8:
+        return [form]
+    hi = gguf_blocks.BlockForm(
+        form.gguf_type, 4, form.block, form.codes >> 4, form.scales * 16, form.zero_points >> 4, None
+    )
+    lo = gguf_blocks.BlockForm(form.gguf_type, 4, form.block, form.codes & 15, form.scales, form.zero_points & 15, None)
+    return [hi, lo]
+
+
+def join_planes(hi: gguf_blocks.BlockForm, lo: gguf_blocks.BlockForm) -> gguf_blocks.BlockForm:
+    """The 8-bit form two planes were cut from (read_back): the codes, zero points and scale it had."""
+    codes = (hi.codes.astype(np.uint16) * 16 + lo.codes).astype(np.uint8)
+    zero_points = (hi.zero_points.astype(np.uint16) * 16 + lo.zero_points).astype(np.uint8)
+    return gguf_blocks.BlockForm(lo.gguf_type, 8, lo.block, codes, lo.scales, zero_points, lo.offsets)
 
 
 def forms_for(matrix: np.ndarray, weights: gguf_blocks.GGUFWeights) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
@@ -165,6 +188,9 @@ class GGUFNative(Quantizer):
         model = onnx.load(str(fp32_dir / "model.onnx"))
         g = Graph(model)
         skip = set(runtime_fed_matmuls(model))
+        # Float activations by default: the weights are the GGUF's exactly, and int8 activations (level 4) were the
+        # whole remaining loss on SmolLM2 (corpus KLD 0.012 at level 4, 0.0002 at float; docs/user-guide.md).
+        level = FLOAT_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
         report: dict = {
             "gguf": str(request.gguf),
             "exact": collections.Counter(),
@@ -185,23 +211,31 @@ class GGUFNative(Quantizer):
             outputs = []
             for start, end, form in runs:
                 tag = f"{node.input[1]}_{start}"
-                names = {
-                    "b": g.const(f"{tag}_B", pack(form.codes, form.bits, form.block)),
-                    "scales": g.const(f"{tag}_scales", form.scales),
-                    "zp": g.const(f"{tag}_zp", pack_zero_points(form.zero_points, form.bits)),
-                }
-                y = g.node(
-                    "MatMulNBits",
-                    [node.input[0], names["b"], names["scales"], names["zp"]],
-                    f"{tag}_MatMulNBits",
-                    domain="com.microsoft",
-                    doc_string=f"{node.input[1]}:{start}",
-                    K=k,
-                    N=end - start,
-                    bits=form.bits,
-                    block_size=form.block,
-                    accuracy_level=request.accuracy_level or 4,
-                )
+                planes = nibble_planes(form) if level < 4 else [form]
+                names = [
+                    {
+                        "b": g.const(f"{tag}_B", pack(p.codes, p.bits, p.block)),
+                        "scales": g.const(f"{tag}_scales", p.scales),
+                        "zp": g.const(f"{tag}_zp", pack_zero_points(p.zero_points, p.bits)),
+                    }
+                    for p in planes
+                ]
+                ys = [
+                    g.node(
+                        "MatMulNBits",
+                        [node.input[0], nm["b"], nm["scales"], nm["zp"]],
+                        f"{tag}_MatMulNBits",
+                        domain="com.microsoft",
+                        doc_string=f"{node.input[1]}:{start}" + (f":{plane}" if len(planes) > 1 else ""),
+                        K=k,
+                        N=end - start,
+                        bits=p.bits,
+                        block_size=p.block,
+                        accuracy_level=level,
+                    )
+                    for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False)
+                ]
+                y = ys[0] if len(ys) == 1 else g.node("Add", ys, f"{tag}_planes", doc_string=PLANES)
                 if form.offsets is not None:
                     key = (node.input[0], k, form.block)
                     if key not in blocksums:
@@ -213,12 +247,9 @@ class GGUFNative(Quantizer):
                             "blocksum",
                             keepdims=0,
                         )
-                    names["offsets"] = g.const(
-                        f"{tag}_offsets", form.offsets.T
-                    )  # [blocks, rows] for blocksum @ offsets
-                    y = g.node(
-                        "Add", [y, g.node("MatMul", [blocksums[key], names["offsets"]], f"{tag}_offset")], f"{tag}_sum"
-                    )
+                    offsets = g.const(f"{tag}_offsets", form.offsets.T)  # [blocks, rows] for blocksum @ offsets
+                    names[0]["offsets"] = offsets
+                    y = g.node("Add", [y, g.node("MatMul", [blocksums[key], offsets], f"{tag}_offset")], f"{tag}_sum")
                 outputs.append(y)
                 made.append((start, end, form, names))
                 exact = form.gguf_type != "rtn8"
@@ -273,33 +304,44 @@ def _quantize_embeddings(g: Graph, model, done: dict, weights: gguf_blocks.GGUFW
             runs, shared = [(0, table.shape[0], rtn8(table))], None
         _, rows, form = runs[0]
         width = form.codes.shape[1]
-        if shared:
-            n = done[shared][0][3]
+        if shared:  # the lm_head's tensors: one 8-bit or 4-bit table, or the two 4-bit planes of an 8-bit one
+            names = done[shared][0][3]
+            planes = nibble_planes(form) if len(names) > 1 else [form]
         else:
-            n = {
-                "b": g.const("embed_B", pack(form.codes, form.bits, form.block)),
-                "scales": g.const("embed_scales", form.scales),
-                "zp": g.const("embed_zp", pack_zero_points(form.zero_points, form.bits)),
-            }
+            planes = [form]
+            names = [
+                {
+                    "b": g.const("embed_B", pack(form.codes, form.bits, form.block)),
+                    "scales": g.const("embed_scales", form.scales),
+                    "zp": g.const("embed_zp", pack_zero_points(form.zero_points, form.bits)),
+                }
+            ]
             if form.offsets is not None:
-                n["offsets"] = g.const("embed_offsets", form.offsets.T)
+                names[0]["offsets"] = g.const("embed_offsets", form.offsets.T)
             kind = "exact" if form.gguf_type != "rtn8" else "approximate"
             report[kind][form.gguf_type] = report[kind].get(form.gguf_type, 0) + rows * width
             report["tensors"][source] = [[0, rows, form.gguf_type]]
-        flat = g.node("Reshape", [n["b"], g.const("table_shape", np.array([rows, -1], dtype=np.int64))], "embed_table")
-        out = [node.output[0]] if form.offsets is None else None
-        y = g.node(
-            "GatherBlockQuantized",
-            [flat, node.input[1], n["scales"], n["zp"]],
-            "embed",
-            outputs=out,
-            domain="com.microsoft",
-            doc_string=f"{shared or source}:embedding",
-            gather_axis=0,
-            quantize_axis=1,
-            block_size=form.block,
-            bits=form.bits,
-        )
+        n = names[0]
+        gathered = []
+        for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False):
+            table_shape = g.const("table_shape", np.array([rows, -1], dtype=np.int64))
+            flat = g.node("Reshape", [nm["b"], table_shape], "embed_table")
+            gathered.append(
+                g.node(
+                    "GatherBlockQuantized",
+                    [flat, node.input[1], nm["scales"], nm["zp"]],
+                    "embed",
+                    domain="com.microsoft",
+                    doc_string=f"{shared or source}:embedding" + (f":{plane}" if len(planes) > 1 else ""),
+                    gather_axis=0,
+                    quantize_axis=1,
+                    block_size=p.block,
+                    bits=p.bits,
+                )
+            )
+        y = gathered[0] if len(gathered) == 1 else g.node("Add", gathered, "embed_planes", doc_string=PLANES)
+        if form.offsets is None:
+            g.new_nodes[-1].output[0] = node.output[0]
         if form.offsets is not None:
             per_row = g.node("Transpose", [n["offsets"]], "embed_offsets_rows", perm=[1, 0])
             offs = g.node(
@@ -380,24 +422,30 @@ def read_back(model_dir: Path) -> dict[str, np.ndarray]:
 
     def offsets_after(output: str) -> np.ndarray | None:
         for reader in readers[output]:
-            if reader.op_type == "Reshape":  # the embedding adds per block
+            if reader.op_type == "Reshape" or reader.doc_string == PLANES:  # the embedding adds per block
                 return offsets_after(reader.output[0])
             if reader.op_type == "Add":
                 return np.ascontiguousarray(initializer(reader.input[1]).T)
         return None
 
-    parts: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+    forms: dict[tuple[str, str], dict[str, gguf_blocks.BlockForm]] = collections.defaultdict(dict)
     for node in model.graph.node:
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or ":" not in node.doc_string:
             continue
-        name, where = node.doc_string.rsplit(":", 1)
+        name, where, *plane = node.doc_string.split(":")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         bits, block = attrs.get("bits", 4), attrs["block_size"]
         b = initializer(node.input[1 if node.op_type == "MatMulNBits" else 0])
         scales, zp = initializer(node.input[2]), initializer(node.input[3])
         cols = scales.shape[1] * block
         codes, z = unpack(b, zp, bits, cols, scales.shape[1])
-        form = gguf_blocks.BlockForm("", bits, block, codes, scales, z, offsets_after(node.output[0]))
+        offsets = offsets_after(node.output[0])
+        forms[name, where][plane[0] if plane else ""] = gguf_blocks.BlockForm(
+            "", bits, block, codes, scales, z, offsets
+        )
+    parts: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+    for (name, where), planes in forms.items():
+        form = join_planes(planes["hi"], planes["lo"]) if "hi" in planes else planes[""]
         if where == "embedding":
             parts[f"{name}:embedding"].append((0, form.dequantize()))
         else:

@@ -132,6 +132,9 @@ def test_gguf_import_is_exact_from_the_graph(kind, tied, default_checkpoint, tmp
         if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] * i.dims[1] >= table.size
     ]
     assert not floats, f"an fp32 table is left: {floats}"
+    # Float activations: 8-bit types go as two exact 4-bit planes, the kernel ONNX Runtime runs fast at float.
+    bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {4}
 
     # ORT reads the layout as read_back does: at accuracy level 0 (float compute) the logits are the source's.
     ref, cand = Session(source), Session(out)
