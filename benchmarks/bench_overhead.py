@@ -47,10 +47,10 @@ def llama_cpp(gguf: Path) -> float | None:
 
 
 def main() -> None:
-    from slmops import convert, implementations, sources
+    from slmops import convert, provided, sources
 
-    model_dir = Path(convert.convert(None, {"precision": "int4"})["path"])
-    bench = next(b for b in implementations.benchmarkers() if b.name == "ort-genai")
+    model_dir = convert.convert(None, {"precision": "int4"}).path
+    bench = next(b for b in provided.benchmarkers() if b.name == "ort-genai")
     bare = bare_loop(model_dir)
     ours = bench.run(
         model_dir, {"lengths": [PROMPT_TOKENS], "runs": RUNS, "warmup": 1, "max_new_tokens": NEW_TOKENS}, lambda s: None

@@ -85,8 +85,8 @@ def main() -> None:
     from slmops.runtime import Session
 
     os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
-    reference = Path(convert.convert(None, {"precision": "fp32"})["path"])
-    builds = {label: Path(convert.convert(None, options)["path"]) for label, options in BUILDS}
+    reference = convert.reference(None, {}).path
+    builds = {label: convert.convert(None, options).path for label, options in BUILDS}
     ref = Session(reference)
     candidates = {label: Session(path).logits for label, path in builds.items()}
     gguf = sources.default_gguf()
@@ -95,7 +95,7 @@ def main() -> None:
         candidates["llama.cpp Q4_1 (same GGUF)"] = llama[0]
     print(f"scoring {len(candidates)} builds against the fp32 source on the corpus ...", flush=True)
     start = time.perf_counter()
-    scores = quality.score(ref.logits, candidates, ref.tokens, prefix=ref.prefix)
+    scores = {k: q.to_json() for k, q in quality.score(ref.logits, candidates, ref.tokens, prefix=ref.prefix).items()}
     print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values()))['positions']} positions", flush=True)
     tokens = prompt_tokens(ref.encode)
     rows = [

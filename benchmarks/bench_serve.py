@@ -103,10 +103,10 @@ def load(server: ServerProcess, model: str, clients: int) -> dict:
 
 
 def slmops_model(registry: Path, env: dict[str, str]) -> str:
-    from slmops import convert, sources
+    from slmops import convert
 
-    options = dict(convert.CANDIDATES)["int4 rtn_last asym"]  # what `make demo` deploys for the default model
-    build = convert.convert(str(sources.resolve("default").checkpoint), options)
+    options = dict(convert.CANDIDATES)["int4 gguf"]  # what `make demo` deploys for the default model
+    build = convert.convert(None, options)
     subprocess.run(
         [
             sys.executable,
@@ -114,7 +114,7 @@ def slmops_model(registry: Path, env: dict[str, str]) -> str:
             "from slmops.cli import main; main()",
             "-q",
             "register",
-            build["path"],
+            str(build.path),
             "--name",
             "smol",
         ],

@@ -1,5 +1,5 @@
-"""`slmops bench` and `slmops validate`: measure a model, compare precisions, and turn the guide's quality
-checklist into pass/fail."""
+"""`slmops bench`: measure a model folder (speed, memory, CPU through a benchmarker plugin; quality against its fp32
+reference; the edge cases), and compare the precisions of one source."""
 
 from __future__ import annotations
 
@@ -7,13 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from . import convert as conv
-from . import implementations, plots, progress, quality
+from . import progress, provided, quality
 from .chat import OrtGenAIChat
 from .config import Config
 from .edgecases import run_suite
 from .errors import NoImplementation, SlmopsError
-from .fsutil import dir_size, write_text_atomic
+from .fsutil import dir_size
+from .results import BENCH_SETTINGS, BenchResult, Quality
 from .roles import BENCH_RESULT_KEYS
+
+# The rows of `slmops bench`'s summary table, in order.
+SUMMARY_KEYS = (
+    "load_s",
+    "ttft_ms_p50",
+    "decode_tok_s",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "peak_rss_mb",
+    "cpu_utilisation",
+    "rss_growth_mb",
+)
 
 
 def resolve_target(cfg: Config, target: str) -> Path:
@@ -29,9 +42,9 @@ def resolve_target(cfg: Config, target: str) -> Path:
 
 
 def benchmarker_for(model_dir: Path, name: str | None = None):
-    items = implementations.benchmarkers()
+    items = provided.benchmarkers()
     if name:
-        return implementations.by_name(items, name, "benchmarker")
+        return provided.by_name(items, name, "benchmarker")
     reasons = []
     for b in items:
         why = b.check(model_dir)
@@ -41,48 +54,29 @@ def benchmarker_for(model_dir: Path, name: str | None = None):
     raise SlmopsError(f"no benchmarker can measure {model_dir}: " + "; ".join(reasons))
 
 
-# The rows of `slmops bench`'s summary table, in order.
-SUMMARY_KEYS = (
-    "load_s",
-    "ttft_ms_p50",
-    "decode_tok_s",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "peak_rss_mb",
-    "cpu_utilisation",
-    "rss_growth_mb",
-)
-
-
-def measure(model_dir: Path, settings: dict[str, Any], benchmarker: str | None = None) -> dict[str, Any]:
+def measure(model_dir: Path, settings: dict[str, Any], benchmarker: str | None = None) -> BenchResult:
     """The chosen benchmarker's result, held to the contract: BENCH_RESULT_KEYS present and numbers."""
     bench = benchmarker_for(model_dir, benchmarker)
     with progress.step(f"Benchmarking with {bench.name}"):
-        result = bench.run(model_dir, settings, lambda text: None)
-    if not isinstance(result, dict):
-        raise SlmopsError(f"benchmarker {bench.name!r} returned {type(result).__name__}, not a dict of results")
-    missing = [k for k in BENCH_RESULT_KEYS if not isinstance(result.get(k), (int, float))]
+        raw = bench.run(model_dir, settings, lambda text: None)
+    if not isinstance(raw, dict):
+        raise SlmopsError(f"benchmarker {bench.name!r} returned {type(raw).__name__}, not a dict of results")
+    missing = [k for k in BENCH_RESULT_KEYS if not isinstance(raw.get(k), (int, float))]
     if missing:
         raise SlmopsError(
             f"benchmarker {bench.name!r} returned no number for {', '.join(missing)}; "
             f"every benchmarker must return {', '.join(BENCH_RESULT_KEYS)} (docs/plugins.md)"
         )
-    result.setdefault("benchmarker", bench.name)
-    result["size_bytes"] = dir_size(model_dir)
-    return result
+    return BenchResult.from_json({"benchmarker": bench.name, **raw, "size_bytes": dir_size(model_dir)})
 
 
-def extra_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers a benchmarker returned beyond the summary's and the run's settings: shown in the table and the
-    report as they are."""
-    known = {*BENCH_RESULT_KEYS, *SUMMARY_KEYS, "soak_requests", "max_new_tokens", "size_bytes"}
-    return {
-        k: v for k, v in result.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+def extra_metrics(result: BenchResult) -> dict[str, float]:
+    """The numbers a benchmarker returned beyond the summary's: shown in the table and the report as they are."""
+    return {k: v for k, v in result.metrics.items() if k not in SUMMARY_KEYS and k not in BENCH_SETTINGS}
 
 
 def reference_for(model_dir: Path, reference: str | None = None) -> Path:
-    """The fp32 build of the model's own source (from its manifest), made through convert and its cache."""
+    """The fp32 reference of a model folder: --reference, else the fp32 build of the source its manifest names."""
     if reference:
         return Path(reference)
     manifest = conv.read_manifest(model_dir)
@@ -90,27 +84,58 @@ def reference_for(model_dir: Path, reference: str | None = None) -> Path:
         raise SlmopsError(
             f"{model_dir} has no slmops manifest, so its source is unknown; pass --reference with an fp32 model folder"
         )
-    options = dict(manifest["options"])
-    if options.get("precision") == "fp32":
+    if manifest["options"].get("precision") == "fp32":
         return model_dir
-    options.update(precision="fp32", adapter=Path(options["adapter"]) if options.get("adapter") else None)
     source = manifest["source"]["path"] if manifest["source"]["kind"] != "default" else None
-    return Path(conv.convert(source, options)["path"])
+    return conv.reference(source, manifest["options"]).path
 
 
-def quality_of(model_dir: Path, reference: Path, domain: Path | None = None) -> dict[str, Any]:
+def quality_of(model_dir: Path, reference: Path, domain: Path | None = None) -> Quality:
     with progress.step("Measuring quality against the fp32 reference"):
         result = quality.compare(model_dir, reference)
     if domain:
         rows = quality.load_set(domain)
         with progress.step(f"Scoring the domain set {domain.name}"):
-            result["domain"] = quality.domain_score(OrtGenAIChat(model_dir), rows)
+            result.domain = quality.domain_score(OrtGenAIChat(model_dir), rows)
     return result
 
 
 def edge_cases(model_dir: Path) -> list[dict[str, Any]]:
     with progress.step("Running the edge-case suite"):
         return run_suite(OrtGenAIChat(model_dir))
+
+
+def bench(
+    model_dir: Path,
+    settings: dict[str, Any],
+    benchmarker: str | None = None,
+    with_quality: bool = True,
+    reference: str | None = None,
+    domain: Path | None = None,
+    with_edge_cases: bool = True,
+) -> dict[str, Any]:
+    """`slmops bench TARGET`: the benchmark, quality against the reference (or why it was skipped), edge cases."""
+    result: dict[str, Any] = {"model": str(model_dir), "bench": measure(model_dir, settings, benchmarker)}
+    if with_quality:
+        try:
+            result["quality"] = quality_of(model_dir, reference_for(model_dir, reference), domain)
+        except SlmopsError as e:  # no manifest and no --reference: the speed is still worth showing
+            result["quality_skipped"] = str(e)
+    if with_edge_cases:
+        result["edge_cases"] = edge_cases(model_dir)
+    return result
+
+
+def bench_json(result: dict[str, Any]) -> dict[str, Any]:
+    """bench()'s result as `--json` prints it: the benchmark's numbers at the top, as before."""
+    data = {"model": result["model"], **result["bench"].to_json()}
+    if "quality" in result:
+        data["quality"] = result["quality"].to_json()
+    elif "quality_skipped" in result:
+        data["quality"] = {"skipped": result["quality_skipped"]}
+    if "edge_cases" in result:
+        data["edge_cases"] = result["edge_cases"]
+    return data
 
 
 def compare_precisions(
@@ -120,30 +145,33 @@ def compare_precisions(
     builds, skipped = {}, []
     for label, opts in reversed(conv.CANDIDATES):
         try:
-            builds[label] = conv.convert(source, {**base_options, **opts})
+            builds[label] = (
+                conv.reference(source, base_options)
+                if opts["precision"] == "fp32"
+                else conv.convert(source, {**base_options, **opts})
+            )
         except NoImplementation as e:  # e.g. int4 gguf for a checkpoint source
             skipped.append({"build": label, "why": str(e)})
-    reference = Path(builds["fp32"]["path"])
+    reference = builds["fp32"].path
     rows = []
     for label, build in builds.items():
-        path = Path(build["path"])
-        speed = measure(path, {**settings, "soak_requests": 0})
-        q = quality.compare(path, reference)
+        speed = measure(build.path, {**settings, "soak_requests": 0})
+        q = quality.compare(build.path, reference)
         rows.append(
             {
                 "build": label,
-                "path": str(path),
-                "size_mb": build["output_bytes"] / 1e6,
-                "decode_tok_s": speed["decode_tok_s"],
-                "ttft_ms": speed["ttft_ms_p50"],
-                **q,
+                "path": str(build.path),
+                "size_mb": build.output_bytes / 1e6,
+                "decode_tok_s": speed.decode_tok_s,
+                "ttft_ms": speed.ttft_ms_p50,
+                **q.to_json(),
+                "passes": q.passes(thresholds["max_kld"], thresholds["min_top1"]),
             }
         )
     base = rows[0]
     for r in rows:
         r["size_ratio"] = r["size_mb"] / base["size_mb"]
         r["speed_ratio"] = r["decode_tok_s"] / base["decode_tok_s"]
-        r["passes"] = quality.passes(r, thresholds)
     passing = sorted((r for r in rows if r["passes"]), key=lambda r: r["size_mb"])
     gate = f"max KLD {thresholds['max_kld']} and min top-1 {thresholds['min_top1']}"
     choice = passing[0] if passing else base
@@ -154,144 +182,3 @@ def compare_precisions(
         else f"no build is within {gate}; fp32 is the source's own precision (loosen [validate] to trade quality for size)"
     )
     return {"rows": rows, "recommendation": choice["build"], "why": why, "skipped": skipped}
-
-
-def validate(
-    model_dir: Path,
-    cfg: Config,
-    reference: str | None = None,
-    domain: Path | None = None,
-    measured_quality: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The guide's quality checklist as pass/fail rows (quality already measured against the reference may be passed in)."""
-    v, b = cfg.section("validate"), cfg.section("bench")
-    checks = []
-    q = measured_quality or quality_of(model_dir, reference_for(model_dir, reference), domain)
-    checks.append(
-        {
-            "check": "quality: mean KLD",
-            "ok": q["mean_kld"] <= v["max_kld"],
-            "value": round(q["mean_kld"], 4),
-            "limit": f"<= {v['max_kld']}",
-        }
-    )
-    checks.append(
-        {
-            "check": "quality: top-1 agreement",
-            "ok": q["top1_agreement"] >= v["min_top1"],
-            "value": round(q["top1_agreement"], 4),
-            "limit": f">= {v['min_top1']}",
-        }
-    )
-    if q.get("domain") and q["domain"]["accuracy"] is not None:
-        checks.append(
-            {
-                "check": "domain set accuracy",
-                "ok": q["domain"]["accuracy"] >= 0.5,
-                "value": q["domain"]["accuracy"],
-                "limit": ">= 0.5",
-            }
-        )
-    chat = OrtGenAIChat(model_dir)
-    usage: dict[str, Any] = {}
-    with progress.step("Checking the response format"):
-        answer = "".join(
-            chat.stream(
-                [{"role": "user", "content": "What is the capital of France?"}],
-                {"max_new_tokens": 24, "temperature": 0},
-                usage,
-            )
-        )
-    leaked = [t for t in chat.chosen.family.markers if t in answer]
-    checks.append(
-        {
-            "check": "response format",
-            "ok": bool(answer.strip()) and not leaked,
-            "value": repr(answer[:60]),
-            "limit": "non-empty, no template tokens",
-        }
-    )
-    settings = {**b, "soak_requests": v["soak_requests"], "runs": max(2, b["runs"])}
-    m = measure(model_dir, settings)
-    checks.append(
-        {
-            "check": "no memory leak over the soak",
-            "ok": m["rss_growth_mb"] <= v["max_leak_mb"],
-            "value": f"{m['rss_growth_mb']:.1f} MB over {m['soak_requests']} requests",
-            "limit": f"<= {v['max_leak_mb']} MB",
-        }
-    )
-    speeds = [s["decode_tok_s"] for s in m["sweep"]]
-    spread = max(speeds) / min(speeds) if speeds and min(speeds) > 0 else float("inf")
-    checks.append(
-        {
-            "check": "consistent speed across input lengths",
-            "ok": spread <= 2.5,
-            "value": f"decode tok/s {', '.join(f'{s:.0f}' for s in speeds)} (max/min {spread:.2f})",
-            "limit": "max/min <= 2.5",
-        }
-    )
-    edges = run_suite(chat)
-    failed = [e["case"] for e in edges if not e["ok"]]
-    checks.append(
-        {
-            "check": "edge cases handled",
-            "ok": not failed,
-            "value": f"{len(edges) - len(failed)}/{len(edges)} pass"
-            + (f"; failed: {', '.join(failed)}" if failed else ""),
-            "limit": "all",
-        }
-    )
-    return {"ok": all(c["ok"] for c in checks), "checks": checks, "quality": q, "bench": m, "edge_cases": edges}
-
-
-def write_report(folder: Path, bench: dict[str, Any] | None = None, compare: dict[str, Any] | None = None) -> Path:
-    """A Markdown report with PNG plots: latency and throughput against input length; quality against size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["# slmops benchmark report", ""]
-    if bench:
-        lines += ["## Speed", ""]
-        sweep = bench.get("sweep") or []
-        if sweep:
-            lines += [
-                "![speed](speed.png)",
-                "",
-                "| prompt tokens | TTFT ms | prefill tok/s | decode tok/s | p50 ms | p95 ms |",
-                "|---|---|---|---|---|---|",
-            ]
-            lines += [
-                f"| {s['prompt_tokens']} | {s['ttft_ms_p50']:.1f} | {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} | {s['latency_ms_p50']:.0f} | {s['latency_ms_p95']:.0f} |"
-                for s in sweep
-            ]
-            lines.append("")
-        lines += [
-            f"Decode {bench['decode_tok_s']:.1f} tok/s, TTFT {bench['ttft_ms_p50']:.1f} ms (benchmarker {bench.get('benchmarker', '?')})."
-        ]
-        if "load_s" in bench and "peak_rss_mb" in bench:
-            lines += [
-                f"Load {bench['load_s']:.2f} s, peak RSS {bench['peak_rss_mb']:.0f} MB, CPU {100 * bench.get('cpu_utilisation', 0):.0f}%, "
-                f"RSS growth {bench.get('rss_growth_mb', 0):.1f} MB over {bench.get('soak_requests', 0)} requests."
-            ]
-        extras = extra_metrics(bench)
-        if extras:
-            lines += ["", "| metric | value |", "|---|---|", *[f"| {k} | {v:g} |" for k, v in extras.items()]]
-        lines.append("")
-    if compare:
-        rows = compare["rows"]
-        lines += [
-            "## Precisions",
-            "",
-            "![quality](quality.png)",
-            "",
-            "| build | MB | x fp32 | decode tok/s | x fp32 | TTFT ms | KLD | top-1 | ppl |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['build']} | {r['size_mb']:.0f} | {r['size_ratio']:.2f} | {r['decode_tok_s']:.1f} | {r['speed_ratio']:.2f} | {r['ttft_ms']:.0f} | {r['mean_kld']:.3f} | {r['top1_agreement']:.3f} | {r['perplexity']:.1f} |"
-            for r in rows
-        ]
-        lines += ["", f"Recommendation: **{compare['recommendation']}**: {compare['why']}.", ""]
-    plots.render_in_subprocess(folder, bench, compare)
-    report = folder / "report.md"
-    write_text_atomic(report, "\n".join(lines) + "\n")
-    return report

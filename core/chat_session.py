@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import click
-
-from . import adapters, templates
+from . import adapters, progress, templates
 from . import registry as reg
 from .chat import OrtGenAIChat, StopText, load_template, safe_messages, stop_list
 from .errors import SlmopsError
@@ -34,7 +31,7 @@ class ChatRunner:
         self.adapter = adapter
         if engine == "registry" and adapter != "none" and (adapter or adapters.find(self.model_dir)):
             # Foundry Local's runtime has no way to switch an ORT GenAI adapter on: it would answer as the base.
-            click.echo(f"{name}: running with ORT GenAI, which applies LoRA adapter files", err=True)
+            progress.note(f"{name}: running with ORT GenAI, which applies LoRA adapter files")
             engine = "ort-genai"
         self.engine = engine
         self.ort: OrtGenAIChat | None = None
@@ -117,43 +114,6 @@ class ChatRunner:
             "ttft_s": round(first, 4) if first else None,
             "total_s": round(total, 4),
         }
-
-    def interactive(self, system: str | None, exit_words: set[str]) -> None:
-        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        click.echo(
-            f"Chatting with {self.entry.name} ({self.engine}). Type {', '.join(sorted(exit_words))} or Ctrl-D to leave; "
-            "Ctrl-C stops a reply.",
-            err=True,
-        )
-        while True:
-            try:
-                text = input(">>> ")
-            except EOFError:
-                click.echo("", err=True)
-                return
-            except KeyboardInterrupt:
-                click.echo("", err=True)
-                continue
-            if text.strip().lower() in exit_words:
-                return
-            if not text.strip():
-                continue
-            history.append({"role": "user", "content": text})
-            parts: list[str] = []
-            usage: dict[str, Any] = {}
-            try:  # stream checks the turn first: a refused turn is dropped and the session goes on
-                for piece in self.stream(history, self.options, usage):
-                    parts.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            except KeyboardInterrupt:
-                sys.stdout.write(" [stopped]")
-            except SlmopsError as e:
-                click.echo(f"\nslmops: error: {e}", err=True)
-                history.pop()
-                continue
-            sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": "".join(parts)})
 
 
 def _with_stops(pieces: Iterator[str], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:

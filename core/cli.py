@@ -31,7 +31,29 @@ pass_state = click.make_pass_decorator(State)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """slmops's commands and those plugins add (the register_commands hook), added the first time the group is
+    asked for a command: `cli` is whole however it is invoked, by main() or in-process by click's CliRunner."""
+
+    plugin_commands_added = False
+
+    def add_plugin_commands(self) -> None:
+        if not self.plugin_commands_added:
+            self.plugin_commands_added = True
+            from .plugin_manager import call_each
+
+            call_each("register_commands", lambda plugin: {"cli": self})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self.add_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.add_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="slmops")
 @click.option(
     "--config",
@@ -56,15 +78,15 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool, quiet: bool) -
 @json_option
 def plugins(as_json: bool) -> None:
     """List loaded plugins (package, version, hooks) and the implementations each provides."""
-    from .implementations import table
     from .plugin_manager import plugin_table, problems
+    from .provided import table
 
-    rows, provided = plugin_table(), table()
+    rows, offered = plugin_table(), table()
     if as_json:
-        output.emit_json({"plugins": rows, "implementations": provided, "errors": [e.__dict__ for e in problems]})
+        output.emit_json({"plugins": rows, "implementations": offered, "errors": [e.__dict__ for e in problems]})
         return
     output.table(rows, ["name", "package", "version", "hooks"], title="plugins")
-    output.table(provided, ["role", "name", "plugin", "package"], title="implementations")
+    output.table(offered, ["role", "name", "plugin", "package"], title="implementations")
     for e in problems:
         click.echo(f"disabled: {e.name} ({e.package}){' in ' + e.hook if e.hook else ''}: {e.error}", err=True)
 
@@ -234,6 +256,7 @@ def convert(
 ) -> None:
     """Convert SOURCE (a checkpoint folder, a GGUF file, or the default model) to a verified ORT GenAI model."""
     from . import convert as conv
+    from . import tables
 
     _set_log_level(log_level)
     cfg = state.config
@@ -241,68 +264,24 @@ def convert(
     apply_convert_flags(cfg, flags)
     cfg.override("convert.output", output_dir, "command line")
     if olive_config:
-        from .olive_config import read_olive_config
+        from .olive_config import apply_to
 
-        src, opts, out = read_olive_config(Path(olive_config))
-        cfg.override("model.source", src, olive_config)
-        for k, v in opts.items():
-            cfg.override(f"{'model' if k == 'adapter' else 'convert'}.{k}", v, olive_config)
-        if out and not cfg.get("convert.output"):
-            cfg.override("convert.output", out, olive_config)
+        apply_to(cfg, Path(olive_config))
     if cfg.get("convert.precision") == "auto":  # auto is deploy's search; one build starts where the guide does
         cfg.override("convert.precision", "int4", "auto (convert builds one precision: int4, as the guide recommends)")
-    result = conv.convert(
+    args = (
         cfg.get("model.source"),
         cfg.convert_options(),
         cfg.get("convert.backend"),
         cfg.get("convert.output") or None,
         cfg.get("convert.quantizer"),
-        dry_run,
     )
-    if as_json:
-        output.emit_json(result)
-    elif dry_run:
-        rows = [
-            {"": "source", "value": f"{result['source']['path']} ({result['architecture']})"},
-            {"": "route", "value": f"{result['route']} (cost {result['cost']})"},
-            {"": "precision", "value": result["options"]["precision"]},
-            {
-                "": "build folder",
-                "value": result["path"] + (" (cached: nothing to build)" if result["cached"] else " (would be built)"),
-            },
-            *[{"": "costlier route", "value": alt} for alt in result["alternatives"]],
-            *[{"": "cannot", "value": why} for why in result["rejected"]],
-        ]
-        output.table(rows, ["", "value"], title="convert --dry-run")
-    else:
-        print_build(result)
-
-
-def print_build(result: dict[str, Any]) -> None:
-    graph = result["verification"]["graph"]
-    rows = [
-        {"": "model", "value": result["path"]},
-        {"": "status", "value": "cache hit (no rebuild)" if result["cached"] else "built and verified"},
-        {"": "converter", "value": result["converter"] + (f" + {result['quantizer']}" if result["quantizer"] else "")},
-        {"": "precision", "value": result["options"]["precision"]},
-        {
-            "": "graph",
-            "value": f"MatMulNBits by bits {graph['matmul_nbits'] or '-'}, block {graph['block_sizes'] or '-'}, "
-            f"symmetric {graph['symmetric'] or '-'}, float MatMuls {graph['float_matmuls']}",
-        },
-        {"": "size", "value": output.human_bytes(result["output_bytes"])},
-        *[
-            {"": "adapter", "value": f"{name} ({path}; max logit change {effect['max_logit_change']})"}
-            for name, path in result.get("adapters", {}).items()
-            if (effect := result["verification"].get("adapter"))
-        ],
-        {
-            "": "sample",
-            "value": repr(result["verification"]["sample"]["text"]) if result["verification"].get("sample") else "-",
-        },
-        {"": "timings", "value": ", ".join(f"{k} {v}s" for k, v in result["timings"].items())},
-    ]
-    output.table(rows, ["", "value"])
+    if dry_run:
+        route = conv.route(*args)
+        output.emit_json(route) if as_json else tables.route(route)
+        return
+    build = conv.convert(*args)
+    output.emit_json(build.to_json()) if as_json else tables.build(build)
 
 
 def _set_log_level(level: str) -> None:
@@ -332,9 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM unwinds like an exception, so staging folders are removed and child processes killed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        from .plugin_manager import call_each
-
-        call_each("register_commands", lambda plugin: {"cli": cli})
         rv = cli.main(args=argv, prog_name="slmops", standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)
     except click.exceptions.Exit as e:
@@ -380,7 +356,7 @@ def templates() -> None:
 @json_option
 def templates_ls(as_json: bool) -> None:
     """List the known families and the plugin providing each."""
-    from .implementations import plugin_of, template_families
+    from .provided import plugin_of, template_families
 
     rows = [
         {"family": f.name, "plugin": plugin_of(f), "description": f.description, "stop": f.stop}
@@ -394,7 +370,7 @@ def templates_ls(as_json: bool) -> None:
 @json_option
 def templates_show(family: str, as_json: bool) -> None:
     """Show a family's PromptTemplate, stop strings and ModelConfig defaults."""
-    from .implementations import plugin_of
+    from .provided import plugin_of
     from .templates import family_by_name
 
     f = family_by_name(family)
@@ -500,7 +476,7 @@ def register_cmd(
     cfg.override("registry.replace", replace, "command line")
     registry = reg.open_registry(cfg, registry_backend)
     with reg.package(Path(model_dir), name, cfg, registry.name) as pkg:
-        result = reg.register(registry, pkg, cfg.get("registry.replace"))
+        result = reg.add(registry, pkg, cfg.get("registry.replace"))
     if as_json:
         output.emit_json(result)
     else:
@@ -721,7 +697,9 @@ def model_run(
         else:
             sys.stdout.write("\n")
         return
-    runner.interactive(system_text, EXIT_WORDS)
+    from .chat_repl import interactive
+
+    interactive(runner, system_text, EXIT_WORDS)
 
 
 @cli.command()
@@ -858,93 +836,45 @@ def bench(
 ) -> None:
     """Measure TARGET (a registered name or a model folder): speed, memory, CPU, quality, edge cases."""
     from . import bench as b
+    from . import tables
+    from .report import write_report
 
     cfg = state.config
     settings = bench_settings(cfg, runs, max_new_tokens, lengths, soak)
     if compare_source:
         result = b.compare_precisions(compare_source, cfg.convert_options(), settings, cfg.section("validate"))
         if report:
-            result["report"] = str(b.write_report(Path(report), compare=result))
+            result["report"] = str(write_report(Path(report), compare=result))
         if as_json:
             output.emit_json(result)
             return
-        output.table(
-            [{**r, "passes": "yes" if r["passes"] else "no"} for r in result["rows"]],
-            [
-                "build",
-                "size_mb",
-                "size_ratio",
-                "decode_tok_s",
-                "speed_ratio",
-                "ttft_ms",
-                "mean_kld",
-                "kld_p99",
-                "top1_agreement",
-                "perplexity",
-                "mean_delta_p",
-                "passes",
-            ],
-            title="precisions measured on this machine",
-        )
+        tables.compare(result)
         for skipped in result["skipped"]:
             click.echo(f"not built: {skipped['build']}: {skipped['why']}")
         click.echo(f"recommendation: {result['recommendation']}: {result['why']}")
+        if report:
+            click.echo(f"report: {result['report']}")
         return
     if not target:
         raise SlmopsError("give a TARGET (registered name or model folder), or --compare SOURCE")
-    model_dir = b.resolve_target(cfg, target)
-    result = {"model": str(model_dir), **b.measure(model_dir, settings, benchmarker)}
-    if quality:
-        try:
-            result["quality"] = b.quality_of(
-                model_dir, b.reference_for(model_dir, reference), Path(domain) if domain else None
-            )
-        except SlmopsError as e:
-            result["quality"] = {"skipped": str(e)}
-    if edge_cases:
-        result["edge_cases"] = b.edge_cases(model_dir)
+    result = b.bench(
+        b.resolve_target(cfg, target),
+        settings,
+        benchmarker,
+        quality,
+        reference,
+        Path(domain) if domain else None,
+        edge_cases,
+    )
+    data = b.bench_json(result)
     if report:
-        result["report"] = str(b.write_report(Path(report), bench=result))
+        data["report"] = str(write_report(Path(report), bench=result["bench"]))
     if as_json:
-        output.emit_json(result)
+        output.emit_json(data)
         return
-    print_bench(result)
-
-
-def print_bench(result: dict[str, Any]) -> None:
-    from . import bench as b
-
-    summary = [{"metric": k, "value": result[k]} for k in b.SUMMARY_KEYS if k in result]
-    summary += [{"metric": k, "value": v} for k, v in b.extra_metrics(result).items()]
-    q = result.get("quality") or {}
-    summary += [
-        {"metric": k, "value": q[k]}
-        for k in (
-            "positions",
-            "mean_kld",
-            "kld_p99",
-            "top1_agreement",
-            "perplexity",
-            "reference_perplexity",
-            "mean_delta_p",
-        )
-        if k in q
-    ]
-    output.table(summary, ["metric", "value"], title=f"benchmark: {result['model']}")
-    if result.get("sweep"):
-        output.table(
-            result["sweep"],
-            ["prompt_tokens", "ttft_ms_p50", "prefill_tok_s", "decode_tok_s", "latency_ms_p50", "latency_ms_p95"],
-            title="input-length sweep",
-        )
-    if result.get("edge_cases"):
-        output.table(
-            [{**e, "ok": "pass" if e["ok"] else "FAIL"} for e in result["edge_cases"]],
-            ["case", "ok", "what"],
-            title="edge cases",
-        )
-    if result.get("report"):
-        click.echo(f"report: {result['report']}")
+    tables.bench(result)
+    if report:
+        click.echo(f"report: {data['report']}")
 
 
 @cli.command("validate")
@@ -953,6 +883,7 @@ def print_bench(result: dict[str, Any]) -> None:
 @click.option("--min-top1", type=float, help="Lowest top-1 agreement accepted.")
 @click.option("--reference", type=click.Path(file_okay=False), help="fp32 model folder to compare against.")
 @click.option("--domain", type=click.Path(dir_okay=False), help="JSONL domain set to score.")
+@click.option("--benchmarker", help="Benchmarker plugin (default: the first that can measure the model).")
 @bench_flags
 @json_option
 @pass_state
@@ -963,6 +894,7 @@ def validate_cmd(
     min_top1: float | None,
     reference: str | None,
     domain: str | None,
+    benchmarker: str | None,
     runs,
     max_new_tokens,
     lengths,
@@ -972,24 +904,25 @@ def validate_cmd(
 ) -> None:
     """The guide's quality checklist as pass/fail; exit 1 when a check fails."""
     from . import bench as b
+    from . import tables
+    from .gate import validate
+    from .report import write_report
 
     cfg = state.config
     cfg.override("validate.max_kld", max_kld, "command line")
     cfg.override("validate.min_top1", min_top1, "command line")
     bench_settings(cfg, runs, max_new_tokens, lengths, soak)
-    result = b.validate(b.resolve_target(cfg, target), cfg, reference, Path(domain) if domain else None)
+    model_dir = b.resolve_target(cfg, target)
+    result = validate(model_dir, cfg, reference, Path(domain) if domain else None, benchmarker=benchmarker)
+    data = result.to_json()
     if report:
-        result["report"] = str(b.write_report(Path(report), bench=result["bench"]))
+        data["report"] = str(write_report(Path(report), bench=result.bench))
     if as_json:
-        output.emit_json(result)
+        output.emit_json(data)
     else:
-        output.table(
-            [{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["checks"]],
-            ["check", "ok", "value", "limit"],
-            title="validation",
-        )
-    if not result["ok"]:
-        raise SlmopsError("validation failed: " + ", ".join(c["check"] for c in result["checks"] if not c["ok"]))
+        tables.validation(result)
+    if not result.ok:
+        raise SlmopsError("validation failed: " + ", ".join(c.check for c in result.failed))
 
 
 @cli.command()
@@ -1008,7 +941,8 @@ def deploy(
     state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json, **flags: Any
 ) -> None:
     """Run the whole guide from slmops.toml: convert, template, register, validate, ask, benchmark."""
-    from .pipeline import deploy as run_deploy
+    from . import deploy as d
+    from . import tables
 
     cfg = state.config
     for key, value in (
@@ -1021,39 +955,15 @@ def deploy(
     ):
         cfg.override(key, value, "command line")
     apply_convert_flags(cfg, flags)
-    result = run_deploy(cfg, ask, dry_run)
-    if as_json:
-        output.emit_json(result)
-        return
     if dry_run:
-        click.echo("\n".join(result["plan"]))
+        steps = d.plan(cfg)
+        output.emit_json({"dry_run": True, "plan": steps}) if as_json else click.echo("\n".join(steps))
         return
-    output.table(
-        result["tried"],
-        ["build", "size_mb", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "chosen"],
-        title="builds tried",
-    )
-    output.table(
-        [{**c, "ok": "pass" if c["ok"] else "FAIL"} for c in result["validation"]["checks"]],
-        ["check", "ok", "value", "limit"],
-        title="validation",
-    )
-    m = result["validation"]["bench"]
-    output.table(
-        [
-            {
-                "model": result["name"],
-                "decode tok/s": m["decode_tok_s"],
-                "TTFT ms": m["ttft_ms_p50"],
-                "p50 ms": m["latency_ms_p50"],
-                "p95 ms": m["latency_ms_p95"],
-                "peak RSS MB": m["peak_rss_mb"],
-                "size": output.human_bytes(m["size_bytes"]),
-            }
-        ],
-        ["model", "decode tok/s", "TTFT ms", "p50 ms", "p95 ms", "peak RSS MB", "size"],
-        title="benchmark summary",
-    )
-    if result.get("answer"):
-        click.echo(f"Q: {ask}\nA: {result['answer']['answer'].strip()}")
-    click.echo(f"Chat with it: {result['run']}\nServe it (OpenAI API at http://127.0.0.1:8000/v1): {result['serve']}")
+    result = d.deploy(cfg, ask)
+    if as_json:
+        output.emit_json(result.to_json())
+        return
+    tables.deployment(result)
+    if result.answer:
+        click.echo(f"Q: {ask}\nA: {result.answer['answer'].strip()}")
+    click.echo(f"Chat with it: {result.run}\nServe it (OpenAI API at http://127.0.0.1:8000/v1): {result.serve}")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import adapters, implementations, progress, sources, verify
+from . import adapters, progress, provided, sources, verify
 from .config import home
 from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
@@ -30,6 +30,7 @@ from .fsutil import (
     write_json_atomic,
 )
 from .isolate import in_child
+from .results import Build
 from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer
 
 MANIFEST = "slmops-manifest.json"
@@ -59,7 +60,7 @@ def tool_versions() -> dict[str, str]:
 
 def offered() -> dict[str, list[str]]:
     """What the loaded converter and quantizer plugins offer: precisions, int4 algorithms, devices, providers."""
-    converters, quantizers = implementations.converters(), implementations.quantizers()
+    converters, quantizers = provided.converters(), provided.quantizers()
 
     def union(*groups: Any) -> list[str]:
         return sorted({v for group in groups for v in group})
@@ -124,12 +125,12 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
     """The cheapest route to the request: a converter that builds the precision itself, or one that builds fp32
     followed by a quantizer. Routes cost the sum of their plugins' costs. ``backend`` / ``quantizer`` name the
     converter / quantizer to use ("auto": any)."""
-    converters = implementations.converters()
+    converters = provided.converters()
     if backend != "auto":
-        converters = [implementations.by_name(converters, backend, "converter")]
-    quantizers = implementations.quantizers()
+        converters = [provided.by_name(converters, backend, "converter")]
+    quantizers = provided.quantizers()
     if quantizer != "auto":
-        quantizers = [implementations.by_name(quantizers, quantizer, "quantizer")]
+        quantizers = [provided.by_name(quantizers, quantizer, "quantizer")]
     reasons: list[str] = []
     routes: list[Route] = []
     for c in converters:
@@ -243,12 +244,86 @@ def convert(
     backend: str = "auto",
     output: str | None = None,
     quantizer_name: str = "auto",
-    dry_run: bool = False,
-) -> dict[str, Any]:
-    """Build (or find in the cache) a verified ORT GenAI model; return its manifest plus path and cached flag.
-    With dry_run, return the route it would take and whether the build is cached, and build nothing."""
+) -> Build:
+    """Build (or find in the cache) a verified ORT GenAI model; with output, also publish it there."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    target = _target(source_spec, request_options, backend, quantizer_name)
+    source, request, build_dir = target.source, target.request, target.build_dir
+    timings["plan_s"] = time.perf_counter() - start
+    manifest = read_manifest(build_dir)
+    cached = is_intact(build_dir, manifest, target.key, say=False)
+    if not cached:
+        with lock(build_dir):
+            clean_stale(build_dir.parent)  # what killed builds left behind
+            manifest = read_manifest(build_dir)
+            cached = is_intact(build_dir, manifest, target.key)
+            if not cached:
+                # fp32 graph + quantized copy + staging, measured on SmolLM2
+                check_disk(build_dir.parent, 3 * dir_size(request.source_dir), "the build")
+                route = target.route
+                manifest = _build(
+                    source,
+                    request,
+                    target.architecture,
+                    route.converter,
+                    route.quantizer,
+                    target.key,
+                    build_dir,
+                    timings,
+                )
+    path = publish(build_dir, Path(output), manifest) if output else build_dir
+    return Build(path=Path(path), cached=cached, manifest=manifest)
+
+
+def reference(source_spec: str | None, options: dict[str, Any], backend: str = "auto") -> Build:
+    """The fp32 build of a source that every build of it is measured against: the same source, adapter and target,
+    no quantization options (so an int4 and an int8 of one source share one reference)."""
+    keep = ("device", "provider", "adapter", "adapter_mode", "trust_remote_code")
+    return convert(source_spec, {"precision": "fp32", **{k: options[k] for k in keep if k in options}}, backend)
+
+
+def route(
+    source_spec: str | None,
+    request_options: dict[str, Any],
+    backend: str = "auto",
+    output: str | None = None,
+    quantizer_name: str = "auto",
+) -> dict[str, Any]:
+    """convert --dry-run: the route a build would take and whether it is cached; builds nothing."""
+    target = _target(source_spec, request_options, backend, quantizer_name)
+    source, plan_ = target.source, target.route
+    return {
+        "dry_run": True,
+        "source": {"spec": source.spec, "kind": source.kind, "path": str(source.original)},
+        "architecture": target.architecture,
+        "options": target.request.options(),
+        "converter": plan_.converter.name,
+        "quantizer": plan_.quantizer.name if plan_.quantizer else None,
+        "route": plan_.describe(),
+        "cost": plan_.cost,
+        "rejected": plan_.rejected,
+        "alternatives": plan_.alternatives,
+        "path": str(target.build_dir),
+        "cached": is_intact(target.build_dir, read_manifest(target.build_dir), target.key, say=False),
+        "output": output,
+    }
+
+
+@dataclasses.dataclass
+class Target:
+    """What a build request resolves to before anything is built: the source, the full request, the route and the
+    cache folder its key names."""
+
+    source: sources.Source
+    request: ConvertRequest
+    architecture: str
+    route: Route
+    key: str
+    build_dir: Path
+
+
+def _target(source_spec: str | None, request_options: dict[str, Any], backend: str, quantizer_name: str) -> Target:
     with progress.step("Resolving the source"):
         source = sources.resolve(source_spec)
     checkpoint, source_sha = source.checkpoint, source.sha256
@@ -267,9 +342,8 @@ def convert(
             checkpoint = merge_adapter(checkpoint, source_sha, request.adapter, request.trust_remote_code)
             request = dataclasses.replace(request, source_dir=checkpoint)
     architecture = architecture_of(checkpoint)
-    route = plan(request, architecture, backend, quantizer_name)
-    converter, quantizer = route.converter, route.quantizer
-    key = build_key(source_sha, request, converter, quantizer)
+    chosen = plan(request, architecture, backend, quantizer_name)
+    key = build_key(source_sha, request, chosen.converter, chosen.quantizer)
     # The key names a build; the folder's name also says its source, so a moved or renamed source finds its build
     built = sorted((home() / "builds").glob(f"*-{request.precision}-{key[:12]}"))
     build_dir = (
@@ -277,40 +351,7 @@ def convert(
         if built
         else home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
     )
-    timings["plan_s"] = time.perf_counter() - start
-
-    manifest = read_manifest(build_dir)
-    cached = is_intact(build_dir, manifest, key, say=False)
-    if dry_run:
-        return {
-            "dry_run": True,
-            "source": {"spec": source.spec, "kind": source.kind, "path": str(source.original)},
-            "architecture": architecture,
-            "options": request.options(),
-            "converter": converter.name,
-            "quantizer": quantizer.name if quantizer else None,
-            "route": route.describe(),
-            "cost": route.cost,
-            "rejected": route.rejected,
-            "alternatives": route.alternatives,
-            "path": str(build_dir),
-            "cached": cached,
-            "output": output,
-        }
-    if not cached:
-        with lock(build_dir):
-            clean_stale(build_dir.parent)  # what killed builds left behind
-            manifest = read_manifest(build_dir)
-            cached = is_intact(build_dir, manifest, key)
-            if not cached:
-                # fp32 graph + quantized copy + staging, measured on SmolLM2
-                check_disk(build_dir.parent, 3 * dir_size(checkpoint), "the build")
-                manifest = _build(source, request, architecture, converter, quantizer, key, build_dir, timings)
-    result = dict(manifest)
-    result.update(path=str(build_dir), cached=cached)
-    if output:
-        result["path"] = str(publish(build_dir, Path(output), manifest))
-    return result
+    return Target(source, request, architecture, chosen, key, build_dir)
 
 
 def is_intact(build_dir: Path, manifest: dict[str, Any] | None, key: str, say: bool = True) -> bool:

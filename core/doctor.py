@@ -83,7 +83,7 @@ def checks() -> list[dict[str, Any]]:
     except Exception as e:
         add("ORT GenAI runtime", "fail", f"{type(e).__name__}: {e}")
     add("architectures", "ok", "tested: " + ", ".join(a.removesuffix("ForCausalLM") for a in TESTED_ARCHITECTURES))
-    from .implementations import plugin_of, registries
+    from .provided import plugin_of, registries
 
     for registry in registries():
         problem = registry.runtime_problem()

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .config import Config
 from .errors import SlmopsError
 
 TOP_KEYS = {
@@ -128,3 +129,14 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     if model.get("adapter_path") is not None and not isinstance(model["adapter_path"], str):
         raise SlmopsError(f"{path}: input_model.adapter_path must be a folder name")
     return source, options, (str((base / out).resolve()) if out and not Path(out).is_absolute() else out)
+
+
+def apply_to(cfg: Config, path: Path) -> None:
+    """Take the workflow's source, options and output into the settings, each marked as coming from the file; an
+    output given on the command line wins."""
+    source, options, output = read_olive_config(path)
+    cfg.override("model.source", source, str(path))
+    for key, value in options.items():
+        cfg.override(f"{'model' if key == 'adapter' else 'convert'}.{key}", value, str(path))
+    if output and not cfg.get("convert.output"):
+        cfg.override("convert.output", output, str(path))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SlmopsError
+from .results import Quality
 
 CHUNK = 512
 WINDOWING = 2  # 2: every window opens with the tokenizer's BOS; results remembered under 1 are not reused
@@ -29,11 +30,6 @@ def corpus_id(rows: list[dict[str, str]] | None = None, prefix: list[int] | None
     """Names the scored text and how it is cut, so remembered results are not reused for other text."""
     blob = json.dumps([CHUNK, WINDOWING, prefix or [], [r.get("text") for r in (rows or load_set())]])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def passes(q: dict[str, Any], thresholds: dict[str, Any]) -> bool:
-    """The quality gate: mean KLD at most max_kld and top-1 agreement at least min_top1."""
-    return q["mean_kld"] <= thresholds["max_kld"] and q["top1_agreement"] >= thresholds["min_top1"]
 
 
 def load_set(path: Path | None = None, shipped: bool = False) -> list[dict[str, str]]:
@@ -79,9 +75,7 @@ def windows(tokens: list[int], chunk: int = CHUNK, prefix: list[int] | None = No
 Logits = Callable[[list[int]], np.ndarray]  # tokens -> next-token logits at every position, [len, vocab]
 
 
-def compare(
-    candidate: Path, reference: Path, rows: list[dict[str, str]] | None = None, chunk: int = CHUNK
-) -> dict[str, Any]:
+def compare(candidate: Path, reference: Path, rows: list[dict[str, str]] | None = None, chunk: int = CHUNK) -> Quality:
     """KL(reference || candidate) per scored position (mean and p99), top-1 agreement, both perplexities and the
     mean change in the right token's probability (candidate minus reference), over the text rows."""
     # Always two runs, also for one folder: a comparison that short-cuts equal paths proves nothing.
@@ -99,7 +93,7 @@ def score(
     rows: list[dict[str, str]] | None = None,
     chunk: int = CHUNK,
     prefix: list[int] | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Quality]:
     """compare() for several candidates in one pass over the text: the reference runs once per window. encode:
     a text's own tokens; prefix: what the tokenizer puts before a text (BOS), opening every window."""
     rows = [r for r in (rows or load_set()) if "text" in r]
@@ -124,17 +118,17 @@ def score(
     results = {}
     for name, s in sums.items():
         kld = np.concatenate(s["kld"])
-        results[name] = {
-            "positions": positions,
-            "mean_kld": float(kld.mean()),
-            "kld_p99": float(np.percentile(kld, 99)),
-            "top1_agreement": s["agree"] / positions,
-            "perplexity": float(np.exp(s["nll"] / positions)),
-            "reference_perplexity": float(np.exp(nll_ref / positions)),
-            "mean_delta_p": s["delta_p"] / positions,
-            "window": chunk,
-            "corpus": corpus_id(rows, prefix),
-        }
+        results[name] = Quality(
+            positions=positions,
+            mean_kld=float(kld.mean()),
+            kld_p99=float(np.percentile(kld, 99)),
+            top1_agreement=s["agree"] / positions,
+            perplexity=float(np.exp(s["nll"] / positions)),
+            reference_perplexity=float(np.exp(nll_ref / positions)),
+            mean_delta_p=s["delta_p"] / positions,
+            window=chunk,
+            corpus=corpus_id(rows, prefix),
+        )
     return results
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import implementations, progress, templates
+from . import progress, provided, templates
 from .config import Config, home
 from .convert import read_manifest
 from .errors import SlmopsError
@@ -43,7 +43,7 @@ def open_registry(cfg: Config, backend: str | None = None) -> Registry:
     """The registry named by backend (else [registry] backend), at its own folder: $SLMOPS_REGISTRY_DIR_<NAME>;
     for the configured registry also [registry] cache_dir or $SLMOPS_REGISTRY_DIR; else its default_location().
     Registries never share a folder by default: one named with --registry does not take the configured one's."""
-    registry = implementations.by_name(implementations.registries(), backend or cfg.get("registry.backend"), "registry")
+    registry = provided.by_name(provided.registries(), backend or cfg.get("registry.backend"), "registry")
     where = os.environ.get(location_variable(registry.name))
     if not where and registry.name == cfg.get("registry.backend"):
         where = cfg.get("registry.cache_dir") or os.environ.get(REGISTRY_ENV)
@@ -126,8 +126,9 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def register(registry: Registry, pkg: Package, replace: bool = True) -> dict[str, Any]:
-    """Record a packaged model in the registry, last: whatever was registered under its name stays until then."""
+def add(registry: Registry, pkg: Package, replace: bool = True) -> dict[str, Any]:
+    """Add a packaged model to a model registry (the registry plugin's register()), last: whatever was registered
+    under its name stays until then."""
     entry = dataclasses.replace(pkg.entry, registry=registry.name)
     with progress.step(f"Registering {entry.name} with {registry.name}"):
         entry = registry.register(pkg.path, entry, pkg.inference_model, replace)

@@ -100,6 +100,43 @@ def cli():
     return run_cli
 
 
+class InProcess:
+    def __init__(self, rc: int, out: str, err: str):
+        self.rc, self.out, self.err = rc, out, err
+
+    json = Result.json
+    __repr__ = Result.__repr__
+
+
+def run_inprocess(*args: str, env: dict | None = None, cwd: Path | None = None) -> InProcess:
+    """The real `slmops` command line in this process, for fast tests: main() (so errors are its one line) under
+    click's CliRunner isolation (stdout, stderr and the environment). Plugins load once per process here, so tests
+    that change which plugins load run the command in a child process (`cli`)."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    here = os.getcwd()
+    os.chdir(cwd or NEUTRAL_DIR)  # as run_cli: no slmops.toml above it unless the test made one
+    try:
+        with CliRunner().isolation(env=env) as (out, err, _):
+            try:
+                main([str(a) for a in args])
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return InProcess(rc, out.getvalue().decode(), err.getvalue().decode())
+    finally:
+        os.chdir(here)
+
+
+@pytest.fixture(scope="session")
+def cli_here():
+    return run_inprocess
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint(slmops_home) -> Path:
     """The embedded SmolLM2-135M-Instruct, turned from GGUF into a checkpoint once per session."""

@@ -82,17 +82,17 @@ def test_every_listed_architecture_is_tested_here():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_build_is_its_source(family, tiny_of):
     built = convert.convert(str(tiny_of(family)), {"precision": "fp32"})
-    found = built["verification"]["source"]
-    assert built["source"]["architecture"] == ARCHITECTURES[FAMILIES[family][0]]
+    found = built.verification["source"]
+    assert built.manifest["source"]["architecture"] == ARCHITECTURES[FAMILIES[family][0]]
     assert found["positions"] == 192
     assert found["mean_kld"] <= FP32_MAX_KLD and found["top1_agreement"] == 1.0, found
-    assert built["verification"]["sample"]["tokens"] > 0
+    assert built.verification["sample"]["tokens"] > 0
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_build_generates_and_records_its_distance(family, precision, tiny_of):
     built = convert.convert(str(tiny_of(family)), {"precision": precision})
-    found = built["verification"]["source"]
-    assert built["verification"]["sample"]["tokens"] > 0
+    found = built.verification["source"]
+    assert built.verification["sample"]["tokens"] > 0
     assert found["positions"] == 192 and 0 < found["mean_kld"] < 1.0, found  # quantized: close, not equal

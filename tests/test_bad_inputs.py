@@ -80,7 +80,7 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
 @pytest.fixture(scope="module")
 def inputs(tiny_llama, tiny_llama_int4, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
-    made = {"tiny": str(tiny_llama), "int4": tiny_llama_int4["path"], "tmp": str(root), "long": "word " * 600}
+    made = {"tiny": str(tiny_llama), "int4": str(tiny_llama_int4.path), "tmp": str(root), "long": "word " * 600}
     (root / "empty").mkdir()
     made["empty"] = str(root / "empty")
     (root / "a_file").write_text("not a folder")

@@ -1,7 +1,6 @@
 """The benchmarker, quality metrics, the edge-case suite and validate's exit code, on tiny generated models."""
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 
@@ -14,7 +13,7 @@ from .conftest import run_cli
 def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path):
     r = cli(
         "bench",
-        tiny_llama_int4["path"],
+        tiny_llama_int4.path,
         "--runs",
         "3",
         "--lengths",
@@ -46,17 +45,17 @@ def test_bench_metrics_are_present_and_consistent(cli, tiny_llama_int4, tmp_path
 def test_kld_of_a_model_against_its_copy_is_zero(tiny_llama_int4, tmp_path):
     """Two separate loads and runs (a copy, so no path can be short-cut): deterministic CPU inference agrees exactly."""
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_llama_int4["path"], copy)
-    q = quality.compare(copy, Path(tiny_llama_int4["path"]))
-    assert abs(q["mean_kld"]) < 1e-12 and q["top1_agreement"] == 1 and q["perplexity"] == q["reference_perplexity"]
+    shutil.copytree(tiny_llama_int4.path, copy)
+    q = quality.compare(copy, tiny_llama_int4.path)
+    assert abs(q.mean_kld) < 1e-12 and q.top1_agreement == 1 and q.perplexity == q.reference_perplexity
 
 
 def test_damaged_model_scores_worse(tiny_qwen2, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    fp32 = Path(convert.convert(str(tiny_qwen2), {"precision": "fp32"})["path"])
-    int8 = Path(convert.convert(str(tiny_qwen2), {"precision": "int8"})["path"])
+    fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
+    int8 = convert.convert(str(tiny_qwen2), {"precision": "int8"}).path
     damaged = tmp_path / "damaged"
     shutil.copytree(fp32, damaged)
     model = onnx.load(str(damaged / "model.onnx"))
@@ -70,8 +69,8 @@ def test_damaged_model_scores_worse(tiny_qwen2, tmp_path):
     (damaged / "model.onnx.data").unlink()
     onnx.save(model, str(damaged / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     good, bad = quality.compare(int8, fp32), quality.compare(damaged, fp32)
-    assert bad["mean_kld"] > 10 * good["mean_kld"] and bad["top1_agreement"] < good["top1_agreement"]
-    assert bad["mean_delta_p"] < good["mean_delta_p"] and bad["kld_p99"] > good["kld_p99"]
+    assert bad.mean_kld > 10 * good.mean_kld and bad.top1_agreement < good.top1_agreement
+    assert bad.mean_delta_p < good.mean_delta_p and bad.kld_p99 > good.kld_p99
     # the default gate refuses the damaged build
     common = ["--runs", "1", "--lengths", "8,32", "--max-new-tokens", "4", "--soak", "2", "--json"]
     refused = run_cli("validate", damaged, "--reference", fp32, *common)
@@ -83,21 +82,21 @@ def test_corpus_metrics_on_a_tiny_model(tiny_llama_int4, monkeypatch):
     monkeypatch.delenv("SLMOPS_QUALITY_SET")
     rows = quality.load_set()
     assert {r["kind"] for r in rows} == {"prose", "code", "dialogue"}
-    fp32 = Path(convert.convert(tiny_llama_int4["source"]["checkpoint"], {"precision": "fp32"})["path"])
+    fp32 = convert.convert(tiny_llama_int4.manifest["source"]["checkpoint"], {"precision": "fp32"}).path
     from slmops.runtime import Session
 
     session = Session(fp32)
     encode = session.tokens
     tokens = sum(len(encode(r["text"])) for r in rows)
-    q = quality.compare(Path(tiny_llama_int4["path"]), fp32)
-    assert q["window"] == 511  # the tiny model's context is 512: a window and the next token fit in it
+    q = quality.compare(tiny_llama_int4.path, fp32)
+    assert q.window == 511  # the tiny model's context is 512: a window and the next token fit in it
     expected = sum(
         len(w) - len(w) // 2 - 1 for r in rows for w in quality.windows(encode(r["text"]), 511, session.prefix)
     )
     assert tokens >= 20_000 and expected > 10_000
-    assert q["positions"] == expected and q["corpus"] == quality.corpus_id()
-    assert q["kld_p99"] > q["mean_kld"] > 0 and q["reference_perplexity"] > 1
-    assert abs(q["mean_delta_p"]) < 0.5
+    assert q.positions == expected and q.corpus == quality.corpus_id()
+    assert q.kld_p99 > q.mean_kld > 0 and q.reference_perplexity > 1
+    assert abs(q.mean_delta_p) < 0.5
 
 
 def test_edge_case_suite_reports_a_crash_instead_of_raising():
@@ -117,8 +116,8 @@ def test_edge_case_suite_reports_a_crash_instead_of_raising():
 
 def test_validate_exit_code_follows_thresholds(cli, tiny_llama_int4):
     common = ["--runs", "1", "--lengths", "8,32", "--max-new-tokens", "4", "--soak", "2", "--json"]
-    loose = cli("validate", tiny_llama_int4["path"], "--max-kld", "100", "--min-top1", "0", *common)
-    strict = cli("validate", tiny_llama_int4["path"], "--max-kld", "0", *common)
+    loose = cli("validate", tiny_llama_int4.path, "--max-kld", "100", "--min-top1", "0", *common)
+    strict = cli("validate", tiny_llama_int4.path, "--max-kld", "0", *common)
     assert strict.rc == 1 and "validation failed: quality: mean KLD" in strict.err
     checks = {c["check"]: c for c in loose.json()["checks"]}
     assert checks["quality: mean KLD"]["ok"] and checks["edge cases handled"]["ok"]

@@ -13,7 +13,7 @@ from slmops.errors import SlmopsError
 
 def test_int4_llama_is_verified_and_recorded(tiny_llama, tiny_llama_int4):
     result = tiny_llama_int4
-    model_dir = Path(result["path"])
+    model_dir = result.path
     manifest = json.loads((model_dir / "slmops-manifest.json").read_text())
     assert manifest["source"]["architecture"] == "LlamaForCausalLM"
     assert len(manifest["source"]["sha256"]) == 64
@@ -28,18 +28,18 @@ def test_int4_llama_is_verified_and_recorded(tiny_llama, tiny_llama_int4):
 
 def test_same_request_is_a_cache_hit(tiny_llama, tiny_llama_int4):
     again = convert.convert(str(tiny_llama), {"precision": "int4"})
-    assert again["cached"] and again["path"] == tiny_llama_int4["path"] and again["key"] == tiny_llama_int4["key"]
+    assert again.cached and again.path == tiny_llama_int4.path and again.key == tiny_llama_int4.key
 
 
 @pytest.mark.parametrize("precision, bits", [("int8", {"8"}), ("fp32", set())])
 def test_qwen2_int8_and_fp32(tiny_qwen2, precision, bits):
     result = convert.convert(str(tiny_qwen2), {"precision": precision})
-    assert result["source"]["architecture"] == "Qwen2ForCausalLM"
-    assert set(result["verification"]["graph"]["matmul_nbits"]) == bits
+    assert result.manifest["source"]["architecture"] == "Qwen2ForCausalLM"
+    assert set(result.verification["graph"]["matmul_nbits"]) == bits
     if precision == "int8":
-        assert result["quantizer"] == "matmul-nbits"
+        assert result.manifest["quantizer"] == "matmul-nbits"
     else:
-        assert result["verification"]["graph"]["float_matmuls"] > 0
+        assert result.verification["graph"]["float_matmuls"] > 0
 
 
 def test_cli_convert_to_output_json(cli, tiny_qwen2, tmp_path):
@@ -100,7 +100,7 @@ def test_olive_backend_builds_the_same_graph(cli, tiny_llama, tiny_llama_int4):
     r = cli("convert", tiny_llama, "--precision", "int4", "--backend", "olive", "--json")
     result = r.json()  # stdout holds the JSON alone: Olive's and the builder's own prints are kept off it
     assert result["converter"] == "olive" and result["verification"]["ok"]
-    assert result["verification"]["graph"] == tiny_llama_int4["verification"]["graph"]
+    assert result["verification"]["graph"] == tiny_llama_int4.verification["graph"]
 
 
 def test_lora_adapter_is_merged(tiny_llama, tmp_path):
@@ -115,8 +115,8 @@ def test_lora_adapter_is_merged(tiny_llama, tmp_path):
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     result = convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": adapter})
-    assert result["verification"]["ok"] and result["options"]["adapter"] == str(adapter)
-    merged = Path(result["source"]["checkpoint"])
+    assert result.verification["ok"] and result.manifest["options"]["adapter"] == str(adapter)
+    merged = Path(result.manifest["source"]["checkpoint"])
     assert merged != tiny_llama and (merged / "config.json").is_file()
     # The merged weights differ from the base: the adapter was really applied.
     merged_model = AutoModelForCausalLM.from_pretrained(merged)
@@ -190,9 +190,9 @@ def test_too_little_disk_is_refused(monkeypatch, tiny_qwen2):
 
 
 def test_interrupt_leaves_no_partial_output(monkeypatch, tiny_qwen2, slmops_home):
-    from slmops import implementations
+    from slmops import provided
 
-    builder = next(c for c in implementations.converters() if c.name == "model-builder")
+    builder = next(c for c in provided.converters() if c.name == "model-builder")
 
     def interrupted(request, output_dir, work_dir):
         (output_dir / "model.onnx").write_bytes(b"partial")
@@ -234,10 +234,10 @@ def test_lora_kept_as_an_ort_genai_adapter_file(tiny_llama, lora_adapter):
     from transformers import AutoModelForCausalLM
 
     result = convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": lora_adapter, "adapter_mode": "adapter"})
-    model_dir = Path(result["path"])
-    assert result["verification"]["ok"] and result["source"]["checkpoint"] == str(tiny_llama)
+    model_dir = result.path
+    assert result.verification["ok"] and result.manifest["source"]["checkpoint"] == str(tiny_llama)
     assert result["adapters"] == {"support-bot": "adapters/support-bot.onnx_adapter"}
-    assert result["verification"]["adapter"]["max_logit_change"] > 0
+    assert result.verification["adapter"]["max_logit_change"] > 0
     tokens = [1, 504, 3575, 282, 4649, 314]
     base_hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with torch.no_grad():
@@ -251,17 +251,17 @@ def test_lora_kept_as_an_ort_genai_adapter_file(tiny_llama, lora_adapter):
 def test_quantized_base_keeps_the_adapter_in_float(tiny_llama, lora_adapter):
     """int4 goes fp32 build -> adapter file -> MatMulNBits around the LoRA MatMuls, which stay float."""
     result = convert.convert(str(tiny_llama), {"precision": "int4", "adapter": lora_adapter, "adapter_mode": "adapter"})
-    assert (result["converter"], result["quantizer"]) == ("model-builder", "matmul-nbits")
-    graph = result["verification"]["graph"]
+    assert (result.manifest["converter"], result.manifest["quantizer"]) == ("model-builder", "matmul-nbits")
+    graph = result.verification["graph"]
     # 2 layers x 3 LoRA targets x (A, B) stay float; the 7 projections per layer and lm_head are 4-bit.
     assert graph["float_matmuls"] == 12 and graph["matmul_nbits"] == {"4": 15}
-    assert result["verification"]["adapter"]["max_logit_change"] > 0
-    assert (Path(result["path"]) / "adapters" / "support-bot.onnx_adapter").is_file()
+    assert result.verification["adapter"]["max_logit_change"] > 0
+    assert (result.path / "adapters" / "support-bot.onnx_adapter").is_file()
 
 
 def test_model_run_switches_the_adapter_on(tiny_llama, lora_adapter, cli, registry_dir):
     result = convert.convert(str(tiny_llama), {"precision": "int4", "adapter": lora_adapter, "adapter_mode": "adapter"})
-    assert cli("register", result["path"], "--name", "tiny-lora").rc == 0
+    assert cli("register", result.path, "--name", "tiny-lora").rc == 0
     run = ("model", "run", "tiny-lora", "-p", "Hi", "--max-new-tokens", "6", "--json")
     tuned, base = cli(*run).json(), cli(*run, "--adapter", "none").json()
     assert (tuned["engine"], tuned["adapter"]) == ("ort-genai", "support-bot") and base["adapter"] is None
@@ -290,15 +290,15 @@ def test_hqq_fits_float_zero_points_and_is_closer_to_fp32(tiny_qwen2):
     from slmops import quality
 
     hqq = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "hqq", "symmetric": False})
-    assert (hqq["converter"], hqq["quantizer"]) == ("model-builder", "matmul-nbits")
-    graph = hqq["verification"]["graph"]
+    assert (hqq.manifest["converter"], hqq.manifest["quantizer"]) == ("model-builder", "matmul-nbits")
+    graph = hqq.verification["graph"]
     assert graph["symmetric"] == [False] and graph["block_sizes"] == [32] and graph["accuracy_levels"] == [4]
-    model = onnx.load(str(Path(hqq["path"]) / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(hqq.path / "model.onnx"), load_external_data=False)
     zero_points = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("zero_points")}
     assert zero_points and set(zero_points.values()) == {onnx.TensorProto.FLOAT}
     rtn = convert.convert(str(tiny_qwen2), {"precision": "int4", "symmetric": False})
-    fp32 = Path(convert.convert(str(tiny_qwen2), {"precision": "fp32"})["path"])
-    assert quality.compare(Path(hqq["path"]), fp32)["mean_kld"] < quality.compare(Path(rtn["path"]), fp32)["mean_kld"]
+    fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
+    assert quality.compare(hqq.path, fp32).mean_kld < quality.compare(rtn.path, fp32).mean_kld
 
 
 def test_hqq_asks_for_asymmetric(tiny_qwen2):
@@ -316,15 +316,15 @@ def test_a_changed_source_or_tool_version_is_a_new_build(tiny_llama, tmp_path, m
     copy = tmp_path / "moved"
     shutil.copytree(tiny_llama, copy)
     moved = convert.convert(str(copy), {"precision": "fp32"})
-    assert moved["cached"] and moved["key"] == first["key"]
+    assert moved.cached and moved.key == first.key
     weights = load_file(copy / "model.safetensors")
     name = next(n for n in weights if "down_proj" in n)
     weights[name] = weights[name] * 1.5
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
     changed = convert.convert(str(copy), {"precision": "fp32"})
-    assert not changed["cached"] and changed["key"] != first["key"]
+    assert not changed.cached and changed.key != first.key
     real = convert.tool_versions()
     monkeypatch.setattr(convert, "tool_versions", lambda: {**real, "onnxruntime-genai": "0.0.1"})
     upgraded = convert.convert(str(tiny_llama), {"precision": "fp32"})
-    assert not upgraded["cached"] and upgraded["key"] not in (first["key"], changed["key"])
+    assert not upgraded.cached and upgraded.key not in (first.key, changed.key)
     assert upgraded["tools"]["onnxruntime-genai"] == "0.0.1"

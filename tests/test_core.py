@@ -26,7 +26,7 @@ def test_every_hook_documents_its_arguments():
 
 
 def test_hook_hands_register_callback_and_core_keeps_the_list():
-    from slmops import implementations
+    from slmops import provided
     from slmops.api import Benchmarker
     from slmops.plugin_manager import plugin_manager
 
@@ -43,15 +43,15 @@ def test_hook_hands_register_callback_and_core_keeps_the_list():
             register(B())
 
     plugin_manager().register(Plugin(), name="throwaway")
-    implementations.clear_caches()
+    provided.clear_caches()
     try:
-        names = [b.name for b in implementations.benchmarkers()]
+        names = [b.name for b in provided.benchmarkers()]
         assert names == ["ort-genai", "bench-a", "bench-b"]  # built-ins first, then in registration order
-        assert {implementations.plugin_of(b) for b in implementations.benchmarkers()[1:]} == {"throwaway"}
-        assert not hasattr(implementations.benchmarkers()[1], "plugin")  # the core keeps the record, not the object
+        assert {provided.plugin_of(b) for b in provided.benchmarkers()[1:]} == {"throwaway"}
+        assert not hasattr(provided.benchmarkers()[1], "plugin")  # the core keeps the record, not the object
     finally:
         plugin_manager().unregister(name="throwaway")
-        implementations.clear_caches()
+        provided.clear_caches()
 
 
 def test_plugins_lists_builtins_and_entry_point_plugin(cli):
@@ -171,8 +171,8 @@ def test_load_and_disable_by_distribution_name_and_unknown_names_warn(cli):
     assert "slmops_thirdparty" not in r.err  # a distribution name is known, spelled either way
 
 
-def test_plugins_shows_which_plugin_provides_each_implementation(cli):
-    rows = cli("plugins", "--json").json()["implementations"]
+def test_plugins_shows_which_plugin_provides_each_implementation(cli_here):
+    rows = cli_here("plugins", "--json").json()["implementations"]
     by = {(r["role"], r["name"]): r for r in rows}
     assert by[("template family", "zephyrish")]["plugin"] == "thirdparty"
     assert by[("template family", "zephyrish")]["package"] == "slmops-thirdparty"
@@ -180,18 +180,18 @@ def test_plugins_shows_which_plugin_provides_each_implementation(cli):
     assert by[("registry", "foundry-local")]["package"] == "slmops"
 
 
-def test_config_found_walking_up_and_flags_override(cli, tmp_path):
+def test_config_found_walking_up_and_flags_override(cli_here, tmp_path):
     (tmp_path / "slmops.toml").write_text('[convert]\nprecision = "int8"\nblock_size = 64\n')
     sub = tmp_path / "a" / "b"
     sub.mkdir(parents=True)
-    rows = {r["key"]: r for r in cli("config", "--json", cwd=sub).json()["settings"]}
+    rows = {r["key"]: r for r in cli_here("config", "--json", cwd=sub).json()["settings"]}
     assert rows["convert.precision"]["value"] == "int8"
     assert rows["convert.precision"]["from"] == f"{tmp_path / 'slmops.toml'}:2"
     assert rows["convert.block_size"]["value"] == 64
     assert rows["convert.symmetric"]["from"] == "default"
     other = tmp_path / "other.toml"
     other.write_text('[model]\nname = "x1"\n')
-    rows = {r["key"]: r for r in cli("--config", other, "config", "--json", cwd=sub).json()["settings"]}
+    rows = {r["key"]: r for r in cli_here("--config", other, "config", "--json", cwd=sub).json()["settings"]}
     assert rows["model.name"]["value"] == "x1" and rows["convert.precision"]["value"] == "int4"
 
 
@@ -204,10 +204,10 @@ def test_config_found_walking_up_and_flags_override(cli, tmp_path):
         ("[nosuch]\nx = 1\n", "unknown section [nosuch]"),
     ],
 )
-def test_bad_config_is_one_line_naming_the_key(cli, tmp_path, text, expected):
+def test_bad_config_is_one_line_naming_the_key(cli_here, tmp_path, text, expected):
     path = tmp_path / "slmops.toml"
     path.write_text(text)
-    r = cli("--config", path, "config")
+    r = cli_here("--config", path, "config")
     assert r.rc == 2  # a usage error, as a bad flag is
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.err
@@ -217,13 +217,13 @@ def test_bad_config_is_one_line_naming_the_key(cli, tmp_path, text, expected):
         assert f"{path}:3" in lines[0]
 
 
-def test_missing_config_unknown_command_and_option(cli, tmp_path):
+def test_missing_config_unknown_command_and_option(cli_here, tmp_path):
     for args, text in [
         (("--config", tmp_path / "nope.toml", "config"), "not found"),
         (("frobnicate",), "No such command"),
         (("convert", "--colour", "red"), "No such option"),
     ]:
-        r = cli(*args)
+        r = cli_here(*args)
         assert r.rc != 0
         lines = r.err.strip().splitlines()
         assert len(lines) == 1 and text in lines[0], r
@@ -287,3 +287,15 @@ def test_stop_text_cuts_stop_strings_split_over_pieces():
     whole, stopped, out = run(["a <", "b> c"], ["<|im_end|>"])
     assert (whole, stopped) == ("a <b> c", False) and out[0] == "a "  # "<" held back until it cannot be a stop
     assert run(["no stops here"], [])[:2] == ("no stops here", False)
+
+
+def test_plugin_commands_are_there_however_the_group_is_invoked(cli_here):
+    """The group adds plugins' commands itself when first asked for one, so click's own CliRunner, which knows
+    nothing of main(), finds them too."""
+    from click.testing import CliRunner
+
+    from slmops.cli import cli as group
+
+    done = CliRunner().invoke(group, ["hello-thirdparty"])
+    assert done.exit_code == 0 and done.output == "hello from slmops-thirdparty\n", done.output
+    assert "hello-thirdparty" in cli_here("--help").out

@@ -49,16 +49,22 @@ def test_failed_gate_keeps_the_earlier_deployment(cli, tiny_llama, tmp_path, fas
     assert tree_hashes(folder) == before and record_ids(reg) == ["keep:1"]
     env = {"SLMOPS_REGISTRY_DIR": str(reg)}
     assert cli("model", "run", "keep", "--prompt", "Hi", "--max-new-tokens", "2", env=env).rc == 0
+    # Deploying again after the failed gate, with a gate the int4 build passes, replaces the model.
+    again = cli(*common, "--precision", "int4", "--max-kld", "100", "--min-top1", "0")
+    assert again.rc == 0 and "already deployed" not in again.err, again
+    assert tree_hashes(folder) != before and record_ids(reg) == ["keep:1"]
+    manifest = json.loads((folder / "slmops-manifest.json").read_text())
+    assert manifest["options"]["precision"] == "int4"
 
 
 def test_refused_registration_keeps_the_existing_one(cli, registry_dir, tiny_llama_int4, tmp_path):
     """Item 2: a broken genai_config.json is refused (slmops's own template check loads it with ORT GenAI first);
     the model registered under that name stays."""
-    assert cli("register", tiny_llama_int4["path"], "--name", "x").rc == 0
+    assert cli("register", tiny_llama_int4.path, "--name", "x").rc == 0
     folder = registry_dir / "custom" / "x"
     before = tree_hashes(folder)
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_llama_int4["path"], broken)
+    shutil.copytree(tiny_llama_int4.path, broken)
     (broken / "genai_config.json").write_text("{broken")
     r = cli("register", broken, "--name", "x")
     assert r.rc == 1 and "ONNX Runtime GenAI cannot load" in r.err and "genai_config.json" in r.err, r
@@ -114,7 +120,7 @@ def test_output_folder_keeps_the_users_files(cli, tiny_llama, tmp_path):
 
 def test_registered_model_with_its_folder_deleted(cli, registry_dir, tiny_llama_int4, tmp_path):
     """Item 5: shown as missing (sizing nothing), clear errors from run/bench/cd, and `cache rm` cleans it."""
-    assert cli("register", tiny_llama_int4["path"], "--name", "gone").rc == 0
+    assert cli("register", tiny_llama_int4.path, "--name", "gone").rc == 0
     shutil.rmtree(registry_dir / "custom" / "gone")
     r = cli("cache", "ls", "--json", cwd=Path("/"))
     assert r.rc == 0, r
@@ -156,7 +162,7 @@ def test_deploy_revalidates_after_someone_else_registered(cli, tiny_llama, tiny_
     assert cli(*args).rc == 0
     assert "already deployed" in cli(*args).err
     env = {"SLMOPS_REGISTRY_DIR": str(reg)}
-    assert cli("register", tiny_llama_int4["path"], "--name", "d", env=env).rc == 0
+    assert cli("register", tiny_llama_int4.path, "--name", "d", env=env).rc == 0
     r = cli(*args, "--json")
     assert r.rc == 0 and "already deployed" not in r.err, r
     manifest = json.loads((reg / "custom" / "d" / "slmops-manifest.json").read_text())
@@ -179,7 +185,7 @@ def test_stale_leftovers_are_cleaned_or_restored(tmp_path):
 
 
 def test_a_turn_longer_than_the_context_keeps_the_chat(cli, registry_dir, tiny_llama_int4):
-    assert cli("register", tiny_llama_int4["path"], "--name", "talk").rc == 0
+    assert cli("register", tiny_llama_int4.path, "--name", "talk").rc == 0
     r = cli("model", "run", "talk", "--max-new-tokens", "2", input="word " * 600 + "\nHello\nexit\n")
     assert r.rc == 0, r
     assert "the conversation is" in r.err and "shorten the prompt" in r.err

@@ -52,18 +52,18 @@ def test_deploy_gate_failure_leaves_nothing_registered(cli, tiny_llama, tmp_path
     assert cli("cache", "ls", "--json", env={"SLMOPS_REGISTRY_DIR": str(reg)}).json() == []
 
 
-def test_dry_run_prints_the_plan(cli, tmp_path):
-    r = cli("deploy", "--dry-run", "--name", "x", "--registry-dir", tmp_path)
+def test_dry_run_prints_the_plan(cli_here, tmp_path):
+    r = cli_here("deploy", "--dry-run", "--name", "x", "--registry-dir", tmp_path)
     assert r.rc == 0 and "1. source: default" in r.out and "register as x" in r.out
     assert not any(tmp_path.iterdir())
 
 
-def test_deploy_takes_the_adapter_mode(cli, tmp_path):
+def test_deploy_takes_the_adapter_mode(cli_here, tmp_path):
     """--adapter-mode reaches deploy's conversions (through the config), as it does convert's."""
-    r = cli("deploy", "--dry-run", "--adapter", tmp_path, "--adapter-mode", "adapter", "--registry-dir", tmp_path)
+    r = cli_here("deploy", "--dry-run", "--adapter", tmp_path, "--adapter-mode", "adapter", "--registry-dir", tmp_path)
     assert r.rc == 0 and f"+ adapter {tmp_path} (adapter)" in r.out
     (tmp_path / "slmops.toml").write_text('[model]\nadapter_mode = "adapter"\n')
-    settings = {s["key"]: s for s in cli("config", "--json", cwd=tmp_path).json()["settings"]}
+    settings = {s["key"]: s for s in cli_here("config", "--json", cwd=tmp_path).json()["settings"]}
     assert settings["model.adapter_mode"]["value"] == "adapter" and settings["model.adapter_mode"]["from"].endswith(
         "slmops.toml:2"
     )

@@ -76,14 +76,14 @@ def test_kill_9_at_random_moments(tiny_llama, tiny_llama_int4, tmp_path):
         return done
 
     # What nobody touches in the loop must come out byte-identical.
-    cli("register", tiny_llama_int4["path"], "--name", "keep")
+    cli("register", tiny_llama_int4.path, "--name", "keep")
     keep_out = tmp_path / "keep-out"
     cli("convert", tiny_llama, "--precision", "fp32", "-o", keep_out)
     untouched = {"keep": tree_hashes(reg / "custom" / "keep"), "keep-out": tree_hashes(keep_out)}
 
     fast = ["--config", tmp_path / "fast.toml"]
     victims = [
-        ["register", tiny_llama_int4["path"], "--name", "victim"],
+        ["register", tiny_llama_int4.path, "--name", "victim"],
         ["register", keep_out, "--name", "victim"],
         [*fast, "deploy", "--source", tiny_llama, "--name", "deployed", "--precision", "fp32"],
         [*fast, "deploy", "--source", tiny_llama, "--name", "gated", "--precision", "int4", "--max-kld", "0"],
@@ -211,7 +211,7 @@ def test_kill_at_each_step_of_a_replacement(point, tiny_llama, tiny_llama_int4, 
 
     home, reg = tmp_path / "home", tmp_path / "reg"
     env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_REGISTRY_DIR": str(reg)}
-    old, new = Path(tiny_llama_int4["path"]), Path(convert.convert(str(tiny_llama), {"precision": "int8"})["path"])
+    old, new = tiny_llama_int4.path, convert.convert(str(tiny_llama), {"precision": "int8"}).path
     assert run_cli("register", old, "--name", "m", env=env).rc == 0
     args = (
         ("register", new, "--name", "m") if point.startswith(("register", "replace")) else ("cache", "rm", "m", "--yes")
@@ -223,7 +223,7 @@ def test_kill_at_each_step_of_a_replacement(point, tiny_llama, tiny_llama_int4, 
     folder = reg / "custom" / "m"
     if folder.exists():
         key = json.loads((folder / "slmops-manifest.json").read_text())["key"]
-        assert key in (tiny_llama_int4["key"], json.loads((new / "slmops-manifest.json").read_text())["key"])
+        assert key in (tiny_llama_int4.key, json.loads((new / "slmops-manifest.json").read_text())["key"])
         r = run_cli("model", "run", "m", "--prompt", "Hi", "--max-new-tokens", "2", env=env)
         assert r.rc == 0, r
     else:

@@ -106,7 +106,7 @@ def test_gguf_import_is_exact_from_the_graph(kind, tied, default_checkpoint, tmp
     tiny = build_tiny(
         tmp_path / "tiny", default_checkpoint, "llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=tied
     )
-    fp32 = Path(convert.convert(str(tiny), {"precision": "fp32"})["path"])
+    fp32 = convert.convert(str(tiny), {"precision": "fp32"}).path
     source = tmp_path / "source-fp32"
     weights = gguf_of_fp32_graph(fp32, source, kind, tmp_path / f"tiny.{kind}.gguf")
     out = tmp_path / "out"

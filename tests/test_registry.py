@@ -11,7 +11,7 @@ from slmops import templates
 
 @pytest.fixture()
 def registered(cli, registry_dir, tiny_llama_int4):
-    r = cli("register", tiny_llama_int4["path"], "--name", "tiny", "--json")
+    r = cli("register", tiny_llama_int4.path, "--name", "tiny", "--json")
     assert r.rc == 0, r
     return r.json()
 
@@ -93,7 +93,7 @@ def test_injected_control_tokens_cannot_open_a_turn(cli, registered):
 
 @pytest.mark.parametrize("name", ["../evil", ".hidden", "a/b", "x" * 100, "bad\x07name", ""])
 def test_bad_names_are_refused(cli, registry_dir, tiny_llama_int4, name):
-    r = cli("register", tiny_llama_int4["path"], "--name", name)
+    r = cli("register", tiny_llama_int4.path, "--name", name)
     assert r.rc == 1 and "invalid model name" in r.err and "Traceback" not in r.err
     assert not (registry_dir / "custom").exists() or not any((registry_dir / "custom").iterdir())
 
@@ -123,7 +123,7 @@ def test_failed_registration_leaves_nothing(cli, registry_dir, tmp_path):
 
 def test_concurrent_register_and_remove(cli, registry_dir, tiny_llama_int4, tmp_path):
     for i in range(4):
-        assert cli("register", tiny_llama_int4["path"], "--name", f"old{i}").rc == 0
+        assert cli("register", tiny_llama_int4.path, "--name", f"old{i}").rc == 0
     import os
 
     from tests.conftest import NEUTRAL_DIR, SLMOPS
@@ -131,7 +131,7 @@ def test_concurrent_register_and_remove(cli, registry_dir, tiny_llama_int4, tmp_
     env = {**os.environ}
     procs = [
         subprocess.Popen(
-            [*SLMOPS, "-q", "register", tiny_llama_int4["path"], "--name", f"new{i}"],
+            [*SLMOPS, "-q", "register", str(tiny_llama_int4.path), "--name", f"new{i}"],
             env=env,
             cwd=NEUTRAL_DIR,
             stdout=subprocess.PIPE,
@@ -162,7 +162,7 @@ def test_concurrent_register_and_remove(cli, registry_dir, tiny_llama_int4, tmp_
 def test_commands_work_with_another_registry_plugin(cli, tmp_path, tiny_llama_int4, monkeypatch, registry_dir):
     # Each registry has its own folder: the configured one's ($SLMOPS_REGISTRY_DIR) is not the folder registry's.
     monkeypatch.setenv("SLMOPS_REGISTRY_DIR_FOLDER", str(tmp_path / "folder-reg"))
-    assert cli("register", tiny_llama_int4["path"], "--name", "f1", "--registry", "folder").rc == 0
+    assert cli("register", tiny_llama_int4.path, "--name", "f1", "--registry", "folder").rc == 0
     assert json.loads((tmp_path / "folder-reg" / "index.json").read_text())["f1"]["family"] == "chatml"
     assert [e["name"] for e in cli("cache", "ls", "--registry", "folder", "--json").json()] == ["f1"]
     r = cli("model", "run", "f1", "--registry", "folder", "--prompt", "Hello", "--max-new-tokens", "3", "--json")

@@ -79,7 +79,7 @@ def serve_env(tmp_path_factory, tiny_llama_int4) -> dict[str, str]:
 
     env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(tmp_path_factory.mktemp("serve-registry"))}
     smol = convert.convert(None, {"precision": "int4", "algorithm": "gguf"})
-    for name, path in (("smol", smol["path"]), ("tiny", tiny_llama_int4["path"])):
+    for name, path in (("smol", smol.path), ("tiny", tiny_llama_int4.path)):
         done = subprocess.run(
             [*SLMOPS, "-q", "register", path, "--name", name], env=env, cwd=NEUTRAL_DIR, capture_output=True, text=True
         )

@@ -131,15 +131,15 @@ def test_third_party_family_is_listed_detected_and_used(cli, tiny_model_factory)
     assert r.json()["family"] == "zephyrish" and r.json()["ok"]
 
 
-def test_templates_cli(cli):
-    r = cli("templates", "render", "chatml", "--system", "Be brief.", "--user", "Hi")
+def test_templates_cli(cli_here):
+    r = cli_here("templates", "render", "chatml", "--system", "Be brief.", "--user", "Hi")
     assert r.out == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n\n"
-    shown = cli("templates", "show", "gemma", "--json").json()
+    shown = cli_here("templates", "show", "gemma", "--json").json()
     assert (
         shown["PromptTemplate"]["prompt"].endswith("<start_of_turn>model\n")
         and shown["ModelConfig"]["max_length"] == 8192
     )
-    r = cli("templates", "show", "nosuch")
+    r = cli_here("templates", "show", "nosuch")
     assert r.rc == 1 and "installed: chatml" in r.err
 
 

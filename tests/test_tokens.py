@@ -22,26 +22,26 @@ def bos_build(tiny_llama_bos) -> dict:
 
 
 def test_plain_text_gets_the_source_tokenizers_bos_once(bos_build, tiny_llama_bos):
-    source, session = AutoTokenizer.from_pretrained(tiny_llama_bos), Session(Path(bos_build["path"]))
+    source, session = AutoTokenizer.from_pretrained(tiny_llama_bos), Session(bos_build.path)
     rows = [r["text"] for r in quality.load_set(None, shipped=True) if "text" in r]
     assert session.prefix == [BOS]
     assert all(session.encode(text) == source(text).input_ids for text in rows)  # the whole corpus, BOS and all
     # convert's own comparison with the source found the same
-    assert bos_build["verification"]["source"]["first_token_difference"] is None
+    assert bos_build.verification["source"]["first_token_difference"] is None
 
 
 def test_quality_windows_each_open_with_the_bos(bos_build):
-    session = Session(Path(bos_build["path"]))
+    session = Session(bos_build.path)
     text = quality.load_set(None, shipped=True)[0]["text"]
     windows = quality.windows(session.tokens(text), 128, session.prefix)
     assert len(windows) > 2 and all(w[0] == BOS and w.count(BOS) == 1 and len(w) <= 128 for w in windows)
     assert sum(len(w) - 1 for w in windows) == len(session.tokens(text))  # every token of the text, once
-    q = quality.compare(Path(bos_build["path"]), Path(bos_build["path"]))
-    assert q["corpus"] == quality.corpus_id(prefix=[BOS]) != quality.corpus_id()
+    q = quality.compare(bos_build.path, bos_build.path)
+    assert q.corpus == quality.corpus_id(prefix=[BOS]) != quality.corpus_id()
 
 
 def test_chat_prompts_carry_the_templates_bos_and_no_second_one(bos_build, tiny_llama_bos):
-    build = Path(bos_build["path"])
+    build = bos_build.path
     chosen = templates.choose(build)
     assert chosen.family.bos == "<|endoftext|>"  # derived from the template, which writes it
     source, session = AutoTokenizer.from_pretrained(tiny_llama_bos), Session(build)
@@ -55,7 +55,7 @@ def test_chat_prompts_carry_the_templates_bos_and_no_second_one(bos_build, tiny_
 
 @pytest.mark.parametrize("engine", ["registry", "ort-genai"])
 def test_model_run_feeds_the_tokens_the_chat_template_makes(cli, registry_dir, bos_build, tiny_llama_bos, engine):
-    assert cli("register", bos_build["path"], "--name", "bos").rc == 0
+    assert cli("register", bos_build.path, "--name", "bos").rc == 0
     question = "What is the capital of France?"
     r = cli("model", "run", "bos", "--prompt", question, "--engine", engine, "--max-new-tokens", "2", "--json")
     assert r.rc == 0, r
@@ -100,7 +100,9 @@ def test_the_written_chat_template_renders_as_slmops_does(family, default_system
     ]
     for conv in conversations:
         for generation in (True, False):
-            written = templates._jinja_template(source).render(messages=conv, add_generation_prompt=generation)
+            written = templates.rendering._jinja_template(source).render(
+                messages=conv, add_generation_prompt=generation
+            )
             assert written == templates.render(fam, conv, default_system, generation)
 
 
@@ -108,7 +110,7 @@ def test_a_base_model_gets_a_chat_template_and_foundry_local_chats(cli, registry
     # A qwen2 base model: no chat template, ChatML's tokens in its vocabulary. Detected on the converted folder
     # (genai_config.json's model type); Foundry Local refused it before ("Empty chat template.").
     source = tiny_model_factory(None, "qwen2")
-    build = Path(convert.convert(str(source), {"precision": "fp32"})["path"])
+    build = convert.convert(str(source), {"precision": "fp32"}).path
     assert not (build / "chat_template.jinja").exists() and not (build / "config.json").exists()
     chosen = templates.choose(build)
     assert (chosen.family.name, chosen.how) == ("chatml", "detected")

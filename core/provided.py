@@ -1,4 +1,5 @@
-"""The lists of registered implementations, one per role, which plugin gave each, and the choice among them."""
+"""What the plugins provide: one list per role (converters, quantizers, template families, registries,
+benchmarkers), which plugin gave each implementation, and the choice of one by name."""
 
 from __future__ import annotations
 
