@@ -236,7 +236,7 @@ def test_lora_kept_as_an_ort_genai_adapter_file(tiny_llama, lora_adapter):
     result = convert.convert(str(tiny_llama), {"precision": "fp32", "adapter": lora_adapter, "adapter_mode": "adapter"})
     model_dir = result.path
     assert result.verification["ok"] and result.manifest["source"]["checkpoint"] == str(tiny_llama)
-    assert result["adapters"] == {"support-bot": "adapters/support-bot.onnx_adapter"}
+    assert result.manifest["adapters"] == {"support-bot": "adapters/support-bot.onnx_adapter"}
     assert result.verification["adapter"]["max_logit_change"] > 0
     tokens = [1, 504, 3575, 282, 4649, 314]
     base_hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -327,4 +327,4 @@ def test_a_changed_source_or_tool_version_is_a_new_build(tiny_llama, tmp_path, m
     monkeypatch.setattr(convert, "tool_versions", lambda: {**real, "onnxruntime-genai": "0.0.1"})
     upgraded = convert.convert(str(tiny_llama), {"precision": "fp32"})
     assert not upgraded.cached and upgraded.key not in (first.key, changed.key)
-    assert upgraded["tools"]["onnxruntime-genai"] == "0.0.1"
+    assert upgraded.manifest["tools"]["onnxruntime-genai"] == "0.0.1"
