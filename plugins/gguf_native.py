@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -182,108 +183,122 @@ class GGUFNative(Quantizer):
         return super().check(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
-        import onnx
-
         weights = gguf_blocks.read(request.gguf)
-        model = onnx.load(str(fp32_dir / "model.onnx"))
-        g = Graph(model)
-        skip = set(runtime_fed_matmuls(model))
         # Float activations by default: the weights are the GGUF's exactly, and int8 activations (level 4) were the
         # whole remaining loss on SmolLM2 (corpus KLD 0.012 at level 4, 0.0000 at float; docs/user-guide.md).
         level = FLOAT_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
-        report: dict = {
-            "gguf": str(request.gguf),
-            "exact": collections.Counter(),
-            "approximate": collections.Counter(),
-            "tensors": {},
-        }
-        blocksums: dict[tuple[str, int, int], str] = {}
-        done: dict[str, list[tuple[int, int, gguf_blocks.BlockForm, dict[str, str]]]] = {}
-        keep = []
-        for node in model.graph.node:
-            weight = g.array(node.input[1]) if node.op_type == "MatMul" and node.name not in skip else None
-            if weight is None or weight.ndim != 2:
-                keep.append(node)
-                continue
-            k, n = weight.shape
-            runs = forms_for(np.ascontiguousarray(weight.T), weights)
-            made = []
-            outputs = []
-            for start, end, form in runs:
-                tag = f"{node.input[1]}_{start}"
-                planes = nibble_planes(form) if level < 4 else [form]
-                names = [
-                    {
-                        "b": g.const(f"{tag}_B", pack(p.codes, p.bits, p.block)),
-                        "scales": g.const(f"{tag}_scales", p.scales),
-                        "zp": g.const(f"{tag}_zp", pack_zero_points(p.zero_points, p.bits)),
-                    }
-                    for p in planes
-                ]
-                ys = [
-                    g.node(
-                        "MatMulNBits",
-                        [node.input[0], nm["b"], nm["scales"], nm["zp"]],
-                        f"{tag}_MatMulNBits",
-                        domain="com.microsoft",
-                        doc_string=f"{node.input[1]}:{start}" + (f":{plane}" if len(planes) > 1 else ""),
-                        K=k,
-                        N=end - start,
-                        bits=p.bits,
-                        block_size=p.block,
-                        accuracy_level=level,
-                    )
-                    for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False)
-                ]
-                y = ys[0] if len(ys) == 1 else g.node("Add", ys, f"{tag}_planes", doc_string=PLANES)
-                if form.offsets is not None:
-                    key = (node.input[0], k, form.block)
-                    if key not in blocksums:
-                        shape = g.const("blocks_shape", np.array([0, 0, k // form.block, form.block], dtype=np.int64))
-                        grouped = g.node("Reshape", [node.input[0], shape], "blocks")
-                        blocksums[key] = g.node(
-                            "ReduceSum",
-                            [grouped, g.const("last_axis", np.array([-1], dtype=np.int64))],
-                            "blocksum",
-                            keepdims=0,
-                        )
-                    offsets = g.const(f"{tag}_offsets", form.offsets.T)  # [blocks, rows] for blocksum @ offsets
-                    names[0]["offsets"] = offsets
-                    y = g.node("Add", [y, g.node("MatMul", [blocksums[key], offsets], f"{tag}_offset")], f"{tag}_sum")
-                outputs.append(y)
-                made.append((start, end, form, names))
-                exact = form.gguf_type != "rtn8"
-                report["exact" if exact else "approximate"][form.gguf_type] += (end - start) * k
-            if len(outputs) == 1:
-                g.new_nodes[-1].output[0] = node.output[0]
-            else:
-                g.node("Concat", outputs, f"{node.name}_concat", outputs=[node.output[0]], axis=-1)
-            report["tensors"][node.input[1]] = [[s, e, f.gguf_type] for s, e, f, _ in made]
-            done[node.input[1]] = made
-        model.graph.ClearField("node")
-        model.graph.node.extend(keep)
-        _quantize_embeddings(g, model, done, weights, report)
-        model.graph.node.extend(g.new_nodes)
-        _drop_unused(model)
-        used = {i for n in model.graph.node for i in n.input}
-        kept = [i for i in model.graph.initializer if i.name in used]
-        model.graph.ClearField("initializer")
-        model.graph.initializer.extend(kept)
-        _sort_topologically(model)
-        onnx.save(
-            model,
-            str(output_dir / "model.onnx"),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="model.onnx.data",
-            size_threshold=1024,
+        write_blocks(
+            fp32_dir, output_dir, lambda _, matrix: forms_for(matrix, weights), level, {"gguf": str(request.gguf)}
         )
-        copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
-        report["exact"], report["approximate"] = dict(report["exact"]), dict(report["approximate"])
-        write_json_atomic(output_dir / REPORT, report)
 
 
-def _quantize_embeddings(g: Graph, model, done: dict, weights: gguf_blocks.GGUFWeights, report: dict) -> None:
+Forms = Callable[[str, np.ndarray], list[tuple[int, int, gguf_blocks.BlockForm]]]
+
+
+def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, report: dict) -> None:
+    """Write fp32_dir's model with every MatMul weight (and the embedding) in the block forms forms_of gives for
+    it: forms_of(initializer name, matrix [rows = outputs, cols = inputs]) -> runs (start row, end row, form)
+    covering the rows, or [] to keep that weight in float.
+    Forms of a GGUF type kept exactly count as "exact" in slmops-quantization.json, any other as "approximate"."""
+    import onnx
+
+    model = onnx.load(str(fp32_dir / "model.onnx"))
+    g = Graph(model)
+    skip = set(runtime_fed_matmuls(model))
+    report = {**report, "exact": collections.Counter(), "approximate": collections.Counter(), "tensors": {}}
+    blocksums: dict[tuple[str, int, int], str] = {}
+    done: dict[str, list[tuple[int, int, gguf_blocks.BlockForm, dict[str, str]]]] = {}
+    keep = []
+    for node in model.graph.node:
+        weight = g.array(node.input[1]) if node.op_type == "MatMul" and node.name not in skip else None
+        if weight is None or weight.ndim != 2:
+            keep.append(node)
+            continue
+        k, n = weight.shape
+        runs = forms_of(node.input[1], np.ascontiguousarray(weight.T))
+        if not runs:  # forms_of keeps this one in float
+            keep.append(node)
+            continue
+        made = []
+        outputs = []
+        for start, end, form in runs:
+            tag = f"{node.input[1]}_{start}"
+            planes = nibble_planes(form) if level < 4 else [form]
+            names = [
+                {
+                    "b": g.const(f"{tag}_B", pack(p.codes, p.bits, p.block)),
+                    "scales": g.const(f"{tag}_scales", p.scales),
+                    "zp": g.const(f"{tag}_zp", pack_zero_points(p.zero_points, p.bits)),
+                }
+                for p in planes
+            ]
+            ys = [
+                g.node(
+                    "MatMulNBits",
+                    [node.input[0], nm["b"], nm["scales"], nm["zp"]],
+                    f"{tag}_MatMulNBits",
+                    domain="com.microsoft",
+                    doc_string=f"{node.input[1]}:{start}" + (f":{plane}" if len(planes) > 1 else ""),
+                    K=k,
+                    N=end - start,
+                    bits=p.bits,
+                    block_size=p.block,
+                    accuracy_level=level,
+                )
+                for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False)
+            ]
+            y = ys[0] if len(ys) == 1 else g.node("Add", ys, f"{tag}_planes", doc_string=PLANES)
+            if form.offsets is not None:
+                key = (node.input[0], k, form.block)
+                if key not in blocksums:
+                    shape = g.const("blocks_shape", np.array([0, 0, k // form.block, form.block], dtype=np.int64))
+                    grouped = g.node("Reshape", [node.input[0], shape], "blocks")
+                    blocksums[key] = g.node(
+                        "ReduceSum",
+                        [grouped, g.const("last_axis", np.array([-1], dtype=np.int64))],
+                        "blocksum",
+                        keepdims=0,
+                    )
+                offsets = g.const(f"{tag}_offsets", form.offsets.T)  # [blocks, rows] for blocksum @ offsets
+                names[0]["offsets"] = offsets
+                y = g.node("Add", [y, g.node("MatMul", [blocksums[key], offsets], f"{tag}_offset")], f"{tag}_sum")
+            outputs.append(y)
+            made.append((start, end, form, names))
+            report[_kind(form)][form.gguf_type] += (end - start) * k
+        if len(outputs) == 1:
+            g.new_nodes[-1].output[0] = node.output[0]
+        else:
+            g.node("Concat", outputs, f"{node.name}_concat", outputs=[node.output[0]], axis=-1)
+        report["tensors"][node.input[1]] = [[s, e, f.gguf_type] for s, e, f, _ in made]
+        done[node.input[1]] = made
+    model.graph.ClearField("node")
+    model.graph.node.extend(keep)
+    _quantize_embeddings(g, model, done, forms_of, report)
+    model.graph.node.extend(g.new_nodes)
+    _drop_unused(model)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+    _sort_topologically(model)
+    onnx.save(
+        model,
+        str(output_dir / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
+    report["exact"], report["approximate"] = dict(report["exact"]), dict(report["approximate"])
+    write_json_atomic(output_dir / REPORT, report)
+
+
+def _kind(form: gguf_blocks.BlockForm) -> str:
+    return "exact" if form.gguf_type in gguf_blocks.FORMS else "approximate"
+
+
+def _quantize_embeddings(g: Graph, model, done: dict, forms_of: Forms, report: dict) -> None:
     """The token embedding Gather reads the GGUF's blocks too (GatherBlockQuantized). A tied embedding (the fp32
     graph gathers from Transpose(lm_head weight)) shares the lm_head's quantized tensors, as the model builder does."""
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -292,7 +307,7 @@ def _quantize_embeddings(g: Graph, model, done: dict, weights: gguf_blocks.GGUFW
         source = node.input[0] if node.op_type == "Gather" else ""
         transpose = producers.get(source)
         if source in g.inits and g.array(source).ndim == 2:  # an embedding table of its own
-            runs, shared = forms_for(g.array(source), weights), None
+            runs, shared = forms_of(source, g.array(source)), None
         elif transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in done:  # tied
             shared = transpose.input[0]
             runs = [(s, e, f) for s, e, f, _ in done[shared]]
@@ -318,8 +333,7 @@ def _quantize_embeddings(g: Graph, model, done: dict, weights: gguf_blocks.GGUFW
             ]
             if form.offsets is not None:
                 names[0]["offsets"] = g.const("embed_offsets", form.offsets.T)
-            kind = "exact" if form.gguf_type != "rtn8" else "approximate"
-            report[kind][form.gguf_type] = report[kind].get(form.gguf_type, 0) + rows * width
+            report[_kind(form)][form.gguf_type] += rows * width
             report["tensors"][source] = [[0, rows, form.gguf_type]]
         n = names[0]
         gathered = []

@@ -1,0 +1,98 @@
+"""kquant, the int4 of a float source: the searched blocks fit closer than min/max and integer zero points, the
+importance comes from what really flows into each MatMul (checked against torch), the graph holds exactly the
+blocks the search chose, and the build is closer to fp32 than the builder's RTN int4."""
+
+import json
+
+import numpy as np
+import pytest
+
+from slmops import convert, quality
+from slmops.errors import SlmopsError
+from slmops.plugins import gguf_native, kquant
+
+
+def weighted_error(form, matrix: np.ndarray, w: np.ndarray) -> float:
+    return float((w * (form.dequantize() - matrix) ** 2).sum())
+
+
+def min_max(matrix: np.ndarray, integer_zero_point: bool):
+    """Q4_1 as llama.cpp's quantize_row_q4_1 (scale from the range, the minimum as is), or with the minimum rounded
+    to a whole number of steps (an integer zero point, as MatMulNBits' own asymmetric RTN keeps it)."""
+    x = matrix.reshape(matrix.shape[0], -1, 32)
+    lo, hi = x.min(-1), x.max(-1)
+    d = (hi - lo) / 15
+    if integer_zero_point:
+        lo = -np.clip(np.rint(-lo / d), 0, 15) * d
+    codes = np.clip(np.rint((x - lo[..., None]) / d[..., None]), 0, 15).astype(np.uint8).reshape(matrix.shape)
+    zero = np.zeros(d.shape, dtype=np.uint8)
+    return gguf_native.gguf_blocks.BlockForm("minmax", 4, 32, codes, d.astype(np.float32), zero, lo.astype(np.float32))
+
+
+def test_search_fits_closer_than_min_max_and_integer_zero_points():
+    rng = np.random.default_rng(0)
+    matrix = rng.laplace(0, 0.02, (64, 256)).astype(np.float32)  # heavy-tailed, as trained weights are
+    importance = rng.random(256).astype(np.float32) ** 4  # a few channels carry most of the signal
+    form = kquant.quantize_matrix(matrix, 32, importance)
+    assert form.codes.max() <= 15 and form.scales.shape == form.offsets.shape == (64, 8)
+    w = importance[None, :] * np.ones_like(matrix)
+    found = weighted_error(form, matrix, w)
+    assert found < 0.8 * weighted_error(min_max(matrix, False), matrix, w)
+    assert found < 0.8 * weighted_error(min_max(matrix, True), matrix, w)
+    # The importance is what the fit minimises: without it, the error it weighs is larger.
+    assert found < weighted_error(kquant.quantize_matrix(matrix, 32), matrix, w)
+
+
+def test_importance_is_the_mean_square_of_each_matmul_input_as_torch_computes_it(tiny_qwen2):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmops.runtime import Session
+
+    fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
+    importance = kquant.activation_importance(fp32)
+    assert len(importance) == 2 * 5 + 1  # per layer qkv, o, gate, up, down; and the lm_head
+    tokens = Session(fp32).encode(kquant.calibration_text())[: kquant.CALIBRATION_TOKENS]
+    assert len(tokens) == kquant.CALIBRATION_TOKENS
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2), dtype=torch.float32).eval()
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0].double()))
+    with torch.no_grad():
+        for start in range(0, len(tokens), kquant.WINDOW):
+            model(torch.tensor([tokens[start : start + kquant.WINDOW]]))
+    expected = (torch.cat(seen) ** 2).mean(0).numpy()
+    np.testing.assert_allclose(importance["lm_head.MatMul.weight"], expected, rtol=1e-3)
+
+
+def test_kquant_build_holds_the_searched_blocks_and_beats_rtn(tiny_qwen2):
+    import onnx
+    from onnx import numpy_helper
+
+    build = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "kquant", "symmetric": False})
+    assert build.manifest["quantizer"] == "kquant" and build.verification["ok"]
+    fp32 = convert.reference(str(tiny_qwen2), {}).path
+    source = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32 / "model.onnx")).graph.initializer}
+    importance = kquant.activation_importance(fp32)
+    back = gguf_native.read_back(build.path)
+    report = json.loads((build.path / gguf_native.REPORT).read_text())
+    assert set(report["approximate"]) == {kquant.KIND, "rtn8"} and report["exact"] == {}
+    for name, values in back.items():
+        if name.endswith(":embedding") or kquant.keeps_8_bits(name):
+            assert report["tensors"][name.split(":")[0]] == [[0, values.shape[0 if ":" in name else 1], "rtn8"]]
+            continue
+        expected = kquant.quantize_matrix(np.ascontiguousarray(source[name].T), 32, importance[name]).dequantize()
+        assert np.array_equal(values, expected.T), name  # the graph computes with exactly the searched blocks
+    assert build.verification["graph"]["accuracy_levels"] == [kquant.INTEGER_ACTIVATIONS]
+    assert build.verification["graph"]["matmul_nbits"] == {"4": 10, "8": 1}  # the lm_head at 8 bits
+    rtn = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "rtn_last", "symmetric": False})
+    assert quality.compare(build.path, fp32).mean_kld < quality.compare(rtn.path, fp32).mean_kld
+    # The weights alone (float activations, where int8 rounding of a tiny model's activations does not blur them):
+    floats = {"precision": "int4", "symmetric": False, "accuracy_level": 1}
+    kq1 = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "kquant"})
+    rtn1 = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "rtn_last"})
+    assert quality.compare(kq1.path, fp32).mean_kld < 0.8 * quality.compare(rtn1.path, fp32).mean_kld
+
+
+def test_kquant_asks_for_asymmetric(tiny_qwen2):
+    with pytest.raises(SlmopsError, match="kquant fits a float minimum per block: add --asymmetric"):
+        convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "kquant"})
