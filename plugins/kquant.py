@@ -100,16 +100,22 @@ def calibration_text() -> str:
     )
 
 
+def calibration_tokens(model_dir: Path) -> list[int]:
+    """The calibration text in the model's tokens (its own tokenizer files; at most CALIBRATION_TOKENS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer(calibration_text(), verbose=False).input_ids[:CALIBRATION_TOKENS]
+
+
 def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
     """Weight initializer name -> mean square of each input channel of its MatMul over the calibration text, from
-    the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache)."""
+    the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache). The weights are
+    read once, by ONNX Runtime from the build's own data file (the graph alone is rewritten in memory)."""
     import onnx
     import onnxruntime as ort
 
-    from slmops.api import Session
-
-    tokens = Session(fp32_dir).encode(calibration_text())[:CALIBRATION_TOKENS]
-    model = onnx.load(str(fp32_dir / "model.onnx"))
+    model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     weight_of = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
     listened = sorted(set(weight_of.values()) - {o.name for o in model.graph.output})
@@ -118,11 +124,13 @@ def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
     )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the listened names
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
     empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
     names = {i.name for i in session.get_inputs()}
     feeds = {name: empty for name in names if name.startswith("past_key_values")}
+    tokens = calibration_tokens(fp32_dir)
     sums: dict[str, np.ndarray] = {}
     for start in range(0, len(tokens), WINDOW):
         ids = np.array([tokens[start : start + WINDOW]], dtype=np.int64)
@@ -151,6 +159,8 @@ class KQuant(Quantizer):
             return "quantizes by --algorithm kquant only"
         if request.symmetric:
             return "kquant fits a float minimum per block: add --asymmetric"
+        if request.adapter is not None and request.adapter_mode == "adapter":
+            return "kquant quantizes merged weights (a LoRA fed at run time stays float): use --adapter-mode merge"
         return super().check(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:

@@ -47,12 +47,10 @@ def test_importance_is_the_mean_square_of_each_matmul_input_as_torch_computes_it
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slmops.runtime import Session
-
     fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
     importance = kquant.activation_importance(fp32)
     assert len(importance) == 2 * 5 + 1  # per layer qkv, o, gate, up, down; and the lm_head
-    tokens = Session(fp32).encode(kquant.calibration_text())[: kquant.CALIBRATION_TOKENS]
+    tokens = kquant.calibration_tokens(fp32)
     assert len(tokens) == kquant.CALIBRATION_TOKENS
     model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2), dtype=torch.float32).eval()
     seen = []
