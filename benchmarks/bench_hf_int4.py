@@ -1,5 +1,5 @@
 """int4 routes for a Hugging Face (float) source, side by side in one run: size, faithfulness to the source (torch)
-and speed of slmops's kquant (scale and float min per block of 32, searched; the default int4 for float sources),
+and speed of slmops's imatrix (scale and float min per block of 32, searched; the default int4 for float sources),
 the model builder's RTN int4 (asymmetric with lm_head at 8 bits, and its symmetric default), ONNX Runtime's HQQ
 (float zero points), and int8.
 
@@ -25,10 +25,10 @@ from bench_quality import ort_speed, prompt_tokens  # noqa: E402 (the same speed
 
 BUILDS = [
     ("fp32", {"precision": "fp32"}),
-    ("int4 kquant (default for float sources)", {"precision": "int4", "algorithm": "kquant", "symmetric": False}),
+    ("int4 imatrix (default for float sources)", {"precision": "int4", "algorithm": "imatrix", "symmetric": False}),
     (
-        "int4 kquant, float activations",
-        {"precision": "int4", "algorithm": "kquant", "symmetric": False, "accuracy_level": 1},
+        "int4 imatrix, float activations",
+        {"precision": "int4", "algorithm": "imatrix", "symmetric": False, "accuracy_level": 1},
     ),
     ("int4 rtn_last asym (builder)", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False}),
     ("int4 rtn sym (builder default)", {"precision": "int4", "algorithm": "rtn", "symmetric": True}),

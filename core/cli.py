@@ -188,7 +188,7 @@ def convert_options(f=None, *, auto: bool = False):
         click.option(
             "--algorithm",
             help="int4 algorithm: the builder's rtn, rtn_last and k_quant variants, hqq (slow on CPU; "
-            "needs --asymmetric), gguf (a GGUF source's own blocks, exact), kquant (searched scale and float min "
+            "needs --asymmetric), gguf (a GGUF source's own blocks, exact), imatrix (searched scale and float min "
             "per block of 32, data-aware; needs --asymmetric), or a plugin's.",
         ),
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),

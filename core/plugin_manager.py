@@ -23,7 +23,7 @@ DEFAULT_PLUGINS = (
     "slmops.plugins.olive",
     "slmops.plugins.matmul_nbits",
     "slmops.plugins.gguf_native",
-    "slmops.plugins.kquant",
+    "slmops.plugins.imatrix",
     "slmops.plugins.templates",
     "slmops.plugins.foundry_local",
     "slmops.plugins.ort_genai_bench",

@@ -117,7 +117,7 @@ def test_quantizer_is_chosen_by_name_and_dry_run_shows_the_route(cli, tiny_llama
     plan = cli("convert", str(tiny_llama), "--precision", "int4", "--dry-run", "--json").json()
     assert plan["route"] == "model-builder" and "olive (cost 50)" in plan["alternatives"]
     r = cli("convert", str(tiny_llama), "--precision", "int4", "--quantizer", "nope", "--dry-run")
-    assert r.rc == 1 and "no quantizer named 'nope'; installed: matmul-nbits, gguf-native, kquant" in r.err
+    assert r.rc == 1 and "no quantizer named 'nope'; installed: matmul-nbits, gguf-native, imatrix" in r.err
 
 
 def test_choices_come_from_the_loaded_plugins(cli, tiny_llama):

@@ -20,7 +20,7 @@ import numpy as np
 from slmops.api import ConvertRequest, Quantizer, hookimpl
 from slmops.plugins import gguf_blocks, gguf_native
 
-KIND = "q4_search"  # the form's name in slmops-quantization.json
+KIND = "q4_imatrix"  # the form's name in slmops-quantization.json
 INTEGER_ACTIVATIONS = 4  # MatMulNBits accuracy level 4: int8 activations, the integer kernel
 CODES = 15  # 4-bit codes 0..15
 STEPS = 20  # candidate scales nmax + rmin + rdelta * i for i in 0..STEPS, as make_qkx2_quants(..., -1, 0.1, 20)
@@ -147,20 +147,20 @@ def keeps_8_bits(name: str) -> bool:
     return "lm_head" in name or "embed" in name
 
 
-class KQuant(Quantizer):
-    name = "kquant"
-    description = "int4 blocks with a scale and a float min each (llama.cpp's Q4_K-style search), 8-bit output layer"
+class Imatrix(Quantizer):
+    name = "imatrix"
+    description = "int4 blocks, a scale and float min each, fitted under an importance matrix; 8-bit lm_head"
     precisions = ("int4",)
-    algorithms = ("kquant",)
+    algorithms = ("imatrix",)
     cost = 6
 
     def check(self, request: ConvertRequest) -> str | None:
-        if request.algorithm != "kquant":
-            return "quantizes by --algorithm kquant only"
+        if request.algorithm != "imatrix":
+            return "quantizes by --algorithm imatrix only"
         if request.symmetric:
-            return "kquant fits a float minimum per block: add --asymmetric"
+            return "imatrix fits a float minimum per block: add --asymmetric"
         if request.adapter is not None and request.adapter_mode == "adapter":
-            return "kquant quantizes merged weights (a LoRA fed at run time stays float): use --adapter-mode merge"
+            return "imatrix quantizes merged weights (a LoRA fed at run time stays float): use --adapter-mode merge"
         return super().check(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
@@ -177,9 +177,9 @@ class KQuant(Quantizer):
         # activations took mean KLD from 0.063 to 0.078 and decode from 42 to 66 tok/s; the weights are approximate
         # anyway, and --accuracy-level 1 keeps float activations.
         level = INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
-        gguf_native.write_blocks(fp32_dir, output_dir, forms_of, level, {"algorithm": "kquant"})
+        gguf_native.write_blocks(fp32_dir, output_dir, forms_of, level, {"algorithm": "imatrix"})
 
 
 @hookimpl
 def register_quantizers(register):
-    register(KQuant())
+    register(Imatrix())

@@ -1,4 +1,4 @@
-"""kquant, the int4 of a float source: the searched blocks fit closer than min/max and integer zero points, the
+"""imatrix, the int4 of a float source: the searched blocks fit closer than min/max and integer zero points, the
 importance comes from what really flows into each MatMul (checked against torch), the graph holds exactly the
 blocks the search chose, and the build is closer to fp32 than the builder's RTN int4."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from slmops import convert, quality
 from slmops.errors import SlmopsError
-from slmops.plugins import gguf_native, kquant
+from slmops.plugins import gguf_native, imatrix
 
 
 def weighted_error(form, matrix: np.ndarray, w: np.ndarray) -> float:
@@ -33,14 +33,14 @@ def test_search_fits_closer_than_min_max_and_integer_zero_points():
     rng = np.random.default_rng(0)
     matrix = rng.laplace(0, 0.02, (64, 256)).astype(np.float32)  # heavy-tailed, as trained weights are
     importance = rng.random(256).astype(np.float32) ** 4  # a few channels carry most of the signal
-    form = kquant.quantize_matrix(matrix, 32, importance)
+    form = imatrix.quantize_matrix(matrix, 32, importance)
     assert form.codes.max() <= 15 and form.scales.shape == form.offsets.shape == (64, 8)
     w = importance[None, :] * np.ones_like(matrix)
     found = weighted_error(form, matrix, w)
     assert found < 0.8 * weighted_error(min_max(matrix, False), matrix, w)
     assert found < 0.8 * weighted_error(min_max(matrix, True), matrix, w)
     # The importance is what the fit minimises: without it, the error it weighs is larger.
-    assert found < weighted_error(kquant.quantize_matrix(matrix, 32), matrix, w)
+    assert found < weighted_error(imatrix.quantize_matrix(matrix, 32), matrix, w)
 
 
 def test_importance_is_the_mean_square_of_each_matmul_input_as_torch_computes_it(tiny_qwen2):
@@ -48,49 +48,49 @@ def test_importance_is_the_mean_square_of_each_matmul_input_as_torch_computes_it
     from transformers import AutoModelForCausalLM
 
     fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
-    importance = kquant.activation_importance(fp32)
+    importance = imatrix.activation_importance(fp32)
     assert len(importance) == 2 * 5 + 1  # per layer qkv, o, gate, up, down; and the lm_head
-    tokens = kquant.calibration_tokens(fp32)
-    assert len(tokens) == kquant.CALIBRATION_TOKENS
+    tokens = imatrix.calibration_tokens(fp32)
+    assert len(tokens) == imatrix.CALIBRATION_TOKENS
     model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2), dtype=torch.float32).eval()
     seen = []
     model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0].double()))
     with torch.no_grad():
-        for start in range(0, len(tokens), kquant.WINDOW):
-            model(torch.tensor([tokens[start : start + kquant.WINDOW]]))
+        for start in range(0, len(tokens), imatrix.WINDOW):
+            model(torch.tensor([tokens[start : start + imatrix.WINDOW]]))
     expected = (torch.cat(seen) ** 2).mean(0).numpy()
     np.testing.assert_allclose(importance["lm_head.MatMul.weight"], expected, rtol=1e-3)
 
 
-def test_kquant_build_holds_the_searched_blocks_and_beats_rtn(tiny_qwen2):
+def test_imatrix_build_holds_the_searched_blocks_and_beats_rtn(tiny_qwen2):
     import onnx
     from onnx import numpy_helper
 
-    build = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "kquant", "symmetric": False})
-    assert build.manifest["quantizer"] == "kquant" and build.verification["ok"]
+    build = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "imatrix", "symmetric": False})
+    assert build.manifest["quantizer"] == "imatrix" and build.verification["ok"]
     fp32 = convert.reference(str(tiny_qwen2), {}).path
     source = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32 / "model.onnx")).graph.initializer}
-    importance = kquant.activation_importance(fp32)
+    importance = imatrix.activation_importance(fp32)
     back = gguf_native.read_back(build.path)
     report = json.loads((build.path / gguf_native.REPORT).read_text())
-    assert set(report["approximate"]) == {kquant.KIND, "rtn8"} and report["exact"] == {}
+    assert set(report["approximate"]) == {imatrix.KIND, "rtn8"} and report["exact"] == {}
     for name, values in back.items():
-        if name.endswith(":embedding") or kquant.keeps_8_bits(name):
+        if name.endswith(":embedding") or imatrix.keeps_8_bits(name):
             assert report["tensors"][name.split(":")[0]] == [[0, values.shape[0 if ":" in name else 1], "rtn8"]]
             continue
-        expected = kquant.quantize_matrix(np.ascontiguousarray(source[name].T), 32, importance[name]).dequantize()
+        expected = imatrix.quantize_matrix(np.ascontiguousarray(source[name].T), 32, importance[name]).dequantize()
         assert np.array_equal(values, expected.T), name  # the graph computes with exactly the searched blocks
-    assert build.verification["graph"]["accuracy_levels"] == [kquant.INTEGER_ACTIVATIONS]
+    assert build.verification["graph"]["accuracy_levels"] == [imatrix.INTEGER_ACTIVATIONS]
     assert build.verification["graph"]["matmul_nbits"] == {"4": 10, "8": 1}  # the lm_head at 8 bits
     rtn = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "rtn_last", "symmetric": False})
     assert quality.compare(build.path, fp32).mean_kld < quality.compare(rtn.path, fp32).mean_kld
     # The weights alone (float activations, where int8 rounding of a tiny model's activations does not blur them):
     floats = {"precision": "int4", "symmetric": False, "accuracy_level": 1}
-    kq1 = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "kquant"})
+    kq1 = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "imatrix"})
     rtn1 = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "rtn_last"})
     assert quality.compare(kq1.path, fp32).mean_kld < 0.8 * quality.compare(rtn1.path, fp32).mean_kld
 
 
-def test_kquant_asks_for_asymmetric(tiny_qwen2):
-    with pytest.raises(SlmopsError, match="kquant fits a float minimum per block: add --asymmetric"):
-        convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "kquant"})
+def test_imatrix_asks_for_asymmetric(tiny_qwen2):
+    with pytest.raises(SlmopsError, match="imatrix fits a float minimum per block: add --asymmetric"):
+        convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "imatrix"})
