@@ -335,10 +335,9 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
     request = ConvertRequest(source_dir=checkpoint, gguf=gguf, **request_options)
     if request.accuracy_level is None and request.device == "cpu" and request.precision in ("int4", "int8"):
         # MatMulNBits computes in int8 at level 4. At the default level, 8-bit weights decoded SmolLM2 at 1.5 tok/s
-        # against 59 at level 4 (the builder already picks 4 for int4 on the CPU). A GGUF's own blocks are exact, and
-        # int8 activations were then the whole loss (corpus KLD 0.012 at level 4, 0.0000 at level 1, which is float):
-        # they keep float activations, their 8-bit tensors as two 4-bit planes (gguf_native.nibble_planes).
-        request = dataclasses.replace(request, accuracy_level=1 if request.algorithm == "gguf" else 4)
+        # against 59 at level 4 (the builder already picks 4 for int4 on the CPU). The gguf-native route keeps its
+        # activation outliers in float there (gguf_native.OUTLIER_CHANNELS); --accuracy-level 1 computes in float.
+        request = dataclasses.replace(request, accuracy_level=4)
     check_options(request)
     if request.adapter is not None:
         check_adapter(request.adapter)

@@ -4,7 +4,10 @@ each MatMul (and the embedding) gets the GGUF's own blocks back instead of a sec
 A block's value is scale * (code - zero_point) + offset. MatMulNBits takes the first part as it is; an offset per
 block (Q4_1, Q4_K, Q5_1, Q5_K keep a minimum) is added exactly by y += blocksum(x) @ offsets, where blocksum(x) sums
 x over each block of the input dimension: the same trick llama.cpp's Q4_1 dot product uses. Weights of types with no
-exact form here (or not found in the GGUF) take 8-bit RTN, and slmops-quantization.json says which."""
+exact form here (or not found in the GGUF) take 8-bit RTN, and slmops-quantization.json says which.
+
+At accuracy level 4 (int8 activations, the default) each MatMul's largest activation channels, measured on
+calibration text, skip the int8 rounding: zeroed in what MatMulNBits reads, multiplied in float by their rows."""
 
 from __future__ import annotations
 
@@ -24,11 +27,15 @@ from slmops.api import (
     runtime_fed_matmuls,
     write_json_atomic,
 )
-from slmops.plugins import gguf_blocks
+from slmops.plugins import calibration, gguf_blocks
 
 REPORT = "slmops-quantization.json"
 PLANES = "planes"  # doc_string of the Add that sums an 8-bit weight's two 4-bit planes
-FLOAT_ACTIVATIONS = 1  # MatMulNBits accuracy level 1: float32 compute, the activations are not quantized
+OUTLIERS = "outliers"  # doc_string of the Add of the outlier channels' float product
+INTEGER_ACTIVATIONS = 4  # MatMulNBits accuracy level 4: int8 activations (one scale per block), the integer kernel
+OUTLIER_CHANNELS = (
+    16  # input channels per MatMul kept in float at level 4 (KLD 0.0043 with 4, 0.0027 with 16, 0.0021 with 32)
+)
 
 
 def pack(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -184,21 +191,34 @@ class GGUFNative(Quantizer):
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         weights = gguf_blocks.read(request.gguf)
-        # Float activations by default: the weights are the GGUF's exactly, and int8 activations (level 4) were the
-        # whole remaining loss on SmolLM2 (corpus KLD 0.012 at level 4, 0.0000 at float; docs/user-guide.md).
-        level = FLOAT_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
-        write_blocks(
-            fp32_dir, output_dir, lambda _, matrix: forms_for(matrix, weights), level, {"gguf": str(request.gguf)}
-        )
+        # The integer kernel by default, as llama.cpp computes (int8 activations, one scale per block of 32), with
+        # each MatMul's activation outliers kept in float: an outlier sets its block's int8 scale and flattens the
+        # rest. On SmolLM2 (4,091 corpus positions against the source) that took mean KLD from 0.012 to 0.0027 and
+        # decoded 2.5x faster than float compute (level 1, exact: KLD 0.0000) on an AVX2 CPU; docs/user-guide.md.
+        level = INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
+        channels = {}
+        if level >= INTEGER_ACTIVATIONS:
+            channels = calibration.outlier_channels(calibration.activation_importance(fp32_dir), OUTLIER_CHANNELS)
+        report = {"gguf": str(request.gguf), "float_channels": OUTLIER_CHANNELS if channels else 0}
+        write_blocks(fp32_dir, output_dir, lambda _, matrix: forms_for(matrix, weights), level, report, channels)
 
 
 Forms = Callable[[str, np.ndarray], list[tuple[int, int, gguf_blocks.BlockForm]]]
 
 
-def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, report: dict) -> None:
+def write_blocks(
+    fp32_dir: Path,
+    output_dir: Path,
+    forms_of: Forms,
+    level: int | Callable[[str], int],
+    report: dict,
+    float_channels: dict[str, np.ndarray] | None = None,
+) -> None:
     """Write fp32_dir's model with every MatMul weight (and the embedding) in the block forms forms_of gives for
     it: forms_of(initializer name, matrix [rows = outputs, cols = inputs]) -> runs (start row, end row, form)
-    covering the rows, or [] to keep that weight in float.
+    covering the rows, or [] to keep that weight in float. level: the MatMulNBits accuracy level, or a function of
+    the initializer name that gives it. float_channels: initializer name -> input channels (the activation outliers)
+    that an integer-compute (level 4) MatMul takes out of its int8 activations and multiplies in float instead.
     Forms of a GGUF type kept exactly count as "exact" in slmops-quantization.json, any other as "approximate"."""
     import onnx
 
@@ -206,7 +226,10 @@ def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, 
     g = Graph(model)
     skip = set(runtime_fed_matmuls(model))
     report = {**report, "exact": collections.Counter(), "approximate": collections.Counter(), "tensors": {}}
+    level_of = level if callable(level) else lambda _: level
+    float_channels = float_channels or {}
     blocksums: dict[tuple[str, int, int], str] = {}
+    split_inputs: dict[tuple[str, bytes], tuple[str, str]] = {}
     done: dict[str, list[tuple[int, int, gguf_blocks.BlockForm, dict[str, str]]]] = {}
     keep = []
     for node in model.graph.node:
@@ -221,9 +244,15 @@ def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, 
             continue
         made = []
         outputs = []
+        node_level = level_of(node.input[1])
+        x = node.input[0]
+        channels = float_channels.get(node.input[1]) if node_level >= INTEGER_ACTIVATIONS else None
+        if channels is not None and len(channels):
+            channels = np.sort(channels)
+            x, outliers = _split_outliers(g, x, k, channels, split_inputs)
         for start, end, form in runs:
             tag = f"{node.input[1]}_{start}"
-            planes = nibble_planes(form) if level < 4 else [form]
+            planes = nibble_planes(form) if node_level < INTEGER_ACTIVATIONS else [form]
             names = [
                 {
                     "b": g.const(f"{tag}_B", pack(p.codes, p.bits, p.block)),
@@ -235,7 +264,7 @@ def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, 
             ys = [
                 g.node(
                     "MatMulNBits",
-                    [node.input[0], nm["b"], nm["scales"], nm["zp"]],
+                    [x, nm["b"], nm["scales"], nm["zp"]],
                     f"{tag}_MatMulNBits",
                     domain="com.microsoft",
                     doc_string=f"{node.input[1]}:{start}" + (f":{plane}" if len(planes) > 1 else ""),
@@ -243,16 +272,16 @@ def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, 
                     N=end - start,
                     bits=p.bits,
                     block_size=p.block,
-                    accuracy_level=level,
+                    accuracy_level=node_level,
                 )
                 for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False)
             ]
             y = ys[0] if len(ys) == 1 else g.node("Add", ys, f"{tag}_planes", doc_string=PLANES)
             if form.offsets is not None:
-                key = (node.input[0], k, form.block)
+                key = (x, k, form.block)
                 if key not in blocksums:
                     shape = g.const("blocks_shape", np.array([0, 0, k // form.block, form.block], dtype=np.int64))
-                    grouped = g.node("Reshape", [node.input[0], shape], "blocks")
+                    grouped = g.node("Reshape", [x, shape], "blocks")
                     blocksums[key] = g.node(
                         "ReduceSum",
                         [grouped, g.const("last_axis", np.array([-1], dtype=np.int64))],
@@ -262,6 +291,14 @@ def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, 
                 offsets = g.const(f"{tag}_offsets", form.offsets.T)  # [blocks, rows] for blocksum @ offsets
                 names[0]["offsets"] = offsets
                 y = g.node("Add", [y, g.node("MatMul", [blocksums[key], offsets], f"{tag}_offset")], f"{tag}_sum")
+            if x != node.input[0]:  # the outlier channels' rows, exactly as written, times the float outliers
+                rows = form.dequantize()[:, channels].T  # [channels, rows]
+                y = g.node(
+                    "Add",
+                    [y, g.node("MatMul", [outliers, g.const(f"{tag}_outlier_rows", rows)], f"{tag}_outlier")],
+                    f"{tag}_with_outliers",
+                    doc_string=OUTLIERS,
+                )
             outputs.append(y)
             made.append((start, end, form, names))
             report[_kind(form)][form.gguf_type] += (end - start) * k
@@ -292,6 +329,19 @@ def write_blocks(fp32_dir: Path, output_dir: Path, forms_of: Forms, level: int, 
     copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
     report["exact"], report["approximate"] = dict(report["exact"]), dict(report["approximate"])
     write_json_atomic(output_dir / REPORT, report)
+
+
+def _split_outliers(g: Graph, x: str, k: int, channels: np.ndarray, cache: dict) -> tuple[str, str]:
+    """x with the channels zeroed (what the integer kernel quantizes) and x's values at the channels (multiplied in
+    float): an outlier channel would otherwise set the int8 scale of its whole block. Made once per input."""
+    key = (x, channels.tobytes())
+    if key not in cache:
+        mask = np.ones(k, dtype=np.float32)
+        mask[channels] = 0
+        inliers = g.node("Mul", [x, g.const("inlier_mask", mask)], "inliers")
+        outliers = g.node("Gather", [x, g.const("outlier_channels", channels.astype(np.int64))], "outliers", axis=-1)
+        cache[key] = (inliers, outliers)
+    return cache[key]
 
 
 def _kind(form: gguf_blocks.BlockForm) -> str:
@@ -438,6 +488,8 @@ def read_back(model_dir: Path) -> dict[str, np.ndarray]:
         for reader in readers[output]:
             if reader.op_type == "Reshape" or reader.doc_string == PLANES:  # the embedding adds per block
                 return offsets_after(reader.output[0])
+            if reader.doc_string == OUTLIERS:  # no offsets before the outliers' float rows are added
+                return None
             if reader.op_type == "Add":
                 return np.ascontiguousarray(initializer(reader.input[1]).T)
         return None

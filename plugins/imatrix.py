@@ -12,23 +12,20 @@ The output layer (and an embedding table, tied or not) keeps 8 bits, as llama.cp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from slmops.api import ConvertRequest, Quantizer, hookimpl
 from slmops.plugins import gguf_blocks, gguf_native
+from slmops.plugins.calibration import activation_importance
+from slmops.plugins.gguf_native import INTEGER_ACTIVATIONS
 
 KIND = "q4_imatrix"  # the form's name in slmops-quantization.json
-INTEGER_ACTIVATIONS = 4  # MatMulNBits accuracy level 4: int8 activations, the integer kernel
 CODES = 15  # 4-bit codes 0..15
 STEPS = 20  # candidate scales nmax + rmin + rdelta * i for i in 0..STEPS, as make_qkx2_quants(..., -1, 0.1, 20)
 REFINE = 2  # rounds of re-rounding with the fitted scale and min, then fitting again
 ROWS_AT_ONCE = 4096  # rows fitted together (the candidate arrays of a 49k x 576 table at once take gigabytes)
-CALIBRATION_TOKENS = 4096  # in windows of WINDOW tokens
-WINDOW = 512
-CALIBRATION_MODULES = ("json", "argparse", "logging", "pathlib", "collections", "itertools", "functools", "csv")
 
 
 def _fit(x: np.ndarray, w: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,58 +85,6 @@ def quantize_matrix(matrix: np.ndarray, block: int = 32, importance: np.ndarray 
         scales[start : start + len(x)], lows[start : start + len(x)] = s, m
     zero = np.zeros(scales.shape, dtype=np.uint8)
     return gguf_blocks.BlockForm(KIND, 4, block, codes, scales, zero, lows)
-
-
-def calibration_text() -> str:
-    """Prose and code that slmops does not score on, from the installed Python: some standard modules' docs."""
-    import importlib
-    import pydoc
-
-    return "\n\n".join(
-        pydoc.render_doc(importlib.import_module(m), renderer=pydoc.plaintext) for m in CALIBRATION_MODULES
-    )
-
-
-def calibration_tokens(model_dir: Path) -> list[int]:
-    """The calibration text in the model's tokens (its own tokenizer files; at most CALIBRATION_TOKENS)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return tokenizer(calibration_text(), verbose=False).input_ids[:CALIBRATION_TOKENS]
-
-
-def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
-    """Weight initializer name -> mean square of each input channel of its MatMul over the calibration text, from
-    the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache). The weights are
-    read once, by ONNX Runtime from the build's own data file (the graph alone is rewritten in memory)."""
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    weight_of = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    listened = sorted(set(weight_of.values()) - {o.name for o in model.graph.output})
-    model.graph.output.extend(
-        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in listened
-    )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the listened names
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
-    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
-    names = {i.name for i in session.get_inputs()}
-    feeds = {name: empty for name in names if name.startswith("past_key_values")}
-    tokens = calibration_tokens(fp32_dir)
-    sums: dict[str, np.ndarray] = {}
-    for start in range(0, len(tokens), WINDOW):
-        ids = np.array([tokens[start : start + WINDOW]], dtype=np.int64)
-        run = {**feeds, "input_ids": ids, "attention_mask": np.ones_like(ids)}
-        outs = session.run(listened, {k: v for k, v in run.items() if k in names})
-        for name, value in zip(listened, outs, strict=True):
-            sq = (value.astype(np.float64) ** 2).reshape(-1, value.shape[-1]).sum(0)
-            sums[name] = sums.get(name, 0) + sq
-    return {w: sums[x] / len(tokens) for w, x in weight_of.items() if x in sums}
 
 
 def keeps_8_bits(name: str) -> bool:

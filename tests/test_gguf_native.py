@@ -140,3 +140,50 @@ def test_gguf_import_is_exact_from_the_graph(kind, tied, default_checkpoint, tmp
     ref, cand = Session(source), Session(out)
     tokens = ref.encode("The capital of France is Paris, and the capital of Italy is Rome.")
     np.testing.assert_allclose(cand.logits(tokens), ref.logits(tokens), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_outlier_channels_are_multiplied_in_float(offsets, tmp_path):
+    """At level 4 the integer kernel quantizes what it reads to int8 per block of 32; the outlier channels are zeroed
+    there and multiplied in float by their rows of the written weights. Output = int8 product of the rest + exact
+    outlier product, and the weights read back are unchanged."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmops.plugins import imatrix
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", n])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), src / "model.onnx")
+    form = imatrix.quantize_matrix(weight.T) if offsets else gguf_native.rtn8(weight.T)
+    channels = np.array([70, 3, 41])  # unsorted, as calibration.outlier_channels gives them
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    x[..., channels] *= 200
+    outputs = {}
+    for split in (False, True):
+        out = tmp_path / f"split-{split}"
+        out.mkdir()
+        gguf_native.write_blocks(src, out, lambda *_: [(0, n, form)], 4, {}, {"W": channels} if split else None)
+        outputs[split] = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})[0]
+        assert np.array_equal(gguf_native.read_back(out)["W"], form.dequantize().T)
+    values = form.dequantize().T.astype(np.float64)
+    inliers = x.astype(np.float64).copy()
+    inliers[..., channels] = 0
+    blocks = inliers.reshape(1, 5, -1, 32)
+    step = np.abs(blocks).max(-1, keepdims=True) / 127
+    int8 = (np.round(blocks / np.where(step > 0, step, 1)) * step).reshape(inliers.shape)
+    expected = int8 @ values + x[..., channels].astype(np.float64) @ values[channels]
+    exact = x.astype(np.float64) @ values
+    assert np.abs(outputs[True] - expected).max() < 1e-3 * np.abs(exact).max()
+    assert np.abs(outputs[True] - exact).max() * 10 < np.abs(outputs[False] - exact).max()

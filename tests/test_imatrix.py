@@ -9,7 +9,7 @@ import pytest
 
 from slmops import convert, quality
 from slmops.errors import SlmopsError
-from slmops.plugins import gguf_native, imatrix
+from slmops.plugins import calibration, gguf_native, imatrix
 
 
 def weighted_error(form, matrix: np.ndarray, w: np.ndarray) -> float:
@@ -48,16 +48,16 @@ def test_importance_is_the_mean_square_of_each_matmul_input_as_torch_computes_it
     from transformers import AutoModelForCausalLM
 
     fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
-    importance = imatrix.activation_importance(fp32)
+    importance = calibration.activation_importance(fp32)
     assert len(importance) == 2 * 5 + 1  # per layer qkv, o, gate, up, down; and the lm_head
-    tokens = imatrix.calibration_tokens(fp32)
-    assert len(tokens) == imatrix.CALIBRATION_TOKENS
+    tokens = calibration.calibration_tokens(fp32)
+    assert len(tokens) == calibration.CALIBRATION_TOKENS
     model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2), dtype=torch.float32).eval()
     seen = []
     model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0].double()))
     with torch.no_grad():
-        for start in range(0, len(tokens), imatrix.WINDOW):
-            model(torch.tensor([tokens[start : start + imatrix.WINDOW]]))
+        for start in range(0, len(tokens), calibration.WINDOW):
+            model(torch.tensor([tokens[start : start + calibration.WINDOW]]))
     expected = (torch.cat(seen) ** 2).mean(0).numpy()
     np.testing.assert_allclose(importance["lm_head.MatMul.weight"], expected, rtol=1e-3)
 
@@ -70,7 +70,7 @@ def test_imatrix_build_holds_the_searched_blocks_and_beats_rtn(tiny_qwen2):
     assert build.manifest["quantizer"] == "imatrix" and build.verification["ok"]
     fp32 = convert.reference(str(tiny_qwen2), {}).path
     source = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32 / "model.onnx")).graph.initializer}
-    importance = imatrix.activation_importance(fp32)
+    importance = calibration.activation_importance(fp32)
     back = gguf_native.read_back(build.path)
     report = json.loads((build.path / gguf_native.REPORT).read_text())
     assert set(report["approximate"]) == {imatrix.KIND, "rtn8"} and report["exact"] == {}

@@ -1,0 +1,71 @@
+"""Calibration for quantizers: what flows into each MatMul of an fp32 build, measured by running it (ONNX Runtime)
+over text that slmops does not score on (the documentation of some Python standard library modules, so nothing is
+downloaded). imatrix weights its block fit by it; gguf-native picks the activation outliers it keeps in float."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_TOKENS = 4096  # in windows of WINDOW tokens
+WINDOW = 512
+CALIBRATION_MODULES = ("json", "argparse", "logging", "pathlib", "collections", "itertools", "functools", "csv")
+
+
+def calibration_text() -> str:
+    """Prose and code that slmops does not score on, from the installed Python: some standard modules' docs."""
+    import importlib
+    import pydoc
+
+    return "\n\n".join(
+        pydoc.render_doc(importlib.import_module(m), renderer=pydoc.plaintext) for m in CALIBRATION_MODULES
+    )
+
+
+def calibration_tokens(model_dir: Path) -> list[int]:
+    """The calibration text in the model's tokens (its own tokenizer files; at most CALIBRATION_TOKENS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer(calibration_text(), verbose=False).input_ids[:CALIBRATION_TOKENS]
+
+
+def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
+    """Weight initializer name -> mean square of each input channel of its MatMul over the calibration text, from
+    the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache). The weights are
+    read once, by ONNX Runtime from the build's own data file (the graph alone is rewritten in memory)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    weight_of = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    listened = sorted(set(weight_of.values()) - {o.name for o in model.graph.output})
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in listened
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the listened names
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+    names = {i.name for i in session.get_inputs()}
+    feeds = {name: empty for name in names if name.startswith("past_key_values")}
+    tokens = calibration_tokens(fp32_dir)
+    sums: dict[str, np.ndarray] = {}
+    for start in range(0, len(tokens), WINDOW):
+        ids = np.array([tokens[start : start + WINDOW]], dtype=np.int64)
+        run = {**feeds, "input_ids": ids, "attention_mask": np.ones_like(ids)}
+        outs = session.run(listened, {k: v for k, v in run.items() if k in names})
+        for name, value in zip(listened, outs, strict=True):
+            sq = (value.astype(np.float64) ** 2).reshape(-1, value.shape[-1]).sum(0)
+            sums[name] = sums.get(name, 0) + sq
+    return {w: sums[x] / len(tokens) for w, x in weight_of.items() if x in sums}
+
+
+def outlier_channels(importance: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """Weight name -> the count input channels of largest mean square (at most a quarter of them), unsorted."""
+    return {name: np.argsort(-ms, kind="stable")[: min(count, len(ms) // 4)] for name, ms in importance.items()}
