@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import adapters, progress, provided, sources, verify
+from . import adapters, progress, provided, runtime, sources, verify
 from .config import home
 from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
@@ -413,6 +413,7 @@ def _build(
             timings["quantize_s"] = time.perf_counter() - t
         if not (out / "genai_config.json").is_file():
             raise SlmopsError(f"converter {converter.name} wrote no genai_config.json; the build is unusable")
+        runtime.use_every_core(out)
         t = time.perf_counter()
         with progress.step("Verifying: reading the graph back, generating, comparing with the source in torch"):
             graph = verify.graph_quantization(out)

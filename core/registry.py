@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import progress, provided, templates
+from . import progress, provided, runtime, templates
 from .config import Config, home
 from .convert import read_manifest
 from .errors import SlmopsError
@@ -107,6 +107,7 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
     folder = Path(tempfile.mkdtemp(dir=staged_root, prefix=f".{name}.partial-{os.getpid()}-"))
     try:
         copy_tree(model_dir, folder, skip=("inference_model.json",))
+        runtime.use_every_core(folder)  # a folder built by hand runs on every core too
         if not templates.read_model_info(model_dir).chat_template:  # a base model: no runtime chats without one
             with progress.step(f"Writing the {chosen.family.name} chat template for a model that has none"):
                 check["written"] = templates.write_chat_template(folder, chosen)

@@ -7,7 +7,10 @@ x over each block of the input dimension: the same trick llama.cpp's Q4_1 dot pr
 exact form here (or not found in the GGUF) take 8-bit RTN, and slmops-quantization.json says which.
 
 At accuracy level 4 (int8 activations, the default) each MatMul's largest activation channels, measured on
-calibration text, skip the int8 rounding: zeroed in what MatMulNBits reads, multiplied in float by their rows."""
+calibration text, skip the int8 rounding: zeroed in what MatMulNBits reads, multiplied in float by their rows.
+
+Both corrections are one small float product per projection: y += side @ [offsets; outlier rows], where the side
+[blocksum(inliers), outliers] is made once per input (docs/architecture.md: what each costs at decode)."""
 
 from __future__ import annotations
 
@@ -31,7 +34,10 @@ from slmops.plugins import calibration, gguf_blocks
 
 REPORT = "slmops-quantization.json"
 PLANES = "planes"  # doc_string of the Add that sums an 8-bit weight's two 4-bit planes
-OUTLIERS = "outliers"  # doc_string of the Add of the outlier channels' float product
+# doc_string of the Add of a MatMulNBits' float correction, "correction:B": the first B rows of its matrix are the
+# block offsets (B = 0: none), the rest the outlier channels' rows
+CORRECTION = "correction"
+PACKED = ";"  # separates the weights one packed MatMulNBits holds in its doc_string
 INTEGER_ACTIVATIONS = 4  # MatMulNBits accuracy level 4: int8 activations (one scale per block), the integer kernel
 # Input channels per MatMul kept in float at level 4 (SmolLM2 corpus KLD: 0.0043 with 4, 0.0027 with 16, 0.0021 with 32)
 OUTLIER_CHANNELS = 16
@@ -226,76 +232,35 @@ def write_blocks(
     skip = set(runtime_fed_matmuls(model))
     report = {**report, "exact": collections.Counter(), "approximate": collections.Counter(), "tensors": {}}
     float_channels = float_channels or {}
-    blocksums: dict[tuple[str, int, int], str] = {}
-    split_inputs: dict[tuple[str, bytes], tuple[str, str]] = {}
+    sides: dict[tuple, str] = {}  # per input: its inliers and the side of its corrections
     done: dict[str, list[tuple[int, int, gguf_blocks.BlockForm, dict[str, str]]]] = {}
-    keep = []
+    planned = {}  # MatMul node name -> (weight name, K, runs, outlier channels or None)
     for node in model.graph.node:
         weight = g.array(node.input[1]) if node.op_type == "MatMul" and node.name not in skip else None
         if weight is None or weight.ndim != 2:
-            keep.append(node)
             continue
-        k, n = weight.shape
         runs = forms_of(node.input[1], np.ascontiguousarray(weight.T))
-        if not runs:  # forms_of keeps this one in float
+        channels = float_channels.get(node.input[1]) if level >= INTEGER_ACTIVATIONS else None
+        channels = np.sort(channels) if channels is not None and len(channels) else None
+        if runs:  # [] keeps this one in float
+            planned[node.name] = (node.input[1], weight.shape[0], runs, channels)
+    packs = _packs(model, planned, level)
+    keep = []
+    for node in model.graph.node:
+        if node.name not in planned:
             keep.append(node)
             continue
-        made = []
-        outputs = []
-        x = node.input[0]
-        channels = float_channels.get(node.input[1]) if level >= INTEGER_ACTIVATIONS else None
-        if channels is not None and len(channels):
-            channels = np.sort(channels)
-            x, outliers = _split_outliers(g, x, k, channels, split_inputs)
+        pack_of = packs.get(node.name)
+        if pack_of is not None:  # siblings reading one input (gate and up): one MatMulNBits, then a Split
+            if pack_of[0] is node:
+                _write_pack(g, pack_of, planned, level, sides, report)
+            continue
+        name, k, runs, channels = planned[node.name]
+        made, outputs = [], []
         for start, end, form in runs:
-            tag = f"{node.input[1]}_{start}"
-            planes = nibble_planes(form) if level < INTEGER_ACTIVATIONS else [form]
-            names = [
-                {
-                    "b": g.const(f"{tag}_B", pack(p.codes, p.bits, p.block)),
-                    "scales": g.const(f"{tag}_scales", p.scales),
-                    "zp": g.const(f"{tag}_zp", pack_zero_points(p.zero_points, p.bits)),
-                }
-                for p in planes
-            ]
-            ys = [
-                g.node(
-                    "MatMulNBits",
-                    [x, nm["b"], nm["scales"], nm["zp"]],
-                    f"{tag}_MatMulNBits",
-                    domain="com.microsoft",
-                    doc_string=f"{node.input[1]}:{start}" + (f":{plane}" if len(planes) > 1 else ""),
-                    K=k,
-                    N=end - start,
-                    bits=p.bits,
-                    block_size=p.block,
-                    accuracy_level=level,
-                )
-                for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False)
-            ]
-            y = ys[0] if len(ys) == 1 else g.node("Add", ys, f"{tag}_planes", doc_string=PLANES)
-            if form.offsets is not None:
-                key = (x, k, form.block)
-                if key not in blocksums:
-                    shape = g.const("blocks_shape", np.array([0, 0, k // form.block, form.block], dtype=np.int64))
-                    grouped = g.node("Reshape", [x, shape], "blocks")
-                    blocksums[key] = g.node(
-                        "ReduceSum",
-                        [grouped, g.const("last_axis", np.array([-1], dtype=np.int64))],
-                        "blocksum",
-                        keepdims=0,
-                    )
-                offsets = g.const(f"{tag}_offsets", form.offsets.T)  # [blocks, rows] for blocksum @ offsets
-                names[0]["offsets"] = offsets
-                y = g.node("Add", [y, g.node("MatMul", [blocksums[key], offsets], f"{tag}_offset")], f"{tag}_sum")
-            if x != node.input[0]:  # the outlier channels' rows, exactly as written, times the float outliers
-                rows = form.dequantize()[:, channels].T  # [channels, rows]
-                y = g.node(
-                    "Add",
-                    [y, g.node("MatMul", [outliers, g.const(f"{tag}_outlier_rows", rows)], f"{tag}_outlier")],
-                    f"{tag}_with_outliers",
-                    doc_string=OUTLIERS,
-                )
+            y, names = _write_form(
+                g, node.input[0], k, form, channels, level, f"{name}_{start}", f"{name}:{start}", sides
+            )
             outputs.append(y)
             made.append((start, end, form, names))
             report[_kind(form)][form.gguf_type] += (end - start) * k
@@ -303,8 +268,8 @@ def write_blocks(
             g.new_nodes[-1].output[0] = node.output[0]
         else:
             g.node("Concat", outputs, f"{node.name}_concat", outputs=[node.output[0]], axis=-1)
-        report["tensors"][node.input[1]] = [[s, e, f.gguf_type] for s, e, f, _ in made]
-        done[node.input[1]] = made
+        report["tensors"][name] = [[s, e, f.gguf_type] for s, e, f, _ in made]
+        done[name] = made
     model.graph.ClearField("node")
     model.graph.node.extend(keep)
     _quantize_embeddings(g, model, done, forms_of, report)
@@ -328,16 +293,147 @@ def write_blocks(
     write_json_atomic(output_dir / REPORT, report)
 
 
-def _split_outliers(g: Graph, x: str, k: int, channels: np.ndarray, cache: dict) -> tuple[str, str]:
-    """x with the channels zeroed (what the integer kernel quantizes) and x's values at the channels (multiplied in
-    float): an outlier channel would otherwise set the int8 scale of its whole block. Made once per input."""
+def _write_form(
+    g: Graph,
+    x: str,
+    k: int,
+    form: gguf_blocks.BlockForm,
+    channels: np.ndarray | None,
+    level: int,
+    tag: str,
+    doc: str,
+    sides: dict,
+) -> tuple[str, list[dict[str, str]]]:
+    """One block form as MatMulNBits on x (two 4-bit planes for 8 bits at float activations), plus its float
+    correction: y += side @ [offsets; outlier rows]. Returns y and the names of its tensors (per plane)."""
+    read = x if channels is None else _inliers(g, x, k, channels, sides)
+    planes = nibble_planes(form) if level < INTEGER_ACTIVATIONS else [form]
+    names = [
+        {
+            "b": g.const(f"{tag}_B", pack(p.codes, p.bits, p.block)),
+            "scales": g.const(f"{tag}_scales", p.scales),
+            "zp": g.const(f"{tag}_zp", pack_zero_points(p.zero_points, p.bits)),
+        }
+        for p in planes
+    ]
+    ys = [
+        g.node(
+            "MatMulNBits",
+            [read, nm["b"], nm["scales"], nm["zp"]],
+            f"{tag}_MatMulNBits",
+            domain="com.microsoft",
+            doc_string=doc + (f":{plane}" if len(planes) > 1 else ""),
+            K=k,
+            N=form.codes.shape[0],
+            bits=p.bits,
+            block_size=p.block,
+            accuracy_level=level,
+        )
+        for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False)
+    ]
+    y = ys[0] if len(ys) == 1 else g.node("Add", ys, f"{tag}_planes", doc_string=PLANES)
+    rows = []  # of the correction matrix: the block offsets, then the outlier channels' rows as written
+    if form.offsets is not None:
+        rows.append(form.offsets.T)  # [blocks, rows]
+    if channels is not None:
+        rows.append(form.dequantize()[:, channels].T)  # [channels, rows]
+    if rows:
+        block = form.block if form.offsets is not None else 0
+        side = _side(g, x, k, block, channels, sides)
+        correction = g.const(f"{tag}_correction", np.concatenate(rows))
+        if channels is None:
+            names[0]["offsets"] = correction  # exactly the offsets: the tied embedding reuses them
+        y = g.node(
+            "Add",
+            [y, g.node("MatMul", [side, correction], f"{tag}_correction")],
+            f"{tag}_corrected",
+            doc_string=f"{CORRECTION}:{k // block if block else 0}",
+        )
+    return y, names
+
+
+def _packs(model, planned: dict, level: int) -> dict[str, list]:
+    """MatMul node name -> the sibling nodes it is packed with (the first one writes them all): MatMuls that read one
+    input, each weight one form of the same shape of block and kept at integer compute, used by nothing else, with
+    the same outlier channels. One kernel call and one correction instead of one each (SmolLM2's gate and up)."""
+    if level < INTEGER_ACTIVATIONS:  # the planes of float activations stay per weight
+        return {}
+    uses = collections.Counter(i for n in model.graph.node for i in n.input)
+    by_input = collections.defaultdict(list)
+    for node in model.graph.node:
+        plan = planned.get(node.name)
+        if plan and len(plan[2]) == 1 and uses[plan[0]] == 1:
+            by_input[node.input[0]].append(node)
+    packs = {}
+    for siblings in by_input.values():
+        first = planned[siblings[0].name]
+        shape = lambda plan: (plan[2][0][2].bits, plan[2][0][2].block, plan[2][0][2].offsets is None)  # noqa: E731
+        same = [
+            n
+            for n in siblings
+            if shape(planned[n.name]) == shape(first)
+            and (planned[n.name][3] is None) == (first[3] is None)
+            and (first[3] is None or np.array_equal(planned[n.name][3], first[3]))
+        ]
+        if len(same) > 1:
+            packs.update({n.name: same for n in same})
+    return packs
+
+
+def _write_pack(g: Graph, siblings: list, planned: dict, level: int, sides: dict, report: dict) -> None:
+    """Sibling MatMuls as one: their forms stacked by rows, one MatMulNBits and correction, a Split to their outputs.
+    The MatMulNBits doc_string names each weight with its rows ("name:0:rows;..."), for read_back."""
+    plans = [planned[n.name] for n in siblings]
+    forms = [plan[2][0][2] for plan in plans]
+    cat = lambda attr: np.concatenate([getattr(f, attr) for f in forms])  # noqa: E731
+    packed = gguf_blocks.BlockForm(
+        forms[0].gguf_type,
+        forms[0].bits,
+        forms[0].block,
+        cat("codes"),
+        cat("scales"),
+        cat("zero_points"),
+        None if forms[0].offsets is None else cat("offsets"),
+    )
+    name, k, _, channels = plans[0]
+    doc = PACKED.join(f"{plan[0]}:0:{form.codes.shape[0]}" for plan, form in zip(plans, forms, strict=True))
+    y, _ = _write_form(g, siblings[0].input[0], k, packed, channels, level, f"{name}_packed", doc, sides)
+    sizes = g.const("split", np.array([f.codes.shape[0] for f in forms], dtype=np.int64))
+    g.node("Split", [y, sizes], f"{name}_split", outputs=[n.output[0] for n in siblings], axis=-1)
+    for plan, form in zip(plans, forms, strict=True):
+        report[_kind(form)][form.gguf_type] += form.codes.size
+        report["tensors"][plan[0]] = [[0, form.codes.shape[0], form.gguf_type]]
+
+
+def _inliers(g: Graph, x: str, k: int, channels: np.ndarray, cache: dict) -> str:
+    """x with the outlier channels zeroed, what the integer kernel quantizes: an outlier channel would otherwise set
+    the int8 scale of its whole block. Made once per input."""
     key = (x, channels.tobytes())
     if key not in cache:
         mask = np.ones(k, dtype=np.float32)
         mask[channels] = 0
-        inliers = g.node("Mul", [x, g.const("inlier_mask", mask)], "inliers")
-        outliers = g.node("Gather", [x, g.const("outlier_channels", channels.astype(np.int64))], "outliers", axis=-1)
-        cache[key] = (inliers, outliers)
+        cache[key] = g.node("Mul", [x, g.const("inlier_mask", mask)], "inliers")
+    return cache[key]
+
+
+def _side(g: Graph, x: str, k: int, block: int, channels: np.ndarray | None, cache: dict) -> str:
+    """[blocksum(inliers) per block of `block` (none if 0), x at the outlier channels]: what a correction matrix
+    [offsets; outlier rows] multiplies. Made once per input, by reshaping and summing (a MatMul with a 0/1 matrix
+    does the same, but reads that matrix each token: SmolLM2 decoded 10% slower)."""
+    key = (x, block, b"" if channels is None else channels.tobytes())
+    if key not in cache:
+        parts = []
+        if block:
+            inliers = x if channels is None else _inliers(g, x, k, channels, cache)
+            grouped = g.node(
+                "Reshape", [inliers, g.const("blocks_shape", np.array([0, 0, k // block, block]))], "blocks"
+            )
+            parts.append(g.node("ReduceSum", [grouped, g.const("last_axis", np.array([-1]))], "blocksum", keepdims=0))
+        if channels is not None:
+            parts.append(
+                g.node("Gather", [x, g.const("outlier_channels", channels.astype(np.int64))], "outliers", axis=-1)
+            )
+        cache[key] = parts[0] if len(parts) == 1 else g.node("Concat", parts, "side", axis=-1)
     return cache[key]
 
 
@@ -378,8 +474,6 @@ def _quantize_embeddings(g: Graph, model, done: dict, forms_of: Forms, report: d
                     "zp": g.const("embed_zp", pack_zero_points(form.zero_points, form.bits)),
                 }
             ]
-            if form.offsets is not None:
-                names[0]["offsets"] = g.const("embed_offsets", form.offsets.T)
             report[_kind(form)][form.gguf_type] += rows * width
             report["tensors"][source] = [[0, rows, form.gguf_type]]
         n = names[0]
@@ -404,7 +498,8 @@ def _quantize_embeddings(g: Graph, model, done: dict, forms_of: Forms, report: d
         if form.offsets is None:
             g.new_nodes[-1].output[0] = node.output[0]
         if form.offsets is not None:
-            per_row = g.node("Transpose", [n["offsets"]], "embed_offsets_rows", perm=[1, 0])
+            offsets = n.get("offsets") or g.const("embed_offsets", form.offsets.T)  # [blocks, rows]
+            per_row = g.node("Transpose", [offsets], "embed_offsets_rows", perm=[1, 0])
             offs = g.node(
                 "Unsqueeze",
                 [
@@ -485,28 +580,34 @@ def read_back(model_dir: Path) -> dict[str, np.ndarray]:
         for reader in readers[output]:
             if reader.op_type == "Reshape" or reader.doc_string == PLANES:  # the embedding adds per block
                 return offsets_after(reader.output[0])
-            if reader.doc_string == OUTLIERS:  # no offsets before the outliers' float rows are added
-                return None
-            if reader.op_type == "Add":
+            if reader.doc_string.startswith(CORRECTION):
+                blocks = int(reader.doc_string.split(":")[1])
+                return np.ascontiguousarray(initializer(reader.input[1])[:blocks].T) if blocks else None
+            if reader.op_type == "Add":  # the embedding's offsets, per block
                 return np.ascontiguousarray(initializer(reader.input[1]).T)
         return None
 
     forms: dict[tuple[str, str], dict[str, gguf_blocks.BlockForm]] = collections.defaultdict(dict)
+    parts: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
     for node in model.graph.node:
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or ":" not in node.doc_string:
             continue
-        name, where, *plane = node.doc_string.split(":")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         bits, block = attrs.get("bits", 4), attrs["block_size"]
         b = initializer(node.input[1 if node.op_type == "MatMulNBits" else 0])
         scales, zp = initializer(node.input[2]), initializer(node.input[3])
         cols = scales.shape[1] * block
         codes, z = unpack(b, zp, bits, cols, scales.shape[1])
-        offsets = offsets_after(node.output[0])
-        forms[name, where][plane[0] if plane else ""] = gguf_blocks.BlockForm(
-            "", bits, block, codes, scales, z, offsets
-        )
-    parts: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+        form = gguf_blocks.BlockForm("", bits, block, codes, scales, z, offsets_after(node.output[0]))
+        if PACKED in node.doc_string:  # siblings stacked by rows: each weight its own rows back
+            values, row = form.dequantize(), 0
+            for entry in node.doc_string.split(PACKED):
+                name, where, rows = entry.split(":")
+                parts[name].append((int(where), values[row : row + int(rows)].T))
+                row += int(rows)
+            continue
+        name, where, *plane = node.doc_string.split(":")
+        forms[name, where][plane[0] if plane else ""] = form
     for (name, where), planes in forms.items():
         form = join_planes(planes["hi"], planes["lo"]) if "hi" in planes else planes[""]
         if where == "embedding":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops import convert, verify
+from slmops import convert, runtime, verify
 from slmops.errors import SlmopsError
 
 
@@ -24,6 +24,17 @@ def test_int4_llama_is_verified_and_recorded(tiny_llama, tiny_llama_int4):
     assert graph["matmul_nbits"] == {"4": graph["matmul_nbits"]["4"]} and graph["block_sizes"] == [32]
     assert graph["symmetric"] == [True] and graph["float_matmuls"] == 0
     assert manifest["output_bytes"] > 0 and manifest["timings"]["convert_s"] > 0
+
+
+def test_builds_run_on_every_core(tiny_llama_int4, tmp_path):
+    """ONNX Runtime GenAI runs a model whose genai_config.json names no intra-op thread count on one thread; every
+    build names 0 (ONNX Runtime's own choice, one per physical core). A count already there is kept."""
+    config = json.loads((tiny_llama_int4.path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = 3
+    (tmp_path / "genai_config.json").write_text(json.dumps(config))
+    runtime.use_every_core(tmp_path)
+    assert json.loads((tmp_path / "genai_config.json").read_text()) == config
 
 
 def test_same_request_is_a_cache_hit(tiny_llama, tiny_llama_int4):

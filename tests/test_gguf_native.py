@@ -142,6 +142,40 @@ def test_gguf_import_is_exact_from_the_graph(kind, tied, default_checkpoint, tmp
     np.testing.assert_allclose(cand.logits(tokens), ref.logits(tokens), rtol=1e-3, atol=1e-3)
 
 
+def test_siblings_are_packed_exactly(default_checkpoint, tmp_path, monkeypatch):
+    """At integer compute, MatMuls that read one input (gate and up) become one MatMulNBits and one correction, then
+    a Split: each weight still reads back as the GGUF's values, and the model computes what unpacked weights do."""
+    import onnx
+
+    from slmops.runtime import Session
+
+    tiny = build_tiny(tmp_path / "tiny", default_checkpoint, "llama", hidden_size=256, intermediate_size=512)
+    fp32 = convert.convert(str(tiny), {"precision": "fp32"}).path
+    source = tmp_path / "source-fp32"
+    weights = gguf_of_fp32_graph(fp32, source, "Q4_1", tmp_path / "tiny.gguf")
+    request = ConvertRequest(source_dir=tiny, precision="int4", algorithm="gguf", gguf=tmp_path / "tiny.gguf")
+    outputs = {}
+    for packed in (True, False):
+        out = outputs[packed] = tmp_path / f"packed-{packed}"
+        out.mkdir()
+        if not packed:
+            monkeypatch.setattr(gguf_native, "_packs", lambda *_: {})
+        gguf_native.GGUFNative().quantize(source, out, request)
+        back = gguf_native.read_back(out)
+        for name, values in weights.items():
+            if not name.startswith("model.embed_tokens"):
+                assert np.array_equal(back[name], values), name
+    nodes = onnx.load(str(outputs[True] / "model.onnx"), load_external_data=False).graph.node
+    packs = [n.doc_string for n in nodes if n.op_type == "MatMulNBits" and gguf_native.PACKED in n.doc_string]
+    layers = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
+    assert len(packs) == layers and all("gate_proj" in d and "up_proj" in d for d in packs)
+    assert sum(n.op_type == "Split" for n in nodes) == layers
+    tokens = Session(source).encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    np.testing.assert_allclose(
+        Session(outputs[True]).logits(tokens), Session(outputs[False]).logits(tokens), rtol=1e-4, atol=1e-4
+    )
+
+
 @pytest.mark.parametrize("offsets", [False, True])
 def test_outlier_channels_are_multiplied_in_float(offsets, tmp_path):
     """At level 4 the integer kernel quantizes what it reads to int8 per block of 32; the outlier channels are zeroed

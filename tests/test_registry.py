@@ -27,6 +27,23 @@ def test_register_lays_out_the_guide_cache(registered, registry_dir):
     assert registered["template"]["family"] == "chatml" and registered["template"]["fidelity"]["ok"]
 
 
+def test_a_folder_built_by_hand_is_registered_to_run_on_every_core(cli, registry_dir, tiny_llama_int4, tmp_path):
+    """A folder with no intra-op thread count (ORT GenAI would run it on one thread) is registered with 0 (every
+    core); the user's folder itself is left as it was."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_llama_int4.path, mine)
+    config = json.loads((mine / "genai_config.json").read_text())
+    del config["model"]["decoder"]["session_options"]["intra_op_num_threads"]
+    (mine / "genai_config.json").write_text(json.dumps(config))
+    r = cli("register", mine, "--name", "mine", "--json")
+    assert r.rc == 0, r
+    registered = json.loads((registry_dir / "custom" / "mine" / "genai_config.json").read_text())
+    assert registered["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
+    assert json.loads((mine / "genai_config.json").read_text()) == config
+
+
 def test_cache_commands(cli, registered, registry_dir):
     rows = cli("cache", "ls", "--json").json()
     assert [(r["name"], r["family"], r["precision"]) for r in rows] == [("tiny", "chatml", "int4")]
