@@ -30,7 +30,10 @@ def use_every_core(model_dir: Path) -> None:
     elsewhere too."""
     path = model_dir / "genai_config.json"
     config = json.loads(path.read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
+    decoder = config.get("model", {}).get("decoder")
+    if not isinstance(decoder, dict):  # not a decoder this knows: the runtime says what it thinks of the folder
+        return
+    options = decoder.setdefault("session_options", {})
     if "intra_op_num_threads" not in options:
         options["intra_op_num_threads"] = 0
         write_json_atomic(path, config)
