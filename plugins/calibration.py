@@ -15,13 +15,23 @@ CALIBRATION_MODULES = ("json", "argparse", "logging", "pathlib", "collections", 
 
 
 def calibration_text() -> str:
-    """Prose and code that slmops does not score on, from the installed Python: some standard modules' docs."""
-    import importlib
-    import pydoc
+    """Prose and code that slmops does not score on, from the installed Python: some standard modules' docs.
+    The same text in every process, so a build is the same wherever it is made: rendered by a fresh interpreter
+    (pydoc shows live objects, such as the root logger's level), with memory addresses taken out (`<weakref at
+    0x7f...>` differs from run to run; it moved SmolLM2's outlier channels, and the deployed answer, between runs)."""
+    import re
+    import subprocess
+    import sys
+    import sysconfig
 
-    return "\n\n".join(
-        pydoc.render_doc(importlib.import_module(m), renderer=pydoc.plaintext) for m in CALIBRATION_MODULES
+    code = (
+        "import importlib, pydoc, sys\n"
+        "sys.stdout.write('\\n\\n'.join(pydoc.render_doc(importlib.import_module(m), renderer=pydoc.plaintext)"
+        f" for m in {CALIBRATION_MODULES!r}))"
     )
+    text = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
+    text = text.replace(sysconfig.get_paths()["stdlib"], "<stdlib>")  # where Python lives is no part of the docs
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
 def calibration_tokens(model_dir: Path) -> list[int]:
