@@ -95,3 +95,21 @@ def test_imatrix_build_holds_the_searched_blocks_and_beats_rtn(tiny_qwen2):
 def test_imatrix_asks_for_asymmetric(tiny_qwen2):
     with pytest.raises(SlmopsError, match="imatrix fits a float minimum per block: add --asymmetric"):
         convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "imatrix"})
+
+
+def test_calibration_text_is_the_same_in_every_process():
+    """pydoc shows live objects (the root logger's level and handlers, memory addresses): rendered in this process,
+    the calibration text, and with it the outlier channels and the build, changed from run to run."""
+    import logging
+
+    first = calibration.calibration_text()
+    root, handler = logging.getLogger(), logging.StreamHandler()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        assert calibration.calibration_text() == first
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert " at 0x" not in first and len(first) > 100_000
