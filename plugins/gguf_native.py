@@ -135,8 +135,13 @@ def _gather(sources: list[tuple[str, int]], weights: gguf_blocks.GGUFWeights) ->
         weights.forms[name].take(np.array([row for _, row in group]))
         for name, group in itertools.groupby(sources, key=lambda s: s[0])
     ]
-    first = pieces[0]
-    cat = lambda attr: np.concatenate([getattr(p, attr) for p in pieces])  # noqa: E731
+    return _stack(pieces)
+
+
+def _stack(forms: list[gguf_blocks.BlockForm]) -> gguf_blocks.BlockForm:
+    """Forms of one shape of block stacked by rows, as one form."""
+    first = forms[0]
+    cat = lambda attr: np.concatenate([getattr(f, attr) for f in forms])  # noqa: E731
     return gguf_blocks.BlockForm(
         first.gguf_type,
         first.bits,
@@ -387,16 +392,7 @@ def _write_pack(g: Graph, siblings: list, planned: dict, level: int, sides: dict
     The MatMulNBits doc_string names each weight with its rows ("name:0:rows;..."), for read_back."""
     plans = [planned[n.name] for n in siblings]
     forms = [plan[2][0][2] for plan in plans]
-    cat = lambda attr: np.concatenate([getattr(f, attr) for f in forms])  # noqa: E731
-    packed = gguf_blocks.BlockForm(
-        forms[0].gguf_type,
-        forms[0].bits,
-        forms[0].block,
-        cat("codes"),
-        cat("scales"),
-        cat("zero_points"),
-        None if forms[0].offsets is None else cat("offsets"),
-    )
+    packed = _stack(forms)
     name, k, _, channels = plans[0]
     doc = PACKED.join(f"{plan[0]}:0:{form.codes.shape[0]}" for plan, form in zip(plans, forms, strict=True))
     y, _ = _write_form(g, siblings[0].input[0], k, packed, channels, level, f"{name}_packed", doc, sides)
@@ -421,7 +417,7 @@ def _inliers(g: Graph, x: str, k: int, channels: np.ndarray, cache: dict) -> str
 def _side(g: Graph, x: str, k: int, block: int, channels: np.ndarray | None, cache: dict) -> str:
     """[blocksum(inliers) per block of `block` (none if 0), x at the outlier channels]: what a correction matrix
     [offsets; outlier rows] multiplies. Made once per input, by reshaping and summing (a MatMul with a 0/1 matrix
-    does the same, but reads that matrix each token: SmolLM2 decoded 10% slower)."""
+    does the same, but reads that matrix each token: 19 MB for SmolLM2, and it was not faster)."""
     key = (x, block, b"" if channels is None else channels.tobytes())
     if key not in cache:
         parts = []
