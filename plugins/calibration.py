@@ -1,37 +1,27 @@
 """Calibration for quantizers: what flows into each MatMul of an fp32 build, measured by running it (ONNX Runtime)
-over text that slmops does not score on (the documentation of some Python standard library modules, so nothing is
-downloaded). imatrix weights its block fit by it; gguf-native picks the activation outliers it keeps in float."""
+over text that slmops does not score on (slmops/data/calibration.txt: the documentation of some Python standard
+library modules, shipped, so nothing is downloaded). imatrix weights its block fit by it; gguf-native picks the
+activation outliers it keeps in float."""
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 CALIBRATION_TOKENS = 4096  # in windows of WINDOW tokens
 WINDOW = 512
-CALIBRATION_MODULES = ("json", "argparse", "logging", "pathlib", "collections", "itertools", "functools", "csv")
+CALIBRATION = "data/calibration.txt"  # made by data/make_calibration.py
 
 
 def calibration_text() -> str:
-    """Prose and code that slmops does not score on, from the installed Python: some standard modules' docs.
-    The same text in every process, so a build is the same wherever it is made: rendered by a fresh interpreter
-    (pydoc shows live objects, such as the root logger's level), with memory addresses taken out (`<weakref at
-    0x7f...>` differs from run to run; it moved SmolLM2's outlier channels, and the deployed answer, between runs)."""
-    import re
-    import subprocess
-    import sys
-    import sysconfig
-
-    code = (
-        "import importlib, pydoc, sys\n"
-        "sys.stdout.write('\\n\\n'.join(pydoc.render_doc(importlib.import_module(m), renderer=pydoc.plaintext)"
-        f" for m in {CALIBRATION_MODULES!r}))"
-    )
-    text = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
-    text = text.replace(sysconfig.get_paths()["stdlib"], "<stdlib>")  # where Python lives is no part of the docs
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+    """Prose and code that slmops does not score on: the same text on every machine and every Python, so a build is
+    the same wherever it is made (rendered at build time, pydoc's text differed between Python releases and, through
+    live objects such as memory addresses, between runs; it moved SmolLM2's outlier channels and the deployed
+    answer)."""
+    return resources.files("slmops").joinpath(CALIBRATION).read_text(encoding="utf-8")
 
 
 def calibration_tokens(model_dir: Path) -> list[int]:

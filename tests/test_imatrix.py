@@ -97,19 +97,18 @@ def test_imatrix_asks_for_asymmetric(tiny_qwen2):
         convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "imatrix"})
 
 
-def test_calibration_text_is_the_same_in_every_process():
-    """pydoc shows live objects (the root logger's level and handlers, memory addresses): rendered in this process,
-    the calibration text, and with it the outlier channels and the build, changed from run to run."""
-    import logging
+def test_calibration_text_is_shipped_not_rendered(monkeypatch, default_checkpoint):
+    """pydoc's text differs between Python releases (3.11.2 and 3.11.7 already differ in the first 20k characters)
+    and, through live objects, between runs: rendered at build time, it gave each interpreter its own outlier
+    channels and so its own build. The text is the shipped file, long enough for every calibration token."""
+    import pydoc
+    from importlib import resources
 
-    first = calibration.calibration_text()
-    root, handler = logging.getLogger(), logging.StreamHandler()
-    level = root.level
-    root.setLevel(logging.DEBUG)
-    root.addHandler(handler)
-    try:
-        assert calibration.calibration_text() == first
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    assert " at 0x" not in first and len(first) > 100_000
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("calibration text rendered by pydoc at build time")
+
+    monkeypatch.setattr(pydoc, "render_doc", no_rendering)
+    text = calibration.calibration_text()
+    assert text == resources.files("slmops").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    assert " at 0x" not in text and "<stdlib>" in text
+    assert len(calibration.calibration_tokens(default_checkpoint)) == calibration.CALIBRATION_TOKENS
