@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,18 @@ def tool_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = ""
     return out
+
+
+def plugin_code(implementation: object) -> str:
+    """Which code an implementation is: the version of the distribution that ships its module, or (a module that no
+    distribution ships, such as a plugin put on the path by hand) a hash of its source file. In the cache key, so an
+    upgraded plugin's builds are made anew rather than reused."""
+    cls = type(implementation)
+    dists = importlib.metadata.packages_distributions().get(cls.__module__.split(".")[0], [])
+    if dists:
+        return ", ".join(f"{d} {importlib.metadata.version(d)}" for d in sorted(set(dists)))
+    source = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return content_hash(Path(source)) if source else cls.__module__
 
 
 def offered() -> dict[str, list[str]]:
@@ -181,6 +194,7 @@ def build_key(source_sha: str, request: ConvertRequest, converter: Converter, qu
             "options": options,
             "converter": converter.name,
             "quantizer": quantizer.name if quantizer else None,
+            "code": [plugin_code(converter), plugin_code(quantizer) if quantizer else None],
             "tools": tool_versions(),
         },
         sort_keys=True,
@@ -451,6 +465,7 @@ def _build(
             "options": request.options(),
             "converter": converter.name,
             "quantizer": quantizer.name if quantizer else None,
+            "code": [plugin_code(converter), plugin_code(quantizer) if quantizer else None],
             "tools": tool_versions(),
             "output_bytes": dir_size(out),
             "timings": {k: round(v, 2) for k, v in timings.items()},

@@ -3,6 +3,7 @@ LoRA adapters, and every bad input."""
 
 import importlib.metadata
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,33 @@ def test_a_changed_source_or_tool_version_is_a_new_build(tiny_llama, tmp_path, m
     upgraded = convert.convert(str(tiny_llama), {"precision": "fp32"})
     assert not upgraded.cached and upgraded.key not in (first.key, changed.key)
     assert upgraded.manifest["tools"]["onnxruntime-genai"] == "0.0.1"
+
+
+def test_a_changed_plugin_makes_new_builds(tmp_path, monkeypatch, tiny_llama):
+    """The cache key names the code of the converter and quantizer: a plugin upgraded (or, shipped by no
+    distribution, edited) does not have its old builds reused."""
+    import importlib.util
+
+    from slmops import provided
+
+    module = tmp_path / "slmops_edited_plugin.py"
+    module.write_text("from slmops.api import Converter\n\nclass Edited(Converter):\n    name = 'edited'\n")
+
+    def load():
+        spec = importlib.util.spec_from_file_location("slmops_edited_plugin", module)
+        loaded = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "slmops_edited_plugin", loaded)
+        spec.loader.exec_module(loaded)
+        return loaded.Edited()
+
+    before = convert.plugin_code(load())
+    module.write_text(module.read_text() + "    description = 'changed'\n")
+    assert convert.plugin_code(load()) != before
+    builder = next(c for c in provided.converters() if c.name == "model-builder")
+    assert convert.plugin_code(builder) == f"slmops {importlib.metadata.version('slmops')}"
+
+    first = convert.convert(str(tiny_llama), {"precision": "fp32"})
+    assert first.manifest["code"] == [convert.plugin_code(builder), None]
+    monkeypatch.setattr(convert, "plugin_code", lambda implementation: "slmops 99.0")
+    upgraded = convert.convert(str(tiny_llama), {"precision": "fp32"})
+    assert not upgraded.cached and upgraded.key != first.key
