@@ -30,7 +30,7 @@ from slmops.api import (
     runtime_fed_matmuls,
     write_json_atomic,
 )
-from slmops.plugins import calibration, gguf_blocks
+from slmops.plugins import calibration, gguf_blocks, gguf_kernel
 
 REPORT = "slmops-quantization.json"
 PLANES = "planes"  # doc_string of the Add that sums an 8-bit weight's two 4-bit planes
@@ -201,18 +201,36 @@ class GGUFNative(Quantizer):
             return "--algorithm gguf needs a GGUF source (the file's own blocks are kept)"
         return super().check(request)
 
+    def graph_facts(self, request: ConvertRequest) -> dict:
+        """MatMulGGML where the GGUF kernel takes the GGUF's types on this machine, else MatMulNBits."""
+        if _level(request) >= INTEGER_ACTIVATIONS and gguf_kernel.library() and gguf_kernel.takes(request.gguf):
+            return {"ops": [gguf_kernel.MATMUL]}
+        return super().graph_facts(request)
+
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         weights = gguf_blocks.read(request.gguf)
         # The integer kernel by default, as llama.cpp computes (int8 activations, one scale per block of 32), with
         # each MatMul's activation outliers kept in float: an outlier sets its block's int8 scale and flattens the
         # rest. On SmolLM2 (4,091 corpus positions against the source) that took mean KLD from 0.012 to 0.0027 and
         # decoded 2.5x faster than float compute (level 1, exact: KLD 0.0000) on an AVX2 CPU; docs/user-guide.md.
-        level = INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
+        level = _level(request)
         channels = {}
         if level >= INTEGER_ACTIVATIONS:
             channels = calibration.outlier_channels(calibration.activation_importance(fp32_dir), OUTLIER_CHANNELS)
-        report = {"gguf": str(request.gguf), "float_channels": OUTLIER_CHANNELS if channels else 0}
-        write_blocks(fp32_dir, output_dir, lambda _, matrix: forms_for(matrix, weights), level, report, channels)
+        # The GGUF kernel where this machine can build it: each block's minimum applied inside the kernel, no float
+        # correction (docs/architecture.md, "Speed"); MatMulNBits with corrections for what it does not hold.
+        kernel = gguf_kernel.library() if level >= INTEGER_ACTIVATIONS else None
+        report = {
+            "gguf": str(request.gguf),
+            "float_channels": OUTLIER_CHANNELS if channels else 0,
+            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
+        }
+        forms_of = lambda _, matrix: forms_for(matrix, weights)  # noqa: E731
+        write_blocks(fp32_dir, output_dir, forms_of, level, report, channels, kernel)
+
+
+def _level(request: ConvertRequest) -> int:
+    return INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
 
 
 Forms = Callable[[str, np.ndarray], list[tuple[int, int, gguf_blocks.BlockForm]]]
@@ -225,12 +243,15 @@ def write_blocks(
     level: int,
     report: dict,
     float_channels: dict[str, np.ndarray] | None = None,
+    kernel: Path | None = None,
 ) -> None:
     """Write fp32_dir's model with every MatMul weight (and the embedding) in the block forms forms_of gives for
     it: forms_of(initializer name, matrix [rows = outputs, cols = inputs]) -> runs (start row, end row, form)
     covering the rows, or [] to keep that weight in float. level: the MatMulNBits accuracy level. float_channels:
     initializer name -> input channels (the activation outliers) that an integer-compute (level 4) MatMul takes out
-    of its int8 activations and multiplies in float instead.
+    of its int8 activations and multiplies in float instead. kernel: the GGUF kernel library (gguf_kernel); the
+    weights it holds exactly become MatMulGGML (the minimum and the float channels inside the kernel, no correction)
+    and the folder carries it.
     Forms of a GGUF type kept exactly count as "exact" in slmops-quantization.json, any other as "approximate"."""
     import onnx
 
@@ -251,11 +272,34 @@ def write_blocks(
         channels = np.sort(channels) if channels is not None and len(channels) else None
         if runs:  # [] keeps this one in float
             planned[node.name] = (node.input[1], weight.shape[0], runs, channels)
-    packs = _packs(model, planned, level)
+    in_kernel = _kernel_forms(planned) if kernel else {}
+    packs = _packs(model, {n: p for n, p in planned.items() if n not in in_kernel}, level)
     keep = []
     for node in model.graph.node:
         if node.name not in planned:
             keep.append(node)
+            continue
+        if node.name in in_kernel:
+            name, k, form, kind = in_kernel[node.name]
+            weight = g.const(f"{name}_ggml", gguf_kernel.grouped(form, kind))
+            channels = planned[node.name][3]
+            outliers = []
+            if channels is not None:  # multiplied in float inside the kernel
+                codes = gguf_kernel.outlier_codes(form, kind, channels)
+                outliers = [g.const(f"{name}_channels", channels.astype(np.int64)), g.const(f"{name}_codes", codes)]
+            g.node(
+                gguf_kernel.MATMUL,
+                [node.input[0], weight, *outliers],
+                f"{name}_MatMulGGML",
+                outputs=[node.output[0]],
+                domain=gguf_kernel.DOMAIN,
+                doc_string=f"{name}:0",
+                ggml_type=kind,
+            )
+            for start, end, run in planned[node.name][2]:
+                report["exact"][run.gguf_type] += (end - start) * k
+            report["tensors"][name] = [[start, end, run.gguf_type] for start, end, run in planned[node.name][2]]
+            done[name] = [(0, form.codes.shape[0], form, {"ggml": weight, "kind": kind})]
             continue
         pack_of = packs.get(node.name)
         if pack_of is not None:  # siblings reading one input (gate and up): one MatMulNBits, then a Split
@@ -296,8 +340,26 @@ def write_blocks(
         size_threshold=1024,
     )
     copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
+    if any(n.domain == gguf_kernel.DOMAIN for n in model.graph.node):
+        gguf_kernel.carry(kernel, output_dir)
     report["exact"], report["approximate"] = dict(report["exact"]), dict(report["approximate"])
     write_json_atomic(output_dir / REPORT, report)
+
+
+def _kernel_forms(planned: dict) -> dict[str, tuple]:
+    """MatMul node name -> (weight name, K, form, kernel type) for the weights the GGUF kernel holds exactly: all
+    runs of one shape of block (a packed QKV of three Q4_1 tensors is one form)."""
+    out = {}
+    for node_name, (name, k, runs, _) in planned.items():
+        forms = [form for _, _, form in runs]
+        shape = {(f.bits, f.block, f.offsets is None, f.gguf_type in gguf_blocks.FORMS) for f in forms}
+        if len(shape) != 1 or not next(iter(shape))[3]:
+            continue
+        form = _stack(forms)
+        kind = gguf_kernel.ggml_type(form)
+        if kind is not None:
+            out[node_name] = (name, k, form, kind)
+    return out
 
 
 def _write_form(
@@ -455,6 +517,18 @@ def _quantize_embeddings(g: Graph, model, done: dict, forms_of: Forms, report: d
         else:
             keep.append(node)
             continue
+        if shared and "ggml" in done[shared][0][3]:  # the lm_head in the GGUF kernel's layout: gathered from it
+            held = done[shared][0][3]
+            g.node(
+                gguf_kernel.GATHER,
+                [node.input[1], held["ggml"]],
+                "embed",
+                outputs=[node.output[0]],
+                domain=gguf_kernel.DOMAIN,
+                doc_string=f"{shared}:embedding",
+                ggml_type=held["kind"],
+            )
+            continue
         if len(runs) != 1:  # rows of several types would need a gather each: the table takes 8-bit RTN instead
             table = g.array(source) if shared is None else g.array(shared).T
             runs, shared = [(0, table.shape[0], rtn8(table))], None
@@ -588,6 +662,11 @@ def read_back(model_dir: Path) -> dict[str, np.ndarray]:
     forms: dict[tuple[str, str], dict[str, gguf_blocks.BlockForm]] = collections.defaultdict(dict)
     parts: dict[str, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
     for node in model.graph.node:
+        if node.domain == gguf_kernel.DOMAIN and ":" in node.doc_string:
+            kind = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "ggml_type"))
+            name, where = node.doc_string.split(":")
+            forms[name, where][""] = gguf_kernel.form_of(initializer(node.input[1]), kind)
+            continue
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or ":" not in node.doc_string:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

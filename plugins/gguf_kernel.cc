@@ -1,0 +1,481 @@
+// slmops's ONNX Runtime custom operators for a GGUF's own blocks (plugins/gguf_kernel.py builds and uses them).
+//   MatMulGGML(x, w): y = x @ W^T, W kept as llama.cpp keeps it (Q4_1: a fp16 scale and a fp16 minimum per 32
+//     weights, 4-bit codes; Q8_0: a fp16 scale and 32 int8), so the weights are the GGUF's exactly and each block's
+//     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
+//     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
+//   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
+// AVX2, FMA and F16C. Written against ONNX Runtime's C API by position (below): no ONNX Runtime headers needed.
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+// The few entries of ONNX Runtime's C API table (OrtApi) used here, by position: the table only grows, and these
+// are all in its first version, which never changes.
+namespace ort {
+using Status = void;
+typedef void* (*Fn)();
+enum : int {
+  kCreateStatus = 0,
+  kCreateCustomOpDomain = 26,
+  kCustomOpDomainAdd = 27,
+  kAddCustomOpDomain = 28,
+  kGetTensorMutableData = 51,
+  kGetDimensionsCount = 61,
+  kGetDimensions = 62,
+  kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttributeInt64 = 86,
+  kKernelContextGetInputCount = 88,
+  kKernelContextGetInput = 90,
+  kKernelContextGetOutput = 91,
+  kReleaseTensorTypeAndShapeInfo = 99,
+};
+struct ApiBase {
+  const Fn* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)();
+};
+static const Fn* api = nullptr;
+template <typename F>
+F get(int index) { return reinterpret_cast<F>(api[index]); }
+
+// OrtCustomOp, its fields up to the kernel version range, all set (ONNX Runtime 1.31 queries the input and output
+// characteristics whatever the version says; version 8 for the optional inputs); later fields zero.
+struct CustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const CustomOp*, const Fn* api, const void* info);
+  const char* (*GetName)(const CustomOp*);
+  const char* (*GetExecutionProviderType)(const CustomOp*);
+  int (*GetInputType)(const CustomOp*, size_t index);
+  size_t (*GetInputTypeCount)(const CustomOp*);
+  int (*GetOutputType)(const CustomOp*, size_t index);
+  size_t (*GetOutputTypeCount)(const CustomOp*);
+  void (*KernelCompute)(void* kernel, void* context);
+  void (*KernelDestroy)(void* kernel);
+  int (*GetInputCharacteristic)(const CustomOp*, size_t index);   // 0: required
+  int (*GetOutputCharacteristic)(const CustomOp*, size_t index);  // 0: required
+  int (*GetInputMemoryType)(const CustomOp*, size_t index);       // 0: the provider's default
+  int (*GetVariadicInputMinArity)(const CustomOp*);
+  int (*GetVariadicInputHomogeneity)(const CustomOp*);
+  int (*GetVariadicOutputMinArity)(const CustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const CustomOp*);
+  void* CreateKernelV2;
+  void* KernelComputeV2;
+  void* InferOutputShapeFn;
+  int (*GetStartVersion)(const CustomOp*);
+  int (*GetEndVersion)(const CustomOp*);
+  void* reserved[16];  // zero: fields of later versions
+};
+enum { kFloat = 1, kUint8 = 2, kInt64 = 7 };
+}  // namespace ort
+
+namespace {
+
+// ---- threads: a small pool whose workers spin briefly between MatMuls (one token runs hundreds) ----
+class Pool {
+ public:
+  explicit Pool(int threads) : threads_(std::max(1, threads)) {
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { Work(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      generation_++;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return threads_; }
+  // Runs job(thread index) for every index, on every thread, the caller's included, and returns when all are done.
+  // A second session calling while the pool is busy runs all the indices itself.
+  void Run(const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (threads_ == 1 || !busy.owns_lock()) {
+      for (int i = 0; i < threads_; ++i) job(i);
+      return;
+    }
+    job_ = &job;
+    pending_.store(threads_ - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      generation_++;
+    }
+    wake_.notify_all();
+    job(0);
+    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+
+ private:
+  void Work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::milliseconds(5)) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, [&] { return generation_.load() != seen; });
+        }
+      }
+      seen = generation_.load();
+      if (stop_) return;
+      (*job_)(index);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+  int threads_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  bool stop_ = false;
+  std::mutex busy_, mutex_;
+  std::condition_variable wake_;
+};
+
+Pool& pool() {
+  static Pool p([] {
+    const char* env = std::getenv("SLMOPS_KERNEL_THREADS");
+    int n = env ? std::atoi(env) : 0;
+    return n > 0 ? n : (int)std::thread::hardware_concurrency();
+  }());
+  return p;
+}
+
+// ---- the kernels ----
+// Weights come in groups of 8 output columns, block by block, so one activation block is read once for 8 columns
+// and their scales convert 8 at a time: for each group and each block of 32 inputs,
+//   Q4_1: d[8] fp16, m[8] fp16, then 16 bytes per column (q[j] in the low nibble of byte j, q[j+16] in the high):
+//         w = d*q + m, 160 bytes;
+//   Q8_0: d[8] fp16, then 32 int8 per column: w = d*q, 272 bytes.
+constexpr int QK = 32, COLS = 8;
+constexpr size_t kGroupBlockQ4_1 = 16 + 16 + COLS * 16, kGroupBlockQ8_0 = 16 + COLS * 32;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One row of x, quantized: int8 per element, one scale per block of 32 and the block's sum (scale * sum of int8,
+// plus the outlier channels' own values). The outlier channels are zero in the int8 block (an outlier would set
+// its block's scale and flatten the rest) and kept in float in `outliers`, one value per channel.
+struct Row { int8_t* q; float* scale; float* sum; float* outliers; };
+
+// The outlier channels of a MatMul, sorted.
+struct Channels { const int64_t* index = nullptr; int count = 0; };
+
+void quantize_row(const float* x, int k, Row r, const Channels& channels) {
+  int next = 0;  // the first outlier channel not yet passed
+  for (int b = 0; b < k / QK; ++b) {
+    const float* v = x + b * QK;
+    float inliers[QK], outliers_sum = 0.f;
+    if (next < channels.count && channels.index[next] < (b + 1) * QK) {
+      memcpy(inliers, v, sizeof(inliers));
+      for (; next < channels.count && channels.index[next] < (b + 1) * QK; ++next) {
+        const int64_t c = channels.index[next];
+        r.outliers[next] = x[c];
+        outliers_sum += x[c];
+        inliers[c - b * QK] = 0.f;
+      }
+      v = inliers;
+    }
+    __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
+           a3 = _mm256_loadu_ps(v + 24);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a0), _mm256_andnot_ps(sign, a1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, a2), _mm256_andnot_ps(sign, a3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float amax = _mm_cvtss_f32(m4);
+    float id = amax > 0 ? 127.f / amax : 0.f;
+    r.scale[b] = amax / 127.f;
+    __m256 mul = _mm256_set1_ps(id);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(a0, mul)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(a1, mul)),
+            i2 = _mm256_cvtps_epi32(_mm256_mul_ps(a2, mul)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(a3, mul));
+    // The sum of the quantized block, not of x: the minimum then meets the same int8 x as the codes, so the rounding
+    // error is weighted by the weights themselves (an exact sum weights it by the codes alone: worse, llama.cpp's Q8_1
+    // keeps this one too).
+    r.sum[b] = r.scale[b] * hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)))) +
+               outliers_sum;
+    i0 = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    // the packs interleave 128-bit lanes: put the 32 bytes back in order
+    i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(r.q + b * QK), i0);
+  }
+}
+
+// 8 vectors of 8 int32 partial sums -> one vector of the 8 totals, column c in lane c.
+inline __m256i reduce8(const __m256i p[8]) {
+  __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
+  __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
+  __m256i lo = _mm256_hadd_epi32(s01, s23), hi = _mm256_hadd_epi32(s45, s67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// The outlier channels' products in float: code x scale x value for the 8 columns, the scales read from the
+// channel's block, the codes from `codes` ([channels][8], the group's own copy of those codes: 1 byte each).
+template <bool Signed>
+__m256 outlier_products(const uint8_t* w, size_t block_bytes, const Row& r, const Channels& channels,
+                        const uint8_t* codes) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int i = 0; i < channels.count; ++i) {
+    const __m128i c8 = _mm_loadl_epi64((const __m128i*)(codes + i * COLS));
+    const __m256 c = _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(c8) : _mm256_cvtepu8_epi32(c8));
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + (channels.index[i] / QK) * block_bytes)));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(c, d), _mm256_set1_ps(r.outliers[i]), acc);
+  }
+  return acc;
+}
+
+void group_q4_1(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+                const uint8_t* codes) {
+  __m256 acc = channels.count ? outlier_products<false>(w, kGroupBlockQ4_1, r, channels, codes) : _mm256_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), shift = _mm256_setr_epi64x(0, 0, 4, 4);
+  for (int b = 0; b < blocks; ++b, w += kGroupBlockQ4_1) {
+    const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
+    __m256i p[COLS];
+    for (int c = 0; c < COLS; ++c) {
+      __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(w + 32 + c * 16)));
+      __m256i q = _mm256_and_si256(_mm256_srlv_epi64(both, shift), low);  // low nibbles, then high
+      p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 16)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
+    offsets = _mm256_fmadd_ps(m, _mm256_set1_ps(r.sum[b]), offsets);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(acc, offsets));
+}
+
+void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+                const uint8_t* codes) {
+  __m256 acc = channels.count ? outlier_products<true>(w, kGroupBlockQ8_0, r, channels, codes) : _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int b = 0; b < blocks; ++b, w += kGroupBlockQ8_0) {
+    const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
+    __m256i p[COLS];
+    for (int c = 0; c < COLS; ++c) {
+      __m256i q = _mm256_loadu_si256((const __m256i*)(w + 16 + c * 32));
+      // maddubs wants one unsigned operand: |q|, and y carrying q's sign
+      p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
+  }
+  _mm256_storeu_ps(out, acc);
+}
+
+struct Kernel {
+  int64_t type;  // GGML type: 3 = Q4_1, 8 = Q8_0
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum, outliers;
+};
+
+void shape(const void* value, int64_t* dims, size_t* count) {
+  using namespace ort;
+  void* info = nullptr;
+  get<void* (*)(const void*, void**)>(kGetTensorTypeAndShape)(value, &info);
+  get<void* (*)(const void*, size_t*)>(kGetDimensionsCount)(info, count);
+  *count = std::min<size_t>(*count, 8);
+  get<void* (*)(const void*, int64_t*, size_t)>(kGetDimensions)(info, dims, *count);
+  get<void (*)(void*)>(kReleaseTensorTypeAndShapeInfo)(info);
+}
+
+void compute(Kernel* kernel, void* context) {
+  using namespace ort;
+  const void* x_value = nullptr;
+  const void* w_value = nullptr;
+  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 0, &x_value);
+  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 1, &w_value);
+  int64_t xdims[8], wdims[8];
+  size_t xn = 0, wn = 0;
+  shape(x_value, xdims, &xn);
+  shape(w_value, wdims, &wn);
+  const int k = (int)xdims[xn - 1], groups = (int)wdims[0], n = groups * COLS, blocks = k / QK;
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < xn; ++i) m *= xdims[i];
+  int64_t ydims[8];
+  memcpy(ydims, xdims, sizeof(int64_t) * xn);
+  ydims[xn - 1] = n;
+  void* y_value = nullptr;
+  get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(kKernelContextGetOutput)(context, 0, ydims, xn,
+                                                                                        &y_value);
+  float *x = nullptr, *y = nullptr;
+  const uint8_t* w = nullptr;
+  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(x_value, (void**)&x);
+  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(w_value, (void**)&w);
+  get<void* (*)(void*, void**)>(kGetTensorMutableData)(y_value, (void**)&y);
+  Channels channels;
+  const uint8_t* codes = nullptr;  // the outlier channels' codes, [groups][channels][8]
+  size_t inputs = 0;
+  get<void* (*)(const void*, size_t*)>(kKernelContextGetInputCount)(context, &inputs);
+  if (inputs >= 4) {
+    const void* channels_value = nullptr;
+    const void* codes_value = nullptr;
+    get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 2, &channels_value);
+    get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 3, &codes_value);
+    if (channels_value && codes_value) {
+      int64_t cdims[8];
+      size_t cn = 0;
+      shape(channels_value, cdims, &cn);
+      channels.count = cn ? (int)cdims[0] : 0;
+      get<void* (*)(const void*, void**)>(kGetTensorMutableData)(channels_value, (void**)&channels.index);
+      get<void* (*)(const void*, void**)>(kGetTensorMutableData)(codes_value, (void**)&codes);
+    }
+  }
+
+  kernel->q.resize(m * k);
+  kernel->scale.resize(m * blocks);
+  kernel->sum.resize(m * blocks);
+  kernel->outliers.resize(m * channels.count);
+  auto row = [&](int64_t i) {
+    return Row{kernel->q.data() + i * k, kernel->scale.data() + i * blocks, kernel->sum.data() + i * blocks,
+               kernel->outliers.data() + i * channels.count};
+  };
+  Pool& threads = pool();
+  const int workers = threads.size();
+  threads.Run([&](int t) {
+    for (int64_t i = t; i < m; i += workers) quantize_row(x + i * k, k, row(i), channels);
+  });
+  // Groups of columns handed out a few at a time; each group's weights stay in cache while every row reads them.
+  const bool q4 = kernel->type == 3;
+  const size_t stride = blocks * (q4 ? kGroupBlockQ4_1 : kGroupBlockQ8_0);
+  const int per_task = 4, tasks = (groups + per_task - 1) / per_task;
+  std::atomic<int> next{0};
+  threads.Run([&](int) {
+    for (int task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      for (int g = task * per_task; g < std::min(groups, (task + 1) * per_task); ++g) {
+        const uint8_t* wg = w + g * stride;
+        const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
+        for (int64_t i = 0; i < m; ++i) {
+          if (q4) group_q4_1(wg, row(i), blocks, y + i * n + g * COLS, channels, cg);
+          else group_q8_0(wg, row(i), blocks, y + i * n + g * COLS, channels, cg);
+        }
+      }
+    }
+  });
+}
+
+
+// One row of W (output column n) dequantized: what the GGUF's own dequantization gives, in the same float order.
+void dequantize_row(const uint8_t* w, bool q4, int blocks, int64_t n, float* out) {
+  const int g = (int)(n / COLS), c = (int)(n % COLS);
+  const size_t block_bytes = q4 ? kGroupBlockQ4_1 : kGroupBlockQ8_0;
+  const uint8_t* base = w + (size_t)g * blocks * block_bytes;
+  for (int b = 0; b < blocks; ++b, base += block_bytes, out += QK) {
+    uint16_t dh, mh;
+    memcpy(&dh, base + 2 * c, 2);
+    const float d = _cvtsh_ss(dh);
+    if (q4) {
+      memcpy(&mh, base + 16 + 2 * c, 2);
+      const float m = _cvtsh_ss(mh);
+      const uint8_t* qs = base + 32 + c * 16;
+      for (int j = 0; j < 16; ++j) {
+        out[j] = d * (float)(qs[j] & 0x0F) + m;
+        out[j + 16] = d * (float)(qs[j] >> 4) + m;
+      }
+    } else {
+      const int8_t* qs = (const int8_t*)(base + 16 + c * 32);
+      for (int j = 0; j < QK; ++j) out[j] = d * (float)qs[j];
+    }
+  }
+}
+
+void gather(Kernel* kernel, void* context) {
+  using namespace ort;
+  const void* ids_value = nullptr;
+  const void* w_value = nullptr;
+  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 0, &ids_value);
+  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 1, &w_value);
+  int64_t idims[8], wdims[8];
+  size_t in = 0, wn = 0;
+  shape(ids_value, idims, &in);
+  shape(w_value, wdims, &wn);
+  const int blocks = (int)wdims[1], k = blocks * QK;
+  int64_t count = 1;
+  for (size_t i = 0; i < in; ++i) count *= idims[i];
+  int64_t ydims[9];
+  memcpy(ydims, idims, sizeof(int64_t) * in);
+  ydims[in] = k;
+  void* y_value = nullptr;
+  get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(kKernelContextGetOutput)(context, 0, ydims, in + 1,
+                                                                                        &y_value);
+  const int64_t* ids = nullptr;
+  const uint8_t* w = nullptr;
+  float* y = nullptr;
+  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(ids_value, (void**)&ids);
+  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(w_value, (void**)&w);
+  get<void* (*)(void*, void**)>(kGetTensorMutableData)(y_value, (void**)&y);
+  const int64_t rows = wdims[0] * COLS;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t id = ids[i] < 0 ? ids[i] + rows : ids[i];
+    if (id < 0 || id >= rows) {
+      memset(y + i * k, 0, sizeof(float) * k);  // out of range: zeros rather than a read past the table
+      continue;
+    }
+    dequantize_row(w, kernel->type == 3, blocks, id, y + i * k);
+  }
+}
+
+ort::CustomOp make_op(bool matmul) {
+  using namespace ort;
+  CustomOp op;
+  memset(&op, 0, sizeof(op));
+  op.version = 8;  // the first version whose optional inputs ONNX Runtime honours
+  op.CreateKernel = [](const CustomOp*, const Fn*, const void* info) -> void* {
+    auto* kernel = new Kernel();
+    kernel->type = 3;
+    get<void* (*)(const void*, const char*, int64_t*)>(kKernelInfoGetAttributeInt64)(info, "ggml_type",
+                                                                                    &kernel->type);
+    return kernel;
+  };
+  op.GetName = matmul ? [](const CustomOp*) { return "MatMulGGML"; } : [](const CustomOp*) { return "GatherGGML"; };
+  op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  // MatMulGGML(x, w, [outlier channels, their codes]); GatherGGML(ids, w)
+  op.GetInputType = matmul ? [](const CustomOp*, size_t i) { return i == 0 ? (int)kFloat : i == 2 ? (int)kInt64 : (int)kUint8; }
+                           : [](const CustomOp*, size_t i) { return i == 0 ? (int)kInt64 : (int)kUint8; };
+  op.GetInputTypeCount = matmul ? [](const CustomOp*) -> size_t { return 4; } : [](const CustomOp*) -> size_t { return 2; };
+  op.GetOutputType = [](const CustomOp*, size_t) { return (int)kFloat; };
+  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 1; };
+  op.KernelCompute = matmul ? [](void* kernel, void* context) { compute((Kernel*)kernel, context); }
+                            : [](void* kernel, void* context) { gather((Kernel*)kernel, context); };
+  op.KernelDestroy = [](void* kernel) { delete (Kernel*)kernel; };
+  op.GetInputCharacteristic = [](const CustomOp*, size_t i) { return i < 2 ? 0 : 1; };  // 0: required, 1: optional
+  op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return 0; };
+  op.GetInputMemoryType = [](const CustomOp*, size_t) { return 0; };
+  op.GetVariadicInputMinArity = [](const CustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const CustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const CustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const CustomOp*) { return 1; };
+  op.GetStartVersion = [](const CustomOp*) { return 1; };
+  op.GetEndVersion = [](const CustomOp*) { return 2147483647; };
+  return op;
+}
+
+ort::CustomOp matmul_op = make_op(true), gather_op = make_op(false);
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* options, const ort::ApiBase* base) {
+  using namespace ort;
+  api = base->GetApi(1);
+  void* domain = nullptr;
+  if (void* status = get<void* (*)(const char*, void**)>(kCreateCustomOpDomain)("ai.slmops", &domain)) return status;
+  for (const CustomOp* op : {&matmul_op, &gather_op})
+    if (void* status = get<void* (*)(void*, const CustomOp*)>(kCustomOpDomainAdd)(domain, op)) return status;
+  return get<void* (*)(void*, void*)>(kAddCustomOpDomain)(options, domain);
+}

@@ -1,0 +1,179 @@
+"""slmops's kernel for a GGUF's own blocks: gguf_kernel.cc, an ONNX Runtime custom operator library compiled here once
+per machine (by the C++ compiler found; none: gguf-native writes MatMulNBits with float corrections instead).
+
+MatMulNBits has integer zero points only, so a Q4_1 block's float minimum costs it a float correction per projection
+(docs/architecture.md, "Speed"); MatMulGGML applies the minimum inside the kernel, as llama.cpp does, reading the
+weights as llama.cpp keeps them. The weights stay exactly the GGUF's: `form_of` reads back what `grouped` wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from slmops.api import home, lock, rename, write_json_atomic
+from slmops.plugins import gguf_blocks
+
+SOURCE = "gguf_kernel.cc"
+LIBRARY = "libslmops_gguf.so"
+DOMAIN = "ai.slmops"
+MATMUL, GATHER = "MatMulGGML", "GatherGGML"
+Q4_1, Q8_0 = 3, 8  # GGML's type numbers, the ggml_type attribute
+COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
+SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
+CPU_FLAGS = ("avx2", "fma", "f16c")
+FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared"]
+
+
+def why_not() -> str | None:
+    """Why this machine cannot build or run the kernel, or None if it can."""
+    if os.environ.get(SWITCH) == "0":
+        return f"{SWITCH}=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the kernel is for x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    try:
+        flags = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        )
+    except (OSError, StopIteration):
+        return "cannot read the CPU's flags"
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if not compiler():
+        return "no C++ compiler (c++, g++ or clang++; or $CXX)"
+    return None
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library() -> Path | None:
+    """The compiled library, built once into the slmops home (named by its source and compiler), or None where this
+    machine cannot have it (why_not says why)."""
+    if why_not():
+        return None
+    source = resources.files("slmops.plugins").joinpath(SOURCE).read_bytes()
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = home() / "kernels" / key / LIBRARY
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with lock(target):
+        if target.is_file():
+            return target
+        staged = target.parent / f".{LIBRARY}.{os.getpid()}"
+        code = target.parent / SOURCE
+        code.write_bytes(source)
+        done = subprocess.run([cxx, *FLAGS, "-o", str(staged), str(code), "-lpthread"], capture_output=True, text=True)
+        if done.returncode != 0:  # a compiler that cannot build it: the portable graph instead
+            staged.unlink(missing_ok=True)
+            return None
+        rename(staged, target)
+    return target
+
+
+TAKES = ("Q4_0", "Q4_1", "Q8_0")  # GGUF types whose blocks the kernel holds as they are
+
+
+def takes(gguf_path: Path) -> bool:
+    """Whether a GGUF file has 2-D tensors of a type the kernel holds."""
+    import gguf
+
+    return any(len(t.shape) == 2 and t.tensor_type.name in TAKES for t in gguf.GGUFReader(str(gguf_path)).tensors)
+
+
+def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
+    """The kernel's type for a block form it holds exactly (4-bit codes with a fp16 scale and minimum per 32,
+    Q4_0 included; or Q8_0), else None."""
+    if form.block != BLOCK or form.codes.shape[0] % COLUMNS or form.codes.shape[1] % BLOCK:
+        return None
+    if not _half_exact(form.scales):
+        return None
+    if form.bits == 4 and form.offsets is not None and not form.zero_points.any() and _half_exact(form.offsets):
+        return Q4_1
+    if form.bits == 4 and form.offsets is None and (form.zero_points == 8).all():
+        return Q4_1 if _half_exact(-8 * form.scales) else None  # Q4_0: the minimum is -8 scales
+    if form.bits == 8 and form.offsets is None and (form.zero_points == 128).all():
+        return Q8_0
+    return None
+
+
+def _half_exact(values: np.ndarray) -> bool:
+    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
+
+
+def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
+    """The form in the kernel's layout, uint8 [rows / 8, blocks, bytes]: for each group of 8 rows (outputs) and each
+    block, the 8 fp16 scales, (Q4_1) the 8 fp16 minimums, then each row's codes (Q4_1: 16 bytes, code j in the low
+    nibble of byte j and code j + 16 in the high one; Q8_0: 32 int8)."""
+    rows, cols = form.codes.shape
+    blocks = cols // BLOCK
+
+    def group(a: np.ndarray) -> np.ndarray:
+        return (
+            a.reshape(rows // COLUMNS, COLUMNS, blocks, -1).transpose(0, 2, 1, 3).reshape(rows // COLUMNS, blocks, -1)
+        )
+
+    half = lambda a: a.astype(np.float16).view(np.uint8).reshape(rows, blocks, 2)  # noqa: E731
+    codes = form.codes.reshape(rows, blocks, BLOCK)
+    if kind == Q4_1:
+        minimum = form.offsets if form.offsets is not None else -8 * form.scales
+        nibbles = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+        parts = [half(form.scales), half(minimum), nibbles]
+    else:
+        parts = [half(form.scales), (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
+    return np.ascontiguousarray(np.concatenate([group(p) for p in parts], axis=-1))
+
+
+def outlier_codes(form: gguf_blocks.BlockForm, kind: int, channels: np.ndarray) -> np.ndarray:
+    """The codes of the outlier channels (input columns, sorted), uint8 [rows / 8, channels, 8]: the kernel multiplies
+    those channels in float, reading their scales from the blocks and their codes from here (1 byte each)."""
+    codes = form.codes[:, channels]
+    if kind == Q8_0:
+        codes = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    rows = codes.shape[0]
+    return np.ascontiguousarray(codes.reshape(rows // COLUMNS, COLUMNS, -1).transpose(0, 2, 1))
+
+
+def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
+    """The block form a grouped weight holds (what read_back dequantizes)."""
+    groups, blocks, _ = weight.shape
+    rows = groups * COLUMNS
+    ungroup = lambda a: a.reshape(groups, blocks, COLUMNS, -1).transpose(0, 2, 1, 3).reshape(rows, blocks, -1)  # noqa: E731
+    half = lambda a: ungroup(np.ascontiguousarray(a)).copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    scales = half(weight[..., : 2 * COLUMNS])
+    if kind == Q4_1:
+        minimum = half(weight[..., 2 * COLUMNS : 4 * COLUMNS])
+        nibbles = ungroup(np.ascontiguousarray(weight[..., 4 * COLUMNS :]))
+        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1)
+        zero = np.zeros(scales.shape, dtype=np.uint8)
+        return gguf_blocks.BlockForm("", 4, BLOCK, codes.astype(np.uint8), scales, zero, minimum)
+    codes = ungroup(np.ascontiguousarray(weight[..., 2 * COLUMNS :])).view(np.int8).astype(np.int16) + 128
+    zero = np.full(scales.shape, 128, dtype=np.uint8)
+    return gguf_blocks.BlockForm("", 8, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, None)
+
+
+def carry(library: Path, model_dir: Path) -> None:
+    """Put the library in the model folder and name it in genai_config.json (ONNX Runtime GenAI and Foundry Local
+    load it from there), with ONNX Runtime on one intra-op thread: the kernel runs its own, one per logical CPU, and
+    ONNX Runtime's would spin beside them."""
+    shutil.copyfile(library, model_dir / LIBRARY)
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options.update({"custom_ops_library": LIBRARY, "intra_op_num_threads": 1})
+    write_json_atomic(path, config)

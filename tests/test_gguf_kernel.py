@@ -1,0 +1,171 @@
+"""The GGUF kernel (plugins/gguf_kernel.cc), compiled here: it computes what llama.cpp's int8-activation dot product
+computes on the GGUF's own blocks, a build that uses it holds exactly the GGUF's weights (read back from the graph),
+and it runs through ONNX Runtime GenAI from the model folder alone."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+from slmops import convert
+from slmops.plugins import gguf_blocks, gguf_kernel, gguf_native
+from slmops.roles import ConvertRequest
+
+from .conftest import build_tiny
+from .test_gguf_native import T, gguf_of_fp32_graph, random_blocks
+
+pytestmark = pytest.mark.skipif(gguf_kernel.why_not() is not None, reason=f"no GGUF kernel: {gguf_kernel.why_not()}")
+
+
+def session(op: str, kind: int, weight: np.ndarray, x_type: int, x_shape: list, channels=None, codes=None):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = ["x", "w"] if op == gguf_kernel.MATMUL else ["ids", "w"]
+    constants = [numpy_helper.from_array(weight, "w")]
+    if channels is not None:
+        inputs += ["channels", "codes"]
+        constants += [numpy_helper.from_array(channels, "channels"), numpy_helper.from_array(codes, "codes")]
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"], domain=gguf_kernel.DOMAIN, ggml_type=kind)],
+        "g",
+        [helper.make_tensor_value_info(inputs[0], x_type, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        constants,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(gguf_kernel.DOMAIN, 1)], ir_version=9
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(gguf_kernel.library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def int8_activations(x: np.ndarray) -> np.ndarray:
+    """x as the kernel (and llama.cpp) quantizes it: int8 per block of 32 with one scale."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    q = np.rint(blocks * np.where(amax > 0, 127 / np.where(amax > 0, amax, 1), 0))
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_kernel_computes_the_int8_product_of_the_gguf_blocks(kind):
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    rows, cols = 72, 160  # 9 groups of 8 outputs, 5 blocks
+    raw = random_blocks(kind, rows, cols, rng)
+    values = gguf.quants.dequantize(raw, T[kind])
+    form = gguf_blocks.block_form(kind, raw, values)
+    ggml = gguf_kernel.ggml_type(form)
+    assert ggml == (gguf_kernel.Q8_0 if kind == "Q8_0" else gguf_kernel.Q4_1)
+    weight = gguf_kernel.grouped(form, ggml)
+    back = gguf_kernel.form_of(weight, ggml)
+    assert np.array_equal(back.dequantize(), values)  # the layout holds the GGUF's values exactly
+
+    x = rng.standard_normal((2, 3, cols)).astype(np.float32)
+    x[..., [7, 40, 41]] *= 40  # outlier channels: each sets its block's int8 scale
+    y = session(gguf_kernel.MATMUL, ggml, weight, TensorProto.FLOAT, [2, 3, cols]).run(None, {"x": x})[0]
+    assert y.shape == (2, 3, rows)
+    expected = int8_activations(x) @ values.T  # the GGUF's weights times int8 x, the minimum included
+    scale = np.abs(x @ values.T).max()
+    np.testing.assert_allclose(y, expected, atol=2e-5 * scale, rtol=0)
+    assert np.abs(y - x @ values.T).max() > 1e-4 * scale  # int8 activations, not float: the emulation is the claim
+
+    # With outlier channels: those are zero in what is quantized and multiplied in float by their exact weights.
+    channels = np.array([7, 40, 41, 159])
+    codes = gguf_kernel.outlier_codes(back, ggml, channels)
+    y = session(gguf_kernel.MATMUL, ggml, weight, TensorProto.FLOAT, [2, 3, cols], channels, codes).run(None, {"x": x})[
+        0
+    ]
+    inliers = x.copy()
+    inliers[..., channels] = 0
+    expected = int8_activations(inliers) @ values.T + x[..., channels] @ values[:, channels].T
+    np.testing.assert_allclose(y, expected, atol=2e-5 * scale, rtol=0)
+    assert np.abs(y - x @ values.T).max() < np.abs(int8_activations(x) @ values.T - x @ values.T).max() / 4
+
+    ids = np.array([[0, 71, 8], [9, 9, 40]], dtype=np.int64)
+    rows_out = session(gguf_kernel.GATHER, ggml, weight, TensorProto.INT64, [2, 3]).run(None, {"ids": ids})[0]
+    assert np.array_equal(rows_out, values[ids])  # bit for bit: a tied embedding reads these
+
+
+def test_a_form_it_cannot_hold_exactly_is_refused():
+    rng = np.random.default_rng(0)
+    raw = random_blocks("Q4_K", 8, 256, rng)
+    form = gguf_blocks.block_form("Q4_K", raw, gguf.quants.dequantize(raw, T["Q4_K"]))
+    assert gguf_kernel.ggml_type(form) is None  # scale x sub-block scale needs more than fp16
+    raw = random_blocks("Q4_1", 12, 64, rng)  # 12 outputs: not whole groups of 8
+    assert gguf_kernel.ggml_type(gguf_blocks.block_form("Q4_1", raw, gguf.quants.dequantize(raw, T["Q4_1"]))) is None
+
+
+@pytest.mark.parametrize("kind,tied", [("Q4_1", True), ("Q4_0", False)])
+def test_a_build_with_the_kernel_is_exact_and_runs_from_its_folder(kind, tied, default_checkpoint, tmp_path):
+    """At integer compute (the default) every Q4_0/Q4_1 MatMul becomes MatMulGGML with its outlier channels and no
+    float correction; read back from the graph the weights are the GGUF's; ORT GenAI loads the library the folder
+    carries and the logits stay close to the source's (int8 activations)."""
+    import onnx
+
+    from slmops.runtime import Session
+
+    tiny = build_tiny(
+        tmp_path / "tiny", default_checkpoint, "llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=tied
+    )
+    fp32 = convert.convert(str(tiny), {"precision": "fp32"}).path
+    source = tmp_path / "source-fp32"
+    weights = gguf_of_fp32_graph(fp32, source, kind, tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    out.mkdir()
+    request = ConvertRequest(source_dir=tiny, precision="int4", algorithm="gguf", gguf=tmp_path / "tiny.gguf")
+    gguf_native.GGUFNative().quantize(source, out, request)
+
+    report = json.loads((out / gguf_native.REPORT).read_text())
+    assert report["kernel"] == gguf_kernel.LIBRARY and set(report["exact"]) == {kind}
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
+    matmuls = {n: v for n, v in weights.items() if not n.startswith("model.embed_tokens")}
+    kernel_nodes = [n for n in nodes if n.op_type == gguf_kernel.MATMUL]
+    assert len(kernel_nodes) == len(matmuls) and all(len(n.input) == 4 for n in kernel_nodes)  # with float channels
+    assert not ops & {"MatMulNBits", "MatMul"}, "a MatMulNBits or a float correction is left"
+    assert (gguf_kernel.GATHER in ops) == tied
+    back = gguf_native.read_back(out)
+    for name, values in matmuls.items():
+        assert np.array_equal(back[name], values), name
+    if tied:
+        assert np.array_equal(back["lm_head.MatMul.weight:embedding"], weights["lm_head.MatMul.weight"].T)
+
+    options = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["custom_ops_library"] == gguf_kernel.LIBRARY and (out / gguf_kernel.LIBRARY).is_file()
+    ref, cand = Session(source), Session(out)
+    tokens = ref.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    a, b = ref.logits(tokens), cand.logits(tokens)
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def test_without_the_kernel_the_graph_is_portable(default_checkpoint, tmp_path, monkeypatch):
+    """SLMOPS_GGUF_KERNEL=0 (as where no compiler or no AVX2 is found): MatMulNBits with float corrections, no
+    library in the folder, the same weights."""
+    import onnx
+
+    monkeypatch.setenv(gguf_kernel.SWITCH, "0")
+    tiny = build_tiny(tmp_path / "tiny", default_checkpoint, "llama", hidden_size=256, intermediate_size=512)
+    fp32 = convert.convert(str(tiny), {"precision": "fp32"}).path
+    source = tmp_path / "source-fp32"
+    weights = gguf_of_fp32_graph(fp32, source, "Q4_1", tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    out.mkdir()
+    request = ConvertRequest(source_dir=tiny, precision="int4", algorithm="gguf", gguf=tmp_path / "tiny.gguf")
+    gguf_native.GGUFNative().quantize(source, out, request)
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and gguf_kernel.MATMUL not in ops
+    assert not (out / gguf_kernel.LIBRARY).exists()
+    assert "custom_ops_library" not in json.loads((out / "genai_config.json").read_text())["model"]["decoder"].get(
+        "session_options", {}
+    )
+    assert json.loads((out / gguf_native.REPORT).read_text())["kernel"] == f"{gguf_kernel.SWITCH}=0"
+    back = gguf_native.read_back(out)
+    for name, values in weights.items():
+        if not name.startswith("model.embed_tokens"):
+            assert np.array_equal(back[name], values), name
