@@ -242,8 +242,8 @@ __m256 outlier_products(const uint8_t* w, size_t block_bytes, const Row& r, cons
 
 void group_q4_1(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
                 const uint8_t* codes) {
-  __m256 acc = channels.count ? outlier_products<false>(w, kGroupBlockQ4_1, r, channels, codes) : _mm256_setzero_ps();
-  __m256 offsets = _mm256_setzero_ps();
+  const uint8_t* group = w;
+  __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), shift = _mm256_setr_epi64x(0, 0, 4, 4);
   for (int b = 0; b < blocks; ++b, w += kGroupBlockQ4_1) {
     const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
@@ -258,12 +258,15 @@ void group_q4_1(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
     offsets = _mm256_fmadd_ps(m, _mm256_set1_ps(r.sum[b]), offsets);
   }
+  if (channels.count)  // after the blocks: their scales are in cache now
+    acc = _mm256_add_ps(acc, outlier_products<false>(group, kGroupBlockQ4_1, r, channels, codes));
   _mm256_storeu_ps(out, _mm256_add_ps(acc, offsets));
 }
 
 void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
                 const uint8_t* codes) {
-  __m256 acc = channels.count ? outlier_products<true>(w, kGroupBlockQ8_0, r, channels, codes) : _mm256_setzero_ps();
+  const uint8_t* group = w;
+  __m256 acc = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int b = 0; b < blocks; ++b, w += kGroupBlockQ8_0) {
     const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
@@ -276,6 +279,7 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
   }
+  if (channels.count) acc = _mm256_add_ps(acc, outlier_products<true>(group, kGroupBlockQ8_0, r, channels, codes));
   _mm256_storeu_ps(out, acc);
 }
 
