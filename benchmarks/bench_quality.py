@@ -1,6 +1,7 @@
 """The default model's builds side by side in one run: size, faithfulness to the source and speed of slmops's int4
-(the GGUF's own blocks, at int8 activations with float outlier channels as deployed, and at float activations,
-exact), the earlier RTN int4, int8, and llama.cpp on the same GGUF file.
+(the GGUF's own blocks, at int8 activations with float outlier channels as deployed, in slmops's GGUF kernel; the same
+without the kernel, MatMulNBits with float corrections; at float activations, exact), the earlier RTN int4, int8, and
+llama.cpp on the same GGUF file.
 
 Faithfulness is against the source, the fp32 build of the GGUF's dequantized weights, on slmops's corpus (512-token
 windows, the second half of each scored): every build, llama.cpp included, is scored on the same tokens by the same
@@ -18,6 +19,8 @@ import numpy as np
 PP, TG, RUNS = 128, 128, 3
 BUILDS = [
     ("slmops int4 gguf (deployed)", {"precision": "int4", "algorithm": "gguf"}),
+    # The same blocks where the GGUF kernel cannot be built: MatMulNBits with float corrections.
+    ("slmops int4 gguf, no kernel", {"precision": "int4", "algorithm": "gguf", "env": {"SLMOPS_GGUF_KERNEL": "0"}}),
     ("slmops int4 gguf, float activations", {"precision": "int4", "algorithm": "gguf", "accuracy_level": 1}),
     ("slmops int4 rtn_last asym (before)", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False}),
     ("slmops int8", {"precision": "int8"}),
@@ -79,6 +82,18 @@ def llama_cpp(gguf: Path):
     return logits, speed
 
 
+def build(convert, options: dict) -> Path:
+    """convert.convert with the build's environment (its "env") set for the call."""
+    env = options.pop("env", {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return convert.convert(None, options).path
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def main() -> None:
     from slmops import convert, quality, sources
     from slmops.fsutil import dir_size
@@ -86,7 +101,7 @@ def main() -> None:
 
     os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
     reference = convert.reference(None, {}).path
-    builds = {label: convert.convert(None, options).path for label, options in BUILDS}
+    builds = {label: build(convert, options) for label, options in BUILDS}
     ref = Session(reference)
     candidates = {label: Session(path).logits for label, path in builds.items()}
     gguf = sources.default_gguf()

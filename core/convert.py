@@ -195,6 +195,9 @@ def build_key(source_sha: str, request: ConvertRequest, converter: Converter, qu
             "converter": converter.name,
             "quantizer": quantizer.name if quantizer else None,
             "code": [plugin_code(converter), plugin_code(quantizer) if quantizer else None],
+            # what the graph will hold (gguf-native: its kernel's MatMulGGML where this machine builds it, else
+            # MatMulNBits), so a build made one way is not reused for the other
+            "facts": quantizer.graph_facts(request) if quantizer else None,
             "tools": tool_versions(),
         },
         sort_keys=True,

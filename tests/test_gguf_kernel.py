@@ -169,3 +169,19 @@ def test_without_the_kernel_the_graph_is_portable(default_checkpoint, tmp_path, 
     for name, values in weights.items():
         if not name.startswith("model.embed_tokens"):
             assert np.array_equal(back[name], values), name
+
+
+def test_a_build_with_the_kernel_is_not_reused_without_it(monkeypatch, default_checkpoint):
+    """The cache key holds what the graph will be: SLMOPS_GGUF_KERNEL=0 (a folder to deploy where the kernel cannot
+    run) does not get the kernel build back from the cache."""
+    from slmops import provided, sources
+
+    gguf_native_plugin = next(q for q in provided.quantizers() if q.name == "gguf-native")
+    builder = next(c for c in provided.converters() if c.name == "model-builder")
+    request = ConvertRequest(
+        source_dir=default_checkpoint, precision="int4", algorithm="gguf", gguf=sources.default_gguf()
+    )
+    with_kernel = convert.build_key("sha", request, builder, gguf_native_plugin)
+    monkeypatch.setenv(gguf_kernel.SWITCH, "0")
+    assert convert.build_key("sha", request, builder, gguf_native_plugin) != with_kernel
+    assert gguf_native_plugin.graph_facts(request) == {"ops": ["MatMulNBits"]}
