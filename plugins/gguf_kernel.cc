@@ -289,57 +289,70 @@ struct Kernel {
   std::vector<float> scale, sum, outliers;
 };
 
-void shape(const void* value, int64_t* dims, size_t* count) {
+struct Shape {
+  int64_t dims[9] = {};
+  size_t rank = 0;
+  int64_t elements(size_t from, size_t to) const {  // the product of dims[from:to]
+    int64_t n = 1;
+    for (size_t i = from; i < to; ++i) n *= dims[i];
+    return n;
+  }
+};
+
+Shape shape_of(const void* value) {
   using namespace ort;
+  Shape s;
   void* info = nullptr;
   get<void* (*)(const void*, void**)>(kGetTensorTypeAndShape)(value, &info);
-  get<void* (*)(const void*, size_t*)>(kGetDimensionsCount)(info, count);
-  *count = std::min<size_t>(*count, 8);
-  get<void* (*)(const void*, int64_t*, size_t)>(kGetDimensions)(info, dims, *count);
+  get<void* (*)(const void*, size_t*)>(kGetDimensionsCount)(info, &s.rank);
+  s.rank = std::min<size_t>(s.rank, 8);
+  get<void* (*)(const void*, int64_t*, size_t)>(kGetDimensions)(info, s.dims, s.rank);
   get<void (*)(void*)>(kReleaseTensorTypeAndShapeInfo)(info);
+  return s;
+}
+
+void* output(void* context, const Shape& s) {
+  void* value = nullptr;
+  ort::get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(ort::kKernelContextGetOutput)(context, 0, s.dims,
+                                                                                                  s.rank, &value);
+  return value;
+}
+
+const void* input(void* context, size_t index) {  // nullptr for an optional input not given
+  const void* value = nullptr;
+  ort::get<void* (*)(const void*, size_t, const void**)>(ort::kKernelContextGetInput)(context, index, &value);
+  return value;
+}
+
+template <typename T>
+T* data(const void* value) {
+  T* out = nullptr;
+  ort::get<void* (*)(const void*, void**)>(ort::kGetTensorMutableData)(value, (void**)&out);
+  return out;
 }
 
 void compute(Kernel* kernel, void* context) {
   using namespace ort;
-  const void* x_value = nullptr;
-  const void* w_value = nullptr;
-  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 0, &x_value);
-  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 1, &w_value);
-  int64_t xdims[8], wdims[8];
-  size_t xn = 0, wn = 0;
-  shape(x_value, xdims, &xn);
-  shape(w_value, wdims, &wn);
-  const int k = (int)xdims[xn - 1], groups = (int)wdims[0], n = groups * COLS, blocks = k / QK;
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < xn; ++i) m *= xdims[i];
-  int64_t ydims[8];
-  memcpy(ydims, xdims, sizeof(int64_t) * xn);
-  ydims[xn - 1] = n;
-  void* y_value = nullptr;
-  get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(kKernelContextGetOutput)(context, 0, ydims, xn,
-                                                                                        &y_value);
-  float *x = nullptr, *y = nullptr;
-  const uint8_t* w = nullptr;
-  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(x_value, (void**)&x);
-  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(w_value, (void**)&w);
-  get<void* (*)(void*, void**)>(kGetTensorMutableData)(y_value, (void**)&y);
+  const void* x_value = input(context, 0);
+  const void* w_value = input(context, 1);
+  const Shape xs = shape_of(x_value), ws = shape_of(w_value);
+  const int k = (int)xs.dims[xs.rank - 1], groups = (int)ws.dims[0], n = groups * COLS, blocks = k / QK;
+  const int64_t m = xs.elements(0, xs.rank - 1);
+  Shape ys = xs;
+  ys.dims[ys.rank - 1] = n;
+  void* y_value = output(context, ys);
+  const float* x = data<const float>(x_value);
+  const uint8_t* w = data<const uint8_t>(w_value);
+  float* y = data<float>(y_value);
   Channels channels;
   const uint8_t* codes = nullptr;  // the outlier channels' codes, [groups][channels][8]
   size_t inputs = 0;
   get<void* (*)(const void*, size_t*)>(kKernelContextGetInputCount)(context, &inputs);
-  if (inputs >= 4) {
-    const void* channels_value = nullptr;
-    const void* codes_value = nullptr;
-    get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 2, &channels_value);
-    get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 3, &codes_value);
-    if (channels_value && codes_value) {
-      int64_t cdims[8];
-      size_t cn = 0;
-      shape(channels_value, cdims, &cn);
-      channels.count = cn ? (int)cdims[0] : 0;
-      get<void* (*)(const void*, void**)>(kGetTensorMutableData)(channels_value, (void**)&channels.index);
-      get<void* (*)(const void*, void**)>(kGetTensorMutableData)(codes_value, (void**)&codes);
-    }
+  if (inputs >= 4 && input(context, 2) && input(context, 3)) {
+    const Shape cs = shape_of(input(context, 2));
+    channels.count = cs.rank ? (int)cs.dims[0] : 0;
+    channels.index = data<const int64_t>(input(context, 2));
+    codes = data<const uint8_t>(input(context, 3));
   }
 
   kernel->q.resize(m * k);
@@ -401,30 +414,17 @@ void dequantize_row(const uint8_t* w, bool q4, int blocks, int64_t n, float* out
 
 void gather(Kernel* kernel, void* context) {
   using namespace ort;
-  const void* ids_value = nullptr;
-  const void* w_value = nullptr;
-  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 0, &ids_value);
-  get<void* (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(context, 1, &w_value);
-  int64_t idims[8], wdims[8];
-  size_t in = 0, wn = 0;
-  shape(ids_value, idims, &in);
-  shape(w_value, wdims, &wn);
-  const int blocks = (int)wdims[1], k = blocks * QK;
-  int64_t count = 1;
-  for (size_t i = 0; i < in; ++i) count *= idims[i];
-  int64_t ydims[9];
-  memcpy(ydims, idims, sizeof(int64_t) * in);
-  ydims[in] = k;
-  void* y_value = nullptr;
-  get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(kKernelContextGetOutput)(context, 0, ydims, in + 1,
-                                                                                        &y_value);
-  const int64_t* ids = nullptr;
-  const uint8_t* w = nullptr;
-  float* y = nullptr;
-  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(ids_value, (void**)&ids);
-  get<void* (*)(const void*, void**)>(kGetTensorMutableData)(w_value, (void**)&w);
-  get<void* (*)(void*, void**)>(kGetTensorMutableData)(y_value, (void**)&y);
-  const int64_t rows = wdims[0] * COLS;
+  const void* ids_value = input(context, 0);
+  const void* w_value = input(context, 1);
+  const Shape is = shape_of(ids_value), ws = shape_of(w_value);
+  const int blocks = (int)ws.dims[1], k = blocks * QK;
+  const int64_t count = is.elements(0, is.rank), rows = ws.dims[0] * COLS;
+  Shape ys = is;
+  ys.dims[ys.rank++] = k;
+  void* y_value = output(context, ys);
+  const int64_t* ids = data<const int64_t>(ids_value);
+  const uint8_t* w = data<const uint8_t>(w_value);
+  float* y = data<float>(y_value);
   for (int64_t i = 0; i < count; ++i) {
     const int64_t id = ids[i] < 0 ? ids[i] + rows : ids[i];
     if (id < 0 || id >= rows) {
