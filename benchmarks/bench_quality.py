@@ -84,6 +84,7 @@ def llama_cpp(gguf: Path):
 
 def build(convert, options: dict) -> Path:
     """convert.convert with the build's environment (its "env") set for the call."""
+    options = dict(options)
     env = options.pop("env", {})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
