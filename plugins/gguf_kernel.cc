@@ -285,9 +285,14 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
 
 struct Kernel {
   int64_t type;  // GGML type: 3 = Q4_1, 8 = Q8_0
+};
+
+// x quantized, per calling thread: ONNX Runtime may run one session from several threads at once.
+struct Quantized {
   std::vector<int8_t> q;
   std::vector<float> scale, sum, outliers;
 };
+thread_local Quantized quantized;
 
 struct Shape {
   int64_t dims[9] = {};
@@ -355,13 +360,14 @@ void compute(Kernel* kernel, void* context) {
     codes = data<const uint8_t>(input(context, 3));
   }
 
-  kernel->q.resize(m * k);
-  kernel->scale.resize(m * blocks);
-  kernel->sum.resize(m * blocks);
-  kernel->outliers.resize(m * channels.count);
+  Quantized& xq = quantized;
+  xq.q.resize(m * k);
+  xq.scale.resize(m * blocks);
+  xq.sum.resize(m * blocks);
+  xq.outliers.resize(m * channels.count);
   auto row = [&](int64_t i) {
-    return Row{kernel->q.data() + i * k, kernel->scale.data() + i * blocks, kernel->sum.data() + i * blocks,
-               kernel->outliers.data() + i * channels.count};
+    return Row{xq.q.data() + i * k, xq.scale.data() + i * blocks, xq.sum.data() + i * blocks,
+               xq.outliers.data() + i * channels.count};
   };
   Pool& threads = pool();
   const int workers = threads.size();

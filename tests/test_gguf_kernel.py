@@ -185,3 +185,29 @@ def test_a_build_with_the_kernel_is_not_reused_without_it(monkeypatch, default_c
     monkeypatch.setenv(gguf_kernel.SWITCH, "0")
     assert convert.build_key("sha", request, builder, gguf_native_plugin) != with_kernel
     assert gguf_native_plugin.graph_facts(request) == {"ops": ["MatMulNBits"]}
+
+
+def test_one_session_run_from_several_threads_at_once():
+    """ONNX Runtime lets several threads run one session (slmops serve does): each call quantizes x into its own
+    buffers and shares the kernel's threads, so every answer is the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(2)
+    raw = random_blocks("Q4_1", 64, 256, rng)
+    form = gguf_blocks.block_form("Q4_1", raw, gguf.quants.dequantize(raw, T["Q4_1"]))
+    run = session(
+        gguf_kernel.MATMUL,
+        gguf_kernel.Q4_1,
+        gguf_kernel.grouped(form, gguf_kernel.Q4_1),
+        TensorProto.FLOAT,
+        [1, None, 256],
+    )
+    xs = [rng.standard_normal((1, 1 + i % 5, 256)).astype(np.float32) for i in range(64)]
+    alone = [run.run(None, {"x": x})[0] for x in xs]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda x: run.run(None, {"x": x})[0], xs))
+        for a, b in zip(alone, together, strict=True):
+            assert np.array_equal(a, b)
