@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/slmops deploy --ask "What is the capital of France?"
+	$(BIN)/slmops deploy --ask "Name the capital city of France."
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider

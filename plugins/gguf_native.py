@@ -45,9 +45,9 @@ PACKED = ";"  # separates the weights one packed MatMulNBits holds in its doc_st
 INTEGER_ACTIVATIONS = 4  # MatMulNBits accuracy level 4: int8 activations (one scale per block), the integer kernel
 # Input channels per MatMul kept in float at level 4. In the GGUF kernel, SmolLM2 against its source over 11,990 corpus
 # positions: none 0.0028 mean KLD / top-1 0.972 (llama.cpp's own: 0.0028 / 0.970), 8: 0.0007 / 0.983, 12: 0.0006 /
-# 0.985, 16: 0.0005 / 0.986, 24: 0.0005 / 0.987; each costs decode time (16: +6%). 8 keeps decode above llama.cpp's,
-# and the guide's question, a near tie in the source ("The" 0.152, "L" 0.140), answered as the source does ("The"
-# 0.151, "L" 0.136; 12 channels: "L"); MatMulNBits with corrections answers "The" with 8 too.
+# 0.985, 16: 0.0005 / 0.986, 24: 0.0005 / 0.987; each costs decode time (16: +6%). 8 keeps decode above llama.cpp's.
+# (The guide's question is a near tie in the source that int8 activations decide either way, float order included:
+# docs/user-guide.md, section 2.)
 OUTLIER_CHANNELS = 8
 
 

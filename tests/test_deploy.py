@@ -87,7 +87,9 @@ def test_deploy_default_model(cli, tmp_path):
         "--registry-dir",
         reg,
         "--ask",
-        "What is the capital of France?",
+        # Not the guide's "What is the capital of France?": the source itself is a near tie there ("The" 0.152,
+        # "L" 0.140), which int8 activations decide either way (docs/user-guide.md, section 2).
+        "Name the capital city of France.",
         "--json",
         env={"SLMOPS_QUALITY_SET": ""},
         timeout=1800,

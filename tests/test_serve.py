@@ -139,7 +139,7 @@ def test_answers_like_model_run(server, serve_env):
     client = server.client()
     reply = client.chat.completions.create(
         model="smol",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "Name the capital city of France."}],
         temperature=0,
         max_tokens=32,
     )
@@ -150,7 +150,7 @@ def test_answers_like_model_run(server, serve_env):
             "run",
             "smol",
             "--prompt",
-            "What is the capital of France?",
+            "Name the capital city of France.",
             "--temperature",
             "0",
             "--max-new-tokens",
@@ -314,7 +314,7 @@ def test_api_key(guarded):
     with pytest.raises(openai.AuthenticationError):
         guarded.client("wrong").models.list()
     assert error_of(guarded.raw("GET", "/v1/models")) == (401, "invalid_request_error", "invalid_api_key")
-    assert "Paris" in ask(guarded.client("sekret"), "smol", "What is the capital of France?")
+    assert "Paris" in ask(guarded.client("sekret"), "smol", "Name the capital city of France.")
 
 
 def wait_for(condition, seconds: float = 30) -> bool:
@@ -371,7 +371,7 @@ def test_queue_bound_and_disconnects(guarded):
     settled = guarded.health("smol")["pieces_sent"]
     time.sleep(1.5)
     assert guarded.health("smol")["pieces_sent"] == settled < sent + 200  # 1,500 tokens would take many seconds
-    assert "Paris" in ask(guarded.client("sekret"), "smol", "What is the capital of France?")
+    assert "Paris" in ask(guarded.client("sekret"), "smol", "Name the capital city of France.")
 
 
 def test_ctrl_c_stops_cleanly_mid_stream(serve_env):
