@@ -111,7 +111,12 @@ class Pool {
     }
     wake_.notify_all();
     job(0);
-    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+    // Spin, then yield: on a machine with more runnable threads than cores (several sessions, other programs) the
+    // worker being waited for needs this core.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 4096) _mm_pause();
+      else std::this_thread::yield();
+    }
   }
 
  private:
@@ -121,8 +126,9 @@ class Pool {
       auto start = std::chrono::steady_clock::now();
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
-        _mm_pause();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::milliseconds(5)) {
+        if (++spins < 4096) _mm_pause();
+        else std::this_thread::yield();  // let a runnable thread have the core while waiting
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::milliseconds(5)) {
           std::unique_lock<std::mutex> lock(mutex_);
           wake_.wait(lock, [&] { return generation_.load() != seen; });
         }
