@@ -7,6 +7,7 @@ weights as llama.cpp keeps them. The weights stay exactly the GGUF's: `form_of` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,7 +67,7 @@ def library() -> Path | None:
         return None
     source = resources.files("slmops.plugins").joinpath(SOURCE).read_bytes()
     cxx = compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = _compiler_version(cxx)
     key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = home() / "kernels" / key / LIBRARY
     if target.is_file():
@@ -94,6 +95,12 @@ def takes(gguf_path: Path) -> bool:
     import gguf
 
     return any(len(t.shape) == 2 and t.tensor_type.name in TAKES for t in gguf.GGUFReader(str(gguf_path)).tensors)
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    """What `cxx --version` says, asked once per process (the cache key, graph_facts and quantize all ask)."""
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
 
 
 def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
