@@ -9,7 +9,9 @@ built-in plugins (slmops/plugins/) import nothing else from slmops, and a test h
   without a traceback and exits non-zero. Any other exception is reported as a bug of the plugin.
 - Files: write through :func:`staging_dir` / :func:`replace_dir` (a temporary path, then a rename), guard shared
   files with :func:`lock`, copy model folders with :func:`copy_tree` (it carries every non-graph file: config,
-  tokenizer, adapters/), and write JSON with :func:`write_json_atomic`.
+  tokenizer, adapters/), and write JSON with :func:`write_json_atomic`. A plugin that puts native code in a folder
+  writes what it needs of the machine to :data:`REQUIRES` (``{"what", "os", "machine": [...], "cpu_flags": [...]}``);
+  register, deploy and model run refuse a folder this machine cannot run.
 - Config: :func:`current_config` is the slmops.toml of the running command (for a plugin command too), and
   :func:`open_registry` the registry it names.
 - Runtime: :class:`Session` runs a model folder with ONNX Runtime GenAI (encode, logits, generate, stream).
@@ -36,6 +38,7 @@ from .fsutil import (
 )
 from .hookspecs import hookimpl
 from .isolate import die_with_parent
+from .machine import REQUIRES
 from .roles import (
     BENCH_RESULT_KEYS,
     BLOCK_SIZES,
@@ -57,6 +60,7 @@ __all__ = [
     "BLOCK_SIZES",
     "CHAT_DEFAULTS",
     "MODEL_FILES",
+    "REQUIRES",
     "Benchmarker",
     "Config",
     "ConvertRequest",

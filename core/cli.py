@@ -67,10 +67,12 @@ class Commands(click.Group):
 def cli(ctx: click.Context, config_path: str | None, debug: bool, quiet: bool) -> None:
     """slmops: fine-tuned small language model to a quantized ONNX Runtime GenAI model, registered with
     Foundry Local, chatting and measured."""
+    from .cpus import check_thread_settings
     from .fsutil import clean_home
 
     progress.quiet = quiet
     ctx.obj = State(config_path)
+    check_thread_settings()
     clean_home()
 
 
@@ -131,7 +133,22 @@ def uninstall(packages: tuple[str, ...], yes: bool) -> None:
     """Uninstall plugin PACKAGES from slmops's own environment."""
     if "slmops" in {p.lower() for p in packages}:
         raise UsageError("`slmops uninstall slmops` would remove slmops itself; use pip for that")
+    from .doctor import own_dependencies
+
+    needed = own_dependencies() | {"pip"}  # pip: `slmops install` runs it
+    refused = [p for p in packages if not p.startswith("-") and _normal_name(p) in needed]
+    if refused:
+        raise UsageError(
+            f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} needed by slmops itself; "
+            "`slmops uninstall` removes plugins only"
+        )
     _pip("uninstall", *(["-y"] if yes else []), *packages)
+
+
+def _normal_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @cli.command("config")
@@ -207,6 +224,13 @@ def convert_options(f=None, *, auto: bool = False):
         click.option(
             "--trust-remote-code", is_flag=True, default=None, help="Allow the checkpoint's own Python code to run."
         ),
+        click.option(
+            "--force",
+            "adapter_force",
+            is_flag=True,
+            default=None,
+            help="Apply --adapter even where its adapter_config.json names a base of another architecture.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -221,6 +245,7 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
     cfg.override("model.adapter", flags.get("adapter"), "command line")
     cfg.override("model.adapter_mode", flags.get("adapter_mode"), "command line")
     cfg.override("model.trust_remote_code", flags.get("trust_remote_code"), "command line")
+    cfg.override("model.adapter_force", flags.get("adapter_force"), "command line")
 
 
 @cli.command()
@@ -342,8 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or a plugin failure: still one line, the traceback on --debug
         if debug:
             raise
+        from .provided import blame
+
+        where = blame(e)
         print(
-            f"slmops: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr
+            f"slmops: error: {where + ': ' if where else ''}{type(e).__name__}: {_one_line(e)} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
         )
         sys.exit(1)
 
@@ -513,10 +543,11 @@ def entry_rows(entries) -> list[dict[str, Any]]:
 @pass_state
 def cache_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
     """List registered models."""
+    from .registry import entries as registry_entries
     from .registry import open_registry
 
     registry = open_registry(state.config, registry_backend)
-    entries = registry.list()
+    entries = registry_entries(registry)
     if as_json:
         output.emit_json([e.__dict__ for e in entries])
     elif not entries:
@@ -526,9 +557,15 @@ def cache_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
             entry_rows(entries), ["name", "id", "status", "family", "precision", "size", "registered_at", "path"]
         )
         for e in entries:
-            if e.status != "ok":
+            if e.status == "missing":
                 click.echo(
                     f"{e.name}: its folder {e.path} is missing; `slmops cache rm {e.name}` removes the entry", err=True
+                )
+            elif e.status == "changed":
+                click.echo(
+                    f"{e.name}: its files changed after it was validated, so it is not served; deploy or register "
+                    "it again",
+                    err=True,
                 )
 
 

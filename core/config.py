@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import SlmopsError, UsageError
 from .roles import BLOCK_SIZES
 
 CONFIG_NAME = "slmops.toml"
@@ -26,6 +26,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
             str,
             "merge the LoRA into the weights, or adapter: an ORT GenAI adapter file beside the base",
         ),
+        "adapter_force": (False, bool, "apply an adapter made for another base model or architecture"),
         "family": ("auto", str, "prompt-template family, or 'auto' to detect"),
         "trust_remote_code": (False, bool, "allow the checkpoint's own Python code to run"),
     },
@@ -122,6 +123,7 @@ class Config:
             "adapter": Path(adapter) if adapter else None,
             "adapter_mode": self.values["model"]["adapter_mode"],
             "trust_remote_code": self.values["model"]["trust_remote_code"],
+            **({"adapter_force": True} if self.values["model"]["adapter_force"] else {}),
         }
 
     def override(self, dotted: str, value: Any, origin: str) -> None:
@@ -174,12 +176,14 @@ def load_config(path: Path | None = None, search: bool = True) -> Config:
     if path is None:
         return Config(values, origin, None)
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"config file {path} not found; pass an existing file to --config")
+    from .fsutil import read_text_limited
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} not found; pass an existing file to --config") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {path}: {e}") from None
+        text = read_text_limited(path, "slmops.toml", limit=1 << 20)
+    except SlmopsError as e:
+        raise UsageError(str(e)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -202,4 +206,11 @@ def load_config(path: Path | None = None, search: bool = True) -> Config:
 
 def home() -> Path:
     """slmops's own cache: converted sources, builds, hash memo. $SLMOPS_HOME overrides."""
-    return Path(os.environ.get("SLMOPS_HOME") or Path.home() / ".cache" / "slmops")
+    where = os.environ.get("SLMOPS_HOME")
+    path = Path(where).expanduser() if where else Path.home() / ".cache" / "slmops"
+    if path.exists() and not path.is_dir():
+        raise UsageError(
+            f"{'SLMOPS_HOME' if where else 'the cache folder'} {path} is a file, not a folder; "
+            "point SLMOPS_HOME at a folder (it is created if missing)"
+        )
+    return path

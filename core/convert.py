@@ -7,12 +7,13 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import adapters, progress, provided, runtime, sources, verify
+from . import adapters, machine, progress, provided, runtime, sources, verify
 from .config import home
 from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
@@ -35,6 +36,7 @@ from .results import Build
 from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer
 
 MANIFEST = "slmops-manifest.json"
+PACKAGED = "slmops-package.json"  # in a packaged (registered) model's folder: its files' hashes at validation
 # The builds worth comparing, about smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries
 # them in this order, bench --compare measures them all. int4 imatrix goes before the smaller RTN builds: it was 3x
 # more faithful than the best of them (docs/user-guide.md).
@@ -150,8 +152,9 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
         quantizers = [provided.by_name(quantizers, quantizer, "quantizer")]
     reasons: list[str] = []
     routes: list[Route] = []
+    broken = "its check() raised (see the warning)"
     for c in converters:
-        why = c.check(request, architecture)
+        why = provided.safely(c, "check", request, architecture, fallback=broken)
         if not why and quantizer != "auto":
             why = f"builds {request.precision} itself, but --quantizer {quantizer} was asked for"
         if not why and keeps_adapter(request) and request.precision != "fp32":
@@ -159,9 +162,9 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
             why = "keeps a LoRA as an adapter file only in an fp32 build (quantized afterwards around the adapter)"
         (reasons.append(f"{c.name}: {why}") if why else routes.append(Route(c, None, c.cost)))
     fp32 = dataclasses.replace(request, precision="fp32")
-    bases = [c for c in converters if c.check(fp32, architecture) is None]
+    bases = [c for c in converters if provided.safely(c, "check", fp32, architecture, fallback=broken) is None]
     for q in quantizers:
-        why = q.check(request)
+        why = provided.safely(q, "check", request, fallback=broken)
         if why:
             reasons.append(f"{q.name}: {why}")
             continue
@@ -233,6 +236,27 @@ def check_adapter(adapter: Path) -> None:
         sources.check_safetensors(weights)
 
 
+def adapter_mismatch(adapter: Path, checkpoint: Path) -> str | None:
+    """Why the adapter was made for another model than the source, where its adapter_config.json says so: the base
+    it names is a folder here whose architecture or model type differs from the source's. None where it fits or
+    nothing can be compared (a hub name that is not on this machine)."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(base, str) or not base or not (Path(base).expanduser() / "config.json").is_file():
+        return None
+    try:
+        theirs = json.loads((Path(base).expanduser() / "config.json").read_text())
+        ours = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("model_type", "architectures"):
+        if theirs.get(key) and ours.get(key) and theirs[key] != ours[key]:
+            return f"it was trained on {base} ({key} {theirs[key]}), the source is {ours[key]}"
+    return None
+
+
 def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: bool) -> Path:
     """A checkpoint with a PEFT LoRA adapter merged into the base weights, made once into the cache."""
     target = home() / "sources" / f"merged-{base_sha[:10]}-{content_hash(adapter)[:10]}"
@@ -300,7 +324,7 @@ def convert(
 def reference(source_spec: str | None, options: dict[str, Any], backend: str = "auto") -> Build:
     """The fp32 build of a source that every build of it is measured against: the same source, adapter and target,
     no quantization options (so an int4 and an int8 of one source share one reference)."""
-    keep = ("device", "provider", "adapter", "adapter_mode", "trust_remote_code")
+    keep = ("device", "provider", "adapter", "adapter_mode", "adapter_force", "trust_remote_code")
     return convert(source_spec, {"precision": "fp32", **{k: options[k] for k in keep if k in options}}, backend)
 
 
@@ -349,7 +373,9 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
         source = sources.resolve(source_spec)
     checkpoint, source_sha = source.checkpoint, source.sha256
     gguf = Path(source.original) if source.kind in ("gguf", "default") else None
-    request = ConvertRequest(source_dir=checkpoint, gguf=gguf, **request_options)
+    options = dict(request_options)
+    force = options.pop("adapter_force", False)  # a check to skip, not a build option: not in the cache key
+    request = ConvertRequest(source_dir=checkpoint, gguf=gguf, **options)
     if request.accuracy_level is None and request.device == "cpu" and request.precision in ("int4", "int8"):
         # MatMulNBits computes in int8 at level 4. At the default level, 8-bit weights decoded SmolLM2 at 1.5 tok/s
         # against 59 at level 4 (the builder already picks 4 for int4 on the CPU). The gguf-native route keeps its
@@ -358,6 +384,12 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
     check_options(request)
     if request.adapter is not None:
         check_adapter(request.adapter)
+        why = adapter_mismatch(request.adapter, checkpoint)
+        if why and not force:
+            raise SlmopsError(
+                f"adapter {request.adapter} does not belong to this source: {why}; give the adapter made for this "
+                "model, or pass --force to apply it anyway"
+            )
         if request.adapter_mode == "merge":
             checkpoint = merge_adapter(checkpoint, source_sha, request.adapter, request.trust_remote_code)
             request = dataclasses.replace(request, source_dir=checkpoint)
@@ -474,6 +506,7 @@ def _build(
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "adapters": {name: str(path.relative_to(out)) for name, path in adapters.find(out).items()},
             "verification": {"ok": True, "graph": graph, "sample": sample, "source": found, "adapter": effect},
+            "requires": machine.requirements(out),  # what the folder needs of the machine that runs it
             "files": file_hashes(out, skip=(MANIFEST,)),  # checked on every cache hit
         }
         write_json_atomic(out / MANIFEST, manifest)
@@ -481,26 +514,62 @@ def _build(
 
 
 def publish(build_dir: Path, output: Path, manifest: dict[str, Any]) -> Path:
-    """Put a copy of the build at the user's --output in one rename. A folder that is not an slmops build is refused
-    unless empty; in an earlier slmops build only slmops's files are replaced and the user's own files stay."""
-    output = output.expanduser().resolve()
+    """Put a copy of the build at the user's --output. A new or empty folder gets the whole build in one rename; in
+    an earlier slmops build only slmops's own files are replaced, one by one and each atomically, and every other
+    file, folder and link there stays exactly as it was. A folder that is not an slmops build (unless empty), a
+    registered model's folder, and slmops's own cache are refused."""
+    output = output.expanduser().absolute()
+    if (output / PACKAGED).exists():
+        raise SlmopsError(
+            f"{output} is a registered model's folder (a registry owns it); choose another --output folder, "
+            "and use `slmops deploy` or `slmops register --replace` to change a registered model"
+        )
+    if output.resolve().is_relative_to(home().resolve()):
+        raise SlmopsError(f"{output} is inside slmops's own cache ({home()}); choose an --output folder outside it")
     existing = read_manifest(output)
     if existing and existing.get("key") == manifest["key"] and not changed_files(output, manifest["files"]):
         return output
     if output.is_file() or (output.exists() and any(output.iterdir()) and existing is None):
         raise SlmopsError(f"{output} exists and is not an slmops model; choose an empty or new --output folder")
-    ours = set((existing or {}).get("files") or manifest["files"]) | {MANIFEST}
     try:
-        with lock(output), staging_dir(output) as tmp:
-            copy_tree(build_dir, tmp)
-            if existing:
-                for f in sorted(p for p in output.rglob("*") if p.is_file()):
-                    rel = f.relative_to(output)
-                    if rel.as_posix() not in ours and not (tmp / rel).exists() and not f.name.endswith(".lock"):
-                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                        copy_file(f, tmp / rel)  # the user's own file (notes, evaluations) stays
+        with lock(output):
+            if existing is None:
+                with staging_dir(output) as tmp:
+                    copy_tree(build_dir, tmp)
+            else:
+                _replace_ours(build_dir, output, manifest, existing)
     except PermissionError as e:
         raise SlmopsError(
             f"cannot write to {output}: permission denied ({e.filename}); choose a writable --output folder"
         ) from None
     return output
+
+
+def _replace_ours(build_dir: Path, output: Path, manifest: dict[str, Any], existing: dict[str, Any]) -> None:
+    """In an earlier build at output: each file of the new build in place (a copy beside it, then a rename), the
+    earlier build's files the new one lacks removed, the manifest last. Nothing else there is touched."""
+    clean_stale(output)  # a killed publish's half-copied files
+    new, old = set(manifest["files"]), set(existing.get("files") or {})
+    for rel in sorted(new):
+        target = output / rel
+        for parent in [output / p for p in Path(rel).parents if p != Path(".")]:
+            if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+                raise SlmopsError(f"{parent} is not a folder of the earlier build; move it away and publish again")
+        if target.is_dir() and not target.is_symlink():
+            raise SlmopsError(f"{target} is a folder where the build has a file; move it away and publish again")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(build_dir / rel, target)
+    for rel in sorted(old - new):
+        if (output / rel).is_file() and not (output / rel).is_symlink():
+            (output / rel).unlink()
+    _copy_atomic(build_dir / MANIFEST, output / MANIFEST)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}-copy")
+    try:
+        copy_file(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

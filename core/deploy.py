@@ -16,7 +16,7 @@ from . import gate, progress, quality
 from . import registry as reg
 from .chat_session import ChatRunner
 from .config import Config, home
-from .errors import NoImplementation, SlmopsError
+from .errors import NoImplementation, SlmopsError, UsageError
 from .fsutil import changed_files, file_hashes, write_json_atomic
 from .results import Build, Deployment, Quality, Validation
 
@@ -112,6 +112,13 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Qual
             )
         except NoImplementation:  # e.g. rtn_last with a LoRA kept as an adapter file: no plugin builds it
             tried.append({"build": label, "chosen": "cannot be built with these options"})
+            continue
+        except UsageError:
+            raise
+        except Exception as e:  # a route that fails on this model (a quantizer's calibration, say): the next one
+            why = str(e) if isinstance(e, SlmopsError) else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            progress.note(f"{label} failed on this model, trying the next candidate: {why}")
+            tried.append({"build": label, "chosen": f"failed: {why}"})
             continue
         with progress.step(f"Measuring {label} against fp32"):
             q = measured_quality(build, reference)

@@ -83,10 +83,10 @@ def checks() -> list[dict[str, Any]]:
     except Exception as e:
         add("ORT GenAI runtime", "fail", f"{type(e).__name__}: {e}")
     add("architectures", "ok", "tested: " + ", ".join(a.removesuffix("ForCausalLM") for a in TESTED_ARCHITECTURES))
-    from .provided import plugin_of, registries
+    from .provided import plugin_of, registries, safely
 
     for registry in registries():
-        problem = registry.runtime_problem()
+        problem = safely(registry, "runtime_problem", fallback="its runtime_problem() raised (see the warning)")
         add(f"registry {registry.name}", "fail" if problem else "ok", problem or f"ready ({plugin_of(registry)})")
     ram = psutil.virtual_memory().available / 1e9
     add("free RAM", "ok" if ram >= MIN_RAM_GB else "warn", f"{ram:.1f} GB available (guide asks for {MIN_RAM_GB} GB)")
@@ -97,3 +97,32 @@ def checks() -> list[dict[str, Any]]:
         "free disk", "ok" if disk >= MIN_DISK_GB else "fail", f"{disk:.1f} GB free at {folder} (needs {MIN_DISK_GB} GB)"
     )
     return rows
+
+
+def own_dependencies(dist: str = "slmops") -> set[str]:
+    """The distributions slmops needs to run, its own requirements and theirs (extras left out), normalised names."""
+    import importlib.metadata
+    import re
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    seen: set[str] = set()
+    todo = [dist]
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    seen.discard(re.sub(r"[-_.]+", "-", dist).lower())
+    return seen

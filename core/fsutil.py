@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,19 +45,79 @@ def copy_file(src: str | Path, dst: str | Path) -> str:
     return str(dst)
 
 
+def regular_files(folder: Path, skip: tuple[str, ...] = (), follow_links: bool = False) -> list[Path]:
+    """Every file below folder (names in skip left out, at any depth), after checking that each entry is a plain file
+    or folder: a symbolic link (it could lead out of the folder, to /etc/passwd or /dev/zero) or a device, pipe or
+    socket is refused with one line naming it. Copies and hashes of model folders walk through here. follow_links
+    lets links to regular files through (a source read in place, such as a Hugging Face cache snapshot, whose files
+    are links to its blobs), never links to anything else."""
+    files: list[Path] = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in [*dirs, *names]:
+            path = Path(root) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) and follow_links and path.is_file() and name in names:
+                mode = path.stat().st_mode
+            if stat.S_ISLNK(mode):
+                raise SlmopsError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}); slmops copies only the folder's own files: "
+                    "put the file itself there, or remove the link"
+                )
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise SlmopsError(f"{path} is not a regular file (a device, pipe or socket); remove it from {folder}")
+        files += [Path(root) / n for n in sorted(names) if n not in skip]
+    return sorted(files)
+
+
 def copy_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
-    """Fill target with copies of source's files (names in skip left out, at any depth)."""
-    shutil.copytree(
-        source,
-        target,
-        copy_function=copy_file,
-        dirs_exist_ok=True,
-        ignore=lambda folder, names: [n for n in names if n in skip],
-    )
+    """Fill target with copies of source's files (names in skip left out, at any depth). Links and special files
+    are refused (regular_files), so a copy never leaves the folder and never reads without end."""
+    source = Path(source)
+    for f in regular_files(source, skip):
+        dst = Path(target) / f.relative_to(source)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        copy_file(f, dst)
+
+
+# Config-like files slmops reads whole (slmops.toml, Olive JSON, a model's JSON configs): a real one is a few KB, a
+# tokenizer.json a few MB. The limit keeps /dev/zero or a huge file given by mistake from filling memory.
+READ_LIMIT = 64 << 20
+
+
+def read_text_limited(path: Path, what: str, limit: int = READ_LIMIT) -> str:
+    """A text file read whole, refused with one line when it is not a regular file or is larger than limit."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise SlmopsError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SlmopsError(f"{what} {path} is not a regular file; give the path of a {what}")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise SlmopsError(f"{what} {path} is larger than {limit >> 20} MB; this is not a {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SlmopsError(f"{what} {path} is not UTF-8 text") from None
+
+
+def strict_json(data: Any) -> Any:
+    """data with every NaN or infinite float replaced by None: JSON has no NaN, and a parser that follows the
+    standard refuses Python's bare NaN."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -188,7 +250,8 @@ def check_disk(folder: Path, need: int, what: str) -> None:
 
 
 def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of the folder's own files (links are not followed)."""
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def _hash_file(path: Path) -> str:
@@ -200,8 +263,9 @@ def _hash_file(path: Path) -> str:
 
 
 class HashMemo:
-    """sha256 of files, remembered by device, inode, size and mtime: an unchanged file costs a stat, an edited
-    one (new mtime or size) is read again, and a rename keeps its entry (same inode)."""
+    """sha256 of files, remembered by device, inode, size, mtime and ctime: an unchanged file costs a stat, an edited
+    one is read again. ctime is in the key because mtime is not proof: a file rewritten in place with its size and
+    mtime put back (`touch -d`) still gets a new ctime, which no program can set back."""
 
     def __init__(self) -> None:
         self.path = home() / "hash-memo.json"
@@ -213,7 +277,7 @@ class HashMemo:
 
     def __call__(self, f: Path) -> str:
         st = f.stat()
-        key = f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+        key = f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
         digest = self.memo.get(key)
         if digest is None:
             digest = self.memo[key] = _hash_file(f)
@@ -226,10 +290,11 @@ class HashMemo:
                 write_json_atomic(self.path, self.memo)
 
 
-def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """{relative path: sha256} of a folder's files, hidden files and names in skip left out."""
+def file_hashes(folder: Path, skip: tuple[str, ...] = (), follow_links: bool = False) -> dict[str, str]:
+    """{relative path: sha256} of a folder's files, hidden files and names in skip left out (regular_files refuses
+    links and special files; follow_links as there)."""
     memo = HashMemo()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in skip)
+    files = [p for p in regular_files(folder, skip, follow_links) if not p.name.startswith(".")]
     hashes = {f.relative_to(folder).as_posix(): memo(f) for f in files}
     memo.save()
     return hashes
@@ -253,8 +318,10 @@ def content_hash(path: Path) -> str:
         memo = HashMemo()
         hashes = {path.name: memo(path)}
         memo.save()
+    elif path.is_dir():
+        hashes = file_hashes(path, follow_links=True)  # a source read in place: links to its own files are fine
     else:
-        hashes = file_hashes(path)
+        raise SlmopsError(f"{path} is neither a file nor a folder; give a model folder or a .gguf file")
     total = hashlib.sha256()
     for rel, digest in hashes.items():
         total.update(rel.encode() + b"\0" + digest.encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from . import progress
@@ -9,7 +10,7 @@ from .bench import measure, quality_of, reference_for
 from .chat import OrtGenAIChat
 from .config import Config
 from .edgecases import run_suite
-from .results import Check, Quality, Validation
+from .results import BenchResult, Check, Quality, Validation
 
 SPEED_SPREAD = 2.5  # decode tok/s may differ at most this much (max/min) across the prompt lengths
 DOMAIN_ACCURACY = 0.5
@@ -27,11 +28,17 @@ def validate(
     soak, speed across input lengths and the edge cases, each a Check."""
     v, b = cfg.section("validate"), cfg.section("bench")
     q = measured_quality or quality_of(model_dir, reference_for(model_dir, reference), domain)
+    finite = q.mean_kld is not None and math.isfinite(q.mean_kld)  # a NaN never passes
     checks = [
-        Check("quality: mean KLD", q.mean_kld <= v["max_kld"], round(q.mean_kld, 4), f"<= {v['max_kld']}"),
+        Check(
+            "quality: mean KLD",
+            finite and q.mean_kld <= v["max_kld"],
+            round(q.mean_kld, 4) if finite else None,
+            f"<= {v['max_kld']}",
+        ),
         Check(
             "quality: top-1 agreement",
-            q.top1_agreement >= v["min_top1"],
+            finite and q.top1_agreement >= v["min_top1"],
             round(q.top1_agreement, 4),
             f">= {v['min_top1']}",
         ),
@@ -63,7 +70,7 @@ def validate(
             "non-empty, no template tokens",
         )
     )
-    m = measure(model_dir, {**b, "soak_requests": v["soak_requests"], "runs": max(2, b["runs"])}, benchmarker)
+    m = measure(model_dir, {**b, "soak_requests": v["soak_requests"], "runs": max(3, b["runs"])}, benchmarker)
     growth = m.metric("rss_growth_mb")
     checks.append(
         Check(
@@ -75,16 +82,7 @@ def validate(
             f"<= {v['max_leak_mb']} MB",
         )
     )
-    speeds = [s["decode_tok_s"] for s in m.sweep] or [m.decode_tok_s]
-    spread = max(speeds) / min(speeds) if min(speeds) > 0 else float("inf")
-    checks.append(
-        Check(
-            "consistent speed across input lengths",
-            spread <= SPEED_SPREAD,
-            f"decode tok/s {', '.join(f'{s:.0f}' for s in speeds)} (max/min {spread:.2f})",
-            f"max/min <= {SPEED_SPREAD}",
-        )
-    )
+    checks.append(speed_consistency(model_dir, m, {**b, "runs": max(3, b["runs"])}, benchmarker))
     edges = run_suite(chat)
     failed = [e["case"] for e in edges if not e["ok"]]
     checks.append(
@@ -96,3 +94,35 @@ def validate(
         )
     )
     return Validation(checks, q, m, edges)
+
+
+def speed_consistency(model_dir: Path, first: BenchResult, settings: dict, benchmarker: str | None) -> Check:
+    """Decode speed across the prompt lengths, each length judged by its best run: another program's load slows some
+    runs (on 2 busy cores SmolLM2's median decode went 24 / 23 / 7 tok/s at 16 / 128 / 512, its best runs 35 / 23 /
+    20, idle 119 / 102 / 70), and the least disturbed run is the build's own speed. Where the spread still fails, the
+    sweep is measured once more and each length keeps its better run; a build really slower at long prompts stays
+    slower in both."""
+    speeds = best_speeds(first)
+    if spread_of(speeds) > SPEED_SPREAD and first.sweep:
+        with progress.step("Measuring speed across input lengths again"):
+            again = best_speeds(measure(model_dir, {**settings, "soak_requests": 0}, benchmarker))
+        if len(again) == len(speeds):
+            speeds = [max(a, b) for a, b in zip(speeds, again, strict=True)]
+    spread = spread_of(speeds)
+    return Check(
+        "consistent speed across input lengths",
+        spread <= SPEED_SPREAD,
+        f"decode tok/s {', '.join(f'{s:.0f}' for s in speeds)} (max/min {spread:.2f})",
+        f"max/min <= {SPEED_SPREAD}",
+    )
+
+
+def best_speeds(m: BenchResult) -> list[float]:
+    """Each prompt length's best decode speed (its median where a benchmarker reports no best)."""
+    return [s.get("decode_tok_s_best", s["decode_tok_s"]) for s in m.sweep] or [m.decode_tok_s]
+
+
+def spread_of(speeds: list[float]) -> float:
+    """max/min decode speed across prompt lengths (inf where one is zero or not a number)."""
+    good = [s for s in speeds if s is not None and math.isfinite(s)]
+    return max(good) / min(good) if good and len(good) == len(speeds) and min(good) > 0 else float("inf")

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import Config
 from .errors import SlmopsError
+from .fsutil import read_text_limited
 
 TOP_KEYS = {
     "input_model",
@@ -61,10 +62,10 @@ def _object(value: Any, where: str, path: Path) -> dict[str, Any]:
 
 def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
     """(source, convert options, output dir) from an Olive workflow file."""
+    if not path.exists():
+        raise SlmopsError(f"config file {path} not found")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SlmopsError(f"config file {path} not found") from None
+        data = json.loads(read_text_limited(path, "Olive workflow JSON", limit=1 << 20))
     except ValueError as e:
         raise SlmopsError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -84,7 +85,14 @@ def read_olive_config(path: Path) -> tuple[str, dict[str, Any], str | None]:
         raise SlmopsError(
             f"{path}: slmops runs workflows with exactly one ModelBuilder pass; found {sorted(passes) or 'none'}"
         )
-    config = _object(builders[0].get("config"), "the ModelBuilder pass's config", path)
+    # Olive reads a pass's options from its "config" object or, in the flat form, beside "type" (as Olive does)
+    flat = {k: v for k, v in builders[0].items() if k not in ("type", "config")}
+    if flat and "config" in builders[0]:
+        raise SlmopsError(
+            f'{path}: the ModelBuilder pass has options both in "config" and beside "type" '
+            f"({', '.join(sorted(flat))}); keep one form"
+        )
+    config = _object(builders[0].get("config", flat), "the ModelBuilder pass's config", path)
     _unknown("ModelBuilder config", set(config), PASS_KEYS, path)
     options: dict[str, Any] = {}
     if "precision" in config:

@@ -14,7 +14,10 @@ stdout = Console(highlight=False, soft_wrap=False)
 
 
 def emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    """Strict JSON: NaN and infinities become null (Python would print a bare NaN, which JSON parsers refuse)."""
+    from .fsutil import strict_json
+
+    print(json.dumps(strict_json(json.loads(json.dumps(data, default=str))), indent=2, allow_nan=False))
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:

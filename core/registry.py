@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import re
 import shutil
@@ -14,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import progress, provided, runtime, templates
+from . import machine, progress, provided, runtime, templates
 from .config import Config, home
-from .convert import read_manifest
+from .convert import PACKAGED, read_manifest
 from .errors import SlmopsError
-from .fsutil import check_disk, clean_stale, copy_tree, dir_size, write_json_atomic
+from .fsutil import (
+    changed_files,
+    check_disk,
+    clean_stale,
+    copy_tree,
+    dir_size,
+    file_hashes,
+    regular_files,
+    write_json_atomic,
+)
 from .roles import Registry, RegistryEntry
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -73,6 +83,8 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
         raise SlmopsError(
             f"{model_dir} is not an ONNX Runtime GenAI model (no genai_config.json); convert it first with `slmops convert`"
         )
+    regular_files(model_dir)  # links and device files refused before anything reads the folder
+    machine.check_runs_here(model_dir)
     with progress.step("Choosing and checking the prompt template"):
         chosen = templates.choose(model_dir, family)
         check = templates.fidelity(model_dir, chosen)
@@ -112,6 +124,8 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
             with progress.step(f"Writing the {chosen.family.name} chat template for a model that has none"):
                 check["written"] = templates.write_chat_template(folder, chosen)
         write_json_atomic(folder / "inference_model.json", doc)
+        # what validation sees: a registry lists the model as ok, and serves it, only while these files are unchanged
+        write_json_atomic(folder / PACKAGED, {"files": file_hashes(folder, skip=(PACKAGED, "inference_model.json"))})
         yield Package(
             folder,
             entry,
@@ -136,6 +150,31 @@ def add(registry: Registry, pkg: Package, replace: bool = True) -> dict[str, Any
     return {"entry": entry.__dict__, "template": pkg.template}
 
 
+def entries(registry: Registry) -> list[RegistryEntry]:
+    """The registry's entries, each folder checked against the files it was validated with: one whose files changed
+    since is listed as "changed" (and never served) rather than "ok"."""
+    listed = registry.list()
+    for entry in listed:
+        if entry.status == "ok" and entry.path:
+            entry.status = "changed" if changed_since_validation(Path(entry.path)) else "ok"
+    return listed
+
+
+def changed_since_validation(folder: Path) -> list[str]:
+    """The files of a registered folder that differ from what was validated ([] for a folder slmops did not
+    package: nothing to compare with)."""
+    try:
+        recorded = json.loads((folder / PACKAGED).read_text())["files"]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError):
+        return [PACKAGED]
+    try:
+        return changed_files(folder, recorded)
+    except SlmopsError as e:  # a file replaced by a link or a device
+        return [str(e)]
+
+
 def find(registry: Registry, name: str) -> RegistryEntry:
     entries = registry.list()
     for e in entries:
@@ -153,4 +192,11 @@ def find_runnable(registry: Registry, name: str) -> RegistryEntry:
             f"{entry.name} is registered but its folder {entry.path or '(none)'} is missing; "
             f"remove the entry with `slmops cache rm {entry.name}` and register the model again"
         )
+    changed = changed_since_validation(Path(entry.path))
+    if changed:
+        raise SlmopsError(
+            f"{entry.name}'s files changed after it was validated ({', '.join(changed[:3])}); it is not served: "
+            f"deploy or register it again (`slmops register DIR --name {entry.name} --replace`)"
+        )
+    machine.check_runs_here(Path(entry.path))
     return entry

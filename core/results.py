@@ -5,6 +5,7 @@ ones slmops keeps on disk."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class Quality:
 
     def passes(self, max_kld: float, min_top1: float) -> bool:
         """The quality gate: deploy, `bench --compare` and validate all judge a build by this."""
+        # a NaN (None once written as JSON) never passes
+        if self.mean_kld is None or self.top1_agreement is None or not math.isfinite(self.mean_kld):
+            return False
         return self.mean_kld <= max_kld and self.top1_agreement >= min_top1
 
     def to_json(self) -> dict[str, Any]:

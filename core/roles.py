@@ -156,7 +156,9 @@ class RegistryEntry:
     version: str = "1"
     description: str = ""
     registry: str = ""
-    status: str = "ok"  # "missing": recorded, but its folder is gone (`slmops cache rm NAME` cleans it)
+    status: str = (
+        "ok"  # "missing": folder gone (`slmops cache rm NAME` cleans it); "changed": files edited since validation
+    )
 
 
 class Registry:

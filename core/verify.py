@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,11 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
     reference, built = log_softmax(logits), log_softmax(session.logits(tokens))
     if reference.shape != built.shape:
         return {"error": f"the build gives logits of shape {built.shape}, the source {reference.shape}"}
+    # A NaN or infinite logit anywhere (a NaN weight, an overflow) fails the build, whatever the means say
+    broken = {
+        "source": int((~np.isfinite(logits).all(axis=-1)).sum()),
+        "build": int((~np.isfinite(built).all(axis=-1)).sum()),
+    }
     kld = (np.exp(reference) * (reference - built)).sum(axis=-1, dtype=np.float64)
     same_top = reference.argmax(-1) == built.argmax(-1)
     diverged = np.flatnonzero((kld > DIVERGED_KLD) | ~same_top)
@@ -153,6 +159,7 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
         "first_divergence": int(diverged[0]) if len(diverged) else None,
         "first_token_difference": first_difference(ours, tokens),
         "eos": {"source": eos, "build": sorted(session.eos_ids)},
+        "nonfinite_positions": broken,
     }
 
 
@@ -169,6 +176,17 @@ def source_problems(request: ConvertRequest, found: dict[str, Any]) -> list[str]
     if "error" in found:
         return [found["error"]]
     problems = []
+    broken = found.get("nonfinite_positions", {})
+    if broken.get("source"):
+        problems.append(
+            f"the source itself gives NaN or infinite logits at {broken['source']} of {found['positions']} positions "
+            "in torch: its weights hold NaN or infinite values; fix or re-export the checkpoint"
+        )
+    elif broken.get("build") or not math.isfinite(found["mean_kld"]):
+        problems.append(
+            f"the build gives NaN or infinite logits at {broken.get('build', '?')} of {found['positions']} positions "
+            "where the source gives none; it is broken"
+        )
     if found.get("first_token_difference") is not None:  # every build of the source would feed the wrong tokens
         problems.append(
             f"the runtime tokenizes text unlike the source's tokenizer from token {found['first_token_difference']} "

@@ -51,9 +51,20 @@ def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
-    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+    # Sliding-window layers (Gemma 2/3) refuse a KV cache shorter than their window, however short the text: theirs
+    # is an empty cache of the window's capacity (what ORT GenAI feeds; the same logits to the bit, past the window
+    # too), the others' an empty one.
+    window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
+
+    def empty(capacity: int) -> np.ndarray:
+        return np.zeros((1, decoder["num_key_value_heads"], capacity, decoder["head_size"]), dtype=np.float32)
+
     names = {i.name for i in session.get_inputs()}
-    feeds = {name: empty for name in names if name.startswith("past_key_values")}
+    feeds = {
+        i.name: empty(window if "sliding" in str(i.shape[2]) else 0)
+        for i in session.get_inputs()
+        if i.name.startswith("past_key_values")
+    }
     tokens = calibration_tokens(fp32_dir)
     sums: dict[str, np.ndarray] = {}
     for start in range(0, len(tokens), WINDOW):

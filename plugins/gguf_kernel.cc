@@ -4,9 +4,15 @@
 //     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
 //     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
-// AVX2, FMA and F16C. Written against ONNX Runtime's C API by position (below): no ONNX Runtime headers needed.
+// AVX2, FMA and F16C, checked when the library is registered: on a CPU without them registration fails with an error
+// the runtime reports (the kernels are compiled for those instructions alone, the rest of the library for the
+// baseline x86-64, so nothing runs an AVX2 instruction before the check). Threads: as many as the CPUs the process may
+// use (affinity, cgroup quota), fewer if SLMOPS_KERNEL_THREADS says so; a larger or malformed value fails registration.
+// Written against ONNX Runtime's C API by position (below): no ONNX Runtime headers needed.
 #include <immintrin.h>
+#include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <algorithm>
@@ -16,6 +22,7 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -25,7 +32,7 @@ namespace ort {
 using Status = void;
 typedef void* (*Fn)();
 enum : int {
-  kCreateStatus = 0,
+  kCreateStatus = 0,  // OrtStatus* CreateStatus(OrtErrorCode, const char* message)
   kCreateCustomOpDomain = 26,
   kCustomOpDomainAdd = 27,
   kAddCustomOpDomain = 28,
@@ -76,6 +83,69 @@ struct CustomOp {
 };
 enum { kFloat = 1, kUint8 = 2, kInt64 = 7 };
 }  // namespace ort
+
+// ---- what this process may use, read before anything else runs (baseline x86-64 code) ----
+namespace limits {
+// CPUs the cgroup's quota allows (rounded up), 0 where none is set.
+int cgroup_cpus() {
+  long long quota = 0, period = 0;
+  char text[64] = {};
+  if (FILE* f = fopen("/sys/fs/cgroup/cpu.max", "r")) {  // cgroup v2: "max 100000" or "150000 100000"
+    const bool ok = fscanf(f, "%63s %lld", text, &period) == 2;
+    fclose(f);
+    if (ok && strcmp(text, "max") != 0 && period > 0) quota = atoll(text);
+  } else if (FILE* q = fopen("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "r")) {  // cgroup v1
+    if (fscanf(q, "%lld", &quota) != 1) quota = 0;
+    fclose(q);
+    if (FILE* p = fopen("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "r")) {
+      if (fscanf(p, "%lld", &period) != 1) period = 0;
+      fclose(p);
+    }
+  }
+  return quota > 0 && period > 0 ? (int)std::max(1LL, (quota + period - 1) / period) : 0;
+}
+
+int allowed_cpus() {
+  cpu_set_t set;
+  int n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : (int)std::thread::hardware_concurrency();
+  const int quota = cgroup_cpus();
+  if (quota > 0) n = std::min(n, quota);
+  return std::max(1, n);
+}
+
+int threads = 1;  // the pool's size, set by check()
+
+// Why this process cannot run the kernels ("" if it can); sets threads.
+std::string check() {
+  const char* pretend = std::getenv("SLMOPS_KERNEL_CPU");  // "baseline": behave as on a CPU without AVX2 (tests)
+  const bool baseline = pretend && strcmp(pretend, "baseline") == 0;
+  __builtin_cpu_init();
+  if (baseline || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+      !__builtin_cpu_supports("f16c"))
+    return "slmops GGUF kernel: this CPU lacks AVX2, FMA or F16C, which the kernel needs; rebuild the model on this "
+           "machine (slmops then writes the portable MatMulNBits graph)";
+  const int allowed = allowed_cpus();
+  threads = allowed;
+  if (const char* env = std::getenv("SLMOPS_KERNEL_THREADS")) {
+    char* end = nullptr;
+    const long n = strtol(env, &end, 10);
+    if (*env == '\0') return "";
+    if (*end != '\0' || n < 1 || n > allowed)
+      return "slmops GGUF kernel: SLMOPS_KERNEL_THREADS=" + std::string(env).substr(0, 32) + " is not 1 to " +
+             std::to_string(allowed) + " (the CPUs this process may use); set it in that range or unset it";
+    threads = (int)n;
+  }
+  return "";
+}
+}  // namespace limits
+
+// The kernels and their pool are compiled for AVX2, FMA and F16C; they run only after limits::check() passed.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
 
 namespace {
 
@@ -150,11 +220,7 @@ class Pool {
 };
 
 Pool& pool() {
-  static Pool p([] {
-    const char* env = std::getenv("SLMOPS_KERNEL_THREADS");
-    int n = env ? std::atoi(env) : 0;
-    return n > 0 ? n : (int)std::thread::hardware_concurrency();
-  }());
+  static Pool p(limits::threads);
   return p;
 }
 
@@ -447,6 +513,15 @@ void gather(Kernel* kernel, void* context) {
   }
 }
 
+}  // namespace
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace {
 ort::CustomOp make_op(bool matmul) {
   using namespace ort;
   CustomOp op;
@@ -489,6 +564,8 @@ ort::CustomOp matmul_op = make_op(true), gather_op = make_op(false);
 extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* options, const ort::ApiBase* base) {
   using namespace ort;
   api = base->GetApi(1);
+  const std::string why = limits::check();
+  if (!why.empty()) return get<void* (*)(int, const char*)>(kCreateStatus)(1 /* ORT_FAIL */, why.c_str());
   void* domain = nullptr;
   if (void* status = get<void* (*)(const char*, void**)>(kCreateCustomOpDomain)("ai.slmops", &domain)) return status;
   for (const CustomOp* op : {&matmul_op, &gather_op})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops.api import home, lock, rename, write_json_atomic
+from slmops.api import REQUIRES, home, lock, rename, write_json_atomic
 from slmops.plugins import gguf_blocks
 
 SOURCE = "gguf_kernel.cc"
@@ -29,8 +29,10 @@ MATMUL, GATHER = "MatMulGGML", "GatherGGML"
 Q4_1, Q8_0 = 3, 8  # GGML's type numbers, the ggml_type attribute
 COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
-CPU_FLAGS = ("avx2", "fma", "f16c")
-FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared"]
+CPU_FLAGS = ["avx2", "fma", "f16c"]
+# No -mavx2: the kernels carry their own target (gguf_kernel.cc), the rest stays baseline x86-64 so the CPU check
+# runs on any CPU. The C++ runtime is linked in, so the folder loads where no (or another) libstdc++ is installed.
+FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-static-libstdc++", "-static-libgcc"]
 
 
 def why_not() -> str | None:
@@ -179,6 +181,10 @@ def carry(library: Path, model_dir: Path) -> None:
     load it from there), with ONNX Runtime on one intra-op thread: the kernel runs its own, one per logical CPU, and
     ONNX Runtime's would spin beside them."""
     shutil.copyfile(library, model_dir / LIBRARY)
+    write_json_atomic(
+        model_dir / REQUIRES,
+        {"what": f"the slmops GGUF kernel ({LIBRARY})", "os": "Linux", "machine": ["x86_64"], "cpu_flags": CPU_FLAGS},
+    )
     path = model_dir / "genai_config.json"
     config = json.loads(path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})

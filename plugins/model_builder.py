@@ -51,6 +51,11 @@ class ModelBuilderConverter(BuilderConverter):
         )
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
+            if any("No space left on device" in line or "Errno 28" in line for line in lines):
+                raise SlmopsError(
+                    f"the disk filled up while the model builder wrote {output_dir}; free space (or set SLMOPS_HOME "
+                    "to a folder on a larger disk) and convert again"
+                )
             raise SlmopsError(
                 f"the model builder could not build {request.source_dir}: "
                 f"{lines[-1] if lines else f'exit status {done.returncode}'}; the installed onnxruntime-genai "

@@ -110,23 +110,27 @@ class OrtGenAIBenchmarker(Benchmarker):
             {min(int(n), context - max_new - 1) for n in settings.get("lengths", [16, 64, 256]) if int(n) > 0}
         )
         cpu0, wall0 = proc.cpu_times(), time.perf_counter()
-        sweep, all_runs = [], []
-        for length in lengths:
-            tokens = prompt_of(length)
-            for _ in range(int(settings.get("warmup", 1))):
+        prompts = {length: prompt_of(length) for length in lengths}
+        for _ in range(int(settings.get("warmup", 1))):
+            for tokens in prompts.values():
                 generate(tokens)
-            runs = []
-            for i in range(int(settings.get("runs", 5))):
+        # The lengths take turns (16, 128, 512, 16, 128, ...), so a burst of load from another program falls on every
+        # length alike; each reports its median run and its best (the least disturbed: what validate judges).
+        runs_of: dict[int, list[dict[str, float]]] = {length: [] for length in lengths}
+        for i in range(int(settings.get("runs", 5))):
+            for length, tokens in prompts.items():
                 progress(f"prompt {length} tokens: run {i + 1}")
-                runs.append(generate(tokens))
-            all_runs += runs
-            decode_s = sum(r["decode_s"] for r in runs)
+                runs_of[length].append(generate(tokens))
+        sweep, all_runs = [], [r for runs in runs_of.values() for r in runs]
+        for length, runs in runs_of.items():
+            speeds = [r["decode_tokens"] / r["decode_s"] for r in runs if r["decode_s"]]
             sweep.append(
                 {
                     "prompt_tokens": length,
                     "ttft_ms_p50": 1000 * percentile([r["ttft_s"] for r in runs], 0.5),
                     "prefill_tok_s": length / percentile([r["ttft_s"] for r in runs], 0.5),
-                    "decode_tok_s": sum(r["decode_tokens"] for r in runs) / decode_s if decode_s else float("nan"),
+                    "decode_tok_s": percentile(speeds, 0.5),
+                    "decode_tok_s_best": max(speeds, default=float("nan")),
                     "latency_ms_p50": 1000 * percentile([r["total_s"] for r in runs], 0.5),
                     "latency_ms_p95": 1000 * percentile([r["total_s"] for r in runs], 0.95),
                     "generated_tokens": sum(r["generated_tokens"] for r in runs),

@@ -296,6 +296,19 @@ def error_of(status_and_body: tuple[int, dict]) -> tuple[int, str, str | None]:
             413,
             "request_too_large",
         ),
+        # nesting and numbers no runtime takes: 400, not a 500 with a traceback or "stoi"
+        (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100000, 400, None),
+        (
+            b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 40 + b"]" * 40 + b"}",
+            400,
+            None,
+        ),
+        (
+            json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}),
+            400,
+            None,
+        ),
+        (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "seed": 2**80}), 400, None),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, code):
@@ -400,3 +413,45 @@ def test_port_in_use_is_one_line(server, serve_env):
         timeout=120,
     )
     assert done.returncode == 1 and "pick another port with --port" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_clients_that_hang_up_early_cost_no_tracebacks(server):
+    """Clients that announce a body and close before sending it: no traceback, and the server goes on."""
+    import socket
+
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000\r\n\r\n" + b'{"model": "smol", "mess'
+            )
+    assert wait_for(lambda: server.raw("GET", "/health")[0] == 200)
+    time.sleep(0.5)
+    err = "".join(server.err)
+    assert "Traceback" not in err and err.count("\n") < 40, err[-3000:]
+    assert "Paris" in ask(server.client(), "smol", "Name the capital city of France.")
+
+
+def test_a_model_removed_while_served_is_dropped(tmp_path, tiny_llama_int4):
+    env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(tmp_path / "registry")}
+    for name in ("keep", "gone"):
+        done = subprocess.run(
+            [*SLMOPS, "-q", "register", tiny_llama_int4.path, "--name", name], env=env, cwd=NEUTRAL_DIR,
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    served = Served("--engine", "ort-genai", env=env)
+    try:
+        assert sorted(m.id for m in served.client().models.list()) == ["gone", "keep"]
+        done = subprocess.run([*SLMOPS, "cache", "rm", "gone", "-y"], env=env, cwd=NEUTRAL_DIR, capture_output=True)
+        assert done.returncode == 0, done.stderr
+        body = json.dumps({"model": "gone", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert error_of(served.raw("POST", "/v1/chat/completions", body)) == (
+            404,
+            "invalid_request_error",
+            "model_not_found",
+        )
+        assert [m.id for m in served.client().models.list()] == ["keep"]
+        assert ask(served.client(), "keep", "hi", max_tokens=2) is not None
+    finally:
+        served.stop()

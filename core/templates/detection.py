@@ -73,8 +73,8 @@ def family_by_name(name: str) -> TemplateFamily:
 def detect(info: ModelInfo) -> TemplateFamily | None:
     from .. import provided
 
-    scored = [(f.score(info), f) for f in provided.template_families()]
-    scored = [s for s in scored if s[0] > 0]
+    scored = [(provided.safely(f, "score", info, fallback=0), f) for f in provided.template_families()]
+    scored = [s for s in scored if isinstance(s[0], (int, float)) and s[0] > 0]
     return max(scored, key=lambda s: s[0])[1] if scored else None
 
 

@@ -1,0 +1,54 @@
+"""How many CPUs this process may use: its CPU affinity and its cgroup's CPU quota, whichever is smaller. Every
+thread setting slmops honours is checked against it, so no value makes slmops run more compute threads than that."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+KERNEL_THREADS_ENV = "SLMOPS_KERNEL_THREADS"  # read by the GGUF kernel library (plugins/gguf_kernel.cc) too
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs the cgroup's quota allows (rounded up), None where no quota is set or none can be read."""
+    try:  # cgroup v2: "max 100000" or "150000 100000"
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        return None
+
+
+def allowed_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by the cgroup CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(count, quota) if quota else count)
+
+
+def check_thread_settings() -> None:
+    """Refuse, before any work, a thread setting outside 1..allowed_cpus()."""
+    value = os.environ.get(KERNEL_THREADS_ENV)
+    if value is None or value == "":
+        return
+    limit = allowed_cpus()
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if not 1 <= threads <= limit:
+        raise UsageError(
+            f"{KERNEL_THREADS_ENV}={value!r} is not a thread count this process may use: give 1 to {limit} "
+            f"(the CPUs its affinity and CPU quota allow), or unset it to use them all"
+        )
