@@ -28,6 +28,8 @@ from .fsutil import (
     file_hashes,
     lock,
     scratch_dir,
+    seal,
+    sealed_intact,
     staging_dir,
     write_json_atomic,
 )
@@ -260,10 +262,13 @@ def adapter_mismatch(adapter: Path, checkpoint: Path) -> str | None:
 def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: bool) -> Path:
     """A checkpoint with a PEFT LoRA adapter merged into the base weights, made once into the cache."""
     target = home() / "sources" / f"merged-{base_sha[:10]}-{content_hash(adapter)[:10]}"
-    if (target / "config.json").is_file():
+    if sealed_intact(target):
         return target
-    with lock(target), progress.step("Merging the LoRA adapter into the base"), staging_dir(target) as tmp:
-        in_child(_merge, base, adapter, tmp, trust_remote_code)
+    with lock(target):
+        if not sealed_intact(target):  # missing, or damaged since: made again
+            with progress.step("Merging the LoRA adapter into the base"), staging_dir(target) as tmp:
+                in_child(_merge, base, adapter, tmp, trust_remote_code)
+                seal(tmp)
     return target
 
 

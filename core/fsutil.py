@@ -326,3 +326,21 @@ def content_hash(path: Path) -> str:
     for rel, digest in hashes.items():
         total.update(rel.encode() + b"\0" + digest.encode())
     return total.hexdigest()
+
+
+SEAL = ".slmops-files.json"  # in a folder of slmops's own cache: its files' sha256 when it was made
+
+
+def seal(folder: Path) -> None:
+    """Record a cache folder's files (file_hashes), so a later use can tell it is still what was made."""
+    write_json_atomic(folder / SEAL, file_hashes(folder))
+
+
+def sealed_intact(folder: Path) -> bool:
+    """A cache folder made and sealed by slmops whose files are all as they were (a stat each while unchanged;
+    content, not size and mtime, decides: HashMemo). A folder that is missing, unsealed or changed is not."""
+    try:
+        recorded = json.loads((folder / SEAL).read_text())
+        return isinstance(recorded, dict) and bool(recorded) and not changed_files(folder, recorded)
+    except (OSError, ValueError, SlmopsError):
+        return False

