@@ -18,7 +18,7 @@ from typing import Any
 from . import machine, progress, provided, runtime, templates
 from .config import Config, home
 from .convert import PACKAGED, read_manifest
-from .errors import SlmopsError
+from .errors import SlmopsError, UsageError
 from .fsutil import (
     changed_files,
     check_disk,
@@ -54,10 +54,17 @@ def open_registry(cfg: Config, backend: str | None = None) -> Registry:
     for the configured registry also [registry] cache_dir or $SLMOPS_REGISTRY_DIR; else its default_location().
     Registries never share a folder by default: one named with --registry does not take the configured one's."""
     registry = provided.by_name(provided.registries(), backend or cfg.get("registry.backend"), "registry")
-    where = os.environ.get(location_variable(registry.name))
+    variable = location_variable(registry.name)
+    where = os.environ.get(variable)
     if not where and registry.name == cfg.get("registry.backend"):
+        variable = "[registry] cache_dir" if cfg.get("registry.cache_dir") else REGISTRY_ENV
         where = cfg.get("registry.cache_dir") or os.environ.get(REGISTRY_ENV)
     registry.root = Path(where).expanduser().resolve() if where else registry.default_location()
+    if registry.root.exists() and not registry.root.is_dir():
+        raise UsageError(
+            f"{variable if where else 'the registry location'} {registry.root} is a file, not a folder; "
+            "point it at a folder (it is created if missing)"
+        )
     return registry
 
 

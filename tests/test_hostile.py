@@ -514,6 +514,13 @@ def test_slmops_home_that_is_a_file_is_named(cli_here, tmp_path):
     assert r.rc == 2 and one_line(r.err) and "SLMOPS_HOME" in r.err and "is a file" in r.err, r
 
 
+def test_a_registry_location_that_is_a_file_is_named(cli_here, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("")
+    r = cli_here("cache", "ls", env={"SLMOPS_REGISTRY_DIR": str(f)})
+    assert r.rc == 2 and one_line(r.err) and "SLMOPS_REGISTRY_DIR" in r.err and "is a file" in r.err, r
+
+
 def test_a_gguf_of_a_type_slmops_cannot_read_is_named(cli, tmp_path):
     import gguf
 
