@@ -25,16 +25,20 @@ class ChosenTemplate:
 def read_model_info(path: Path) -> ModelInfo:
     """config.json and tokenizer files of a checkpoint or an ORT GenAI folder."""
 
+    from ..fsutil import read_text_limited  # bounded: a link to /dev/zero or a huge file is refused, not read
+
     def load(name: str) -> dict[str, Any]:
+        if not (path / name).exists():
+            return {}
         try:
-            return json.loads((path / name).read_text())
-        except (OSError, ValueError):
+            return json.loads(read_text_limited(path / name, name))
+        except ValueError:
             return {}
 
     config, tok = load("config.json"), load("tokenizer_config.json")
     template = None
     if (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text()
+        template = read_text_limited(path / "chat_template.jinja", "chat_template.jinja")
     elif isinstance(tok.get("chat_template"), str):
         template = tok["chat_template"]
     elif isinstance(tok.get("chat_template"), list):
