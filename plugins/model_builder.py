@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ class ModelBuilderConverter(BuilderConverter):
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            preexec_fn=die_with_parent if os.name == "posix" else None,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()) if os.name == "posix" else None,
         )
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -255,7 +255,10 @@ def test_slmops_own_source_cache_is_made_again_when_damaged(cli, tiny_llama, tmp
     lora.save_pretrained(tmp_path / "adapter")
     args = ("convert", tiny_llama, "--precision", "int8", "--adapter", tmp_path / "adapter")
     assert cli(*args).rc == 0
-    merged = next((Path(os.environ["SLMOPS_HOME"]) / "sources").glob("merged-*/model.safetensors"))
+    from slmops.fsutil import content_hash
+
+    tag = content_hash(tmp_path / "adapter")[:10]  # this adapter's merge (others' are in the session's cache too)
+    merged = next((Path(os.environ["SLMOPS_HOME"]) / "sources").glob(f"merged-*-{tag}/model.safetensors"))
     original, st = merged.read_bytes(), merged.stat()
     damaged = bytearray(original)
     damaged[-10] ^= 0xFF
@@ -534,3 +537,14 @@ def test_a_gguf_of_a_type_slmops_cannot_read_is_named(cli, tmp_path):
     writer.close()
     r = cli("convert", path, "--dry-run")
     assert r.rc == 1 and one_line(r.err) and "tensors of type Q8_1" in r.err, r
+
+
+def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends():
+    """The race test_fault_injection caught: slmops killed after starting a child, before the child's
+    PR_SET_PDEATHSIG, left the child running its task on."""
+    script = "import os\nfrom slmops.isolate import die_with_parent\ndie_with_parent(os.getppid() + 1)\nprint('ran on')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "ran on" not in done.stdout, done
+    script = "import os\nfrom slmops.isolate import die_with_parent\ndie_with_parent(os.getppid())\nprint('ran on')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ran on" in done.stdout, done
