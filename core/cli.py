@@ -133,22 +133,18 @@ def uninstall(packages: tuple[str, ...], yes: bool) -> None:
     """Uninstall plugin PACKAGES from slmops's own environment."""
     if "slmops" in {p.lower() for p in packages}:
         raise UsageError("`slmops uninstall slmops` would remove slmops itself; use pip for that")
+    from packaging.utils import canonicalize_name
+
     from .doctor import own_dependencies
 
     needed = own_dependencies() | {"pip"}  # pip: `slmops install` runs it
-    refused = [p for p in packages if not p.startswith("-") and _normal_name(p) in needed]
+    refused = [p for p in packages if not p.startswith("-") and canonicalize_name(p) in needed]
     if refused:
         raise UsageError(
             f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} needed by slmops itself; "
             "`slmops uninstall` removes plugins only"
         )
     _pip("uninstall", *(["-y"] if yes else []), *packages)
-
-
-def _normal_name(name: str) -> str:
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @cli.command("config")

@@ -102,14 +102,14 @@ def checks() -> list[dict[str, Any]]:
 def own_dependencies(dist: str = "slmops") -> set[str]:
     """The distributions slmops needs to run, its own requirements and theirs (extras left out), normalised names."""
     import importlib.metadata
-    import re
 
     from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
 
     seen: set[str] = set()
     todo = [dist]
     while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        name = canonicalize_name(todo.pop())
         if name in seen:
             continue
         seen.add(name)
@@ -124,5 +124,5 @@ def own_dependencies(dist: str = "slmops") -> set[str]:
                 continue
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 todo.append(req.name)
-    seen.discard(re.sub(r"[-_.]+", "-", dist).lower())
+    seen.discard(canonicalize_name(dist))
     return seen
