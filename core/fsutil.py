@@ -328,19 +328,39 @@ def content_hash(path: Path) -> str:
     return total.hexdigest()
 
 
+def record_files(folder: Path, record: str, skip: tuple[str, ...] = ()) -> None:
+    """Write folder/record: {"files": file_hashes(folder)}, the files as they are now (the record itself, hidden
+    files and names in skip left out), for changed_since_record to compare with later."""
+    write_json_atomic(folder / record, {"files": file_hashes(folder, skip=(record, *skip))})
+
+
+def changed_since_record(folder: Path, record: str) -> list[str] | None:
+    """The files of folder/record (record_files) missing or different now, [] when all are as recorded; None where
+    there is no record. A damaged record, or a file replaced by a link or a device, counts as changed. Content
+    decides, a stat each while unchanged (HashMemo)."""
+    try:
+        recorded = json.loads((folder / record).read_text())["files"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return [record]
+    if not isinstance(recorded, dict) or not recorded:
+        return [record]
+    try:
+        return changed_files(folder, recorded)
+    except SlmopsError as e:
+        return [str(e)]
+
+
 SEAL = ".slmops-files.json"  # in a folder of slmops's own cache: its files' sha256 when it was made
 
 
 def seal(folder: Path) -> None:
-    """Record a cache folder's files (file_hashes), so a later use can tell it is still what was made."""
-    write_json_atomic(folder / SEAL, file_hashes(folder))
+    """Record a cache folder's files, so a later use can tell it is still what was made."""
+    record_files(folder, SEAL)
 
 
 def sealed_intact(folder: Path) -> bool:
-    """A cache folder made and sealed by slmops whose files are all as they were (a stat each while unchanged;
-    content, not size and mtime, decides: HashMemo). A folder that is missing, unsealed or changed is not."""
-    try:
-        recorded = json.loads((folder / SEAL).read_text())
-        return isinstance(recorded, dict) and bool(recorded) and not changed_files(folder, recorded)
-    except (OSError, ValueError, SlmopsError):
-        return False
+    """A cache folder made and sealed by slmops whose files are all as they were. A folder that is missing,
+    unsealed or changed is not."""
+    return changed_since_record(folder, SEAL) == []

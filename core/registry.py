@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import os
 import re
 import shutil
@@ -20,12 +19,12 @@ from .config import Config, home
 from .convert import PACKAGED, read_manifest
 from .errors import SlmopsError, UsageError
 from .fsutil import (
-    changed_files,
+    changed_since_record,
     check_disk,
     clean_stale,
     copy_tree,
     dir_size,
-    file_hashes,
+    record_files,
     regular_files,
     write_json_atomic,
 )
@@ -132,7 +131,7 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
                 check["written"] = templates.write_chat_template(folder, chosen)
         write_json_atomic(folder / "inference_model.json", doc)
         # what validation sees: a registry lists the model as ok, and serves it, only while these files are unchanged
-        write_json_atomic(folder / PACKAGED, {"files": file_hashes(folder, skip=(PACKAGED, "inference_model.json"))})
+        record_files(folder, PACKAGED, skip=("inference_model.json",))
         yield Package(
             folder,
             entry,
@@ -170,16 +169,7 @@ def entries(registry: Registry) -> list[RegistryEntry]:
 def changed_since_validation(folder: Path) -> list[str]:
     """The files of a registered folder that differ from what was validated ([] for a folder slmops did not
     package: nothing to compare with)."""
-    try:
-        recorded = json.loads((folder / PACKAGED).read_text())["files"]
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError):
-        return [PACKAGED]
-    try:
-        return changed_files(folder, recorded)
-    except SlmopsError as e:  # a file replaced by a link or a device
-        return [str(e)]
+    return changed_since_record(folder, PACKAGED) or []
 
 
 def find(registry: Registry, name: str) -> RegistryEntry:
