@@ -1,5 +1,6 @@
 """int4 routes for a Hugging Face (float) source, side by side in one run: size, faithfulness to the source (torch)
-and speed of slmops's imatrix (scale and float min per block of 32, searched; the default int4 for float sources),
+and speed of slmops's gptq (the default int4 for float sources: error-compensating rounding, 4/5/8 bits within
+llama.cpp Q4_K_M's bytes, in slmops's GGUF kernel), imatrix (scale and float min per block of 32, searched),
 the model builder's RTN int4 (asymmetric with lm_head at 8 bits, and its symmetric default), ONNX Runtime's HQQ
 (float zero points), and int8.
 
@@ -25,7 +26,9 @@ from bench_quality import ort_speed, prompt_tokens  # noqa: E402 (the same speed
 
 BUILDS = [
     ("fp32", {"precision": "fp32"}),
-    ("int4 imatrix (default for float sources)", {"precision": "int4", "algorithm": "imatrix", "symmetric": False}),
+    ("int4 gptq (default for float sources)", {"precision": "int4", "algorithm": "gptq"}),
+    ("int4 gptq, float activations", {"precision": "int4", "algorithm": "gptq", "accuracy_level": 1}),
+    ("int4 imatrix", {"precision": "int4", "algorithm": "imatrix", "symmetric": False}),
     (
         "int4 imatrix, float activations",
         {"precision": "int4", "algorithm": "imatrix", "symmetric": False, "accuracy_level": 1},

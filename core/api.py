@@ -39,6 +39,7 @@ from .fsutil import (
 from .hookspecs import hookimpl
 from .isolate import die_with_parent
 from .machine import REQUIRES
+from .quality import calibration_text
 from .roles import (
     BENCH_RESULT_KEYS,
     BLOCK_SIZES,
@@ -72,6 +73,7 @@ __all__ = [
     "Session",
     "SlmopsError",
     "TemplateFamily",
+    "calibration_text",
     "clean_stale",
     "copy_tree",
     "current_config",

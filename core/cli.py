@@ -200,9 +200,16 @@ def convert_options(f=None, *, auto: bool = False):
         click.option("--symmetric/--asymmetric", default=None, help="Symmetric quantization or with zero points."),
         click.option(
             "--algorithm",
-            help="int4 algorithm: the builder's rtn, rtn_last and k_quant variants, hqq (slow on CPU; "
-            "needs --asymmetric), gguf (a GGUF source's own blocks, exact), imatrix (searched scale and float min "
-            "per block of 32, data-aware; needs --asymmetric), or a plugin's.",
+            help="int4 algorithm: auto (default: gguf for a GGUF source, gptq for a float one), gptq (error-"
+            "compensating rounding, 4/5/8 bits by measured error within llama.cpp Q4_K_M's bytes), gguf (a GGUF "
+            "source's own blocks, exact), imatrix (searched scale and float min per block of 32; needs --asymmetric), "
+            "the builder's rtn, rtn_last and k_quant variants, hqq (slow on CPU; needs --asymmetric), or a plugin's.",
+        ),
+        click.option(
+            "--calibration",
+            type=click.Path(),
+            help="JSONL file of your own text (rows with text, or prompt and expected) for gptq, imatrix and the "
+            "outlier channels, instead of the shipped text.",
         ),
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
         click.option(
@@ -234,7 +241,17 @@ def convert_options(f=None, *, auto: bool = False):
 
 
 def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
-    for key in ("precision", "device", "provider", "symmetric", "algorithm", "accuracy_level", "backend", "quantizer"):
+    for key in (
+        "precision",
+        "device",
+        "provider",
+        "symmetric",
+        "algorithm",
+        "accuracy_level",
+        "backend",
+        "quantizer",
+        "calibration",
+    ):
         cfg.override(f"convert.{key}", flags.get(key), "command line")
     if flags.get("block_size"):
         cfg.override("convert.block_size", int(flags["block_size"]), "command line")

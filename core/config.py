@@ -38,7 +38,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "quantizer": ("auto", str, "quantizer plugin, or auto (the cheapest route that supports the request)"),
         "block_size": (32, int, "int4/int8 quantization block size: 16, 32, 64, 128 or 256"),
         "symmetric": (True, bool, "symmetric quantization (false: with zero points)"),
-        "algorithm": ("rtn", str, "int4 algorithm: rtn, rtn_last, k_quant, k_quant_mixed, k_quant_last, hqq, gguf"),
+        "algorithm": (
+            "auto",
+            str,
+            "int4 algorithm: auto (gguf for a GGUF source, gptq for a float one), gptq, gguf, imatrix, rtn, rtn_last, "
+            "k_quant, k_quant_mixed, k_quant_last, hqq",
+        ),
+        "calibration": (
+            "",
+            str,
+            "JSONL file of your own text (rows with text, or prompt and expected) to calibrate on",
+        ),
         "accuracy_level": (0, int, "MatMulNBits accuracy_level (0: the runtime's default, 1-4)"),
         "output": ("", str, "output folder (default: slmops's build cache)"),
     },
@@ -120,6 +130,7 @@ class Config:
             "symmetric": c["symmetric"],
             "algorithm": c["algorithm"],
             "accuracy_level": c["accuracy_level"] or None,
+            "calibration": Path(c["calibration"]) if c["calibration"] else None,
             "adapter": Path(adapter) if adapter else None,
             "adapter_mode": self.values["model"]["adapter_mode"],
             "trust_remote_code": self.values["model"]["trust_remote_code"],

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import adapters, machine, progress, provided, runtime, sources, verify
+from . import adapters, machine, progress, provided, quality, runtime, sources, verify
 from .config import home
 from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
@@ -40,13 +40,13 @@ from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer
 MANIFEST = "slmops-manifest.json"
 PACKAGED = "slmops-package.json"  # in a packaged (registered) model's folder: its files' hashes at validation
 # The builds worth comparing, about smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries
-# them in this order, bench --compare measures them all. int4 imatrix goes before the smaller RTN builds: it was 3x
-# more faithful than the best of them (docs/user-guide.md).
-# "int4 gguf" is a GGUF source's own blocks (exact weights); other sources skip it. "int4 imatrix" is the int4 of a
-# float source (searched scale and min per block, data-aware); a GGUF source that passes with its own blocks stops
-# before it.
+# them in this order, bench --compare measures them all. "int4 gguf" is a GGUF source's own blocks (exact weights);
+# other sources skip it. "int4 gptq" is the int4 of a float source (error-compensating rounding, 4/5/8 bits within
+# llama.cpp Q4_K_M's bytes: on a float SmolLM2 mean KLD 0.025 against torch, imatrix 0.078); a GGUF source that
+# passes with its own blocks stops before it. imatrix and the RTN builds stay for sources gptq cannot take.
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("int4 gguf", {"precision": "int4", "algorithm": "gguf"}),
+    ("int4 gptq", {"precision": "int4", "algorithm": "gptq", "block_size": 32}),
     ("int4 imatrix", {"precision": "int4", "algorithm": "imatrix", "symmetric": False, "block_size": 32}),
     ("int4 rtn_last asym", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False, "block_size": 32}),
     ("int4 rtn sym", {"precision": "int4", "algorithm": "rtn", "symmetric": True, "block_size": 32}),
@@ -146,6 +146,7 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
     """The cheapest route to the request: a converter that builds the precision itself, or one that builds fp32
     followed by a quantizer. Routes cost the sum of their plugins' costs. ``backend`` / ``quantizer`` name the
     converter / quantizer to use ("auto": any)."""
+    request, _ = resolve_algorithm(request)
     converters = provided.converters()
     if backend != "auto":
         converters = [provided.by_name(converters, backend, "converter")]
@@ -193,6 +194,8 @@ def build_key(source_sha: str, request: ConvertRequest, converter: Converter, qu
     options = request.options()
     if request.adapter:
         options["adapter"] = content_hash(request.adapter)
+    if request.calibration:  # the text, not where it lies: the same file elsewhere makes the same build
+        options["calibration"] = content_hash(request.calibration)
     blob = json.dumps(
         {
             "source": source_sha,
@@ -373,6 +376,26 @@ class Target:
     build_dir: Path
 
 
+def resolve_algorithm(request: ConvertRequest) -> tuple[ConvertRequest, str | None]:
+    """The request with int4 algorithm "auto" made the faithful route for its source, and why (None: nothing to
+    resolve): a GGUF's own blocks for a GGUF source (exact), gptq for a float one, the builder's RTN where gptq cannot
+    go (another block size, a LoRA kept as an adapter file)."""
+    if request.algorithm == "gptq":  # it always fits a minimum per block: one build, however it was asked for
+        return dataclasses.replace(request, symmetric=False), None
+    if request.precision != "int4" or request.algorithm != "auto":
+        return request, None
+    if request.gguf is not None:
+        algorithm, why = "gguf", "the GGUF's own blocks, exact, where it has them"
+    elif request.block_size != 32:
+        algorithm, why = "rtn", f"block size {request.block_size}: gptq quantizes in blocks of 32, so the builder's RTN"
+    elif keeps_adapter(request):
+        algorithm, why = "rtn", "a LoRA kept as an adapter file: RTN around it"
+    else:
+        algorithm = "gptq"
+        why = "a float source: error-compensating rounding, 4/5/8 bits by measured error in Q4_K_M's bytes"
+    return resolve_algorithm(dataclasses.replace(request, algorithm=algorithm))[0], why
+
+
 def _target(source_spec: str | None, request_options: dict[str, Any], backend: str, quantizer_name: str) -> Target:
     with progress.step("Resolving the source"):
         source = sources.resolve(source_spec)
@@ -381,6 +404,11 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
     options = dict(request_options)
     force = options.pop("adapter_force", False)  # a check to skip, not a build option: not in the cache key
     request = ConvertRequest(source_dir=checkpoint, gguf=gguf, **options)
+    if request.calibration is not None:
+        quality.calibration_text(request.calibration)  # a bad file is named now, not deep inside a quantizer
+    request, why = resolve_algorithm(request)
+    if why:
+        progress.note(f"int4 by {request.algorithm}: {why} (--algorithm chooses another)")
     if request.accuracy_level is None and request.device == "cpu" and request.precision in ("int4", "int8"):
         # MatMulNBits computes in int8 at level 4. At the default level, 8-bit weights decoded SmolLM2 at 1.5 tok/s
         # against 59 at level 4 (the builder already picks 4 for int4 on the CPU). The gguf-native route keeps its

@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "slmops.plugins.matmul_nbits",
     "slmops.plugins.gguf_native",
     "slmops.plugins.imatrix",
+    "slmops.plugins.gptq",
     "slmops.plugins.templates",
     "slmops.plugins.foundry_local",
     "slmops.plugins.ort_genai_bench",

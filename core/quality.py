@@ -56,6 +56,28 @@ def load_set(path: Path | None = None, shipped: bool = False) -> list[dict[str, 
     return rows
 
 
+MIN_CALIBRATION_CHARS = 2000  # about 500 tokens: less says too little about what flows into each MatMul
+
+
+def calibration_text(path: Path) -> str:
+    """A user's calibration file (the JSONL of load_set: "text" rows, or "prompt" and "expected") as one text, each
+    row a paragraph; too little text is refused with a one-line error."""
+    if not Path(path).is_file():
+        raise SlmopsError(f"the calibration file {path} does not exist; give a JSONL file of text rows")
+    rows = load_set(Path(path))
+    text = "\n\n".join(
+        str(r["text"]) if "text" in r else f"{r['prompt']}\n{r['expected']}"
+        for r in rows
+        if isinstance(r.get("text", r.get("prompt")), str)
+    )
+    if len(text) < MIN_CALIBRATION_CHARS:
+        raise SlmopsError(
+            f"the calibration file {path} has {len(text)} characters of text; give at least {MIN_CALIBRATION_CHARS} "
+            "(a few pages of what the model will see)"
+        )
+    return text
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     # float32 is enough: the sums below are per position over one vocabulary, and the totals are kept in float64
     x = np.asarray(x, dtype=np.float32)

@@ -26,12 +26,13 @@ class ConvertRequest:
     provider: str = "CPUExecutionProvider"
     block_size: int = 32
     symmetric: bool = True
-    algorithm: str = "rtn"
+    algorithm: str = "auto"  # "auto": gguf for a GGUF source, gptq for a float one (convert.default_int4)
     accuracy_level: int | None = None
     adapter: Path | None = None
     adapter_mode: str = "merge"  # "merge" into the weights, or "adapter": an ORT GenAI adapter file beside the base
     trust_remote_code: bool = False
     gguf: Path | None = None  # the GGUF file when the source is one (source_dir is then its dequantized checkpoint)
+    calibration: Path | None = None  # a JSONL file of the user's own text for the data-aware quantizers
 
     def options(self) -> dict[str, Any]:
         """The options as plain JSON values, without the source paths (the source's hash is in the cache key)."""
@@ -39,6 +40,7 @@ class ConvertRequest:
         d.pop("source_dir")
         d.pop("gguf")
         d["adapter"] = str(self.adapter) if self.adapter else None
+        d["calibration"] = str(self.calibration) if self.calibration else None
         return d
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from .roles import ConvertRequest
 
 # lm_head is kept at 8 bits by these algorithms; k_quant_mixed promotes some layers to 8 bits.
-EIGHT_BIT_ALLOWED = {"rtn_last", "k_quant_last", "k_quant_mixed", "gguf", "imatrix"}
+EIGHT_BIT_ALLOWED = {"rtn_last", "k_quant_last", "k_quant_mixed", "gguf", "imatrix", "gptq"}
 # The GGUF's own blocks decide block sizes and zero points (Q6_K: blocks of 16; Q4_1: a minimum per block).
 LAYOUT_FROM_SOURCE = {"gguf"}
 

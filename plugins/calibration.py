@@ -24,18 +24,26 @@ def calibration_text() -> str:
     return resources.files("slmops").joinpath(CALIBRATION).read_text(encoding="utf-8")
 
 
-def calibration_tokens(model_dir: Path) -> list[int]:
-    """The calibration text in the model's tokens (its own tokenizer files; at most CALIBRATION_TOKENS)."""
+def calibration_tokens(model_dir: Path, text: str | None = None) -> list[int]:
+    """The calibration text (the shipped one, or text) in the model's tokens (its own tokenizer files; at most
+    CALIBRATION_TOKENS)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return tokenizer(calibration_text(), verbose=False).input_ids[:CALIBRATION_TOKENS]
+    return tokenizer(text or calibration_text(), verbose=False).input_ids[:CALIBRATION_TOKENS]
 
 
-def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
-    """Weight initializer name -> mean square of each input channel of its MatMul over the calibration text, from
-    the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache). The weights are
-    read once, by ONNX Runtime from the build's own data file (the graph alone is rewritten in memory)."""
+def activation_importance(fp32_dir: Path, text: str | None = None) -> dict[str, np.ndarray]:
+    """Weight initializer name -> mean square of each input channel of its MatMul over the calibration text."""
+    return activation_statistics(fp32_dir, text, full=False)
+
+
+def activation_statistics(fp32_dir: Path, text: str | None = None, full: bool = False) -> dict[str, np.ndarray]:
+    """Weight initializer name -> the mean of x x^T over the calibration text (the shipped one, or text), x what
+    flows into its MatMul: [K, K] (full; GPTQ's Hessian) or its diagonal [K] (the mean square of each input
+    channel). From the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache).
+    The weights are read once, by ONNX Runtime from the build's own data file (the graph alone is rewritten in
+    memory)."""
     import onnx
     import onnxruntime as ort
 
@@ -50,7 +58,10 @@ def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the listened names
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
+    config = json.loads((fp32_dir / "genai_config.json").read_text())["model"]
+    decoder = config["decoder"]
+    # a model with a shorter context than a window (its RoPE caches end there) reads windows of its context
+    window_tokens = min(WINDOW, int(config.get("context_length") or WINDOW))
     # Sliding-window layers (Gemma 2/3) refuse a KV cache shorter than their window, however short the text: theirs
     # is an empty cache of the window's capacity (what ORT GenAI feeds; the same logits to the bit, past the window
     # too), the others' an empty one.
@@ -65,15 +76,15 @@ def activation_importance(fp32_dir: Path) -> dict[str, np.ndarray]:
         for i in session.get_inputs()
         if i.name.startswith("past_key_values")
     }
-    tokens = calibration_tokens(fp32_dir)
+    tokens = calibration_tokens(fp32_dir, text)
     sums: dict[str, np.ndarray] = {}
-    for start in range(0, len(tokens), WINDOW):
-        ids = np.array([tokens[start : start + WINDOW]], dtype=np.int64)
+    for start in range(0, len(tokens), window_tokens):
+        ids = np.array([tokens[start : start + window_tokens]], dtype=np.int64)
         run = {**feeds, "input_ids": ids, "attention_mask": np.ones_like(ids)}
         outs = session.run(listened, {k: v for k, v in run.items() if k in names})
         for name, value in zip(listened, outs, strict=True):
-            sq = (value.astype(np.float64) ** 2).reshape(-1, value.shape[-1]).sum(0)
-            sums[name] = sums.get(name, 0) + sq
+            x = value.astype(np.float64).reshape(-1, value.shape[-1])
+            sums[name] = sums.get(name, 0) + (x.T @ x if full else (x * x).sum(0))
     return {w: sums[x] / len(tokens) for w, x in weight_of.items() if x in sums}
 
 

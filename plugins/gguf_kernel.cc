@@ -1,6 +1,6 @@
 // slmops's ONNX Runtime custom operators for a GGUF's own blocks (plugins/gguf_kernel.py builds and uses them).
-//   MatMulGGML(x, w): y = x @ W^T, W kept as llama.cpp keeps it (Q4_1: a fp16 scale and a fp16 minimum per 32
-//     weights, 4-bit codes; Q8_0: a fp16 scale and 32 int8), so the weights are the GGUF's exactly and each block's
+//   MatMulGGML(x, w): y = x @ W^T, W kept as llama.cpp keeps it (Q4_1 / Q5_1: a fp16 scale and a fp16 minimum per 32
+//     weights, 4-bit / 5-bit codes; Q8_0: a fp16 scale and 32 int8), so the weights are the GGUF's exactly and each block's
 //     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
 //     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
@@ -229,9 +229,17 @@ Pool& pool() {
 // and their scales convert 8 at a time: for each group and each block of 32 inputs,
 //   Q4_1: d[8] fp16, m[8] fp16, then 16 bytes per column (q[j] in the low nibble of byte j, q[j+16] in the high):
 //         w = d*q + m, 160 bytes;
+//   Q5_1: as Q4_1 with the fifth bit of each code after the minimums: 4 bytes per column (bit j: code j), then the
+//         nibbles: w = d*q + m, q = nibble | bit << 4, 192 bytes;
 //   Q8_0: d[8] fp16, then 32 int8 per column: w = d*q, 272 bytes.
 constexpr int QK = 32, COLS = 8;
-constexpr size_t kGroupBlockQ4_1 = 16 + 16 + COLS * 16, kGroupBlockQ8_0 = 16 + COLS * 32;
+constexpr int kQ4_1 = 3, kQ5_1 = 7, kQ8_0 = 8;  // GGML's type numbers, the ggml_type attribute
+constexpr size_t kGroupBlockQ4_1 = 16 + 16 + COLS * 16, kGroupBlockQ5_1 = 16 + 16 + COLS * 4 + COLS * 16,
+                 kGroupBlockQ8_0 = 16 + COLS * 32;
+
+constexpr size_t block_bytes(int64_t type) {
+  return type == kQ4_1 ? kGroupBlockQ4_1 : type == kQ5_1 ? kGroupBlockQ5_1 : kGroupBlockQ8_0;
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -312,17 +320,32 @@ __m256 outlier_products(const uint8_t* w, size_t block_bytes, const Row& r, cons
   return acc;
 }
 
-void group_q4_1(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
-                const uint8_t* codes) {
+// 32 bits -> 32 bytes, 0xFF where the bit is set (bit j -> byte j), as llama.cpp's bytes_from_bits_32.
+inline __m256i bytes_from_bits(const uint8_t* x) {
+  uint32_t x32;
+  memcpy(&x32, x, sizeof(x32));
+  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuffle),
+                                        _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+// Q4_1 and Q5_1: unsigned codes with a scale and a minimum per block.
+template <bool FifthBit>
+void group_q_1(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+               const uint8_t* codes) {
+  constexpr size_t bytes = FifthBit ? kGroupBlockQ5_1 : kGroupBlockQ4_1;
+  constexpr size_t nibbles = FifthBit ? 32 + COLS * 4 : 32;
   const uint8_t* group = w;
   __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), shift = _mm256_setr_epi64x(0, 0, 4, 4);
-  for (int b = 0; b < blocks; ++b, w += kGroupBlockQ4_1) {
+  for (int b = 0; b < blocks; ++b, w += bytes) {
     const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
     __m256i p[COLS];
     for (int c = 0; c < COLS; ++c) {
-      __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(w + 32 + c * 16)));
+      __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(w + nibbles + c * 16)));
       __m256i q = _mm256_and_si256(_mm256_srlv_epi64(both, shift), low);  // low nibbles, then high
+      if (FifthBit) q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + 32 + c * 4), _mm256_set1_epi8(0x10)));
       p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
@@ -331,7 +354,7 @@ void group_q4_1(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
     offsets = _mm256_fmadd_ps(m, _mm256_set1_ps(r.sum[b]), offsets);
   }
   if (channels.count)  // after the blocks: their scales are in cache now
-    acc = _mm256_add_ps(acc, outlier_products<false>(group, kGroupBlockQ4_1, r, channels, codes));
+    acc = _mm256_add_ps(acc, outlier_products<false>(group, bytes, r, channels, codes));
   _mm256_storeu_ps(out, _mm256_add_ps(acc, offsets));
 }
 
@@ -356,7 +379,7 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
 }
 
 struct Kernel {
-  int64_t type;  // GGML type: 3 = Q4_1, 8 = Q8_0
+  int64_t type;  // GGML type: kQ4_1, kQ5_1 or kQ8_0
 };
 
 // x quantized, per calling thread: ONNX Runtime may run one session from several threads at once.
@@ -447,8 +470,8 @@ void compute(Kernel* kernel, void* context) {
     for (int64_t i = t; i < m; i += workers) quantize_row(x + i * k, k, row(i), channels);
   });
   // Groups of columns handed out a few at a time; each group's weights stay in cache while every row reads them.
-  const bool q4 = kernel->type == 3;
-  const size_t stride = blocks * (q4 ? kGroupBlockQ4_1 : kGroupBlockQ8_0);
+  const int64_t type = kernel->type;
+  const size_t stride = blocks * block_bytes(type);
   const int per_task = 4, tasks = (groups + per_task - 1) / per_task;
   std::atomic<int> next{0};
   threads.Run([&](int) {
@@ -457,8 +480,10 @@ void compute(Kernel* kernel, void* context) {
         const uint8_t* wg = w + g * stride;
         const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
         for (int64_t i = 0; i < m; ++i) {
-          if (q4) group_q4_1(wg, row(i), blocks, y + i * n + g * COLS, channels, cg);
-          else group_q8_0(wg, row(i), blocks, y + i * n + g * COLS, channels, cg);
+          float* out = y + i * n + g * COLS;
+          if (type == kQ4_1) group_q_1<false>(wg, row(i), blocks, out, channels, cg);
+          else if (type == kQ5_1) group_q_1<true>(wg, row(i), blocks, out, channels, cg);
+          else group_q8_0(wg, row(i), blocks, out, channels, cg);
         }
       }
     }
@@ -467,21 +492,23 @@ void compute(Kernel* kernel, void* context) {
 
 
 // One row of W (output column n) dequantized: what the GGUF's own dequantization gives, in the same float order.
-void dequantize_row(const uint8_t* w, bool q4, int blocks, int64_t n, float* out) {
+void dequantize_row(const uint8_t* w, int64_t type, int blocks, int64_t n, float* out) {
   const int g = (int)(n / COLS), c = (int)(n % COLS);
-  const size_t block_bytes = q4 ? kGroupBlockQ4_1 : kGroupBlockQ8_0;
-  const uint8_t* base = w + (size_t)g * blocks * block_bytes;
-  for (int b = 0; b < blocks; ++b, base += block_bytes, out += QK) {
+  const size_t bytes = block_bytes(type);
+  const uint8_t* base = w + (size_t)g * blocks * bytes;
+  for (int b = 0; b < blocks; ++b, base += bytes, out += QK) {
     uint16_t dh, mh;
     memcpy(&dh, base + 2 * c, 2);
     const float d = _cvtsh_ss(dh);
-    if (q4) {
+    if (type != kQ8_0) {
       memcpy(&mh, base + 16 + 2 * c, 2);
       const float m = _cvtsh_ss(mh);
-      const uint8_t* qs = base + 32 + c * 16;
+      uint32_t high = 0;  // Q5_1's fifth bits
+      if (type == kQ5_1) memcpy(&high, base + 32 + c * 4, 4);
+      const uint8_t* qs = base + (type == kQ5_1 ? 32 + COLS * 4 : 32) + c * 16;
       for (int j = 0; j < 16; ++j) {
-        out[j] = d * (float)(qs[j] & 0x0F) + m;
-        out[j + 16] = d * (float)(qs[j] >> 4) + m;
+        out[j] = d * (float)((qs[j] & 0x0F) | ((high >> j) & 1) << 4) + m;
+        out[j + 16] = d * (float)((qs[j] >> 4) | ((high >> (j + 16)) & 1) << 4) + m;
       }
     } else {
       const int8_t* qs = (const int8_t*)(base + 16 + c * 32);
@@ -509,7 +536,7 @@ void gather(Kernel* kernel, void* context) {
       memset(y + i * k, 0, sizeof(float) * k);  // out of range: zeros rather than a read past the table
       continue;
     }
-    dequantize_row(w, kernel->type == 3, blocks, id, y + i * k);
+    dequantize_row(w, kernel->type, blocks, id, y + i * k);
   }
 }
 
@@ -529,7 +556,7 @@ ort::CustomOp make_op(bool matmul) {
   op.version = 8;  // the first version whose optional inputs ONNX Runtime honours
   op.CreateKernel = [](const CustomOp*, const Fn*, const void* info) -> void* {
     auto* kernel = new Kernel();
-    kernel->type = 3;
+    kernel->type = kQ4_1;
     get<void* (*)(const void*, const char*, int64_t*)>(kKernelInfoGetAttributeInt64)(info, "ggml_type",
                                                                                     &kernel->type);
     return kernel;

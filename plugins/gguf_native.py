@@ -29,6 +29,7 @@ from slmops.api import (
     MODEL_FILES,
     ConvertRequest,
     Quantizer,
+    calibration_text,
     copy_tree,
     hookimpl,
     runtime_fed_matmuls,
@@ -222,7 +223,9 @@ class GGUFNative(Quantizer):
         level = _level(request)
         channels = {}
         if level >= INTEGER_ACTIVATIONS:
-            channels = calibration.outlier_channels(calibration.activation_importance(fp32_dir), OUTLIER_CHANNELS)
+            text = calibration_text(request.calibration) if request.calibration else None
+            importance = calibration.activation_importance(fp32_dir, text)
+            channels = calibration.outlier_channels(importance, OUTLIER_CHANNELS)
         # The GGUF kernel where this machine can build it: each block's minimum applied inside the kernel, no float
         # correction (docs/architecture.md, "Speed"); MatMulNBits with corrections for what it does not hold.
         kernel = gguf_kernel.library() if level >= INTEGER_ACTIVATIONS else None
@@ -286,26 +289,32 @@ def write_blocks(
             keep.append(node)
             continue
         if node.name in in_kernel:
-            name, k, form, kind = in_kernel[node.name]
-            weight = g.const(f"{name}_ggml", gguf_kernel.grouped(form, kind))
+            name, k, parts = in_kernel[node.name]
             channels = planned[node.name][3]
-            outliers = []
-            if channels is not None:  # multiplied in float inside the kernel
-                codes = gguf_kernel.outlier_codes(form, kind, channels)
-                outliers = [g.const(f"{name}_channels", channels.astype(np.int64)), g.const(f"{name}_codes", codes)]
-            g.node(
-                gguf_kernel.MATMUL,
-                [node.input[0], weight, *outliers],
-                f"{name}_MatMulGGML",
-                outputs=[node.output[0]],
-                domain=gguf_kernel.DOMAIN,
-                doc_string=f"{name}:0",
-                ggml_type=kind,
-            )
+            outputs, done[name] = [], []
+            for start, form, kind in parts:
+                weight = g.const(f"{name}_ggml", gguf_kernel.grouped(form, kind))
+                outliers = []
+                if channels is not None:  # multiplied in float inside the kernel
+                    codes = gguf_kernel.outlier_codes(form, kind, channels)
+                    outliers = [g.const(f"{name}_channels", channels.astype(np.int64)), g.const(f"{name}_codes", codes)]
+                outputs.append(
+                    g.node(
+                        gguf_kernel.MATMUL,
+                        [node.input[0], weight, *outliers],
+                        f"{name}_MatMulGGML",
+                        outputs=[node.output[0]] if len(parts) == 1 else None,
+                        domain=gguf_kernel.DOMAIN,
+                        doc_string=f"{name}:{start}",
+                        ggml_type=kind,
+                    )
+                )
+                done[name].append((start, start + form.codes.shape[0], form, {"ggml": weight, "kind": kind}))
+            if len(parts) > 1:
+                g.node("Concat", outputs, f"{node.name}_concat", outputs=[node.output[0]], axis=-1)
             for start, end, run in planned[node.name][2]:
-                report["exact"][run.gguf_type] += (end - start) * k
+                report[_kind(run)][run.gguf_type] += (end - start) * k
             report["tensors"][name] = [[start, end, run.gguf_type] for start, end, run in planned[node.name][2]]
-            done[name] = [(0, form.codes.shape[0], form, {"ggml": weight, "kind": kind})]
             continue
         pack_of = packs.get(node.name)
         if pack_of is not None:  # siblings reading one input (gate and up): one MatMulNBits, then a Split
@@ -353,18 +362,25 @@ def write_blocks(
 
 
 def _kernel_forms(planned: dict) -> dict[str, tuple]:
-    """MatMul node name -> (weight name, K, form, kernel type) for the weights the GGUF kernel holds exactly: all
-    runs of one shape of block (a packed QKV of three Q4_1 tensors is one form)."""
+    """MatMul node name -> (weight name, K, [(start row, form, kernel type)]) for the weights the GGUF kernel holds
+    exactly: runs of one type as one form (a packed QKV of three Q4_1 tensors is one), runs of several types one
+    form each (a packed QKV of a 4-bit q and 5-bit k and v: one kernel call each, then a Concat)."""
     out = {}
     for node_name, (name, k, runs, _) in planned.items():
-        forms = [form for _, _, form in runs]
-        shape = {(f.bits, f.block, f.offsets is None, f.gguf_type in gguf_blocks.FORMS) for f in forms}
-        if len(shape) != 1 or not next(iter(shape))[3]:
+        kinds = [gguf_kernel.ggml_type(form) for _, _, form in runs]
+        if None in kinds:
             continue
-        form = _stack(forms)
-        kind = gguf_kernel.ggml_type(form)
-        if kind is not None:
-            out[node_name] = (name, k, form, kind)
+        if len(set(kinds)) == 1:
+            form = _stack([form for _, _, form in runs])
+            kind = gguf_kernel.ggml_type(form)  # stacked: still one fp16-exact form
+            if kind is not None:
+                out[node_name] = (name, k, [(0, form, kind)])
+        else:
+            out[node_name] = (
+                name,
+                k,
+                [(start, form, kind) for (start, _, form), kind in zip(runs, kinds, strict=True)],
+            )
     return out
 
 
@@ -523,7 +539,7 @@ def _quantize_embeddings(g: Graph, model, done: dict, forms_of: Forms, report: d
         else:
             keep.append(node)
             continue
-        if shared and "ggml" in done[shared][0][3]:  # the lm_head in the GGUF kernel's layout: gathered from it
+        if shared and len(done[shared]) == 1 and "ggml" in done[shared][0][3]:  # the lm_head in the kernel's layout
             held = done[shared][0][3]
             g.node(
                 gguf_kernel.GATHER,

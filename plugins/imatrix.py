@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops.api import ConvertRequest, Quantizer, hookimpl
+from slmops.api import ConvertRequest, Quantizer, calibration_text, hookimpl
 from slmops.plugins import gguf_blocks, gguf_native
 from slmops.plugins.calibration import activation_importance
 from slmops.plugins.gguf_native import INTEGER_ACTIVATIONS
@@ -43,17 +43,17 @@ def _fit(x: np.ndarray, w: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, n
     return scale, low, np.where(ok, error, np.inf)
 
 
-def search_blocks(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes, scale, min) of blocks x [..., block] under weights w of the same shape."""
+def search_blocks(x: np.ndarray, w: np.ndarray, top: int = CODES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scale, min) of blocks x [..., block] under weights w of the same shape; codes 0..top."""
     lo, hi = x.min(-1), x.max(-1)
     span = np.where(hi > lo, hi - lo, 1.0)
-    best_codes = np.clip(np.rint((x - lo[..., None]) / span[..., None] * CODES), 0, CODES)
-    best_scale, best_low = span / CODES, lo
+    best_codes = np.clip(np.rint((x - lo[..., None]) / span[..., None] * top), 0, top)
+    best_scale, best_low = span / top, lo
     best_error = (w * (best_scale[..., None] * best_codes + lo[..., None] - x) ** 2).sum(-1)
-    candidates = [(CODES - 1 + 0.1 * i) / span for i in range(STEPS + 1)]
+    candidates = [(top - 1 + 0.1 * i) / span for i in range(STEPS + 1)]
     for _ in range(REFINE + 1):
         for inverse in candidates:
-            codes = np.clip(np.rint((x - lo[..., None]) * inverse[..., None]), 0, CODES)
+            codes = np.clip(np.rint((x - lo[..., None]) * inverse[..., None]), 0, top)
             scale, low, error = _fit(x, w, codes)
             better = error < best_error
             best_codes = np.where(better[..., None], codes, best_codes)
@@ -65,10 +65,18 @@ def search_blocks(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return best_codes.astype(np.uint8), best_scale, best_low
 
 
+def fit_weights(x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """How much each weight of blocks x [rows, blocks, block] counts in the fit, as llama.cpp's for Q4_K: with an
+    importance per input channel, importance * sqrt(block mean square + x^2); without, |x| plus the block's RMS, so
+    large weights count more."""
+    if importance is None:
+        return np.abs(x) + np.sqrt((x * x).mean(-1, keepdims=True))
+    return importance.astype(np.float32).reshape(1, -1, x.shape[-1]) * np.sqrt((x * x).mean(-1, keepdims=True) + x * x)
+
+
 def quantize_matrix(matrix: np.ndarray, block: int = 32, importance: np.ndarray | None = None) -> gguf_blocks.BlockForm:
-    """A matrix [rows, cols] as 4-bit blocks along its rows with a scale and a float min each. Weights of the fit as
-    llama.cpp's for Q4_K: with an importance per input channel (cols), importance * sqrt(block mean square + x^2);
-    without, |x| plus the block's RMS, so large weights count more."""
+    """A matrix [rows, cols] as 4-bit blocks along its rows with a scale and a float min each, fitted under
+    fit_weights."""
     rows, cols = matrix.shape
     codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // block), dtype=np.float32)
@@ -76,11 +84,7 @@ def quantize_matrix(matrix: np.ndarray, block: int = 32, importance: np.ndarray 
     for start in range(0, rows, ROWS_AT_ONCE):
         # float32 is enough: the fitted error agreed with a float64 fit to 1e-5 and took half the time
         x = matrix[start : start + ROWS_AT_ONCE].reshape(-1, cols // block, block).astype(np.float32)
-        if importance is None:
-            w = np.abs(x) + np.sqrt((x * x).mean(-1, keepdims=True))
-        else:
-            w = importance.astype(np.float32).reshape(1, -1, block) * np.sqrt((x * x).mean(-1, keepdims=True) + x * x)
-        c, s, m = search_blocks(x, w)
+        c, s, m = search_blocks(x, fit_weights(x, importance))
         codes[start : start + len(x)] = c.reshape(len(x), cols)
         scales[start : start + len(x)], lows[start : start + len(x)] = s, m
     zero = np.zeros(scales.shape, dtype=np.uint8)
@@ -109,7 +113,9 @@ class Imatrix(Quantizer):
         return super().check(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
-        importance = activation_importance(fp32_dir)
+        importance = activation_importance(
+            fp32_dir, calibration_text(request.calibration) if request.calibration else None
+        )
 
         def forms_of(name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
             if matrix.shape[1] % request.block_size:  # no whole blocks: stays float, as the builder leaves it

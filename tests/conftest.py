@@ -228,7 +228,7 @@ def tiny_llama_bos(tmp_path_factory, default_checkpoint) -> Path:
 def tiny_llama_int4(tiny_llama) -> dict:
     from slmops import convert
 
-    return convert.convert(str(tiny_llama), {"precision": "int4"})
+    return convert.convert(str(tiny_llama), {"precision": "int4", "algorithm": "rtn"})  # the builder's own int4
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,15 @@ def test_compare_recommends_the_smallest_build_that_passes(tiny_llama):
     settings = {"runs": 1, "max_new_tokens": 4, "lengths": [8], "soak_requests": 0}
     loose = bench.compare_precisions(str(tiny_llama), {}, settings, {"max_kld": 100.0, "min_top1": 0.0})
     rows = {r["build"]: r for r in loose["rows"]}
-    assert set(rows) == {"fp32", "int8", "int4 imatrix", "int4 rtn sym", "int4 rtn sym block 16", "int4 rtn_last asym"}
+    assert set(rows) == {
+        "fp32",
+        "int8",
+        "int4 gptq",
+        "int4 imatrix",
+        "int4 rtn sym",
+        "int4 rtn sym block 16",
+        "int4 rtn_last asym",
+    }
     assert loose["recommendation"] == min(rows.values(), key=lambda r: r["size_mb"])["build"]
     assert loose["recommendation"].startswith("int4") and "is the smallest build within" in loose["why"]
     best_int4 = min(r["mean_kld"] for name, r in rows.items() if name.startswith("int4"))

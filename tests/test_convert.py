@@ -39,7 +39,7 @@ def test_builds_run_on_every_core(tiny_llama_int4, tmp_path):
 
 
 def test_same_request_is_a_cache_hit(tiny_llama, tiny_llama_int4):
-    again = convert.convert(str(tiny_llama), {"precision": "int4"})
+    again = convert.convert(str(tiny_llama), {"precision": "int4", "algorithm": "rtn"})
     assert again.cached and again.path == tiny_llama_int4.path and again.key == tiny_llama_int4.key
 
 
@@ -289,8 +289,11 @@ def test_plan_takes_the_cheapest_route(tiny_llama):
     route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer.name, route.cost) == ("model-builder", "matmul-nbits", 20)
     assert "failing (cost 1000)" in route.alternatives
-    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
+    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4", algorithm="rtn"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer) == ("model-builder", None)
+    # int4 by default ("auto") for a float source: the builder's fp32, then gptq
+    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
+    assert (route.converter.name, route.quantizer.name) == ("model-builder", "gptq")
     route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM", "failing")
     assert (route.converter.name, route.quantizer) == ("failing", None)
 
@@ -308,7 +311,7 @@ def test_hqq_fits_float_zero_points_and_is_closer_to_fp32(tiny_qwen2):
     model = onnx.load(str(hqq.path / "model.onnx"), load_external_data=False)
     zero_points = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("zero_points")}
     assert zero_points and set(zero_points.values()) == {onnx.TensorProto.FLOAT}
-    rtn = convert.convert(str(tiny_qwen2), {"precision": "int4", "symmetric": False})
+    rtn = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "rtn", "symmetric": False})
     fp32 = convert.convert(str(tiny_qwen2), {"precision": "fp32"}).path
     assert quality.compare(hqq.path, fp32).mean_kld < quality.compare(rtn.path, fp32).mean_kld
 

@@ -50,7 +50,7 @@ def int8_activations(x: np.ndarray) -> np.ndarray:
     return (q * (amax / 127)).reshape(x.shape)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_kernel_computes_the_int8_product_of_the_gguf_blocks(kind):
     from onnx import TensorProto
 
@@ -60,7 +60,9 @@ def test_kernel_computes_the_int8_product_of_the_gguf_blocks(kind):
     values = gguf.quants.dequantize(raw, T[kind])
     form = gguf_blocks.block_form(kind, raw, values)
     ggml = gguf_kernel.ggml_type(form)
-    assert ggml == (gguf_kernel.Q8_0 if kind == "Q8_0" else gguf_kernel.Q4_1)
+    assert ggml == {"Q8_0": gguf_kernel.Q8_0, "Q5_0": gguf_kernel.Q5_1, "Q5_1": gguf_kernel.Q5_1}.get(
+        kind, gguf_kernel.Q4_1
+    )
     weight = gguf_kernel.grouped(form, ggml)
     back = gguf_kernel.form_of(weight, ggml)
     assert np.array_equal(back.dequantize(), values)  # the layout holds the GGUF's values exactly

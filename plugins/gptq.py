@@ -1,0 +1,323 @@
+"""Quantizer: the int4 for float checkpoints (a fine-tune, a merged LoRA). Three levers, each measured on a float
+SmolLM2 against torch (docs/user-guide.md, section 2):
+
+- Error-compensating rounding (GPTQ): columns are rounded one at a time and the rounding error of each is pushed onto
+  the columns not yet rounded, through the inverse of H = E[x x^T], what flows into the MatMul on calibration text.
+  Each block of 32 gets its scale and minimum when its first column comes up, fitted to the weights as updated by
+  then, under the importance of each input channel (diag H), as llama.cpp's make_qkx2_quants with an imatrix.
+- Bits where they count: each weight is 4-bit, 5-bit (codes with a fp16 scale and minimum per 32: Q4_1 / Q5_1) or
+  8-bit (Q8_0). All start at 4 bits; the upgrade that removes the most output error (measured on the calibration
+  text, relative to the output) per byte is taken while the bytes stay within what llama.cpp's Q4_K_M takes for the
+  same model (its rules, `q4_k_m_bytes`): the same budget, spent by measurement rather than by tensor name.
+- The fp16 scale and minimum are what the fit sees, so slmops's GGUF kernel holds the blocks exactly and applies the
+  minimum and each MatMul's activation outlier channels (kept in float, as for a GGUF source) inside the kernel.
+  Without the kernel the same blocks go to MatMulNBits with a float correction: the same weights, slower."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from slmops.api import ConvertRequest, Quantizer, calibration_text, dir_size, hookimpl, runtime_fed_matmuls
+from slmops.plugins import calibration, gguf_blocks, gguf_kernel, gguf_native
+from slmops.plugins.imatrix import fit_weights, search_blocks
+
+BLOCK = 32
+BITS = (4, 5, 8)
+# Bytes per weight of each choice: codes plus a fp16 scale (and a fp16 minimum for 4 and 5 bits) per 32 weights.
+BYTES = {4: (4 * 32 + 32) / 8 / 32, 5: (5 * 32 + 32) / 8 / 32, 8: (8 * 32 + 16) / 8 / 32}
+KIND = {4: "gptq_q4", 5: "gptq_q5", 8: "q8_0"}  # the forms' names in slmops-quantization.json
+# The output layer's (and an embedding's) least bits. On the float SmolLM2 (7,432 corpus positions against torch, the
+# same byte budget): 4 (where the output error per byte put it) 0.0229 mean KLD / top-1 0.914, 5: 0.0247 / 0.917
+# with 3% fewer bytes, 8: 0.0429 / 0.891 (its 8 bits left 4 for most of the rest).
+HEAD_BITS = 5
+DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (GPTQ's default)
+LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
+# llama.cpp's bytes per weight of the types its Q4_K_M uses, and the type a K-quant falls back to when a row is not a
+# whole number of 256-weight super-blocks (llama-quant.cpp: Q4_K -> Q5_0, Q6_K -> Q8_0).
+GGML_BYTES = {"Q4_K": 144 / 256, "Q6_K": 210 / 256, "Q5_0": 22 / 32, "Q8_0": 34 / 32}
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def half(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float32)
+
+
+def block_params(x: np.ndarray, importance: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 scale and minimum [rows, blocks] for x [rows, blocks * 32], fitted under the input channels' importance."""
+    rows = x.shape[0]
+    blocks = x.reshape(rows, -1, BLOCK).astype(np.float32)
+    _, scale, low = search_blocks(blocks, fit_weights(blocks, importance), 2**bits - 1)
+    return half(scale), half(low)
+
+
+def q8_0(matrix: np.ndarray) -> gguf_blocks.BlockForm:
+    """8 bits, symmetric, a fp16 scale per 32 (llama.cpp's Q8_0, which the kernel holds)."""
+    rows, cols = matrix.shape
+    blocks = matrix.reshape(rows, -1, BLOCK).astype(np.float32)
+    scale = half(np.abs(blocks).max(-1) / 127)
+    safe = np.where(scale > 0, scale, 1)
+    codes = (np.clip(np.rint(blocks / safe[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, cols)
+    return gguf_blocks.BlockForm(KIND[8], 8, BLOCK, codes, scale, np.full(scale.shape, 128, dtype=np.uint8), None)
+
+
+def rounded(matrix: np.ndarray, importance: np.ndarray, bits: int) -> gguf_blocks.BlockForm:
+    """Plain rounding to the fitted blocks, no error compensation (the estimate `allocate` uses, and the baseline
+    the tests hold GPTQ against)."""
+    if bits == 8:
+        return q8_0(matrix)
+    scale, low = block_params(matrix, importance, bits)
+    return _form(_codes(matrix, scale, low, bits), scale, low, bits)
+
+
+def _codes(x: np.ndarray, scale: np.ndarray, low: np.ndarray, bits: int) -> np.ndarray:
+    rows = x.shape[0]
+    blocks = x.reshape(rows, -1, BLOCK) if x.ndim == 2 else x
+    safe = np.where(scale > 0, scale, 1)
+    codes = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 2**bits - 1)
+    return codes.reshape(rows, -1).astype(np.uint8)
+
+
+def _form(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, bits: int) -> gguf_blocks.BlockForm:
+    zero = np.zeros(scale.shape, dtype=np.uint8)
+    return gguf_blocks.BlockForm(KIND[bits], 4 if bits == 4 else 8, BLOCK, codes, scale, zero, low)
+
+
+def gptq(matrix: np.ndarray, hessian: np.ndarray, bits: int) -> gguf_blocks.BlockForm:
+    """matrix [rows = outputs, cols = inputs] at 4 or 5 bits, each column's rounding error compensated on the columns
+    after it (Frantar et al., GPTQ), each block's scale and minimum fitted when the block comes up."""
+    if bits == 8:
+        return q8_0(matrix)
+    w = matrix.astype(np.float64).copy()
+    rows, cols = w.shape
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0  # a channel that never carries anything: its weights do not matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    importance = np.diag(h).copy()
+    h[np.diag_indices(cols)] += DAMP * importance.mean()
+    # upper Cholesky factor of H^-1: row i holds how column i's error spreads over the columns after it
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.zeros((rows, cols), dtype=np.uint8)
+    scale = np.zeros((rows, cols // BLOCK), dtype=np.float32)
+    low = np.zeros_like(scale)
+    top = 2**bits - 1
+    for start in range(0, cols, LAZY):
+        end = min(start + LAZY, cols)
+        part, errors = w[:, start:end].copy(), np.zeros((rows, end - start))
+        for i in range(end - start):
+            col = start + i
+            b = col // BLOCK
+            if col % BLOCK == 0:
+                s, m = block_params(part[:, i : i + BLOCK], importance[col : col + BLOCK], bits)
+                scale[:, b], low[:, b] = s[:, 0], m[:, 0]
+            s, m = scale[:, b].astype(np.float64), low[:, b].astype(np.float64)
+            c = np.clip(np.rint((part[:, i] - m) / np.where(s > 0, s, 1)), 0, top)
+            codes[:, col] = c
+            error = (part[:, i] - (s * c + m)) / u[col, col]
+            part[:, i:] -= np.outer(error, u[col, start + i : end])
+            errors[:, i] = error
+        w[:, end:] -= errors @ u[start:end, end:]
+    return _form(codes, scale, low, bits)
+
+
+def output_error(matrix: np.ndarray, values: np.ndarray, hessian: np.ndarray) -> float:
+    """E|x (W - Q)^T|^2 / E|x W^T|^2 over the calibration text: the share of the output the rounding changes."""
+    e = (matrix - values).astype(np.float32)
+    w = matrix.astype(np.float32)
+    h = hessian.astype(np.float32)
+    return float(((e @ h) * e).sum(dtype=np.float64) / max(((w @ h) * w).sum(dtype=np.float64), 1e-30))
+
+
+def allocate(
+    errors: dict[str, dict[int, float]], sizes: dict[str, int], budget: float, floor: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Bits per weight name: all at their floor (4 unless floor says), then upgrades (to 5 or 8) by output error
+    removed per byte, largest first, while the bytes stay within budget. errors: name -> bits -> output_error;
+    sizes: name -> weights."""
+    bits = {name: (floor or {}).get(name, 4) for name in sizes}
+    used = sum(sizes[n] * BYTES[b] for n, b in bits.items())
+    while True:
+        best, gain = None, 0.0
+        for name, now in bits.items():
+            for to in BITS:
+                cost = sizes[name] * (BYTES[to] - BYTES[now])
+                if to <= now or used + cost > budget:
+                    continue
+                rate = (errors[name][now] - errors[name][to]) / cost
+                if rate > gain:
+                    best, gain = (name, to, cost), rate
+        if best is None:
+            return bits
+        name, to, cost = best
+        bits[name], used = to, used + cost
+
+
+def q4_k_m_bytes(name: str, rows: int, cols: int, layers: int) -> float:
+    """The bytes llama.cpp's Q4_K_M gives this weight [rows = outputs, cols = inputs] (llama-quant.cpp): Q6_K for the
+    output layer (a tied embedding is one), and for attn_v and ffn_down in the layers use_more_bits picks; Q4_K
+    otherwise; a row that is not whole super-blocks of 256 falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    layer = re.search(r"layers\.(\d+)\.", name)
+    i = int(layer.group(1)) if layer else -1
+    more_bits = i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+    kind = "Q4_K"
+    if "lm_head" in name or "embed" in name or (more_bits and ("v_proj" in name or "down_proj" in name)):
+        kind = "Q6_K"
+    if cols % 256:
+        kind = FALLBACK[kind]
+    return rows * cols * GGML_BYTES[kind]
+
+
+def keeps_more_bits(name: str) -> bool:
+    """The output layer and an embedding table (a row per vocabulary entry): their error reaches the logits
+    unmixed, which the output error of the other weights, diluted by the layers after them, does not show."""
+    return "lm_head" in name or "embed" in name
+
+
+def split_qkv(name: str, rows: int, config: dict) -> list[tuple[str, int, int]]:
+    """(part name, start row, end row) of a weight: a packed QKV as its q, k and v rows (llama.cpp quantizes them
+    apart), any other as itself."""
+    if "qkv_proj" not in name:
+        return [(name, 0, rows)]
+    q = config["num_attention_heads"] * config["head_size"]
+    kv = config["num_key_value_heads"] * config["head_size"]
+    base = name.replace("qkv_proj", "{}_proj")
+    return [(base.format("q"), 0, q), (base.format("k"), q, q + kv), (base.format("v"), q + kv, q + 2 * kv)]
+
+
+class GPTQ(Quantizer):
+    name = "gptq"
+    description = "int4 for float sources: GPTQ rounding, 4/5/8 bits by measured error within Q4_K_M's bytes"
+    precisions = ("int4",)
+    algorithms = ("gptq",)
+    cost = 6
+
+    def check(self, request: ConvertRequest) -> str | None:
+        if request.algorithm != "gptq":
+            return "quantizes by --algorithm gptq only"
+        if request.block_size != BLOCK:
+            return f"uses blocks of {BLOCK} (the kernel's)"
+        if request.adapter is not None and request.adapter_mode == "adapter":
+            return "gptq quantizes merged weights (a LoRA fed at run time stays float): use --adapter-mode merge"
+        return super().check(request)
+
+    def graph_facts(self, request: ConvertRequest) -> dict:
+        if _level(request) >= gguf_native.INTEGER_ACTIVATIONS and gguf_kernel.library():
+            return {"ops": [gguf_kernel.MATMUL]}
+        return super().graph_facts(request)
+
+    def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
+        import json
+
+        text = calibration_text(request.calibration) if request.calibration else None
+        hessians = calibration.activation_statistics(fp32_dir, text, full=True)
+        decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
+        plan = Plan(hessians, decoder)
+        matrices = weights_of(fp32_dir)
+        kernel = gguf_kernel.library() if _level(request) >= gguf_native.INTEGER_ACTIVATIONS else None
+        plan.extra = carried_bytes(fp32_dir, matrices, kernel)
+        plan.choose(matrices)
+        level = _level(request)
+        channels = {}
+        if level >= gguf_native.INTEGER_ACTIVATIONS:
+            importance = {name: np.diag(h) for name, h in hessians.items()}
+            channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
+        report = {
+            "algorithm": "gptq",
+            "float_channels": gguf_native.OUTLIER_CHANNELS if channels else 0,
+            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
+            "calibration": str(request.calibration) if request.calibration else "shipped",
+        }
+        gguf_native.write_blocks(fp32_dir, output_dir, plan.forms, level, report, channels, kernel)
+        report_path = output_dir / gguf_native.REPORT
+        written = json.loads(report_path.read_text())
+        written["bits"] = plan.chosen
+        written["budget_bytes"], written["bytes"] = round(plan.budget), round(plan.used())
+        written["floor_bytes"] = round(plan.used(plan.floor))  # the least it can take: over the budget of a tiny model
+        report_path.write_text(json.dumps(written, indent=1))
+
+
+class Plan:
+    """The bits of every weight, chosen once all weights are seen (forms_of is asked weight by weight)."""
+
+    def __init__(self, hessians: dict[str, np.ndarray], decoder: dict):
+        self.hessians, self.decoder = hessians, decoder
+        self.chosen: dict[str, int] = {}
+        self.floor: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.budget = 0.0
+        self.extra = 0.0  # what the folder carries beyond the weights, more than a GGUF file does
+
+    def choose(self, matrices: dict[str, np.ndarray]) -> None:
+        layers = self.decoder["num_hidden_layers"]
+        errors = {}
+        for name, matrix in matrices.items():
+            h = self.hessians.get(name)
+            for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
+                rows = matrix[start:end]
+                self.sizes[part] = rows.size
+                self.budget += q4_k_m_bytes(part, *rows.shape, layers)
+                if h is None:  # no measurement (an embedding of its own): as Q4_K_M keeps it
+                    errors[part] = {4: 1.0, 5: 0.5, 8: 0.0}
+                    continue
+                imp = np.diag(h)
+                errors[part] = {b: output_error(rows, rounded(rows, imp, b).dequantize(), h) for b in BITS}
+        self.floor = {n: HEAD_BITS for n in self.sizes if keeps_more_bits(n)}
+        self.budget -= self.extra
+        self.chosen = allocate(errors, self.sizes, self.budget, self.floor)
+
+    def used(self, bits: dict[str, int] | None = None) -> float:
+        """Bytes of the weights at the chosen bits (or at bits, 4 where it does not say)."""
+        return sum(self.sizes[n] * BYTES[(bits if bits is not None else self.chosen).get(n, 4)] for n in self.sizes)
+
+    def forms(self, name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
+        if matrix.shape[1] % BLOCK:
+            return []
+        h = self.hessians.get(name)
+        runs = []
+        for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
+            bits = self.chosen.get(part, 8)
+            rows = matrix[start:end]
+            runs.append((start, end, gptq(rows, h, bits) if h is not None else rounded(rows, None, bits)))
+        return runs
+
+
+def weights_of(fp32_dir: Path) -> dict[str, np.ndarray]:
+    """The weights write_blocks will ask forms for, as [rows = outputs, cols = inputs]: each MatMul's (not one an
+    adapter feeds at run time) and an embedding table of its own (a tied one shares the lm_head's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32_dir / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    skip = set(runtime_fed_matmuls(model))
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name not in skip and node.input[1] in inits:
+            out[node.input[1]] = numpy_helper.to_array(inits[node.input[1]]).T
+        elif node.op_type == "Gather" and node.input[0] in inits:
+            out[node.input[0]] = numpy_helper.to_array(inits[node.input[0]])
+    return {name: m for name, m in out.items() if m.ndim == 2 and m.shape[1] % BLOCK == 0}
+
+
+def carried_bytes(fp32_dir: Path, matrices: dict[str, np.ndarray], kernel: Path | None) -> float:
+    """Bytes the built folder holds beyond the quantized weights, less what a GGUF file holds beyond its tensors: the
+    graph, RoPE caches, norms, tokenizer files, the kernel library and the outlier channels' codes, against the
+    GGUF's metadata (its vocabulary: half of tokenizer.json's bytes on SmolLM2, 1.8 of 3.5 MB). Taken off the budget,
+    so the folder, not just its weights, stays within the size of Q4_K_M's file."""
+    weights = sum(m.size * 4 for m in matrices.values())
+    codes = sum(m.shape[0] * gguf_native.OUTLIER_CHANNELS for m in matrices.values())
+    tokenizer = fp32_dir / "tokenizer.json"
+    metadata = tokenizer.stat().st_size / 2 if tokenizer.is_file() else 0
+    return dir_size(fp32_dir) - weights + (kernel.stat().st_size + codes if kernel else 0) - metadata
+
+
+def _level(request: ConvertRequest) -> int:
+    return gguf_native.INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
+
+
+@hookimpl
+def register_quantizers(register):
+    register(GPTQ())

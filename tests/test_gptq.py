@@ -1,0 +1,164 @@
+"""gptq, the int4 of a float source: error-compensating rounding lowers the output error of plain rounding, the bits
+go where the measured error is within llama.cpp Q4_K_M's bytes, the graph holds exactly the blocks the fit chose,
+`convert --precision int4` takes it for a float source (and a GGUF's own blocks for a GGUF), and the user's own
+calibration text changes the build key and what is measured."""
+
+import json
+
+import numpy as np
+import pytest
+
+from slmops import convert, quality
+from slmops.errors import SlmopsError
+from slmops.plugins import calibration, gguf_kernel, gguf_native, gptq
+
+from .conftest import run_inprocess
+
+
+def correlated(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A heavy-tailed weight and the H = E[x x^T] of inputs with correlated channels and a few loud ones, as a
+    trained model's are (GPTQ gains from the correlation; an identity H leaves nothing to compensate)."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.laplace(0, 0.02, (rows, cols)).astype(np.float32)
+    mix = rng.standard_normal((cols, cols)) / np.sqrt(cols) + np.eye(cols)
+    x = rng.standard_normal((4 * cols, cols)) @ mix
+    x[:, rng.choice(cols, 4, replace=False)] *= 8
+    return matrix, x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_error_compensation_lowers_the_output_error_of_plain_rounding(bits):
+    matrix, h = correlated(64, 256)
+    plain = gptq.rounded(matrix, np.diag(h), bits)
+    compensated = gptq.gptq(matrix, h, bits)
+    assert compensated.codes.max() == 2**bits - 1 and compensated.codes.shape == matrix.shape
+    # fp16 scale and minimum: what the kernel holds exactly
+    assert gguf_kernel.ggml_type(compensated) == (gguf_kernel.Q4_1 if bits == 4 else gguf_kernel.Q5_1)
+    before = gptq.output_error(matrix, plain.dequantize(), h)
+    after = gptq.output_error(matrix, compensated.dequantize(), h)
+    assert after < 0.85 * before
+    # 5 bits hold about a quarter of the error of 4
+    if bits == 5:
+        assert after < 0.5 * gptq.output_error(matrix, gptq.gptq(matrix, h, 4).dequantize(), h)
+
+
+def test_importance_weighs_the_block_fit():
+    matrix, h = correlated(64, 256, seed=1)
+    weighted = gptq.rounded(matrix, np.diag(h), 4)
+    flat = gptq.rounded(matrix, np.ones(256), 4)
+    assert gptq.output_error(matrix, weighted.dequantize(), h) < gptq.output_error(matrix, flat.dequantize(), h)
+
+
+def test_allocation_spends_the_budget_where_the_error_is():
+    sizes = {"a": 1000, "b": 1000, "c": 4000}
+    errors = {
+        "a": {4: 0.10, 5: 0.03, 8: 0.001},  # loud: worth 5 bits, then 8
+        "b": {4: 0.01, 5: 0.004, 8: 0.0001},
+        "c": {4: 0.02, 5: 0.006, 8: 0.0002},
+    }
+    base = sum(n * gptq.BYTES[4] for n in sizes.values())
+    assert gptq.allocate(errors, sizes, base) == {"a": 4, "b": 4, "c": 4}
+    one_upgrade = base + 1000 * (gptq.BYTES[5] - gptq.BYTES[4])
+    assert gptq.allocate(errors, sizes, one_upgrade) == {"a": 5, "b": 4, "c": 4}
+    chosen = gptq.allocate(errors, sizes, base * 1.2)
+    used = sum(sizes[n] * gptq.BYTES[b] for n, b in chosen.items())
+    assert used <= base * 1.2 and chosen["a"] == 8
+    assert gptq.allocate(errors, sizes, base * 10) == {"a": 8, "b": 8, "c": 8}
+    # a floor is kept whatever the errors say
+    assert gptq.allocate(errors, sizes, base * 2, floor={"b": 5})["b"] >= 5
+
+
+def test_budget_is_what_llama_cpp_q4_k_m_gives_each_weight():
+    mb = lambda name, rows, cols: gptq.q4_k_m_bytes(name, rows, cols, 30) / (rows * cols)  # noqa: E731
+    assert mb("model.layers.10.mlp.down_proj.MatMul.weight", 576, 1536) == 144 / 256  # Q4_K: 1536 = 6 x 256
+    assert mb("model.layers.0.mlp.down_proj.MatMul.weight", 576, 1536) == 210 / 256  # use_more_bits: Q6_K
+    assert mb("model.layers.10.mlp.up_proj.MatMul.weight", 1536, 576) == 22 / 32  # 576 rows: Q4_K falls back to Q5_0
+    assert mb("model.layers.0.attn.v_proj.MatMul.weight", 192, 576) == 34 / 32  # Q6_K falls back to Q8_0
+    assert mb("lm_head.MatMul.weight", 49152, 2048) == 210 / 256  # the output layer: Q6_K
+    parts = gptq.split_qkv("model.layers.3.attn.qkv_proj.MatMul.weight", 960, {
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_size": 64})  # fmt: skip
+    assert [p[1:] for p in parts] == [(0, 576), (576, 768), (768, 960)] and parts[2][0].endswith("v_proj.MatMul.weight")
+
+
+def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
+    build = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "gptq"})
+    assert build.manifest["quantizer"] == "gptq" and build.verification["ok"]
+    fp32 = convert.reference(str(tiny_qwen2), {}).path
+    report = json.loads((build.path / gguf_native.REPORT).read_text())
+    # within the budget, unless even the least bits are over it (the tiny model: a 49k-row lm_head and a 3.5 MB
+    # tokenizer around 64-wide layers)
+    assert report["bytes"] <= max(report["budget_bytes"], report["floor_bytes"])
+    assert set(report["bits"].values()) <= {4, 5, 8}
+    assert report["bits"]["lm_head.MatMul.weight"] >= 5  # the output layer's floor
+    # The graph computes with exactly the blocks the fit chose: rebuilt here from the same measurements.
+    hessians = calibration.activation_statistics(fp32, full=True)
+    decoder = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]
+    plan = gptq.Plan(hessians, decoder)
+    plan.chosen = report["bits"]
+    matrices = gptq.weights_of(fp32)
+    back = gguf_native.read_back(build.path)
+    for name, matrix in matrices.items():
+        runs = plan.forms(name, matrix)
+        expected = np.concatenate([form.dequantize() for _, _, form in runs])
+        held = back[f"{name}:embedding"] if name in back_tables(back) else back[name].T
+        assert np.array_equal(held, expected), name
+    if gguf_kernel.library():  # every weight in the kernel, 4/5/8 bits, packed q/k/v of mixed bits included
+        assert build.verification["graph"]["matmul_nbits"] == {}
+    # Closer to the source than the imatrix int4 of the same source, both on float activations (the weights alone)
+    floats = {"precision": "int4", "symmetric": False, "accuracy_level": 1}
+    ours = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "gptq"})
+    imatrix = convert.convert(str(tiny_qwen2), {**floats, "algorithm": "imatrix"})
+    assert quality.compare(ours.path, fp32).mean_kld < quality.compare(imatrix.path, fp32).mean_kld
+
+
+def back_tables(back: dict) -> set[str]:
+    """The embedding tables of their own among read_back's weights."""
+    return {name.split(":")[0] for name in back if name.endswith(":embedding") and name.split(":")[0] not in back}
+
+
+def test_convert_int4_takes_the_faithful_route_for_each_source(tiny_qwen2):
+    float_route = convert.route(str(tiny_qwen2), {"precision": "int4"})
+    assert float_route["quantizer"] == "gptq" and float_route["options"]["algorithm"] == "gptq"
+    gguf_route = convert.route(None, {"precision": "int4"})  # the embedded default is a GGUF
+    assert gguf_route["quantizer"] == "gguf-native"
+    explicit = convert.route(str(tiny_qwen2), {"precision": "int4", "algorithm": "rtn"})
+    assert explicit["quantizer"] is None  # --algorithm still chooses: the builder's own RTN
+    r = run_inprocess("convert", tiny_qwen2, "--precision", "int4", "--dry-run")
+    assert r.rc == 0 and "int4 by gptq: a float source" in " ".join(r.err.split())
+
+
+def calibration_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_your_calibration_text_changes_the_key_and_the_measurement(tiny_qwen2, tmp_path):
+    text = "Invoice 4471 from Acme Ltd, due 2026-01-31, total 1,250.00 EUR. " * 60
+    mine = calibration_file(tmp_path / "mine.jsonl", [{"text": text}, {"prompt": "Total?", "expected": "1,250.00"}])
+    shipped = convert.route(str(tiny_qwen2), {"precision": "int4"})
+    ours = convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": mine})
+    assert ours["path"] != shipped["path"]  # another build
+    moved = calibration_file(tmp_path / "moved.jsonl", [{"text": text}, {"prompt": "Total?", "expected": "1,250.00"}])
+    assert convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": moved})["path"] == ours["path"]
+    fp32 = convert.reference(str(tiny_qwen2), {}).path
+    before = calibration.activation_importance(fp32)
+    after = calibration.activation_importance(fp32, quality.calibration_text(mine))
+    assert not np.allclose(before["lm_head.MatMul.weight"], after["lm_head.MatMul.weight"], rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        (None, "does not exist"),
+        ([{"text": "too short"}], "has 9 characters of text; give at least 2000"),
+        ([{"nothing": "here"}], 'each line needs "text", or "prompt" and "expected"'),
+    ],
+)
+def test_a_bad_calibration_file_gets_one_line(tiny_qwen2, tmp_path, rows, message):
+    path = tmp_path / "cal.jsonl"
+    if rows is not None:
+        calibration_file(path, rows)
+    with pytest.raises(SlmopsError, match=message):
+        convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": path})
+    r = run_inprocess("convert", tiny_qwen2, "--precision", "int4", "--calibration", path, "--dry-run")
+    assert r.rc != 0 and "Traceback" not in r.err and message in " ".join(r.err.split())
