@@ -194,7 +194,7 @@ def build_key(source_sha: str, request: ConvertRequest, converter: Converter, qu
     options = request.options()
     if request.adapter:
         options["adapter"] = content_hash(request.adapter)
-    if request.calibration:  # the text, not where it lies: the same file elsewhere makes the same build
+    if request.calibration:  # the file, not where it lies: the same file in another folder makes the same build
         options["calibration"] = content_hash(request.calibration)
     blob = json.dumps(
         {
