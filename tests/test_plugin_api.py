@@ -107,15 +107,18 @@ def test_every_module_imports_and_help_runs_on(platform, tmp_path):
 
 
 def test_quantizer_is_chosen_by_name_and_dry_run_shows_the_route(cli, tiny_llama):
-    r = cli("convert", str(tiny_llama), "--precision", "int4", "--quantizer", "matmul-nbits", "--dry-run", "--json")
+    rtn = ("--precision", "int4", "--algorithm", "rtn")  # int4's default for a float source is gptq, a quantizer too
+    r = cli("convert", str(tiny_llama), *rtn, "--quantizer", "matmul-nbits", "--dry-run", "--json")
     assert r.rc == 0, r
     plan = r.json()
     assert (plan["converter"], plan["quantizer"]) == ("model-builder", "matmul-nbits")
     assert plan["route"] == "model-builder (fp32) + matmul-nbits" and plan["cached"] is False
     assert any(why.startswith("model-builder: builds int4 itself, but --quantizer") for why in plan["rejected"])
     assert not Path(plan["path"]).exists()  # nothing was built
-    plan = cli("convert", str(tiny_llama), "--precision", "int4", "--dry-run", "--json").json()
+    plan = cli("convert", str(tiny_llama), *rtn, "--dry-run", "--json").json()
     assert plan["route"] == "model-builder" and "olive (cost 50)" in plan["alternatives"]
+    plan = cli("convert", str(tiny_llama), "--precision", "int4", "--dry-run", "--json").json()
+    assert plan["route"] == "model-builder (fp32) + gptq"
     r = cli("convert", str(tiny_llama), "--precision", "int4", "--quantizer", "nope", "--dry-run")
     assert r.rc == 1 and "no quantizer named 'nope'; installed: matmul-nbits, gguf-native, imatrix" in r.err
 
