@@ -210,7 +210,7 @@ class GGUFNative(Quantizer):
 
     def graph_facts(self, request: ConvertRequest) -> dict:
         """MatMulGGML where the GGUF kernel takes the GGUF's types on this machine, else MatMulNBits."""
-        if _level(request) >= INTEGER_ACTIVATIONS and gguf_kernel.library() and gguf_kernel.takes(request.gguf):
+        if accuracy_level(request) >= INTEGER_ACTIVATIONS and gguf_kernel.library() and gguf_kernel.takes(request.gguf):
             return {"ops": [gguf_kernel.MATMUL]}
         return super().graph_facts(request)
 
@@ -220,7 +220,7 @@ class GGUFNative(Quantizer):
         # each MatMul's activation outliers kept in float: an outlier sets its block's int8 scale and flattens the
         # rest. On SmolLM2 (4,091 corpus positions against the source) that took mean KLD from 0.012 to 0.0027 and
         # decoded 2.5x faster than float compute (level 1, exact: KLD 0.0000) on an AVX2 CPU; docs/user-guide.md.
-        level = _level(request)
+        level = accuracy_level(request)
         channels = {}
         if level >= INTEGER_ACTIVATIONS:
             text = calibration_text(request.calibration) if request.calibration else None
@@ -238,7 +238,8 @@ class GGUFNative(Quantizer):
         write_blocks(fp32_dir, output_dir, forms_of, level, report, channels, kernel)
 
 
-def _level(request: ConvertRequest) -> int:
+def accuracy_level(request: ConvertRequest) -> int:
+    """The MatMulNBits accuracy level a request builds at: integer compute (4) unless it asks."""
     return INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
 
 

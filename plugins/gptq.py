@@ -15,6 +15,7 @@ SmolLM2 against torch (docs/user-guide.md, section 2):
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -204,22 +205,20 @@ class GPTQ(Quantizer):
         return super().check(request)
 
     def graph_facts(self, request: ConvertRequest) -> dict:
-        if _level(request) >= gguf_native.INTEGER_ACTIVATIONS and gguf_kernel.library():
+        if gguf_native.accuracy_level(request) >= gguf_native.INTEGER_ACTIVATIONS and gguf_kernel.library():
             return {"ops": [gguf_kernel.MATMUL]}
         return super().graph_facts(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
-        import json
-
         text = calibration_text(request.calibration) if request.calibration else None
         hessians = calibration.activation_statistics(fp32_dir, text, full=True)
         decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
         plan = Plan(hessians, decoder)
         matrices = weights_of(fp32_dir)
-        kernel = gguf_kernel.library() if _level(request) >= gguf_native.INTEGER_ACTIVATIONS else None
+        level = gguf_native.accuracy_level(request)
+        kernel = gguf_kernel.library() if level >= gguf_native.INTEGER_ACTIVATIONS else None
         plan.extra = carried_bytes(fp32_dir, matrices, kernel)
         plan.choose(matrices)
-        level = _level(request)
         channels = {}
         if level >= gguf_native.INTEGER_ACTIVATIONS:
             importance = {name: np.diag(h) for name, h in hessians.items()}
@@ -229,14 +228,12 @@ class GPTQ(Quantizer):
             "float_channels": gguf_native.OUTLIER_CHANNELS if channels else 0,
             "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
             "calibration": str(request.calibration) if request.calibration else "shipped",
+            "bits": plan.chosen,
+            "budget_bytes": round(plan.budget),
+            "bytes": round(plan.used()),
+            "floor_bytes": round(plan.used(plan.floor)),  # the least it can take: over the budget of a tiny model
         }
         gguf_native.write_blocks(fp32_dir, output_dir, plan.forms, level, report, channels, kernel)
-        report_path = output_dir / gguf_native.REPORT
-        written = json.loads(report_path.read_text())
-        written["bits"] = plan.chosen
-        written["budget_bytes"], written["bytes"] = round(plan.budget), round(plan.used())
-        written["floor_bytes"] = round(plan.used(plan.floor))  # the least it can take: over the budget of a tiny model
-        report_path.write_text(json.dumps(written, indent=1))
 
 
 class Plan:
@@ -312,10 +309,6 @@ def carried_bytes(fp32_dir: Path, matrices: dict[str, np.ndarray], kernel: Path 
     tokenizer = fp32_dir / "tokenizer.json"
     metadata = tokenizer.stat().st_size / 2 if tokenizer.is_file() else 0
     return dir_size(fp32_dir) - weights + (kernel.stat().st_size + codes if kernel else 0) - metadata
-
-
-def _level(request: ConvertRequest) -> int:
-    return gguf_native.INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
 
 
 @hookimpl

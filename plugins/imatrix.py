@@ -19,7 +19,6 @@ import numpy as np
 from slmops.api import ConvertRequest, Quantizer, calibration_text, hookimpl
 from slmops.plugins import gguf_blocks, gguf_native
 from slmops.plugins.calibration import activation_importance
-from slmops.plugins.gguf_native import INTEGER_ACTIVATIONS
 
 KIND = "q4_imatrix"  # the form's name in slmops-quantization.json
 CODES = 15  # 4-bit codes 0..15
@@ -127,7 +126,7 @@ class Imatrix(Quantizer):
         # Integer compute (level 4) unless asked: measured on a float SmolLM2 (benchmarks/bench_hf_int4.py), int8
         # activations took mean KLD from 0.063 to 0.078 and decode from 42 to 66 tok/s; the weights are approximate
         # anyway, and --accuracy-level 1 keeps float activations.
-        level = INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
+        level = gguf_native.accuracy_level(request)
         gguf_native.write_blocks(fp32_dir, output_dir, forms_of, level, {"algorithm": "imatrix"})
 
 

@@ -80,7 +80,7 @@ def test_imatrix_build_holds_the_searched_blocks_and_beats_rtn(tiny_qwen2):
             continue
         expected = imatrix.quantize_matrix(np.ascontiguousarray(source[name].T), 32, importance[name]).dequantize()
         assert np.array_equal(values, expected.T), name  # the graph computes with exactly the searched blocks
-    assert build.verification["graph"]["accuracy_levels"] == [imatrix.INTEGER_ACTIVATIONS]
+    assert build.verification["graph"]["accuracy_levels"] == [gguf_native.INTEGER_ACTIVATIONS]
     # two layers of q/k/v, o, gate and up packed as one, down; the lm_head at 8 bits
     assert build.verification["graph"]["matmul_nbits"] == {"4": 8, "8": 1}
     rtn = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "rtn_last", "symmetric": False})
