@@ -37,7 +37,7 @@ from .fsutil import (
     write_json_atomic,
 )
 from .hookspecs import hookimpl
-from .isolate import die_with_parent
+from .isolate import die_with_parent, in_child
 from .machine import REQUIRES
 from .quality import calibration_text
 from .roles import (
@@ -57,6 +57,7 @@ from .roles import (
 from .runtime import Session
 
 __all__ = [
+    "in_child",
     "BENCH_RESULT_KEYS",
     "BLOCK_SIZES",
     "CHAT_DEFAULTS",

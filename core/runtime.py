@@ -53,16 +53,21 @@ def text_prefix(model_dir: Path) -> list[int]:
 
 
 class Session:
-    """A loaded model. adapter: the adapter to switch on (None: the folder's only one, "none": the base)."""
+    """A loaded model. adapter: the adapter to switch on (None: the folder's only one, "none": the base); threads:
+    ONNX Runtime's intra-op threads, where not as the folder says."""
 
-    def __init__(self, model_dir: Path, adapter: str | None = None):
+    def __init__(self, model_dir: Path, adapter: str | None = None, threads: int | None = None):
         import onnxruntime_genai as og
 
         self.og = og
         self.model_dir = Path(model_dir)
         start = time.perf_counter()
         try:
-            self.model = og.Model(str(self.model_dir))
+            config = og.Config(str(self.model_dir))
+            if threads is not None:
+                options = {"intra_op_num_threads": threads}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+            self.model = og.Model(config)
         except Exception as e:  # the runtime's own message, e.g. a genai_config.json it cannot parse
             raise SlmopsError(
                 f"ONNX Runtime GenAI cannot load {self.model_dir}: {' '.join(str(e).split())[:300]}; "

@@ -79,7 +79,15 @@ def bench(result: dict[str, Any]) -> None:
     if b.sweep:
         output.table(
             b.sweep,
-            ["prompt_tokens", "ttft_ms_p50", "prefill_tok_s", "decode_tok_s", "latency_ms_p50", "latency_ms_p95"],
+            [
+                "prompt_tokens",
+                "ttft_ms_p50",
+                "prefill_tok_s",
+                "decode_tok_s",
+                "decode_cpu_ms_per_token",
+                "latency_ms_p50",
+                "latency_ms_p95",
+            ],
             title="input-length sweep",
         )
     if result.get("edge_cases"):

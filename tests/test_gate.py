@@ -15,6 +15,12 @@ REPORTS = {
     "leaky": {**STEADY, "rss_growth_mb": 400.0},
     "uneven": {**STEADY, "sweep": [{"decode_tok_s": 90.0}, {"decode_tok_s": 30.0}]},
     "no-memory": {k: v for k, v in STEADY.items() if k != "rss_growth_mb"},
+    # the CPU time a decoded token costs is what the gate judges where a benchmarker reports it
+    "costly-at-length": {**STEADY, "sweep": [{"decode_tok_s": 50.0, "decode_cpu_ms_per_token": c} for c in (10, 30)]},
+    "loaded": {
+        **STEADY,
+        "sweep": [{"decode_tok_s": s, "decode_cpu_ms_per_token": 10.0 + s / 100} for s in (90.0, 3.0, 20.0)],
+    },
 }
 
 
@@ -61,6 +67,8 @@ def failed(validation) -> list[str]:
         ("leaky", ["no memory leak over the soak"]),
         ("uneven", ["consistent speed across input lengths"]),
         ("no-memory", ["no memory leak over the soak"]),
+        ("costly-at-length", ["consistent speed across input lengths"]),
+        ("loaded", []),
     ],
 )
 def test_the_leak_and_speed_checks_fail(reporting_benchmarkers, measured, tiny_llama_int4, benchmarker, fails):
