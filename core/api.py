@@ -24,6 +24,7 @@ from typing import Any
 
 from .adapters import runtime_fed_matmuls
 from .config import Config, home, load_config
+from .cpus import available_memory
 from .errors import SlmopsError
 from .fsutil import (
     clean_stale,
@@ -57,6 +58,7 @@ from .roles import (
 from .runtime import Session
 
 __all__ = [
+    "available_memory",
     "in_child",
     "BENCH_RESULT_KEYS",
     "BLOCK_SIZES",

@@ -1,5 +1,6 @@
 """How many CPUs this process may use: its CPU affinity and its cgroup's CPU quota, whichever is smaller. Every
-thread setting slmops honours is checked against it, so no value makes slmops run more compute threads than that."""
+thread setting slmops honours is checked against it, so no value makes slmops run more compute threads than that.
+And how much memory it may still take (the machine's available memory, capped by its cgroup's limit)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def check_thread_settings() -> None:
             f"{KERNEL_THREADS_ENV}={value!r} is not a thread count this process may use: give 1 to {limit} "
             f"(the CPUs its affinity and CPU quota allow), or unset it to use them all"
         )
+
+
+def available_memory(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes this process may still take: the machine's available memory, capped by what its cgroup's limit leaves
+    (cgroup v2 memory.max - memory.current)."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int((root / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, free)

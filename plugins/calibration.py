@@ -6,6 +6,7 @@ activation outliers it keeps in float."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 
@@ -38,18 +39,34 @@ def activation_importance(fp32_dir: Path, text: str | None = None) -> dict[str, 
     return activation_statistics(fp32_dir, text, full=False)
 
 
-def activation_statistics(fp32_dir: Path, text: str | None = None, full: bool = False) -> dict[str, np.ndarray]:
+def matmul_inputs(fp32_dir: Path) -> dict[str, str]:
+    """Weight initializer name -> the name of what flows into its MatMul, in graph order (q, k and v share one)."""
+    import onnx
+
+    return _weight_inputs(onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False))
+
+
+def _weight_inputs(model) -> dict[str, str]:
+    inits = {i.name for i in model.graph.initializer}
+    return {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+def activation_statistics(
+    fp32_dir: Path, text: str | None = None, full: bool = False, weights: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
     """Weight initializer name -> the mean of x x^T over the calibration text (the shipped one, or text), x what
-    flows into its MatMul: [K, K] (full; GPTQ's Hessian) or its diagonal [K] (the mean square of each input
-    channel). From the fp32 graph run by ONNX Runtime with the MatMul inputs as extra outputs (an empty KV cache).
-    The weights are read once, by ONNX Runtime from the build's own data file (the graph alone is rewritten in
-    memory)."""
+    flows into its MatMul: [K, K] float32 (full; GPTQ's Hessian, one array shared by the weights of one input) or
+    its diagonal [K] (the mean square of each input channel). weights: only these (full H of a wide model's every
+    MatMul does not fit in memory at once: gptq measures them in groups). From the fp32 graph run by ONNX Runtime
+    with the MatMul inputs as extra outputs (an empty KV cache). The weights are read once, by ONNX Runtime from the
+    build's own data file (the graph alone is rewritten in memory)."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    weight_of = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    weight_of = _weight_inputs(model)
+    if weights is not None:
+        weight_of = {w: x for w, x in weight_of.items() if w in set(weights)}
     listened = sorted(set(weight_of.values()) - {o.name for o in model.graph.output})
     model.graph.output.extend(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in listened
@@ -83,9 +100,16 @@ def activation_statistics(fp32_dir: Path, text: str | None = None, full: bool = 
         run = {**feeds, "input_ids": ids, "attention_mask": np.ones_like(ids)}
         outs = session.run(listened, {k: v for k, v in run.items() if k in names})
         for name, value in zip(listened, outs, strict=True):
-            x = value.astype(np.float64).reshape(-1, value.shape[-1])
-            sums[name] = sums.get(name, 0) + (x.T @ x if full else (x * x).sum(0))
-    return {w: sums[x] / len(tokens) for w, x in weight_of.items() if x in sums}
+            x = value.reshape(-1, value.shape[-1])
+            # float32 products of a window, summed over a few windows (GPTQ damps H's diagonal by 1% anyway)
+            part = x.T @ x if full else (x.astype(np.float64) ** 2).sum(0)
+            if name in sums:
+                sums[name] += part
+            else:
+                sums[name] = part
+    for total in sums.values():
+        total /= len(tokens)
+    return {w: sums[x] for w, x in weight_of.items() if x in sums}
 
 
 def outlier_channels(importance: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:

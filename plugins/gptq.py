@@ -21,7 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops.api import ConvertRequest, Quantizer, calibration_text, dir_size, hookimpl, runtime_fed_matmuls
+from slmops.api import (
+    ConvertRequest,
+    Quantizer,
+    available_memory,
+    calibration_text,
+    dir_size,
+    hookimpl,
+    runtime_fed_matmuls,
+)
 from slmops.plugins import calibration, gguf_blocks, gguf_kernel, gguf_native
 from slmops.plugins.imatrix import fit_weights, search_blocks
 
@@ -35,6 +43,7 @@ KIND = {4: "gptq_q4", 5: "gptq_q5", 8: "q8_0"}  # the forms' names in slmops-qua
 # with 3% fewer bytes, 8: 0.0429 / 0.891 (its 8 bits left 4 for most of the rest).
 HEAD_BITS = 5
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (GPTQ's default)
+STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
 # llama.cpp's bytes per weight of the types its Q4_K_M uses, and the type a K-quant falls back to when a row is not a
 # whole number of 256-weight super-blocks (llama-quant.cpp: Q4_K -> Q5_0, Q6_K -> Q8_0).
@@ -211,17 +220,36 @@ class GPTQ(Quantizer):
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         text = calibration_text(request.calibration) if request.calibration else None
-        hessians = calibration.activation_statistics(fp32_dir, text, full=True)
         decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
-        plan = Plan(hessians, decoder)
         matrices = weights_of(fp32_dir)
+        inputs = {w: x for w, x in calibration.matmul_inputs(fp32_dir).items() if w in matrices}
+        groups = hessian_groups(inputs, {w: matrices[w].shape[1] for w in inputs}, statistics_budget(fp32_dir))
+
+        def hessians_of(group: list[str]) -> dict[str, np.ndarray]:
+            return calibration.activation_statistics(fp32_dir, text, full=True, weights=group)
+
         level = gguf_native.accuracy_level(request)
         kernel = gguf_kernel.library() if level >= gguf_native.INTEGER_ACTIVATIONS else None
-        plan.extra = carried_bytes(fp32_dir, matrices, kernel)
-        plan.choose(matrices)
+        plan = Plan(decoder, extra=carried_bytes(fp32_dir, matrices, kernel))
+        # Measure every weight's output error at each bits (its group's H in memory), choose the bits under the
+        # budget, then round each at its bits: H kept where all of it fits in one group, measured again otherwise.
+        kept, importance = {}, {}
+        for group in groups:
+            hessians = hessians_of(group)
+            for name in group:
+                plan.measure(name, matrices[name], hessians[name])
+                importance[name] = np.diag(hessians[name]).copy()
+            kept = hessians if len(groups) == 1 else {}
+        for name in matrices.keys() - inputs.keys():  # an embedding table of its own: no input to measure
+            plan.measure(name, matrices[name], None)
+        plan.choose()
+        forms = {name: plan.forms(name, matrices[name], None) for name in matrices.keys() - inputs.keys()}
+        for group in groups:
+            hessians = kept or hessians_of(group)
+            forms.update({name: plan.forms(name, matrices[name], hessians[name]) for name in group})
+        del kept
         channels = {}
         if level >= gguf_native.INTEGER_ACTIVATIONS:
-            importance = {name: np.diag(h) for name, h in hessians.items()}
             channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
         report = {
             "algorithm": "gptq",
@@ -232,70 +260,112 @@ class GPTQ(Quantizer):
             "budget_bytes": round(plan.budget),
             "bytes": round(plan.used()),
             "floor_bytes": round(plan.used(plan.floor)),  # the least it can take: over the budget of a tiny model
+            "statistics_groups": len(groups),
         }
-        gguf_native.write_blocks(fp32_dir, output_dir, plan.forms, level, report, channels, kernel)
+        gguf_native.write_blocks(
+            fp32_dir, output_dir, lambda name, matrix: forms.get(name, []), level, report, channels, kernel
+        )
+
+
+def statistics_budget(fp32_dir: Path) -> float:
+    """Bytes the H matrices held at once may take: half of what this process may still use once ONNX Runtime holds
+    the fp32 weights to measure them (Qwen2.5-1.5B's every H is 9.2 GB in float32 and its weights 6 GB;
+    SmolLM2-135M's 0.4 GB and 0.5 GB: one group)."""
+    weights = sum(f.stat().st_size for f in fp32_dir.glob("*.onnx*"))
+    return max(0, available_memory() - weights) * STATISTICS_SHARE
+
+
+def hessian_groups(inputs: dict[str, str], widths: dict[str, int], budget: float) -> list[list[str]]:
+    """The weights (name -> its input's name, in graph order) in groups whose H (one K x K float32 per input) fit
+    in budget bytes together; one group where all do. A single H over the budget makes a group of its own."""
+    groups: list[list[str]] = []
+    group: list[str] = []
+    seen: set[str] = set()
+    used = 0
+    for name, x in inputs.items():
+        cost = 0 if x in seen else 4 * widths[name] ** 2
+        if group and cost and used + cost > budget:
+            groups.append(group)
+            group, seen, used = [], set(), 0
+            cost = 4 * widths[name] ** 2
+        group.append(name)
+        seen.add(x)
+        used += cost
+    return groups + [group] if group else groups
 
 
 class Plan:
-    """The bits of every weight, chosen once all weights are seen (forms_of is asked weight by weight)."""
+    """The bits of every weight: each weight's output error measured at every bits, then the bits chosen once all
+    are measured (allocate), then its blocks rounded at those bits (forms)."""
 
-    def __init__(self, hessians: dict[str, np.ndarray], decoder: dict):
-        self.hessians, self.decoder = hessians, decoder
+    def __init__(self, decoder: dict, extra: float = 0.0):
+        self.decoder = decoder
+        self.extra = extra  # what the folder carries beyond the weights, more than a GGUF file does
+        self.errors: dict[str, dict[int, float]] = {}
         self.chosen: dict[str, int] = {}
         self.floor: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
         self.budget = 0.0
-        self.extra = 0.0  # what the folder carries beyond the weights, more than a GGUF file does
 
-    def choose(self, matrices: dict[str, np.ndarray]) -> None:
+    def measure(self, name: str, matrix: np.ndarray, h: np.ndarray | None) -> None:
+        """The output error of each part of the weight (q, k, v of a packed one) at 4, 5 and 8 bits, and its bytes
+        in llama.cpp's Q4_K_M."""
         layers = self.decoder["num_hidden_layers"]
-        errors = {}
-        for name, matrix in matrices.items():
-            h = self.hessians.get(name)
-            for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
-                rows = matrix[start:end]
-                self.sizes[part] = rows.size
-                self.budget += q4_k_m_bytes(part, *rows.shape, layers)
-                if h is None:  # no measurement (an embedding of its own): as Q4_K_M keeps it
-                    errors[part] = {4: 1.0, 5: 0.5, 8: 0.0}
-                    continue
-                imp = np.diag(h)
-                errors[part] = {b: output_error(rows, rounded(rows, imp, b).dequantize(), h) for b in BITS}
+        for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
+            rows = np.ascontiguousarray(matrix[start:end], dtype=np.float32)
+            self.sizes[part] = rows.size
+            self.budget += q4_k_m_bytes(part, *rows.shape, layers)
+            if h is None:  # no measurement (an embedding of its own): as Q4_K_M keeps it
+                self.errors[part] = {4: 1.0, 5: 0.5, 8: 0.0}
+                continue
+            imp = np.diag(h)
+            self.errors[part] = {b: output_error(rows, rounded(rows, imp, b).dequantize(), h) for b in BITS}
+
+    def choose(self) -> None:
         self.floor = {n: HEAD_BITS for n in self.sizes if keeps_more_bits(n)}
-        self.budget -= self.extra
-        self.chosen = allocate(errors, self.sizes, self.budget, self.floor)
+        self.chosen = allocate(self.errors, self.sizes, self.budget - self.extra, self.floor)
 
     def used(self, bits: dict[str, int] | None = None) -> float:
         """Bytes of the weights at the chosen bits (or at bits, 4 where it does not say)."""
         return sum(self.sizes[n] * BYTES[(bits if bits is not None else self.chosen).get(n, 4)] for n in self.sizes)
 
-    def forms(self, name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
-        if matrix.shape[1] % BLOCK:
-            return []
-        h = self.hessians.get(name)
+    def forms(
+        self, name: str, matrix: np.ndarray, h: np.ndarray | None
+    ) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
         runs = []
         for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
+            rows = np.ascontiguousarray(matrix[start:end], dtype=np.float32)
             bits = self.chosen.get(part, 8)
-            rows = matrix[start:end]
             runs.append((start, end, gptq(rows, h, bits) if h is not None else rounded(rows, None, bits)))
         return runs
 
 
 def weights_of(fp32_dir: Path) -> dict[str, np.ndarray]:
     """The weights write_blocks will ask forms for, as [rows = outputs, cols = inputs]: each MatMul's (not one an
-    adapter feeds at run time) and an embedding table of its own (a tied one shares the lm_head's)."""
+    adapter feeds at run time) and an embedding table of its own (a tied one shares the lm_head's). Mapped from the
+    build's data file, not read: a 1.5B model's weights are 6 GB in float32."""
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    model = onnx.load(str(fp32_dir / "model.onnx"))
+    model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     skip = set(runtime_fed_matmuls(model))
+
+    def array(tensor) -> np.ndarray:
+        if not uses_external_data(tensor):
+            return numpy_helper.to_array(tensor)
+        info = ExternalDataInfo(tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        shape = tuple(tensor.dims)
+        return np.memmap(fp32_dir / info.location, dtype=dtype, mode="r", offset=info.offset or 0, shape=shape)
+
     out = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.name not in skip and node.input[1] in inits:
-            out[node.input[1]] = numpy_helper.to_array(inits[node.input[1]]).T
+            out[node.input[1]] = array(inits[node.input[1]]).T
         elif node.op_type == "Gather" and node.input[0] in inits:
-            out[node.input[0]] = numpy_helper.to_array(inits[node.input[0]])
+            out[node.input[0]] = array(inits[node.input[0]])
     return {name: m for name, m in out.items() if m.ndim == 2 and m.shape[1] % BLOCK == 0}
 
 

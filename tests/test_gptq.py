@@ -93,12 +93,12 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
     # The graph computes with exactly the blocks the fit chose: rebuilt here from the same measurements.
     hessians = calibration.activation_statistics(fp32, full=True)
     decoder = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]
-    plan = gptq.Plan(hessians, decoder)
+    plan = gptq.Plan(decoder)
     plan.chosen = report["bits"]
     matrices = gptq.weights_of(fp32)
     back = gguf_native.read_back(build.path)
     for name, matrix in matrices.items():
-        runs = plan.forms(name, matrix)
+        runs = plan.forms(name, matrix, hessians.get(name))
         expected = np.concatenate([form.dequantize() for _, _, form in runs])
         held = back[f"{name}:embedding"] if name in back_tables(back) else back[name].T
         assert np.array_equal(held, expected), name
@@ -167,3 +167,28 @@ def test_a_bad_calibration_file_gets_one_line(tiny_qwen2, tmp_path, rows, messag
         convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": path})
     r = run_inprocess("convert", tiny_qwen2, "--precision", "int4", "--calibration", path, "--dry-run")
     assert r.rc != 0 and "Traceback" not in r.err and message in " ".join(r.err.split())
+
+
+def test_h_matrices_are_grouped_within_the_memory_budget():
+    # q, k and v read one input (one H), o another; down is twice as wide: 4 bytes * K^2 each
+    inputs = {"q": "x1", "k": "x1", "v": "x1", "o": "x2", "down": "x3"}
+    widths = {"q": 4, "k": 4, "v": 4, "o": 4, "down": 8}
+    assert gptq.hessian_groups(inputs, widths, 1e9) == [list(inputs)]
+    assert gptq.hessian_groups(inputs, widths, 2 * 4 * 16) == [["q", "k", "v", "o"], ["down"]]  # down alone is over
+    assert gptq.hessian_groups(inputs, widths, 0) == [["q", "k", "v"], ["o"], ["down"]]
+
+
+def test_a_model_whose_h_does_not_fit_is_measured_in_groups_to_the_same_blocks(tiny_qwen2, tmp_path, monkeypatch):
+    from slmops.roles import ConvertRequest
+
+    fp32 = convert.reference(str(tiny_qwen2), {}).path
+    request = ConvertRequest(source_dir=tiny_qwen2, precision="int4", algorithm="gptq", symmetric=False)
+    whole, grouped = tmp_path / "whole", tmp_path / "grouped"
+    whole.mkdir(), grouped.mkdir()
+    gptq.GPTQ().quantize(fp32, whole, request)
+    monkeypatch.setattr(gptq, "STATISTICS_SHARE", 0.0)  # no memory to spare: each input's H on its own
+    gptq.GPTQ().quantize(fp32, grouped, request)
+    reports = [json.loads((d / gguf_native.REPORT).read_text()) for d in (whole, grouped)]
+    assert reports[0]["statistics_groups"] == 1 and reports[1]["statistics_groups"] > 3
+    assert reports[0]["bits"] == reports[1]["bits"]
+    assert (whole / "model.onnx.data").read_bytes() == (grouped / "model.onnx.data").read_bytes()
