@@ -124,10 +124,6 @@ def check_options(request: ConvertRequest) -> None:
         raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or adapter")
 
 
-def keeps_adapter(request: ConvertRequest) -> bool:
-    return request.adapter is not None and request.adapter_mode == "adapter"
-
-
 @dataclasses.dataclass
 class Route:
     """How a request gets built: a converter, then a quantizer if the converter does not build the precision."""
@@ -160,7 +156,7 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
         why = provided.safely(c, "check", request, architecture, fallback=broken)
         if not why and quantizer != "auto":
             why = f"builds {request.precision} itself, but --quantizer {quantizer} was asked for"
-        if not why and keeps_adapter(request) and request.precision != "fp32":
+        if not why and request.keeps_adapter and request.precision != "fp32":
             # a converter quantizing by itself would quantize the LoRA branches too, and they could not be swapped
             why = "keeps a LoRA as an adapter file only in an fp32 build (quantized afterwards around the adapter)"
         (reasons.append(f"{c.name}: {why}") if why else routes.append(Route(c, None, c.cost)))
@@ -388,7 +384,7 @@ def resolve_algorithm(request: ConvertRequest) -> tuple[ConvertRequest, str | No
         algorithm, why = "gguf", "the GGUF's own blocks, exact, where it has them"
     elif request.block_size != 32:
         algorithm, why = "rtn", f"block size {request.block_size}: gptq quantizes in blocks of 32, so the builder's RTN"
-    elif keeps_adapter(request):
+    elif request.keeps_adapter:
         algorithm, why = "rtn", "a LoRA kept as an adapter file: RTN around it"
     else:
         algorithm = "gptq"
@@ -468,7 +464,7 @@ def _build(
             if request.precision in ("int4", "int8")
             else ""
         )
-        adapter = adapters.adapter_name(request.adapter) if keeps_adapter(request) else None
+        adapter = adapters.adapter_name(request.adapter) if request.keeps_adapter else None
         # Each step writes into a fresh folder: the last one writes straight into the staging folder.
         model_dir = out if quantizer is None and not adapter else work_dir / "converted"
         model_dir.mkdir(exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SlmopsError
+from .fsutil import read_text_limited
 from .results import Quality
 
 CHUNK = 512
@@ -36,10 +37,10 @@ def load_set(path: Path | None = None, shipped: bool = False) -> list[dict[str, 
     """A JSONL set: {"text": ...} rows (scored by perplexity) and {"prompt", "expected"} rows (answer check).
     Without a path: $SLMOPS_QUALITY_SET if set, else (and always with shipped) the shipped corpus."""
     path = None if shipped else (path or os.environ.get(SET_ENV) or None)
-    try:
-        raw = Path(path).read_text(encoding="utf-8") if path else resources.files("slmops").joinpath(CORPUS).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SlmopsError(f"cannot read the quality set {path}: {e}") from None
+    if path:
+        raw = read_text_limited(Path(path), "JSONL set")  # a regular file of at most 64 MB, or one line why not
+    else:
+        raw = resources.files("slmops").joinpath(CORPUS).read_text()
     rows = []
     for number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -62,8 +63,6 @@ MIN_CALIBRATION_CHARS = 2000  # about 500 tokens: less says too little about wha
 def calibration_text(path: Path) -> str:
     """A user's calibration file (the JSONL of load_set: "text" rows, or "prompt" and "expected") as one text, each
     row a paragraph; too little text is refused with a one-line error."""
-    if not Path(path).is_file():
-        raise SlmopsError(f"the calibration file {path} does not exist; give a JSONL file of text rows")
     rows = load_set(Path(path))
     text = "\n\n".join(
         str(r["text"]) if "text" in r else f"{r['prompt']}\n{r['expected']}"

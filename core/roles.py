@@ -34,6 +34,11 @@ class ConvertRequest:
     gguf: Path | None = None  # the GGUF file when the source is one (source_dir is then its dequantized checkpoint)
     calibration: Path | None = None  # a JSONL file of the user's own text for the data-aware quantizers
 
+    @property
+    def keeps_adapter(self) -> bool:
+        """A LoRA adapter kept apart from the base weights (fed at run time), not merged into them."""
+        return self.adapter is not None and self.adapter_mode == "adapter"
+
     def options(self) -> dict[str, Any]:
         """The options as plain JSON values, without the source paths (the source's hash is in the cache key)."""
         d = dataclasses.asdict(self)

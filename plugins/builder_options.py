@@ -31,7 +31,7 @@ def builder_options(request: ConvertRequest) -> dict[str, Any]:
         algo = INT4_ALGORITHMS[request.algorithm]
         if algo:
             options["int4_algo_config"] = algo
-    if request.adapter is not None and request.adapter_mode == "adapter":
+    if request.keeps_adapter:
         options["adapter_path"] = str(request.adapter)  # LoRA branches kept apart from the base weights
     return options
 

@@ -209,7 +209,7 @@ class GPTQ(Quantizer):
             return "quantizes by --algorithm gptq only"
         if request.block_size != BLOCK:
             return f"uses blocks of {BLOCK} (the kernel's)"
-        if request.adapter is not None and request.adapter_mode == "adapter":
+        if request.keeps_adapter:
             return "gptq quantizes merged weights (a LoRA fed at run time stays float): use --adapter-mode merge"
         return super().check(request)
 

@@ -107,7 +107,7 @@ class Imatrix(Quantizer):
             return "quantizes by --algorithm imatrix only"
         if request.symmetric:
             return "imatrix fits a float minimum per block: add --asymmetric"
-        if request.adapter is not None and request.adapter_mode == "adapter":
+        if request.keeps_adapter:
             return "imatrix quantizes merged weights (a LoRA fed at run time stays float): use --adapter-mode merge"
         return super().check(request)
 

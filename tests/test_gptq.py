@@ -154,14 +154,17 @@ def test_your_calibration_text_changes_the_key_and_the_measurement(tiny_qwen2, t
 @pytest.mark.parametrize(
     "rows,message",
     [
-        (None, "does not exist"),
+        (None, "cannot read JSONL set"),  # no such file
+        ("folder", "is not a regular file"),
         ([{"text": "too short"}], "has 9 characters of text; give at least 2000"),
         ([{"nothing": "here"}], 'each line needs "text", or "prompt" and "expected"'),
     ],
 )
 def test_a_bad_calibration_file_gets_one_line(tiny_qwen2, tmp_path, rows, message):
     path = tmp_path / "cal.jsonl"
-    if rows is not None:
+    if rows == "folder":
+        path.mkdir()
+    elif rows is not None:
         calibration_file(path, rows)
     with pytest.raises(SlmopsError, match=message):
         convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": path})
