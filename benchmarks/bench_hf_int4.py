@@ -36,7 +36,8 @@ BUILDS = [
     ("int4 rtn_last asym (builder)", {"precision": "int4", "algorithm": "rtn_last", "symmetric": False}),
     ("int4 rtn sym (builder default)", {"precision": "int4", "algorithm": "rtn", "symmetric": True}),
     ("int4 hqq (float zero points)", {"precision": "int4", "algorithm": "hqq", "symmetric": False}),
-    ("int8", {"precision": "int8"}),
+    ("int8 q8_0 (default for float sources)", {"precision": "int8"}),
+    ("int8 builder (MatMulNBits, float embedding)", {"precision": "int8", "algorithm": "rtn"}),
 ]
 SEED = 0
 

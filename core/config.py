@@ -42,7 +42,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
             "auto",
             str,
             "int4 algorithm: auto (gguf for a GGUF source, gptq for a float one), gptq, gguf, imatrix, rtn, rtn_last, "
-            "k_quant, k_quant_mixed, k_quant_last, hqq",
+            "k_quant, k_quant_mixed, k_quant_last, hqq; int8: auto (q8_0 for a float source) or rtn",
         ),
         "calibration": (
             "",

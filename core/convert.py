@@ -55,6 +55,8 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("fp32", {"precision": "fp32"}),
 ]
 TOOLS = ("slmops", "onnxruntime", "onnxruntime-genai", "olive-ai", "onnx", "transformers", "torch")
+# Algorithms whose blocks always carry a minimum (or, Q8_0, a fixed zero point): never symmetric, however asked for
+BLOCKS_WITH_MINIMUM = ("gptq", "q8_0")
 
 
 def tool_versions() -> dict[str, str]:
@@ -373,19 +375,25 @@ class Target:
 
 
 def resolve_algorithm(request: ConvertRequest) -> tuple[ConvertRequest, str | None]:
-    """The request with int4 algorithm "auto" made the faithful route for its source, and why (None: nothing to
-    resolve): a GGUF's own blocks for a GGUF source (exact), gptq for a float one, the builder's RTN where gptq cannot
-    go (another block size, a LoRA kept as an adapter file)."""
-    if request.algorithm == "gptq":  # it always fits a minimum per block: one build, however it was asked for
+    """The request with algorithm "auto" made the faithful route for its source, and why (None: nothing to
+    resolve). int4: a GGUF's own blocks for a GGUF source (exact), gptq for a float one; int8 of a float source:
+    Q8_0 blocks in every weight; the builder's RTN where those cannot go (another block size, a LoRA kept as an
+    adapter file)."""
+    if request.algorithm in BLOCKS_WITH_MINIMUM:  # these always fit a minimum per block: one build, however asked for
         return dataclasses.replace(request, symmetric=False), None
-    if request.precision != "int4" or request.algorithm != "auto":
+    if request.precision not in ("int4", "int8") or request.algorithm != "auto":
         return request, None
     if request.gguf is not None:
+        if request.precision == "int8":
+            return request, None
         algorithm, why = "gguf", "the GGUF's own blocks, exact, where it has them"
     elif request.block_size != 32:
-        algorithm, why = "rtn", f"block size {request.block_size}: gptq quantizes in blocks of 32, so the builder's RTN"
+        algorithm, why = "rtn", f"block size {request.block_size}: slmops's blocks are 32 wide, so the builder's RTN"
     elif request.keeps_adapter:
         algorithm, why = "rtn", "a LoRA kept as an adapter file: RTN around it"
+    elif request.precision == "int8":
+        algorithm = "q8_0"
+        why = "a float source: Q8_0 blocks in every weight, embedding and output layer included (llama.cpp's bytes)"
     else:
         algorithm = "gptq"
         why = "a float source: error-compensating rounding, 4/5/8 bits by measured error in Q4_K_M's bytes"
@@ -404,7 +412,7 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
         quality.calibration_text(request.calibration)  # a bad file is named now, not deep inside a quantizer
     request, why = resolve_algorithm(request)
     if why:
-        progress.note(f"int4 by {request.algorithm}: {why} (--algorithm chooses another)")
+        progress.note(f"{request.precision} by {request.algorithm}: {why} (--algorithm chooses another)")
     if request.accuracy_level is None and request.device == "cpu" and request.precision in ("int4", "int8"):
         # MatMulNBits computes in int8 at level 4. At the default level, 8-bit weights decoded SmolLM2 at 1.5 tok/s
         # against 59 at level 4 (the builder already picks 4 for int4 on the CPU). The gguf-native route keeps its

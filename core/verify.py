@@ -12,6 +12,8 @@ from .roles import ConvertRequest
 
 # lm_head is kept at 8 bits by these algorithms; k_quant_mixed promotes some layers to 8 bits.
 EIGHT_BIT_ALLOWED = {"rtn_last", "k_quant_last", "k_quant_mixed", "gguf", "imatrix", "gptq"}
+# 8-bit blocks at float activations are written as two 4-bit planes (gguf_native.nibble_planes).
+EIGHT_BITS_IN_PLANES = {"q8_0"}
 # The GGUF's own blocks decide block sizes and zero points (Q6_K: blocks of 16; Q4_1: a minimum per block).
 LAYOUT_FROM_SOURCE = {"gguf"}
 
@@ -68,10 +70,13 @@ def compare(request: ConvertRequest, graph: dict[str, Any], facts: dict[str, Any
         return problems
     want = 8 if request.precision == "int8" else 4
     allowed = {want} | ({8} if want == 4 and request.algorithm in EIGHT_BIT_ALLOWED else set())
+    planes = want == 8 and request.algorithm in EIGHT_BITS_IN_PLANES
+    if planes:
+        allowed = {4, 8}  # 8 bits, or two planes of 4
     if not bits:
         if not missing:
             problems.append(f"asked {request.precision} but the graph has no MatMulNBits nodes")
-    elif want not in bits or not bits <= allowed:
+    elif not bits <= allowed or (want not in bits and not planes):
         problems.append(f"asked {request.precision} but MatMulNBits bits are {sorted(bits)}")
     if request.algorithm in LAYOUT_FROM_SOURCE:
         return problems

@@ -45,7 +45,9 @@ def test_same_request_is_a_cache_hit(tiny_llama, tiny_llama_int4):
 
 @pytest.mark.parametrize("precision, bits", [("int8", {"8"}), ("fp32", set())])
 def test_qwen2_int8_and_fp32(tiny_qwen2, precision, bits):
-    result = convert.convert(str(tiny_qwen2), {"precision": precision})
+    # int8 by MatMulNBits asked for by name (a float source's default int8 is q8_0: test_gptq)
+    options = {"precision": precision, **({"algorithm": "rtn"} if precision == "int8" else {})}
+    result = convert.convert(str(tiny_qwen2), options)
     assert result.manifest["source"]["architecture"] == "Qwen2ForCausalLM"
     assert set(result.verification["graph"]["matmul_nbits"]) == bits
     if precision == "int8":
@@ -286,15 +288,19 @@ def test_plan_takes_the_cheapest_route(tiny_llama):
     """The test plugin's failing converter claims int8 directly at cost 1000: builder + quantizer (20) wins."""
     from slmops.roles import ConvertRequest
 
-    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
+    int8 = ConvertRequest(source_dir=tiny_llama, precision="int8", algorithm="rtn")
+    route = convert.plan(int8, "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer.name, route.cost) == ("model-builder", "matmul-nbits", 20)
     assert "failing (cost 1000)" in route.alternatives
+    # int8 by default for a float source: the builder's fp32, then Q8_0 blocks in every weight
+    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
+    assert (route.converter.name, route.quantizer.name) == ("model-builder", "q8_0")
     route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4", algorithm="rtn"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer) == ("model-builder", None)
     # int4 by default ("auto") for a float source: the builder's fp32, then gptq
     route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer.name) == ("model-builder", "gptq")
-    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM", "failing")
+    route = convert.plan(int8, "LlamaForCausalLM", "failing")
     assert (route.converter.name, route.quantizer) == ("failing", None)
 
 

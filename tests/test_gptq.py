@@ -195,3 +195,22 @@ def test_a_model_whose_h_does_not_fit_is_measured_in_groups_to_the_same_blocks(t
     assert reports[0]["statistics_groups"] == 1 and reports[1]["statistics_groups"] > 3
     assert reports[0]["bits"] == reports[1]["bits"]
     assert (whole / "model.onnx.data").read_bytes() == (grouped / "model.onnx.data").read_bytes()
+
+
+def test_int8_of_a_float_source_is_q8_0_in_every_weight_embedding_included(tiny_qwen2):
+    assert convert.route(str(tiny_qwen2), {"precision": "int8"})["quantizer"] == "q8_0"
+    assert convert.route(None, {"precision": "int8"})["quantizer"] != "q8_0"  # a GGUF source: its route as before
+    ours = convert.convert(str(tiny_qwen2), {"precision": "int8"})
+    builder = convert.convert(str(tiny_qwen2), {"precision": "int8", "algorithm": "rtn"})
+    assert ours.verification["ok"] and builder.verification["ok"]
+    report = json.loads((ours.path / gguf_native.REPORT).read_text())
+    forms = {kind for counts in (report["exact"], report["approximate"]) for kind in counts}
+    assert forms == {"q8_0"}, report
+    fp32 = convert.reference(str(tiny_qwen2), {}).path
+    sizes = [(b.path / "model.onnx.data").stat().st_size for b in (ours, builder)]
+    klds = [quality.compare(b.path, fp32).mean_kld for b in (ours, builder)]
+    assert sizes[0] < 0.6 * sizes[1]  # the embedding (most of this tiny model) in 8 bits, not float
+    assert klds[0] < 2 * klds[1] + 1e-4
+    # float activations, no kernel: the same blocks as two 4-bit MatMulNBits planes, verified as int8
+    planes = convert.convert(str(tiny_qwen2), {"precision": "int8", "accuracy_level": 1})
+    assert planes.manifest["quantizer"] == "q8_0" and planes.verification["ok"]
