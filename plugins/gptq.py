@@ -220,6 +220,15 @@ class GPTQ(Quantizer):
             return {"ops": [gguf_kernel.MATMUL]}
         return super().graph_facts(request)
 
+    def report(self, request: ConvertRequest, channels: dict, kernel: Path | None) -> dict:
+        """What slmops-quantization.json says of every build of this quantizer."""
+        return {
+            "algorithm": self.algorithms[0],
+            "float_channels": gguf_native.OUTLIER_CHANNELS if channels else 0,
+            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
+            "calibration": str(request.calibration) if request.calibration else "shipped",
+        }
+
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         text = calibration_text(request.calibration) if request.calibration else None
         decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
@@ -254,10 +263,7 @@ class GPTQ(Quantizer):
         if level >= gguf_native.INTEGER_ACTIVATIONS:
             channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
         report = {
-            "algorithm": "gptq",
-            "float_channels": gguf_native.OUTLIER_CHANNELS if channels else 0,
-            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
-            "calibration": str(request.calibration) if request.calibration else "shipped",
+            **self.report(request, channels, kernel),
             "bits": plan.chosen,
             "budget_bytes": round(plan.budget),
             "bytes": round(plan.used()),
@@ -403,12 +409,7 @@ class Q8(GPTQ):
         if level >= gguf_native.INTEGER_ACTIVATIONS:
             importance = calibration.activation_importance(fp32_dir, text)
             channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
-        report = {
-            "algorithm": "q8_0",
-            "float_channels": gguf_native.OUTLIER_CHANNELS if channels else 0,
-            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
-            "calibration": str(request.calibration) if request.calibration else "shipped",
-        }
+        report = self.report(request, channels, kernel)
 
         def forms_of(name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
             return [] if matrix.shape[1] % BLOCK else [(0, matrix.shape[0], q8_0(matrix))]
