@@ -95,4 +95,8 @@ def test_quantized_build_generates_and_records_its_distance(family, precision, t
     built = convert.convert(str(tiny_of(family)), {"precision": precision})
     found = built.verification["source"]
     assert built.verification["sample"]["tokens"] > 0
-    assert found["positions"] == 192 and 0 < found["mean_kld"] < 1.0, found  # quantized: close, not equal
+    assert found["positions"] == 192 and found["mean_kld"] < 1.0, found  # close
+    # and quantized: int8 (Q8_0 blocks) of a tiny Granite, whose logits are scaled down, is within float noise of it
+    ops = built.verification["graph"]["ops"]
+    assert ops.get("MatMulNBits", 0) + ops.get("MatMulGGML", 0) > 0, ops
+    assert not built.verification["graph"]["float_matmuls"] or precision == "int4", built.verification["graph"]
