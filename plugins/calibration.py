@@ -66,7 +66,8 @@ def activation_statistics(
     model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     weight_of = _weight_inputs(model)
     if weights is not None:
-        weight_of = {w: x for w, x in weight_of.items() if w in set(weights)}
+        chosen = set(weights)
+        weight_of = {w: x for w, x in weight_of.items() if w in chosen}
     listened = sorted(set(weight_of.values()) - {o.name for o in model.graph.output})
     model.graph.output.extend(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in listened

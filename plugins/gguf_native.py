@@ -221,11 +221,7 @@ class GGUFNative(Quantizer):
         # rest. On SmolLM2 (4,091 corpus positions against the source) that took mean KLD from 0.012 to 0.0027 and
         # decoded 2.5x faster than float compute (level 1, exact: KLD 0.0000) on an AVX2 CPU; docs/user-guide.md.
         level = accuracy_level(request)
-        channels = {}
-        if level >= INTEGER_ACTIVATIONS:
-            text = calibration_text(request.calibration) if request.calibration else None
-            importance = calibration.activation_importance(fp32_dir, text)
-            channels = calibration.outlier_channels(importance, OUTLIER_CHANNELS)
+        channels = float_channels(fp32_dir, request, level)
         # The GGUF kernel where this machine can build it: each block's minimum applied inside the kernel, no float
         # correction (docs/architecture.md, "Speed"); MatMulNBits with corrections for what it does not hold.
         kernel = gguf_kernel.library() if level >= INTEGER_ACTIVATIONS else None
@@ -236,6 +232,15 @@ class GGUFNative(Quantizer):
         }
         forms_of = lambda _, matrix: forms_for(matrix, weights)  # noqa: E731
         write_blocks(fp32_dir, output_dir, forms_of, level, report, channels, kernel)
+
+
+def float_channels(fp32_dir: Path, request: ConvertRequest, level: int) -> dict[str, np.ndarray]:
+    """Each MatMul's activation outlier channels (by mean square over the calibration text) that integer compute
+    keeps in float; none at float compute."""
+    if level < INTEGER_ACTIVATIONS:
+        return {}
+    text = calibration_text(request.calibration) if request.calibration else None
+    return calibration.outlier_channels(calibration.activation_importance(fp32_dir, text), OUTLIER_CHANNELS)
 
 
 def accuracy_level(request: ConvertRequest) -> int:

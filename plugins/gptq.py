@@ -402,13 +402,9 @@ class Q8(GPTQ):
     cost = 6
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
-        text = calibration_text(request.calibration) if request.calibration else None
         level = gguf_native.accuracy_level(request)
         kernel = gguf_kernel.library() if level >= gguf_native.INTEGER_ACTIVATIONS else None
-        channels = {}
-        if level >= gguf_native.INTEGER_ACTIVATIONS:
-            importance = calibration.activation_importance(fp32_dir, text)
-            channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
+        channels = gguf_native.float_channels(fp32_dir, request, level)
         report = self.report(request, channels, kernel)
 
         def forms_of(name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:

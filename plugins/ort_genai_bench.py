@@ -83,27 +83,21 @@ class OrtGenAIBenchmarker(Benchmarker):
         filler = session.tokens(FILLER * 8)
         runs = int(settings.get("runs", 5))
 
-        def prompt_of(length: int) -> list[int]:
-            return prompt(session, filler, length)
-
-        def generate(tokens: list[int]) -> dict[str, float]:
-            return timed_generation(session, tokens, max_new)
-
         lengths = sorted(
             {min(int(n), context - max_new - 1) for n in settings.get("lengths", [16, 64, 256]) if int(n) > 0}
         )
         cpu0, wall0 = proc.cpu_times(), time.perf_counter()
-        prompts = {length: prompt_of(length) for length in lengths}
+        prompts = {length: prompt(session, filler, length) for length in lengths}
         for _ in range(int(settings.get("warmup", 1))):
             for tokens in prompts.values():
-                generate(tokens)
+                timed_generation(session, tokens, max_new)
         # The lengths take turns (16, 128, 512, 16, 128, ...), so a burst of load from another program falls on every
         # length alike; each reports its median and best run.
         runs_of: dict[int, list[dict[str, float]]] = {length: [] for length in lengths}
         for i in range(runs):
             for length, tokens in prompts.items():
                 progress(f"prompt {length} tokens: run {i + 1}")
-                runs_of[length].append(generate(tokens))
+                runs_of[length].append(timed_generation(session, tokens, max_new))
         sweep, all_runs = [], [r for done in runs_of.values() for r in done]
         for length, done in runs_of.items():
             speeds = [r["decode_tokens"] / r["decode_s"] for r in done if r["decode_s"]]
@@ -129,11 +123,11 @@ class OrtGenAIBenchmarker(Benchmarker):
         cpu_util = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / (wall1 - wall0) / (psutil.cpu_count() or 1)
         soak_n = int(settings.get("soak_requests", 0))
         rss_before = proc.memory_info().rss
-        tokens = prompt_of(lengths[0] if lengths else 16)
+        tokens = prompt(session, filler, lengths[0] if lengths else 16)
         for i in range(soak_n):
             if i % 5 == 0:
                 progress(f"soak: request {i + 1} of {soak_n}")
-            generate(tokens)
+            timed_generation(session, tokens, max_new)
         rss_after = proc.memory_info().rss
         decode_s = sum(r["decode_s"] for r in all_runs)
         return {
