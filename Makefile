@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_structure.py
 
 docs: install
 	$(BIN)/python docs/gen_docs.py

@@ -107,7 +107,8 @@ class OrtGenAIChat:
 
     def stream(self, messages: Messages, options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
         """The answer piece by piece. options: max_new_tokens, max_length, temperature, top_p, repetition_penalty,
-        seed, stop (strings that end the answer, left out of it). usage gets token counts, TTFT and finish_reason
+        seed, stop (strings that end the answer, left out of it), constraint (a structure.Constraint the answer keeps
+        to). usage gets token counts, TTFT and finish_reason
         ("stop": the model or a stop string ended it; "length": it ran out of tokens)."""
         tokens = self.prompt_tokens(messages)
         max_new = int(options.get("max_new_tokens") or 256)
@@ -126,7 +127,7 @@ class OrtGenAIChat:
         if options.get("seed") is not None:
             search["random_seed"] = int(options["seed"])
         budget = min(limit, len(tokens) + max_new) - len(tokens)
-        generator = self.session.generator(len(tokens) + budget, **search)
+        generator = self.session.generator(len(tokens) + budget, options.get("constraint"), **search)
         stream = self.session.tokenizer.create_stream()
         start = time.perf_counter()
         usage.update(prompt_tokens=len(tokens), completion_tokens=0, finish_reason="stop")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from . import adapters, progress, templates
+from . import adapters, progress, structure, templates
 from . import registry as reg
 from .chat import OrtGenAIChat, StopText, load_template, safe_messages, stop_list
 from .errors import SlmopsError
@@ -33,6 +33,9 @@ class ChatRunner:
             # Foundry Local's runtime has no way to switch an ORT GenAI adapter on: it would answer as the base.
             progress.note(f"{name}: running with ORT GenAI, which applies LoRA adapter files")
             engine = "ort-genai"
+        if engine == "registry" and self.options.get("constraint") is not None:
+            progress.note(f"{name}: running with ORT GenAI, whose grammar engine keeps the answer to the schema")
+            engine = "ort-genai"
         self.engine = engine
         self.ort: OrtGenAIChat | None = None
 
@@ -57,6 +60,12 @@ class ChatRunner:
                 f"the conversation is {count} tokens, the model's context is {limit}; shorten the prompt"
                 " (in a chat: start a new one)"
             )
+        constraint = (options or self.options).get("constraint")
+        if constraint is not None:
+            if self.engine == "registry":
+                raise structure.ConstraintError(structure.engine_refusal("registry (Foundry Local)"))
+            self.load()
+            self.ort.session.check_constraint(constraint)
         return count
 
     def load(self) -> None:
@@ -104,7 +113,7 @@ class ChatRunner:
                 stream_to.write(piece)
                 stream_to.flush()
         total = time.perf_counter() - start
-        return {
+        result = {
             "model": self.entry.name,
             "engine": self.engine,
             "adapter": self.ort.adapter.name if self.ort else None,
@@ -114,6 +123,13 @@ class ChatRunner:
             "ttft_s": round(first, 4) if first else None,
             "total_s": round(total, 4),
         }
+        constraint = self.options.get("constraint")
+        if constraint is not None:
+            result["schema_problem"] = problem = constraint.problem(result["answer"])
+            if problem:  # the grammar keeps each token to the schema; only running out of tokens leaves it unfinished
+                why = "it ran out of tokens: raise --max-new-tokens" if usage.get("finish_reason") == "length" else ""
+                progress.note(f"the answer does not meet the schema: {problem}{'; ' + why if why else ''}")
+        return result
 
 
 def _with_stops(pieces: Iterator[str], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:

@@ -717,6 +717,12 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
 @click.option("--top-p", type=click.FloatRange(0, 1), help="Override ModelConfig top_p.")
 @click.option("--repetition-penalty", type=click.FloatRange(0.5, 3), help="Override ModelConfig repetition_penalty.")
 @click.option("--max-length", type=click.IntRange(16), help="Override ModelConfig max_length.")
+@click.option(
+    "--json-schema",
+    "schema_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep every answer to this JSON schema (constrained decoding; runs with ORT GenAI).",
+)
 @registry_option
 @json_option
 @pass_state
@@ -729,11 +735,16 @@ def model_run(
     registry_backend: str | None,
     as_json: bool,
     adapter: str | None,
+    schema_file: Path | None,
     **overrides: Any,
 ) -> None:
     """Chat with NAME: interactive and streaming, or one answer with --prompt."""
     from . import registry as reg
+    from . import structure
     from .chat_session import ChatRunner
+
+    if schema_file is not None:
+        overrides["constraint"] = structure.read_schema(schema_file)
 
     runner = ChatRunner(
         reg.open_registry(state.config, registry_backend),

@@ -14,6 +14,7 @@ import numpy as np
 from .adapters import ActiveAdapter
 from .errors import SlmopsError
 from .fsutil import write_json_atomic
+from .structure import Constraint, ConstraintError
 
 
 def context_length(model_dir: Path) -> int:
@@ -103,13 +104,29 @@ class Session:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
-    def generator(self, max_length: int, **search: Any) -> Any:
-        """An og.Generator for up to max_length tokens (prompt included), adapter on; search: its other options."""
+    def generator(self, max_length: int, constraint: Constraint | None = None, **search: Any) -> Any:
+        """An og.Generator for up to max_length tokens (prompt included), adapter on; constraint: the structure its
+        tokens must keep to (the runtime's grammar engine masks the rest); search: its other options."""
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=max(max_length, self.shortest_cache), **search)
-        generator = self.og.Generator(self.model, params)
+        if constraint is not None:
+            params.set_guidance(constraint.kind, constraint.grammar)
+        try:
+            generator = self.og.Generator(self.model, params)
+        except RuntimeError as e:
+            if constraint is None:
+                raise
+            # the grammar engine compiles the constraint here: a schema keyword it does not support fails now
+            message = " ".join(str(e).split())[:300]
+            raise ConstraintError(
+                f"the grammar engine cannot constrain to this schema: {message}; simplify it"
+            ) from None
         self.adapter.apply(generator)
         return Generation(generator, max_length)
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Refuse, before any answer starts, a constraint the grammar engine cannot compile (~2 ms)."""
+        self.generator(2, constraint)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """The next-token logits at every position of tokens, [len(tokens), vocab]."""

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import progress
+from . import progress, structure
 from .chat_session import ChatRunner
 from .errors import SlmopsError
 from .roles import Registry
@@ -82,6 +82,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field("response", max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None  # always strict here: the grammar engine admits nothing the schema does not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> structure.Constraint | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return structure.JSON_OBJECT
+        if self.json_schema is None:
+            raise ApiError(400, "response_format.json_schema is missing; send {name, schema}", param="response_format")
+        try:
+            return structure.json_schema(self.json_schema.schema_, "response_format.json_schema.schema")
+        except SlmopsError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str
@@ -96,6 +121,19 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=-INT32_MAX - 1, le=INT32_MAX)
     n: int = Field(1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
+    # Tool calls are not served yet: a request that offers tools is refused, never answered as if it had none.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    def refuse_tools(self) -> None:
+        if self.tools and self.tool_choice != "none":
+            raise ApiError(
+                400,
+                "tool calls are not supported by slmops serve yet; send the request without tools, or ask for the"
+                " call as JSON with response_format json_schema",
+                param="tools",
+            )
 
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """The runtime options: the model's ModelConfig, overridden by what the request sets."""
@@ -106,6 +144,7 @@ class ChatRequest(BaseModel):
             ("seed", self.seed),
             ("stop", self.stop),
             ("max_new_tokens", self.max_completion_tokens or self.max_tokens),
+            ("constraint", self.response_format and self.response_format.constraint()),
         ):
             if value is not None:
                 options[key] = value
@@ -333,6 +372,7 @@ def create_app(server: Server) -> FastAPI:
     async def answer(request: Request) -> Any:
         body = await read_body(request)
         req = parse_request(body)
+        req.refuse_tools()
         model = server.model(req.model)
         messages = [m.plain() for m in req.messages]
         options = req.options(model.runner.options)
@@ -340,7 +380,8 @@ def create_app(server: Server) -> FastAPI:
             prompt_tokens = await asyncio.to_thread(model.runner.check_turn, messages, options)
         except SlmopsError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
-            raise ApiError(400, str(e), code=code, param="messages") from None
+            param = "response_format" if isinstance(e, structure.ConstraintError) else "messages"
+            raise ApiError(400, str(e), code=code, param=param) from None
         cancel = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request, cancel))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -455,3 +455,138 @@ def test_a_model_removed_while_served_is_dropped(tmp_path, tiny_llama_int4):
         assert ask(served.client(), "keep", "hi", max_tokens=2) is not None
     finally:
         served.stop()
+
+
+# -- structured output: response_format through the grammar engine ------------------------------------------------
+THING = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "category": {"type": "string", "enum": ["animal", "place", "food", "object", "person"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+    },
+    "required": ["name", "category", "count", "tags"],
+    "additionalProperties": False,
+}
+THINGS = ["a cat", "Paris", "an apple", "a hammer", "Ada Lovelace", "a whale", "Tokyo", "bread", "a chair", "Mozart"]
+FORMS = ["Describe {}.", "Tell me about {} in one record.", "Give a JSON record for {}.", "What is {}?", "Classify {}."]
+
+
+def as_thing(name: str = "thing") -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": THING, "strict": True}}
+
+
+def test_every_answer_under_a_json_schema_parses_and_validates(parallel_server):
+    import jsonschema
+
+    client = parallel_server.client()
+    prompts = [form.format(thing) for form in FORMS for thing in THINGS]
+
+    def answer(prompt: str):
+        reply = client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=150,
+            response_format=as_thing(),
+        )
+        return reply.choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        choices = list(pool.map(answer, prompts))
+    assert len(choices) == 50
+    for prompt, choice in zip(prompts, choices, strict=True):
+        assert choice.finish_reason == "stop", (prompt, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), THING)
+    assert len({c.message.content for c in choices}) > 25  # answers to the prompts, not one fixed record
+
+
+def test_json_object_and_a_streamed_schema(parallel_server):
+    import jsonschema
+
+    client = parallel_server.client()
+    free = ask(client, "smol", "Describe a cat.", max_tokens=60)
+    with pytest.raises(ValueError):
+        json.loads(free)  # unconstrained, this model answers in prose: the JSON below is the constraint's doing
+    reply = ask(client, "smol", "Describe a cat.", max_tokens=80, response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply), dict)
+    chunks = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Describe Tokyo."}],
+        temperature=0,
+        max_tokens=150,
+        stream=True,
+        response_format=as_thing(),
+    )
+    streamed = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert sum(1 for piece in streamed if piece) > 5  # it really streams, piece by piece
+    jsonschema.validate(json.loads("".join(streamed)), THING)
+    assert ask(client, "smol", "Describe a cat.", max_tokens=60, response_format={"type": "text"}) == free
+
+
+@pytest.mark.parametrize(
+    "response_format, words",
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}, "not a valid JSON schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}}},
+            "look-around",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "http://x/y"}}}, "grammar engine"),
+        ({"type": "json_schema"}, "json_schema is missing"),
+        ({"type": "yaml"}, "response_format.type"),
+    ],
+)
+def test_a_schema_the_engine_cannot_keep_is_a_400(parallel_server, response_format, words):
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    status, reply = parallel_server.raw("POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 400 and reply["error"]["param"].startswith("response_format"), reply
+    assert words in reply["error"]["message"]
+    assert "Paris" in ask(parallel_server.client(), "smol", "Name the capital city of France.")  # and it goes on
+
+
+def test_an_engine_that_cannot_constrain_says_so(server):
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "response_format": as_thing()}
+    status, reply = server.raw("POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 400 and reply["error"]["param"] == "response_format"
+    assert "registry (Foundry Local)" in reply["error"]["message"] and "--engine ort-genai" in reply["error"]["message"]
+
+
+def test_model_run_keeps_to_a_json_schema(serve_env, tmp_path):
+    import jsonschema
+
+    schema = tmp_path / "thing.json"
+    schema.write_text(json.dumps(THING))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*SLMOPS, "model", "run", "smol", *args], env=serve_env, cwd=NEUTRAL_DIR, capture_output=True, text=True
+        )
+
+    done = run("-p", "Describe a whale.", "--json-schema", str(schema), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["engine"] == "ort-genai" and result["schema_problem"] is None
+    jsonschema.validate(json.loads(result["answer"]), THING)
+    terminal = run("-p", "Describe a whale.", "--json-schema", str(schema), "--temperature", "0")
+    assert (
+        terminal.returncode == 0 and json.loads(terminal.stdout)["category"] in THING["properties"]["category"]["enum"]
+    )
+    cut = run("-p", "Describe a whale.", "--json-schema", str(schema), "--max-new-tokens", "4")
+    assert cut.returncode == 0 and "does not meet the schema" in cut.stderr and "--max-new-tokens" in cut.stderr
+    schema.write_text('{"type": "bogus"}')
+    bad = run("-p", "hi", "--json-schema", str(schema))
+    assert bad.returncode == 1 and "not a valid JSON schema" in bad.stderr and "Traceback" not in bad.stderr
+    schema.write_text("{not json")
+    bad = run("-p", "hi", "--json-schema", str(schema))
+    assert bad.returncode == 1 and "is not JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tools_are_refused_not_ignored(server):
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [tool]}
+    status, reply = server.raw("POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 400 and reply["error"]["param"] == "tools" and "not supported" in reply["error"]["message"]
+    body["tool_choice"] = "none"  # tools offered but not to be called: a plain answer
+    status, reply = server.raw("POST", "/v1/chat/completions", json.dumps({**body, "max_tokens": 8}))
+    assert status == 200 and reply["choices"][0]["message"]["content"]
