@@ -54,6 +54,7 @@ from .roles import (
     Registry,
     RegistryEntry,
     TemplateFamily,
+    ToolSyntax,
 )
 from .runtime import Session
 
@@ -76,6 +77,7 @@ __all__ = [
     "Session",
     "SlmopsError",
     "TemplateFamily",
+    "ToolSyntax",
     "calibration_text",
     "clean_stale",
     "copy_tree",

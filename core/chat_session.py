@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from . import adapters, progress, structure, templates
+from . import adapters, progress, structure, templates, tools
 from . import registry as reg
 from .chat import OrtGenAIChat, StopText, load_template, safe_messages, stop_list
 from .errors import SlmopsError
@@ -27,6 +27,12 @@ class ChatRunner:
         self.chosen = load_template(self.model_dir)
         self.info = templates.read_model_info(self.model_dir)  # its special tokens are control tokens too
         self.options = {**self.chosen.family.model_config, **overrides}
+        self.tool_use = None
+        if "tools" in self.options:  # (tools, tool_choice) from `model run --tools`: calls kept to their schemas
+            listed, choice = self.options.pop("tools")
+            self.tool_use = tools.ToolUse.of(listed, choice, self.chosen.family.tools)
+            if self.tool_use is not None:
+                self.options["constraint"] = self.tool_use.constraint()
         self.options.setdefault("max_new_tokens", 256)
         self.adapter = adapter
         if engine == "registry" and adapter != "none" and (adapter or adapters.find(self.model_dir)):
@@ -77,7 +83,9 @@ class ChatRunner:
             self.ort = OrtGenAIChat(self.model_dir, self.adapter)
 
     def stream(self, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
-        """check_turn, then generate."""
+        """check_turn, then generate (with this runner's tools described to the model, where it has some)."""
+        if self.tool_use is not None:
+            messages = tools.plain_messages(messages, self.tool_use.syntax, self.tool_use)
         self.check_turn(messages, options)
         yield from self.generate(messages, options, usage)
 
@@ -105,10 +113,13 @@ class ChatRunner:
         start = time.perf_counter()
         first = None
         parts = []
+        watcher = tools.CallWatcher(self.tool_use) if self.tool_use else None
         for piece in self.stream(messages, self.options, usage):
             if first is None:
                 first = time.perf_counter() - start
             parts.append(piece)
+            if watcher:  # a call is shown parsed at the end, not as the model writes it
+                piece = watcher.push(piece)
             if stream_to:
                 stream_to.write(piece)
                 stream_to.flush()
@@ -123,6 +134,15 @@ class ChatRunner:
             "ttft_s": round(first, 4) if first else None,
             "total_s": round(total, 4),
         }
+        if self.tool_use is not None:
+            result["answer"], result["tool_calls"] = self.tool_use.parse(result["answer"])
+            if stream_to:  # the calls as a person reads them; the answer's own text went out as it came
+                if watcher.calling is None:  # it ended while it could still have been a call's beginning
+                    stream_to.write(watcher.held)
+                for call in result["tool_calls"]:
+                    lead = "\n" if result["answer"] else ""
+                    stream_to.write(f"{lead}-> {call['function']['name']}({call['function']['arguments']})")
+            return result
         constraint = self.options.get("constraint")
         if constraint is not None:
             result["schema_problem"] = problem = constraint.problem(result["answer"])

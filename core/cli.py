@@ -723,6 +723,18 @@ EXIT_WORDS = {"exit", "quit", "/bye", "/exit"}
     type=click.Path(dir_okay=False, path_type=Path),
     help="Keep every answer to this JSON schema (constrained decoding; runs with ORT GenAI).",
 )
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Functions the model may call (a JSON list in OpenAI's tools form); calls keep to their schemas.",
+)
+@click.option(
+    "--tool-choice",
+    default="auto",
+    show_default=True,
+    help="With --tools: auto, required, none, or a function's name (it must call that one).",
+)
 @registry_option
 @json_option
 @pass_state
@@ -736,6 +748,8 @@ def model_run(
     as_json: bool,
     adapter: str | None,
     schema_file: Path | None,
+    tools_file: Path | None,
+    tool_choice: str,
     **overrides: Any,
 ) -> None:
     """Chat with NAME: interactive and streaming, or one answer with --prompt."""
@@ -745,6 +759,11 @@ def model_run(
 
     if schema_file is not None:
         overrides["constraint"] = structure.read_schema(schema_file)
+    if tools_file is not None:
+        if schema_file is not None:
+            raise UsageError("--json-schema and --tools cannot be used together; give one of them")
+        choice = tool_choice if tool_choice in ("auto", "required", "none") else {"function": {"name": tool_choice}}
+        overrides["tools"] = (structure.read_json(tools_file, "tools file"), choice)
 
     runner = ChatRunner(
         reg.open_registry(state.config, registry_backend),

@@ -116,6 +116,28 @@ class ModelInfo:
     eos_token: str | None = None
 
 
+HERMES_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{Tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call>"
+    ' XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+@dataclass(frozen=True)
+class ToolSyntax:
+    """How a family's models call tools (the default: Qwen2.5's and Hermes's). A call is call_start, the JSON
+    object {"name": ..., arguments_key: {...}}, call_end; the tools are described to the model by instructions
+    (appended to the system message, {Tools}: one JSON line per tool) and a tool's result comes back as a user turn
+    written as result ({Content}: the result)."""
+
+    call_start: str = "<tool_call>\n"
+    call_end: str = "\n</tool_call>"
+    arguments_key: str = "arguments"
+    instructions: str = HERMES_TOOLS
+    result: str = "<tool_response>\n{Content}\n</tool_response>"
+
+
 @dataclass
 class TemplateFamily:
     """A prompt format. Each PromptTemplate field holds one whole turn, separators included, with
@@ -133,6 +155,7 @@ class TemplateFamily:
     system_in_first_user: str | None = None  # families with no system role: how to fold it in
     model_types: tuple[str, ...] = ()  # config.json model_type values of this family
     markers: tuple[str, ...] = ()  # strings found in this family's chat templates
+    tools: ToolSyntax = field(default_factory=ToolSyntax)  # how its models call tools
 
     def prompt_template(self) -> dict[str, str]:
         return {"system": self.system, "user": self.user, "assistant": self.assistant, "prompt": self.prompt}

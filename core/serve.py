@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import progress, structure
+from . import progress, structure, tools
 from .chat_session import ChatRunner
 from .errors import SlmopsError
 from .roles import Registry
@@ -67,14 +67,35 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
-    def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    def plain(self) -> dict[str, Any]:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ApiError(400, f"a {self.role} message needs content", param="messages")
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        plain: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            plain["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return plain
 
 
 class StreamOptions(BaseModel):
@@ -122,18 +143,8 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, ge=-INT32_MAX - 1, le=INT32_MAX)
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
-    # Tool calls are not served yet: a request that offers tools is refused, never answered as if it had none.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-
-    def refuse_tools(self) -> None:
-        if self.tools and self.tool_choice != "none":
-            raise ApiError(
-                400,
-                "tool calls are not supported by slmops serve yet; send the request without tools, or ask for the"
-                " call as JSON with response_format json_schema",
-                param="tools",
-            )
+    tools: list[Any] | None = None  # read by tools.ToolUse.of, which says what is wrong with them
+    tool_choice: str | dict[str, Any] | None = None
 
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """The runtime options: the model's ModelConfig, overridden by what the request sets."""
@@ -372,15 +383,26 @@ def create_app(server: Server) -> FastAPI:
     async def answer(request: Request) -> Any:
         body = await read_body(request)
         req = parse_request(body)
-        req.refuse_tools()
         model = server.model(req.model)
-        messages = [m.plain() for m in req.messages]
+        syntax = model.runner.chosen.family.tools
+        try:
+            use = tools.ToolUse.of(req.tools, req.tool_choice, syntax)
+            messages = tools.plain_messages([m.plain() for m in req.messages], syntax, use)
+        except structure.ConstraintError as e:
+            raise ApiError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
         options = req.options(model.runner.options)
+        if use is not None:
+            if options.get("constraint") is not None:
+                raise ApiError(400, "response_format with tools is not supported; send one of them", param="tools")
+            options["constraint"] = use.constraint()
         try:  # before any status line goes out: a prompt no runtime can answer is the client's error
             prompt_tokens = await asyncio.to_thread(model.runner.check_turn, messages, options)
         except SlmopsError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
-            param = "response_format" if isinstance(e, structure.ConstraintError) else "messages"
+            tool_error = use is not None and isinstance(e, structure.ConstraintError)
+            param = (
+                "tools" if tool_error else "response_format" if isinstance(e, structure.ConstraintError) else "messages"
+            )
             raise ApiError(400, str(e), code=code, param=param) from None
         cancel = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request, cancel))
@@ -391,7 +413,7 @@ def create_app(server: Server) -> FastAPI:
             turn = model.turn()
             await turn.__aenter__()  # a 429 is still answered as JSON, before the stream starts
             events = stream_events(
-                server, model, messages, options, cancel, completion_id, created, include_usage, prompt_tokens
+                server, model, messages, options, cancel, completion_id, created, include_usage, prompt_tokens, use
             )
             return StreamingResponse(
                 finish_after(events, turn, watcher),
@@ -407,19 +429,18 @@ def create_app(server: Server) -> FastAPI:
                     raise ApiError(500, str(e), kind="server_error") from None
         finally:
             watcher.cancel()
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = usage.get("finish_reason", "stop")
+        if use is not None:
+            message["content"], calls = use.parse(text)
+            if calls:
+                message["tool_calls"], finish = calls, "tool_calls"
         return {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": model.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": usage.get("finish_reason", "stop"),
-                    "logprobs": None,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage_body(usage, prompt_tokens),
         }
 
@@ -473,6 +494,7 @@ async def stream_events(
     created: int,
     include_usage: bool,
     prompt_tokens: int,
+    use: tools.ToolUse | None = None,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return sse(
@@ -487,15 +509,27 @@ async def stream_events(
         )
 
     usage: dict[str, Any] = {}
+    watcher = tools.CallWatcher(use) if use is not None else None
     yield chunk({"role": "assistant", "content": ""})
     try:
         async for piece in server.generate(model, messages, options, usage, cancel):
-            yield chunk({"content": piece})
+            if text := watcher.push(piece) if watcher else piece:
+                yield chunk({"content": text})
     except SlmopsError as e:  # the status line is gone: OpenAI clients read an "error" object in the stream
         yield sse(ApiError(500, str(e), kind="server_error").body())
         yield "data: [DONE]\n\n"
         return
-    yield chunk({}, usage.get("finish_reason", "stop"))
+    finish = usage.get("finish_reason", "stop")
+    if watcher is not None:
+        text, calls = watcher.finish()
+        if text:
+            yield chunk({"content": text})
+        for i, call in enumerate(calls):  # each call: its name first, then its arguments, as OpenAI streams them
+            named = {"name": call["function"]["name"], "arguments": ""}
+            yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function", "function": named}]})
+            yield chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]})
+        finish = "tool_calls" if calls else finish
+    yield chunk({}, finish)
     if include_usage:
         yield sse(
             {

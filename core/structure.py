@@ -78,14 +78,18 @@ def json_schema(schema: Any, what: str = "the JSON schema") -> Constraint:
     return Constraint(schema)
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A small JSON file (a schema, a tools list), refused with one line when it is not one."""
+    text = read_text_limited(Path(path), what, SCHEMA_FILE_LIMIT)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConstraintError(f"the {what} {path} is not JSON ({e})") from None
+
+
 def read_schema(path: Path) -> Constraint:
     """A Constraint from a JSON schema file (`model run --json-schema FILE`)."""
-    text = read_text_limited(Path(path), "JSON schema file", SCHEMA_FILE_LIMIT)
-    try:
-        schema = json.loads(text)
-    except ValueError as e:
-        raise ConstraintError(f"the JSON schema file {path} is not JSON ({e}); give a JSON schema") from None
-    return json_schema(schema, f"the JSON schema in {path}")
+    return json_schema(read_json(path, "JSON schema file"), f"the JSON schema in {path}")
 
 
 def engine_refusal(engine: str) -> str:

@@ -1,6 +1,20 @@
 """Template provider: the common small-model families. Each field is a whole turn, separators included."""
 
-from slmops.api import CHAT_DEFAULTS, TemplateFamily, hookimpl
+from slmops.api import CHAT_DEFAULTS, TemplateFamily, ToolSyntax, hookimpl
+
+# Llama 3.1-3.3's JSON tool calls: a bare {"name": ..., "parameters": {...}}, tools described in the system turn and
+# results read back (Meta's template puts results in an "ipython" turn; here a user turn, which every family has).
+LLAMA3_TOOLS = ToolSyntax(
+    call_start="",
+    call_end="",
+    arguments_key="parameters",
+    instructions=(
+        "You have access to the following functions. To call a function, respond with JSON for a function call, in"
+        ' the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+        " Do not use variables.\n\n{Tools}"
+    ),
+    result="Function result: {Content}",
+)
 
 FAMILIES = [
     TemplateFamily(
@@ -51,6 +65,7 @@ FAMILIES = [
         model_config={**CHAT_DEFAULTS, "temperature": 0.6},
         model_types=("llama",),
         markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        tools=LLAMA3_TOOLS,
     ),
     TemplateFamily(
         name="gemma",

@@ -582,11 +582,120 @@ def test_model_run_keeps_to_a_json_schema(serve_env, tmp_path):
     assert bad.returncode == 1 and "is not JSON" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_tools_are_refused_not_ignored(server):
-    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
-    body = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [tool]}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a timezone",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}}},
+    },
+}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def called(client: openai.OpenAI, messages: list, **kw):
+    return client.chat.completions.create(
+        model="smol", messages=messages, tools=[WEATHER, CLOCK], temperature=0, max_tokens=80, **kw
+    ).choices[0]
+
+
+def test_tool_calls_round_trip(parallel_server):
+    import jsonschema
+
+    client = parallel_server.client()
+    choice = called(client, WEATHER_QUESTION, tool_choice="required")
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert "Paris" in call.function.arguments
+    named = called(client, WEATHER_QUESTION, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert [c.function.name for c in named.message.tool_calls] == ["get_time"]
+    plain = called(client, WEATHER_QUESTION, tool_choice="none")
+    assert plain.message.tool_calls is None and plain.message.content and plain.finish_reason != "tool_calls"
+    # the call's result goes back as a "tool" message, and the answer uses it
+    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "cloudy"})}
+    history = [*WEATHER_QUESTION, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, result]
+    answer = called(client, history)
+    assert answer.message.tool_calls is None and ("18" in answer.message.content or "cloud" in answer.message.content)
+    # streamed: the call arrives as delta.tool_calls pieces, name first, and ends with finish_reason tool_calls
+    chunks = [
+        c.choices[0]
+        for c in client.chat.completions.create(
+            model="smol", messages=WEATHER_QUESTION, tools=[WEATHER, CLOCK], tool_choice="required",
+            temperature=0, max_tokens=80, stream=True,
+        )
+        if c.choices
+    ]  # fmt: skip
+    pieces = [p for c in chunks for p in (c.delta.tool_calls or [])]
+    assert pieces[0].function.name == "get_weather" and pieces[0].id.startswith("call_")
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == json.loads(call.function.arguments)
+    assert chunks[-1].finish_reason == "tool_calls" and not any(c.delta.content for c in chunks)
+    streamed_answer = client.chat.completions.create(
+        model="smol", messages=history, tools=[WEATHER, CLOCK], temperature=0, max_tokens=80, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed_answer if c.choices) == answer.message.content
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nosuch"}}}, "tool_choice",
+         "not among the tools"),
+        ({"tool_choice": "required"}, "tool_choice", "has none"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]}, "tools",
+         "not a valid JSON schema"),
+        ({"tools": [{"type": "function"}]}, "tools", "must be"),
+        ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools", "not supported"),
+    ],
+)  # fmt: skip
+def test_bad_tool_requests_are_a_400(parallel_server, extra, param, words):
+    body = {"model": "smol", "messages": WEATHER_QUESTION, **extra}
+    status, reply = parallel_server.raw("POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 400 and reply["error"]["param"] == param and words in reply["error"]["message"], reply
+    assert "Paris" in ask(parallel_server.client(), "smol", "Name the capital city of France.")  # and it goes on
+
+
+def test_tools_on_an_engine_that_cannot_constrain_are_a_400(server):
+    body = {"model": "smol", "messages": WEATHER_QUESTION, "tools": [WEATHER]}
     status, reply = server.raw("POST", "/v1/chat/completions", json.dumps(body))
-    assert status == 400 and reply["error"]["param"] == "tools" and "not supported" in reply["error"]["message"]
+    assert status == 400 and reply["error"]["param"] == "tools" and "--engine ort-genai" in reply["error"]["message"]
     body["tool_choice"] = "none"  # tools offered but not to be called: a plain answer
     status, reply = server.raw("POST", "/v1/chat/completions", json.dumps({**body, "max_tokens": 8}))
     assert status == 200 and reply["choices"][0]["message"]["content"]
+
+
+def test_model_run_calls_tools(serve_env, tmp_path):
+    listed = tmp_path / "tools.json"
+    listed.write_text(json.dumps([WEATHER, CLOCK]))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*SLMOPS, "model", "run", "smol", "-p", "What is the weather in Paris?", "--tools", str(listed), *args],
+            env=serve_env, cwd=NEUTRAL_DIR, capture_output=True, text=True,
+        )  # fmt: skip
+
+    done = run("--tool-choice", "required", "--json")
+    assert done.returncode == 0, done.stderr
+    (call,) = json.loads(done.stdout)["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"])["city"]
+    terminal = run("--tool-choice", "get_time")
+    assert terminal.returncode == 0 and terminal.stdout.startswith("-> get_time({"), terminal.stdout
+    bad = run("--tool-choice", "nosuch")
+    assert bad.returncode == 1 and "not among the tools" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from ..roles import TemplateFamily
+from ..errors import NoImplementation
+from ..roles import TemplateFamily, ToolSyntax
 from .detection import ChosenTemplate
 
 
@@ -24,6 +26,7 @@ def inference_model(name: str, description: str, version: str, chosen: ChosenTem
             "stop": chosen.family.stop,
             "markers": list(chosen.family.markers),
             "system_in_first_user": chosen.family.system_in_first_user,
+            "tools": dataclasses.asdict(chosen.family.tools),  # how the model calls tools, kept with the folder
         },
     }
 
@@ -43,5 +46,19 @@ def family_from_inference_model(data: dict[str, Any]) -> ChosenTemplate:
         bos=extra.get("bos", ""),
         system_in_first_user=extra.get("system_in_first_user"),
         markers=tuple(extra.get("markers", ())),
+        tools=tool_syntax(extra),
     )
     return ChosenTemplate(fam, extra.get("how", "registered"), extra.get("default_system"))
+
+
+def tool_syntax(extra: dict[str, Any]) -> ToolSyntax:
+    """The tool syntax a folder was deployed with; for a folder written before slmops kept it, its family's."""
+    if isinstance(extra.get("tools"), dict):
+        known = {f.name for f in dataclasses.fields(ToolSyntax)}
+        return ToolSyntax(**{k: str(v) for k, v in extra["tools"].items() if k in known})
+    from .detection import family_by_name
+
+    try:
+        return family_by_name(extra.get("family", "")).tools
+    except NoImplementation:  # a family no plugin provides any more: the default syntax
+        return ToolSyntax()
