@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import convert as conv
+from . import domain as domain_set
 from . import progress, provided, quality
 from .chat import OrtGenAIChat
 from .config import Config
@@ -96,7 +97,10 @@ def quality_of(model_dir: Path, reference: Path, domain: Path | None = None) -> 
     if domain:
         rows = quality.load_set(domain)
         with progress.step(f"Scoring the domain set {domain.name}"):
-            result.domain = quality.domain_score(OrtGenAIChat(model_dir), rows)
+            result.domain = domain_set.score(OrtGenAIChat(model_dir), rows)
+        with progress.step(f"Scoring the domain set {domain.name} on the source, for comparison"):
+            source = domain_set.score(OrtGenAIChat(reference), rows)
+        result.domain["source"] = {k: v for k, v in source.items() if k != "results"}
     return result
 
 

@@ -68,6 +68,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "min_top1": (0.93, float, "lowest top-1 agreement with the source accepted"),
         "soak_requests": (20, int, "requests in the memory-leak soak"),
         "max_leak_mb": (50.0, float, "largest RSS growth over the soak accepted, MB"),
+        "max_structure_drop": (
+            0.02,
+            float,
+            "largest drop of a domain set share (accuracy, valid structure, fields, tool calls) below the source's",
+        ),
     },
     "bench": {
         "runs": (5, int, "measured runs per prompt length"),
@@ -96,6 +101,7 @@ VALUE_CHECKS: dict[str, tuple[Any, str]] = {
     "validate.min_top1": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "a number from 0 to 1"),
     "validate.soak_requests": _at_least(0),
     "validate.max_leak_mb": _at_least(0),
+    "validate.max_structure_drop": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "a number from 0 to 1"),
     "bench.runs": _at_least(1),
     "bench.warmup": _at_least(0),
     "bench.max_new_tokens": _at_least(2),

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -151,20 +150,3 @@ def score(
             corpus=corpus_id(rows, prefix),
         )
     return results
-
-
-def domain_score(chat, rows: list[dict[str, str]], max_new_tokens: int = 64) -> dict[str, Any]:
-    """Share of {"prompt","expected"} rows whose greedy answer contains the expected text (case-insensitive)."""
-    graded = [r for r in rows if "prompt" in r]
-    hits, results = 0, []
-    for r in graded:
-        usage: dict[str, Any] = {}
-        answer = "".join(
-            chat.stream(
-                [{"role": "user", "content": r["prompt"]}], {"max_new_tokens": max_new_tokens, "temperature": 0}, usage
-            )
-        )
-        ok = r["expected"].lower() in answer.lower()
-        hits += ok
-        results.append({"prompt": r["prompt"], "expected": r["expected"], "answer": answer, "ok": ok})
-    return {"rows": len(graded), "accuracy": hits / len(graded) if graded else None, "results": results}
