@@ -13,23 +13,8 @@ from slmops import domain, quality, templates
 from slmops.bench import reference_for
 from slmops.chat import OrtGenAIChat
 from slmops.gate import domain_checks
+from tests.test_serve import WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 40},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 CITY = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
