@@ -4,8 +4,9 @@ grammar engine, LLGuidance) and llama.cpp (its GBNF grammar from the same schema
 The default model: slmops's int4 build that `make demo` deploys, and the embedded Q4_1 GGUF it came from for
 llama.cpp. The same prompts, greedy, free and constrained interleaved, ROUNDS rounds; decode speed is the tokens
 after the first over the time after the first (prefill and grammar compilation left out, as a server reports them).
-Printed: median decode tok/s free and constrained, their ratio (issue 29 asks >= 0.85 for slmops), and how many
-constrained answers validated."""
+Also the same build registered with Foundry Local and run through its runtime (`--engine registry`), whose own
+LLGuidance keeps the answer to the schema. Printed: median decode tok/s free and constrained, their ratio (issue 29
+asks >= 0.85 for slmops), and how many constrained answers validated."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -65,6 +67,28 @@ def slmops_runner() -> Callable[[str, bool], tuple[str, float | None]]:
         if constrained:
             options["constraint"] = constraint
         return timed(chat.stream([{"role": "user", "content": prompt}], options, {}))
+
+    return run
+
+
+def foundry_runner(folder: str) -> Callable[[str, bool], tuple[str, float | None]]:
+    """The same build registered with Foundry Local (in folder) and run through its runtime's grammar engine."""
+    from pathlib import Path
+
+    from slmops import convert, structure, templates
+    from slmops.api import RegistryEntry
+    from slmops.plugins.foundry_local import FoundryLocalRegistry
+
+    build = Path(convert.convert(None, dict(convert.CANDIDATES)["int4 gguf"]).path)
+    registry = FoundryLocalRegistry()
+    registry.root = Path(folder)
+    doc = templates.inference_model("bench", "", "1", templates.choose(build))
+    registry.register(build, RegistryEntry(name="bench", id="bench:1", path=""), doc, True)
+    constraint = structure.json_schema(SCHEMA)
+
+    def run(prompt: str, constrained: bool) -> tuple[str, float | None]:
+        options = {"temperature": 0, "max_new_tokens": MAX_TOKENS, "constraint": constraint if constrained else None}
+        return timed(registry.chat("bench", [{"role": "user", "content": prompt}], options, {}))
 
     return run
 
@@ -123,15 +147,17 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     rows = [measure("slmops (ORT GenAI + LLGuidance)", slmops_runner())]
+    with tempfile.TemporaryDirectory(prefix="bench-structure-foundry-") as folder:
+        rows.append(measure("slmops --engine registry (Foundry Local)", foundry_runner(folder)))
     if (llama := llama_runner()) is not None:
         rows.append(measure("llama.cpp (GBNF from the schema)", llama))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'engine':<34}{'free tok/s':>11}{'schema tok/s':>13}{'ratio':>7}{'valid':>9}")
+    print(f"{'engine':<42}{'free tok/s':>11}{'schema tok/s':>13}{'ratio':>7}{'valid':>9}")
     for r in rows:
         print(
-            f"{r['engine']:<34}{r['free_tok_s']:>11.1f}{r['constrained_tok_s']:>13.1f}{r['ratio']:>6.2f}x"
+            f"{r['engine']:<42}{r['free_tok_s']:>11.1f}{r['constrained_tok_s']:>13.1f}{r['ratio']:>6.2f}x"
             f"{r['valid']:>5}/{r['answers']}"
         )
 

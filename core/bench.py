@@ -95,13 +95,19 @@ def quality_of(model_dir: Path, reference: Path, domain: Path | None = None) -> 
     with progress.step("Measuring quality against the fp32 reference"):
         result = quality.compare(model_dir, reference)
     if domain:
-        rows = quality.load_set(domain)
-        with progress.step(f"Scoring the domain set {domain.name}"):
-            result.domain = domain_set.score(OrtGenAIChat(model_dir), rows)
-        with progress.step(f"Scoring the domain set {domain.name} on the source, for comparison"):
-            source = domain_set.score(OrtGenAIChat(reference), rows)
-        result.domain["source"] = {k: v for k, v in source.items() if k != "results"}
+        result.domain = domain_scores(model_dir, reference, domain)
     return result
+
+
+def domain_scores(model_dir: Path, reference: Path, domain: Path) -> dict[str, Any]:
+    """The domain set scored on the build, with the source's shares (its fp32 build, same rows) under "source"."""
+    rows = quality.load_set(domain)
+    with progress.step(f"Scoring the domain set {domain.name}"):
+        scored = domain_set.score(OrtGenAIChat(model_dir), rows)
+    with progress.step(f"Scoring the domain set {domain.name} on the source, for comparison"):
+        source = domain_set.score(OrtGenAIChat(reference), rows)
+    scored["source"] = {k: v for k, v in source.items() if k != "results"}
+    return scored
 
 
 def edge_cases(model_dir: Path) -> list[dict[str, Any]]:

@@ -108,9 +108,10 @@ class OrtGenAIChat:
     def stream(self, messages: Messages, options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
         """The answer piece by piece. options: max_new_tokens, max_length, temperature, top_p, repetition_penalty,
         seed, stop (strings that end the answer, left out of it), constraint (a structure.Constraint the answer keeps
-        to). usage gets token counts, TTFT and finish_reason
+        to), prompt (the whole prompt, already written by the model's own template: a conversation with tools; it
+        stands for messages). usage gets token counts, TTFT and finish_reason
         ("stop": the model or a stop string ended it; "length": it ran out of tokens)."""
-        tokens = self.prompt_tokens(messages)
+        tokens = self.session.tokens(options["prompt"]) if options.get("prompt") else self.prompt_tokens(messages)
         max_new = int(options.get("max_new_tokens") or 256)
         limit = min(self.context_length, int(options.get("max_length") or self.context_length))
         if len(tokens) >= limit:

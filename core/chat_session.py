@@ -31,15 +31,14 @@ class ChatRunner:
         if "tools" in self.options:  # (tools, tool_choice) from `model run --tools`: calls kept to their schemas
             listed, choice = self.options.pop("tools")
             self.tool_use = tools.ToolUse.of(listed, choice, self.chosen.family.tools)
-            if self.tool_use is not None:
-                self.options["constraint"] = self.tool_use.constraint()
         self.options.setdefault("max_new_tokens", 256)
         self.adapter = adapter
         if engine == "registry" and adapter != "none" and (adapter or adapters.find(self.model_dir)):
             # Foundry Local's runtime has no way to switch an ORT GenAI adapter on: it would answer as the base.
             progress.note(f"{name}: running with ORT GenAI, which applies LoRA adapter files")
             engine = "ort-genai"
-        if engine == "registry" and self.options.get("constraint") is not None:
+        constrained = self.options.get("constraint") is not None or self.tool_use is not None
+        if engine == "registry" and constrained and not self.registry.constrains:
             progress.note(f"{name}: running with ORT GenAI, whose grammar engine keeps the answer to the schema")
             engine = "ort-genai"
         self.engine = engine
@@ -53,9 +52,10 @@ class ChatRunner:
             raise SlmopsError("the prompt is empty; type a question")
         from .runtime import context_length
 
+        options = options or self.options
         context = context_length(self.model_dir)
-        limit = min(context, int((options or self.options).get("max_length") or context))
-        text = templates.render(
+        limit = min(context, int(options.get("max_length") or context))
+        text = (options.get("prompt") if self.engine != "registry" else None) or templates.render(
             self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system
         )
         count = (
@@ -66,13 +66,26 @@ class ChatRunner:
                 f"the conversation is {count} tokens, the model's context is {limit}; shorten the prompt"
                 " (in a chat: start a new one)"
             )
-        constraint = (options or self.options).get("constraint")
-        if constraint is not None:
-            if self.engine == "registry":
-                raise structure.ConstraintError(structure.engine_refusal("registry (Foundry Local)"))
+        constraint = options.get("constraint")
+        if constraint is not None and self.engine == "registry" and not self.registry.constrains:
+            raise structure.ConstraintError(structure.engine_refusal(f"registry ({self.registry.name})"))
+        if constraint is not None and self.engine != "registry":
             self.load()
             self.ort.session.check_constraint(constraint)
         return count
+
+    def with_tools(
+        self, messages: list[dict[str, Any]], use: tools.ToolUse | None, options: dict[str, Any]
+    ) -> list[dict[str, str]]:
+        """A conversation that may hold tools as this runner's engine takes it: plain turns (returned), and for ORT
+        GenAI, where the model's own chat template takes tools, the prompt that template writes (options["prompt"])
+        and the calls' grammar (options["constraint"])."""
+        plain, prompt = tools.conversation(messages, use, self.chosen.family, self.info)
+        if use is not None:
+            options["constraint"] = use.constraint()
+            if prompt and self.engine != "registry":
+                options["prompt"] = prompt
+        return plain
 
     def load(self) -> None:
         """Load the model now rather than at the first question."""
@@ -85,7 +98,8 @@ class ChatRunner:
     def stream(self, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, Any]) -> Iterator[str]:
         """check_turn, then generate (with this runner's tools described to the model, where it has some)."""
         if self.tool_use is not None:
-            messages = tools.plain_messages(messages, self.tool_use.syntax, self.tool_use)
+            options = dict(options)
+            messages = self.with_tools(messages, self.tool_use, options)
         self.check_turn(messages, options)
         yield from self.generate(messages, options, usage)
 
@@ -136,12 +150,16 @@ class ChatRunner:
         }
         if self.tool_use is not None:
             result["answer"], result["tool_calls"] = self.tool_use.parse(result["answer"])
+            began = (result["answer"] or "").lstrip().startswith(self.tool_use.opening().strip())
             if stream_to:  # the calls as a person reads them; the answer's own text went out as it came
-                if watcher.calling is None:  # it ended while it could still have been a call's beginning
+                if watcher.calling is None and not began:  # it ended on what could have begun a call, but did not
                     stream_to.write(watcher.held)
                 for call in result["tool_calls"]:
                     lead = "\n" if result["answer"] else ""
                     stream_to.write(f"{lead}-> {call['function']['name']}({call['function']['arguments']})")
+            if began and not result["tool_calls"]:  # the grammar keeps a call whole; only running out cuts it
+                why = "raise --max-new-tokens" if usage.get("finish_reason") == "length" else "see --json for its text"
+                progress.note(f"the model began a tool call it did not finish: {why}")
             return result
         constraint = self.options.get("constraint")
         if constraint is not None:

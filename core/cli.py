@@ -1014,13 +1014,16 @@ def validate_cmd(
 @convert_options(auto=True)
 @click.option("--max-kld", type=float, help="Quality gate: highest mean KLD.")
 @click.option("--min-top1", type=float, help="Quality gate: lowest top-1 agreement.")
+@click.option(
+    "--domain", type=click.Path(dir_okay=False), help="Quality gate: JSONL domain set scored against the source."
+)
 @click.option("--registry-dir", type=click.Path(file_okay=False), help="Registry location.")
 @click.option("--ask", help="Ask the deployed model this question.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and do nothing.")
 @json_option
 @pass_state
 def deploy(
-    state: State, source, name, family, max_kld, min_top1, registry_dir, ask, dry_run, as_json, **flags: Any
+    state: State, source, name, family, max_kld, min_top1, domain, registry_dir, ask, dry_run, as_json, **flags: Any
 ) -> None:
     """Run the whole guide from slmops.toml: convert, template, register, validate, ask, benchmark."""
     from . import deploy as d
@@ -1033,6 +1036,7 @@ def deploy(
         ("model.family", family),
         ("validate.max_kld", max_kld),
         ("validate.min_top1", min_top1),
+        ("validate.domain", domain),
         ("registry.cache_dir", registry_dir),
     ):
         cfg.override(key, value, "command line")

@@ -73,6 +73,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
             float,
             "largest drop of a domain set share (accuracy, valid structure, fields, tool calls) below the source's",
         ),
+        "domain": (
+            "",
+            str,
+            "JSONL domain set (prompt/expected rows, with a schema or tools where the answer is structured) that "
+            "validate and deploy's gate score on the build and its source",
+        ),
     },
     "bench": {
         "runs": (5, int, "measured runs per prompt length"),

@@ -32,7 +32,9 @@ def plan(cfg: Config) -> list[str]:
         + (f" and {c['quantizer']} quantizer" if c["quantizer"] != "auto" else "")
         + f", precision {precision}; fp32 build as the quality reference",
         f"3. template: {m['family']} (checked against the tokenizer's chat template)",
-        f"4. validate the packaged model: mean KLD <= {v['max_kld']}, top-1 >= {v['min_top1']}, soak {v['soak_requests']} requests, edge cases",
+        f"4. validate the packaged model: mean KLD <= {v['max_kld']}, top-1 >= {v['min_top1']}, "
+        + (f"domain set {v['domain']} against the source, " if v["domain"] else "")
+        + f"soak {v['soak_requests']} requests, edge cases",
         f"5. register as {m['name']} in {r['backend']} ({r['cache_dir'] or 'default location'}); an earlier {m['name']} stays unless this passes",
         "6. ask one question through the registry's runtime, print the benchmark summary",
     ]
@@ -41,6 +43,8 @@ def plan(cfg: Config) -> list[str]:
 def deploy(cfg: Config, ask: str | None = None) -> Deployment:
     name = reg.check_name(cfg.get("model.name"))
     registry = reg.open_registry(cfg)
+    if cfg.get("validate.domain"):
+        quality.load_set(Path(cfg.get("validate.domain")))  # a bad domain set is refused before any build
     # 1. convert: the fp32 reference, then the build (auto: the smallest candidate that passes the gate)
     build, q, tried = choose_build(cfg, cfg.convert_options())
     key = deploy_key(build, cfg, name, registry)
@@ -142,8 +146,11 @@ def measured_quality(build: Build, reference: Build) -> Quality:
 
 
 def deploy_key(build: Build, cfg: Config, name: str, registry: Any) -> str:
-    """What a deployment depends on: the build, the gate, the template family, the name, version and registry."""
+    """What a deployment depends on: the build, the gate (its domain set by content), the template family, the name,
+    version and registry."""
+    domain = cfg.get("validate.domain")
     parts = [build.key, cfg.section("validate"), cfg.get("model.family"), name, cfg.get("registry.version")]
+    parts.append(hashlib.sha256(Path(domain).read_bytes()).hexdigest() if domain else None)
     return hashlib.sha256(json.dumps([*parts, str(registry.root)], sort_keys=True).encode()).hexdigest()
 
 

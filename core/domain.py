@@ -42,8 +42,14 @@ def share(flags: Any) -> float | None:
     return sum(map(bool, flags)) / len(flags) if flags else None
 
 
-def answer(chat: Any, messages: list[dict[str, Any]], constraint: Any = None, new: int = MAX_NEW_TOKENS) -> str:
-    options = {"max_new_tokens": new, "temperature": 0, "constraint": constraint}
+def answer(
+    chat: Any,
+    messages: list[dict[str, Any]],
+    constraint: Any = None,
+    new: int = MAX_NEW_TOKENS,
+    prompt: str | None = None,
+) -> str:
+    options = {"max_new_tokens": new, "temperature": 0, "constraint": constraint, "prompt": prompt}
     return "".join(chat.stream(messages, options, {}))
 
 
@@ -52,7 +58,8 @@ def score_row(chat: Any, row: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"prompt": row["prompt"], "expected": row["expected"]}
     if "tools" in row:
         use = tools.ToolUse.of(row["tools"], row.get("tool_choice", "auto"), chat.chosen.family.tools)
-        said = answer(chat, tools.plain_messages(asked, use.syntax, use), use.constraint(), STRUCTURED_NEW_TOKENS)
+        plain, prompt = tools.conversation(asked, use, chat.chosen.family, chat.info)
+        said = answer(chat, plain, use.constraint(), STRUCTURED_NEW_TOKENS, prompt)
         _, calls = use.parse(said)
         call = calls[0]["function"] if calls else None
         expected = row["expected"] if isinstance(row["expected"], dict) else {}

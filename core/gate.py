@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 from . import progress
-from .bench import measure, quality_of, reference_for
+from .bench import domain_scores, measure, quality_of, reference_for
 from .chat import OrtGenAIChat
 from .config import Config
 from .edgecases import run_suite
@@ -24,10 +25,14 @@ def validate(
     measured_quality: Quality | None = None,
     benchmarker: str | None = None,
 ) -> Validation:
-    """Quality against the fp32 reference (or quality already measured against it), response format, a memory
-    soak, speed across input lengths and the edge cases, each a Check."""
+    """Quality against the fp32 reference (or quality already measured against it), the domain set (domain, else
+    [validate] domain) against the source, response format, a memory soak, speed across input lengths and the edge
+    cases, each a Check."""
     v, b = cfg.section("validate"), cfg.section("bench")
+    domain = domain or (Path(v["domain"]) if v["domain"] else None)
     q = measured_quality or quality_of(model_dir, reference_for(model_dir, reference), domain)
+    if domain and not q.domain:  # quality measured before (deploy's candidates): the domain set is scored here
+        q = dataclasses.replace(q, domain=domain_scores(model_dir, reference_for(model_dir, reference), domain))
     finite = q.mean_kld is not None and math.isfinite(q.mean_kld)  # a NaN never passes
     checks = [
         Check(

@@ -126,16 +126,19 @@ HERMES_TOOLS = (
 
 @dataclass(frozen=True)
 class ToolSyntax:
-    """How a family's models call tools (the default: Qwen2.5's and Hermes's). A call is call_start, the JSON
-    object {"name": ..., arguments_key: {...}}, call_end; the tools are described to the model by instructions
-    (appended to the system message, {Tools}: one JSON line per tool) and a tool's result comes back as a user turn
-    written as result ({Content}: the result)."""
+    """How a family's models call tools (the default: Qwen2.5's, Hermes's and SmolLM3's). A call is call_start, the
+    JSON object {"name": ..., arguments_key: {...}}, call_end, one after another when there are several; in_list
+    families (Mistral, Phi-4-mini, Granite) write all of a turn's calls as one JSON array between call_start and
+    call_end. Where the model's own chat template takes tools, it describes them and writes earlier calls and results;
+    otherwise slmops does, with instructions (appended to the system message; {Tools}: one JSON line per tool, or one
+    JSON array for in_list families) and result (a tool's result as a user turn; {Content}: the result)."""
 
     call_start: str = "<tool_call>\n"
     call_end: str = "\n</tool_call>"
     arguments_key: str = "arguments"
     instructions: str = HERMES_TOOLS
     result: str = "<tool_response>\n{Content}\n</tool_response>"
+    in_list: bool = False
 
 
 @dataclass
@@ -196,6 +199,7 @@ class Registry:
 
     name: str = ""
     description: str = ""
+    constrains: bool = False  # its runtime's chat() keeps an answer to options["constraint"] (a JSON schema, a grammar)
     root: Path | None = None  # set by the core: slmops.toml, $SLMOPS_REGISTRY_DIR, or default_location()
 
     def default_location(self) -> Path:
@@ -224,7 +228,9 @@ class Registry:
         self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]
     ) -> Iterator[str]:
         """Stream the answer through this registry's own runtime, filling usage with token counts at the end.
-        Registries without a runtime raise NotImplementedError; slmops then runs the model with ORT GenAI."""
+        options: as OrtGenAIChat.stream takes them; "constraint" (a structure.Constraint: kind "json_schema" or
+        "lark_grammar", and its grammar) only where constrains is true. Registries without a runtime raise
+        NotImplementedError; slmops then runs the model with ORT GenAI."""
         raise NotImplementedError
 
 

@@ -145,6 +145,7 @@ class ChatRequest(BaseModel):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None  # read by tools.ToolUse.of, which says what is wrong with them
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # true: several calls in one answer (default one: tools.ToolUse)
 
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """The runtime options: the model's ModelConfig, overridden by what the request sets."""
@@ -384,17 +385,15 @@ def create_app(server: Server) -> FastAPI:
         body = await read_body(request)
         req = parse_request(body)
         model = server.model(req.model)
-        syntax = model.runner.chosen.family.tools
+        options = req.options(model.runner.options)
         try:
-            use = tools.ToolUse.of(req.tools, req.tool_choice, syntax)
-            messages = tools.plain_messages([m.plain() for m in req.messages], syntax, use)
+            family = model.runner.chosen.family
+            use = tools.ToolUse.of(req.tools, req.tool_choice, family.tools, req.parallel_tool_calls is True)
+            if use is not None and options.get("constraint") is not None:
+                raise ApiError(400, "response_format with tools is not supported; send one of them", param="tools")
+            messages = model.runner.with_tools([m.plain() for m in req.messages], use, options)
         except structure.ConstraintError as e:
             raise ApiError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
-        options = req.options(model.runner.options)
-        if use is not None:
-            if options.get("constraint") is not None:
-                raise ApiError(400, "response_format with tools is not supported; send one of them", param="tools")
-            options["constraint"] = use.constraint()
         try:  # before any status line goes out: a prompt no runtime can answer is the client's error
             prompt_tokens = await asyncio.to_thread(model.runner.check_turn, messages, options)
         except SlmopsError as e:

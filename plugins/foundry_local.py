@@ -63,6 +63,9 @@ def matching(catalog: Any, name: str) -> list[Any]:
 class FoundryLocalRegistry(Registry):
     name = "foundry-local"
     description = "Foundry Local model cache and runtime (foundry-local-sdk)"
+    # Its runtime keeps answers to a JSON schema or a lark grammar (LLGuidance, as ORT GenAI). Its own tool calling
+    # (tools in the request) needs tool markers a bring-your-own model does not publish: see docs/user-guide.md.
+    constrains = True
     _chat_root: Path | None = None  # the registry folder whose SDK manager loaded _chat_models
     _chat_models: dict[
         str, Any
@@ -243,37 +246,37 @@ class FoundryLocalRegistry(Registry):
     def chat(
         self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]
     ) -> Iterator[str]:
-        from foundry_local_sdk import (
-            ChatSession,
-            MessageItem,
-            Request,
-            RequestOptions,
-            SearchOptions,
-        )
+        from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
+        from foundry_local_sdk.items import TextItem, TextItemType
 
         model = self._loaded(name)
         temperature = float(options.get("temperature") or 0.0)
+        constraint = options.get("constraint")
         try:
             # Every native object released as soon as it is done with (with-blocks), not when collected.
             with ChatSession(model) as session, Request() as request:
-                session.set_options(
-                    RequestOptions(
-                        search=SearchOptions(
-                            max_output_tokens=int(options.get("max_new_tokens") or 256),
-                            temperature=temperature,
-                            top_p=options.get("top_p"),
-                            seed=options.get("seed"),
-                            do_sample=temperature > 0,
+                session.set_streaming(True)
+                if constraint is None:
+                    session.set_options(
+                        RequestOptions(
+                            search=SearchOptions(
+                                max_output_tokens=int(options.get("max_new_tokens") or 256),
+                                temperature=temperature,
+                                top_p=options.get("top_p"),
+                                seed=options.get("seed"),
+                                do_sample=temperature > 0,
+                            )
                         )
                     )
-                )
-                session.set_streaming(True)
-                for m in messages:
-                    request.add_item(getattr(MessageItem, m["role"])(m["content"]))
+                    for m in messages:
+                        request.add_item(getattr(MessageItem, m["role"])(m["content"]))
+                else:  # the runtime's OpenAI request: the only way in for a response_format (a schema, a grammar)
+                    body = openai_request(model.id, messages, options, constraint)
+                    request.add_item(TextItem(json.dumps(body), TextItemType.OPENAI_JSON))
                 with session.process_streaming_request(request) as response:
                     for item in response:
                         with item:
-                            text = _text_of(item)
+                            text = _text_of(item) if constraint is None else _delta_of(item.text)
                         if text:
                             yield text
                     with response.final_response as final:
@@ -316,6 +319,38 @@ class FoundryLocalRegistry(Registry):
             ) from None
         self._chat_models = {**self._chat_models, name: model}
         return model
+
+
+def openai_request(
+    model_id: str, messages: list[dict[str, str]], options: dict[str, Any], constraint: Any
+) -> dict[str, Any]:
+    """An OpenAI chat request for the runtime, with the constraint as its response_format: a JSON schema as an object
+    (a schema sent as a string, as the SDK's own ChatClient sends it, is refused by the 2.2.1 runtime), a lark grammar
+    as text (tool calls: slmops describes the tools and parses the calls)."""
+    temperature = float(options.get("temperature") or 0.0)
+    if constraint.kind == "json_schema":
+        response_format = {"type": "json_schema", "json_schema": json.loads(constraint.grammar)}
+    else:
+        response_format = {"type": constraint.kind, constraint.kind: constraint.grammar}
+    body = {
+        "model": model_id,
+        "messages": messages,
+        "stream": True,
+        "max_tokens": int(options.get("max_new_tokens") or 256),
+        "temperature": temperature,
+        "response_format": response_format,
+    }
+    if temperature > 0 and options.get("top_p") is not None:
+        body["top_p"] = float(options["top_p"])
+    if options.get("seed") is not None:
+        body["metadata"] = {"random_seed": str(int(options["seed"]))}
+    return body
+
+
+def _delta_of(chunk: str) -> str:
+    """The text of one streamed OpenAI chunk."""
+    choices = json.loads(chunk).get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content") or ""
 
 
 def _text_of(item: Any) -> str:

@@ -16,6 +16,33 @@ LLAMA3_TOOLS = ToolSyntax(
     result="Function result: {Content}",
 )
 
+# Each call-as-a-JSON-array family (the calls of a turn in one array): what its models write and read, for prompts
+# slmops writes itself (where the model's own template takes tools, that template writes the prompt).
+MISTRAL_TOOLS = ToolSyntax(
+    call_start="[TOOL_CALLS] ",
+    call_end="",
+    instructions="[AVAILABLE_TOOLS] {Tools}[/AVAILABLE_TOOLS]",
+    result="[TOOL_RESULTS] {Content}[/TOOL_RESULTS]",
+    in_list=True,
+)
+PHI4_MINI_TOOLS = ToolSyntax(
+    call_start="functools",
+    call_end="",
+    instructions="<|tool|>{Tools}<|/tool|>",
+    result="Function result: {Content}",
+    in_list=True,
+)
+GRANITE_TOOLS = ToolSyntax(
+    call_start="<|tool_call|>",
+    call_end="",
+    instructions=(
+        "You are a helpful assistant with access to the following function calls. To call them, answer with "
+        '<|tool_call|> and a JSON list of {"name": ..., "arguments": {...}} objects.\n{Tools}'
+    ),
+    result="Function result: {Content}",
+    in_list=True,
+)
+
 FAMILIES = [
     TemplateFamily(
         name="chatml",
@@ -31,7 +58,7 @@ FAMILIES = [
     ),
     TemplateFamily(
         name="phi3",
-        description="Phi-3, Phi-3.5, Phi-4-mini",
+        description="Phi-3, Phi-3.5, Phi-4-mini (its functools[...] tool calls)",
         system="<|system|>\n{Content}<|end|>\n",
         user="<|user|>\n{Content}<|end|>\n",
         assistant="<|assistant|>\n{Content}<|end|>\n",
@@ -40,6 +67,7 @@ FAMILIES = [
         model_config={**CHAT_DEFAULTS, "max_length": 4096, "temperature": 0.6},
         model_types=("phi3",),
         markers=("<|user|>", "<|end|>", "<|assistant|>"),
+        tools=PHI4_MINI_TOOLS,
     ),
     TemplateFamily(
         name="phi4",
@@ -100,6 +128,20 @@ FAMILIES = [
         system_in_first_user="{System}\n\n{Content}",
         model_types=("mistral",),
         markers=("[INST]", "[/INST]"),
+        tools=MISTRAL_TOOLS,
+    ),
+    TemplateFamily(
+        name="granite",
+        description="IBM Granite 3.x (<|start_of_role|> turns, <|tool_call|>[...] tool calls)",
+        system="<|start_of_role|>system<|end_of_role|>{Content}<|end_of_text|>\n",
+        user="<|start_of_role|>user<|end_of_role|>{Content}<|end_of_text|>\n",
+        assistant="<|start_of_role|>assistant<|end_of_role|>{Content}<|end_of_text|>\n",
+        prompt="<|start_of_role|>user<|end_of_role|>{Content}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>",
+        stop=["<|end_of_text|>"],
+        model_config={**CHAT_DEFAULTS, "max_length": 4096},
+        model_types=("granite",),
+        markers=("<|start_of_role|>", "<|end_of_role|>"),
+        tools=GRANITE_TOOLS,
     ),
 ]
 

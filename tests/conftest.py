@@ -232,6 +232,14 @@ def tiny_llama_int4(tiny_llama) -> dict:
 
 
 @pytest.fixture(scope="session")
+def default_int4() -> Path:
+    """The embedded default model's int4 as deploy builds it (the GGUF's own blocks), from the build cache."""
+    from slmops import convert
+
+    return Path(convert.convert(None, {"precision": "int4", "algorithm": "gguf"}).path)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory, default_checkpoint):
     """Build a tiny llama with a given chat template (or none); cached by template."""
     made: dict = {}

@@ -72,18 +72,24 @@ def test_deploy_takes_the_adapter_mode(cli_here, tmp_path):
 @pytest.mark.slow
 def test_deploy_default_model(cli, tmp_path):
     """The default GGUF deploys at its own quantization: the first candidate passes the strict gate on the whole
-    corpus, at most a quarter of the fp32 build's size, and its graph holds exactly the GGUF's weights."""
+    corpus and on a structured domain set against the source, at most a quarter of the fp32 build's size, and its
+    graph holds exactly the GGUF's weights."""
     import onnx
     from onnx import numpy_helper
 
     from slmops import bench, convert
     from slmops.plugins import gguf_native
+    from tests.test_domain import ROWS
 
     reg = tmp_path / "reg"
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     r = cli(
         "deploy",
         "--precision",
         "auto",
+        "--domain",
+        domain,
         "--registry-dir",
         reg,
         "--ask",
@@ -98,6 +104,8 @@ def test_deploy_default_model(cli, tmp_path):
     data = r.json()
     chosen = [t for t in data["tried"] if t["chosen"] == "yes"]
     assert [t["build"] for t in chosen] == ["int4 gguf"] and chosen[0]["positions"] > 10_000
+    gate = {c["check"]: c for c in data["validation"]["checks"]}
+    assert gate["domain set: tool calls"]["ok"] and gate["domain set: fields under the schema"]["ok"], gate
     build = Path(data["build"])
     fp32 = bench.reference_for(build)
     assert convert.read_manifest(build)["output_bytes"] <= 0.25 * convert.read_manifest(fp32)["output_bytes"]

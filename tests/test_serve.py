@@ -17,6 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from benchmarks.bench_structure import SCHEMA as STRUCTURE_BENCH_SCHEMA
 from tests.conftest import NEUTRAL_DIR, SLMOPS
 
 pytestmark = pytest.mark.slow
@@ -458,17 +459,7 @@ def test_a_model_removed_while_served_is_dropped(tmp_path, tiny_llama_int4):
 
 
 # -- structured output: response_format through the grammar engine ------------------------------------------------
-THING = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "category": {"type": "string", "enum": ["animal", "place", "food", "object", "person"]},
-        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
-    },
-    "required": ["name", "category", "count", "tags"],
-    "additionalProperties": False,
-}
+THING = STRUCTURE_BENCH_SCHEMA  # the record make bench measures constrained decoding with
 THINGS = ["a cat", "Paris", "an apple", "a hammer", "Ada Lovelace", "a whale", "Tokyo", "bread", "a chair", "Mozart"]
 FORMS = ["Describe {}.", "Tell me about {} in one record.", "Give a JSON record for {}.", "What is {}?", "Classify {}."]
 
@@ -545,11 +536,23 @@ def test_a_schema_the_engine_cannot_keep_is_a_400(parallel_server, response_form
     assert "Paris" in ask(parallel_server.client(), "smol", "Name the capital city of France.")  # and it goes on
 
 
-def test_an_engine_that_cannot_constrain_says_so(server):
-    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "response_format": as_thing()}
-    status, reply = server.raw("POST", "/v1/chat/completions", json.dumps(body))
-    assert status == 400 and reply["error"]["param"] == "response_format"
-    assert "registry (Foundry Local)" in reply["error"]["message"] and "--engine ort-genai" in reply["error"]["message"]
+def test_foundry_local_keeps_to_a_schema(server):
+    """Foundry Local's runtime has a grammar engine too: response_format reaches it (as an OpenAI request) whole and
+    streamed, and a schema it cannot take is a 400 before any token."""
+    import jsonschema
+
+    client = server.client()
+    reply = ask(client, "smol", "Describe Tokyo.", max_tokens=150, response_format=as_thing())
+    jsonschema.validate(json.loads(reply), THING)
+    chunks = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Describe a cat."}], temperature=0, max_tokens=150,
+        stream=True, response_format=as_thing(),
+    )  # fmt: skip
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), THING)
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}
+    status, error = server.raw("POST", "/v1/chat/completions", json.dumps({**body, "response_format": bad}))
+    assert status == 400 and error["error"]["param"] == "response_format", error
 
 
 def test_model_run_keeps_to_a_json_schema(serve_env, tmp_path):
@@ -566,7 +569,7 @@ def test_model_run_keeps_to_a_json_schema(serve_env, tmp_path):
     done = run("-p", "Describe a whale.", "--json-schema", str(schema), "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["engine"] == "ort-genai" and result["schema_problem"] is None
+    assert result["engine"] == "registry" and result["schema_problem"] is None  # Foundry Local's runtime kept it
     jsonschema.validate(json.loads(result["answer"]), THING)
     terminal = run("-p", "Describe a whale.", "--json-schema", str(schema), "--temperature", "0")
     assert (
@@ -672,13 +675,18 @@ def test_bad_tool_requests_are_a_400(parallel_server, extra, param, words):
     assert "Paris" in ask(parallel_server.client(), "smol", "Name the capital city of France.")  # and it goes on
 
 
-def test_tools_on_an_engine_that_cannot_constrain_are_a_400(server):
-    body = {"model": "smol", "messages": WEATHER_QUESTION, "tools": [WEATHER]}
-    status, reply = server.raw("POST", "/v1/chat/completions", json.dumps(body))
-    assert status == 400 and reply["error"]["param"] == "tools" and "--engine ort-genai" in reply["error"]["message"]
-    body["tool_choice"] = "none"  # tools offered but not to be called: a plain answer
-    status, reply = server.raw("POST", "/v1/chat/completions", json.dumps({**body, "max_tokens": 8}))
-    assert status == 200 and reply["choices"][0]["message"]["content"]
+def test_tool_calls_through_foundry_local(server):
+    """Foundry Local's own tool calling needs tool markers a bring-your-own model does not publish; slmops describes
+    the tools, has the runtime keep the call to their grammar, and reads the call back, as with ORT GenAI."""
+    import jsonschema
+
+    client = server.client()
+    choice = called(client, WEATHER_QUESTION, tool_choice="required")
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    plain = called(client, WEATHER_QUESTION, tool_choice="none")
+    assert plain.message.tool_calls is None and plain.message.content
 
 
 def test_model_run_calls_tools(serve_env, tmp_path):
@@ -695,7 +703,11 @@ def test_model_run_calls_tools(serve_env, tmp_path):
     assert done.returncode == 0, done.stderr
     (call,) = json.loads(done.stdout)["tool_calls"]
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"])["city"]
+    assert json.loads(done.stdout)["engine"] == "registry"  # through Foundry Local's runtime
     terminal = run("--tool-choice", "get_time")
     assert terminal.returncode == 0 and terminal.stdout.startswith("-> get_time({"), terminal.stdout
+    cut = run("--tool-choice", "get_time", "--max-new-tokens", "5")
+    assert cut.returncode == 0 and "did not finish: raise --max-new-tokens" in cut.stderr, cut.stderr
+    assert "<tool_call>" not in cut.stdout  # a call's unfinished beginning is not shown as an answer
     bad = run("--tool-choice", "nosuch")
     assert bad.returncode == 1 and "not among the tools" in bad.stderr and "Traceback" not in bad.stderr

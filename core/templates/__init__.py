@@ -11,6 +11,7 @@ from .rendering import (
     chat_template,
     render,
     runtime_render,
+    takes_tools,
     tokenizer_render,
     write_chat_template,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "read_model_info",
     "render",
     "runtime_render",
+    "takes_tools",
     "tokenizer_render",
     "write_chat_template",
 ]

@@ -54,8 +54,8 @@ def family_from_inference_model(data: dict[str, Any]) -> ChosenTemplate:
 def tool_syntax(extra: dict[str, Any]) -> ToolSyntax:
     """The tool syntax a folder was deployed with; for a folder written before slmops kept it, its family's."""
     if isinstance(extra.get("tools"), dict):
-        known = {f.name for f in dataclasses.fields(ToolSyntax)}
-        return ToolSyntax(**{k: str(v) for k, v in extra["tools"].items() if k in known})
+        kinds = {f.name: type(f.default) for f in dataclasses.fields(ToolSyntax)}  # str fields, and in_list a bool
+        return ToolSyntax(**{k: v for k, v in extra["tools"].items() if k in kinds and isinstance(v, kinds[k])})
     from .detection import family_by_name
 
     try:

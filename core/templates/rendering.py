@@ -76,8 +76,11 @@ def _jinja_template(source: str):
     return env.from_string(source)
 
 
-def tokenizer_render(info: ModelInfo, messages: Messages, add_generation_prompt: bool = True) -> str:
-    """The prompt as the model's own chat template writes it."""
+def tokenizer_render(
+    info: ModelInfo, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **context: Any
+) -> str:
+    """The prompt as the model's own chat template writes it (context: more variables, such as tools, passed to
+    the template as transformers passes them)."""
     if not info.chat_template:
         raise SlmopsError(f"{info.path} has no chat template")
     return _jinja_template(info.chat_template).render(
@@ -85,7 +88,22 @@ def tokenizer_render(info: ModelInfo, messages: Messages, add_generation_prompt:
         add_generation_prompt=add_generation_prompt,
         bos_token=info.bos_token or "",
         eos_token=info.eos_token or "",
+        **context,
     )
+
+
+@lru_cache(maxsize=8)
+def takes_tools(source: str | None) -> bool:
+    """Whether a chat template reads the `tools` variable (Qwen2.5's, Llama 3.1's, Mistral's do; SmolLM2's does not)."""
+    if not source:
+        return False
+    from jinja2 import TemplateSyntaxError, meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        return "tools" in meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(source))
+    except TemplateSyntaxError:
+        return False
 
 
 def chat_template(family: TemplateFamily, default_system: str | None = None) -> str:

@@ -82,6 +82,26 @@ class FolderRegistry(Registry):
         (self.root / "index.json").write_text(json.dumps(index))
 
 
+class RuntimeFolderRegistry(FolderRegistry):
+    """The folder registry with a runtime of its own that has no grammar engine (constrains stays False): ORT
+    GenAI, never given a constraint."""
+
+    name = "folder-runtime"
+    description = "index.json in a folder, with an unconstrained runtime (tests only)"
+
+    def default_location(self) -> Path:
+        return Path.home() / ".slmops-folder-runtime-registry"
+
+    def load(self, name: str) -> bool:
+        return True
+
+    def chat(self, name, messages, options, usage):
+        from slmops.chat import OrtGenAIChat
+
+        assert options.get("constraint") is None, "slmops gave a constraint to a registry that cannot keep it"
+        yield from OrtGenAIChat(self.root / name).stream(messages, options, usage)
+
+
 @hookimpl
 def register_template_families(register):
     register(ZEPHYRISH)
@@ -95,6 +115,7 @@ def register_converters(register):
 @hookimpl
 def register_registries(register):
     register(FolderRegistry())
+    register(RuntimeFolderRegistry())
 
 
 @hookimpl
