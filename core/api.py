@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import runtime_fed_matmuls
+from .chat import OrtGenAIChat
 from .config import Config, home, load_config
 from .cpus import available_memory
 from .errors import SlmopsError
@@ -71,6 +72,7 @@ __all__ = [
     "ConvertRequest",
     "Converter",
     "ModelInfo",
+    "OrtGenAIChat",
     "Quantizer",
     "Registry",
     "RegistryEntry",

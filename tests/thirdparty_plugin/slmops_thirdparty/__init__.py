@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from slmops.api import Converter, Registry, RegistryEntry, TemplateFamily, hookimpl
+from slmops.api import Converter, OrtGenAIChat, Registry, RegistryEntry, TemplateFamily, hookimpl
 
 # A made-up chat format, so detection can only find it through this plugin.
 ZEPHYRISH = TemplateFamily(
@@ -96,8 +96,6 @@ class RuntimeFolderRegistry(FolderRegistry):
         return True
 
     def chat(self, name, messages, options, usage):
-        from slmops.chat import OrtGenAIChat
-
         assert options.get("constraint") is None, "slmops gave a constraint to a registry that cannot keep it"
         yield from OrtGenAIChat(self.root / name).stream(messages, options, usage)
 
