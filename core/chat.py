@@ -24,19 +24,14 @@ def load_template(model_dir: Path) -> templates.ChosenTemplate:
 def safe_messages(messages: Messages, chosen: templates.ChosenTemplate, info=None) -> Messages:
     """User and assistant text with the template's control tokens broken, so it cannot open a new turn."""
     tokens = templates.control_tokens(chosen.family, info)
+    return [{"role": m["role"], "content": safe_content(m["role"], m["content"], tokens)} for m in messages]
 
-    def clean(text: str) -> str:  # invalid UTF-8 (lone surrogates) becomes U+FFFD instead of an encoder crash
-        return text.encode("utf-8", "replace").decode("utf-8")
 
-    return [
-        {
-            "role": m["role"],
-            "content": templates.neutralize(clean(m["content"]), tokens)
-            if m["role"] != "system"
-            else clean(m["content"]),
-        }
-        for m in messages
-    ]
+def safe_content(role: str, content: str, tokens: list[str]) -> str:
+    """One turn's text made safe: invalid UTF-8 (lone surrogates) becomes U+FFFD instead of an encoder crash, and
+    outside the system turn the control tokens are broken."""
+    text = content.encode("utf-8", "replace").decode("utf-8")
+    return text if role == "system" else templates.neutralize(text, tokens)
 
 
 class StopText:

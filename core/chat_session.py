@@ -55,7 +55,7 @@ class ChatRunner:
         options = options or self.options
         context = context_length(self.model_dir)
         limit = min(context, int(options.get("max_length") or context))
-        text = (options.get("prompt") if self.engine != "registry" else None) or templates.render(
+        text = options.get("prompt") or templates.render(  # prompt: only for ORT GenAI (with_tools)
             self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system
         )
         count = (
@@ -150,7 +150,7 @@ class ChatRunner:
         }
         if self.tool_use is not None:
             result["answer"], result["tool_calls"] = self.tool_use.parse(result["answer"])
-            began = (result["answer"] or "").lstrip().startswith(self.tool_use.opening().strip())
+            began = (result["answer"] or "").lstrip().startswith(self.tool_use.syntax.opening().strip())
             if stream_to:  # the calls as a person reads them; the answer's own text went out as it came
                 if watcher.calling is None and not began:  # it ended on what could have begun a call, but did not
                     stream_to.write(watcher.held)

@@ -140,6 +140,10 @@ class ToolSyntax:
     result: str = "<tool_response>\n{Content}\n</tool_response>"
     in_list: bool = False
 
+    def opening(self) -> str:
+        """How an answer that calls a tool begins."""
+        return self.call_start or ("[" if self.in_list else "{")
+
 
 @dataclass
 class TemplateFamily:

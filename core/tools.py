@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import templates
+from .chat import safe_content
 from .roles import ModelInfo, TemplateFamily, ToolSyntax
 from .structure import COMPACT, Constraint, ConstraintError, json_schema
 
@@ -115,12 +116,10 @@ class ToolUse:
         call = " ".join([*([lark_string(start)] if start else []), body, *([lark_string(end)] if end else [])])
         grammar = f"start: {calls}\ncall: {call}\n"
         if self.choice == "auto":  # or plain text: anything that does not begin the way a call does
-            grammar = f"start: {calls} | TEXT\nTEXT: /[^{regex_char(self.opening()[0])}][\\s\\S]*/\ncall: {call}\n"
+            grammar = (
+                f"start: {calls} | TEXT\nTEXT: /[^{regex_char(self.syntax.opening()[0])}][\\s\\S]*/\ncall: {call}\n"
+            )
         return Constraint(schema, kind="lark_grammar", grammar=grammar)
-
-    def opening(self) -> str:
-        """How an answer that calls a tool begins."""
-        return self.syntax.call_start or ("[" if self.syntax.in_list else "{")
 
     def system_text(self) -> str:
         specs = [t.spec() for t in self.tools]
@@ -165,7 +164,7 @@ def split_calls(text: str, syntax: ToolSyntax) -> tuple[list[dict[str, Any]], st
     decoder = json.JSONDecoder()
     marker, end = syntax.call_start.strip(), syntax.call_end.strip()
     calls, rest, at = [], [], 0
-    while (start := text.find(marker or ("[" if syntax.in_list else "{"), at)) != -1:
+    while (start := text.find(syntax.opening().strip(), at)) != -1:
         body = skip_space(text, start + len(marker))
         try:
             value, stop = decoder.raw_decode(text, body)
@@ -231,12 +230,8 @@ def conversation(
         return plain, None
     tokens = templates.control_tokens(family, info)
     written = []
-    for m in messages:  # user, assistant and tool text cannot open a turn of its own (as safe_messages does)
-        content = m.get("content") or ""
-        turn = {
-            "role": m["role"],
-            "content": content if m["role"] == "system" else templates.neutralize(content, tokens),
-        }
+    for m in messages:  # user, assistant and tool text cannot open a turn of its own
+        turn = {"role": m["role"], "content": safe_content(m["role"], m.get("content") or "", tokens)}
         if m.get("tool_calls"):  # arguments as objects, as transformers' templates take them
             turn["tool_calls"] = [
                 {**c, "function": {"name": c["function"]["name"], "arguments": arguments_of(c)}}
@@ -280,7 +275,7 @@ class CallWatcher:
         if self.calling is False:
             return piece
         self.held += piece
-        start = self.use.opening()
+        start = self.use.syntax.opening()
         if self.held.startswith(start):
             self.calling = True
         elif self.calling is None and not start.startswith(self.held):
