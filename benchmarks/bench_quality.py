@@ -57,7 +57,9 @@ def llama_cpp(gguf: Path):
         from llama_cpp import Llama
     except ImportError:
         return None
-    threads = os.cpu_count() or 1
+    from slmops.cpus import allowed_cpus
+
+    threads = allowed_cpus()  # the CPUs slmops itself may use, so the two are timed on the same share
     scorer = Llama(model_path=str(gguf), n_ctx=512, logits_all=True, n_threads=threads, verbose=False)
 
     def logits(tokens: list[int]) -> np.ndarray:

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from slmops.cpus import allowed_cpus
+
 QUESTIONS = [
     "What is the capital of France?",
     "Name three rivers in Europe.",
@@ -162,7 +164,7 @@ def main() -> None:
                     "--n_ctx",
                     "2048",
                     "--n_threads",
-                    str(os.cpu_count()),
+                    str(allowed_cpus()),
                     "--interrupt_requests",
                     "False",
                 ],  # its default cuts a stream short when the next request comes
@@ -202,7 +204,7 @@ def main() -> None:
         )
     print(
         f"\n{ROUNDS} streamed requests per client, {MAX_TOKENS} tokens at most, greedy; loopback; "
-        f"{os.cpu_count()} CPU cores. tok/s: all clients' completion tokens over the level's wall time;\n"
+        f"{allowed_cpus()} CPU cores. tok/s: all clients' completion tokens over the level's wall time;\n"
         "empty: answers with no text (cut or failed)."
     )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -101,8 +100,9 @@ def llama_runner() -> Callable[[str, bool], tuple[str, float | None]] | None:
         print("llama-cpp-python is not installed: no llama.cpp rows (make bench installs it)", file=sys.stderr)
         return None
     from slmops import sources
+    from slmops.cpus import allowed_cpus
 
-    llm = llama_cpp.Llama(str(sources.default_gguf()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    llm = llama_cpp.Llama(str(sources.default_gguf()), n_ctx=2048, n_threads=allowed_cpus(), verbose=False)
     grammar = LlamaGrammar.from_json_schema(json.dumps(SCHEMA), verbose=False)
 
     def run(prompt: str, constrained: bool) -> tuple[str, float | None]:

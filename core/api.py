@@ -25,7 +25,7 @@ from typing import Any
 from .adapters import runtime_fed_matmuls
 from .chat import OrtGenAIChat
 from .config import Config, home, load_config
-from .cpus import available_memory
+from .cpus import allowed_cpus, available_memory
 from .errors import SlmopsError
 from .fsutil import (
     clean_stale,
@@ -60,6 +60,7 @@ from .roles import (
 from .runtime import Session
 
 __all__ = [
+    "allowed_cpus",
     "available_memory",
     "in_child",
     "BENCH_RESULT_KEYS",
