@@ -4,17 +4,17 @@ llama.cpp Q4_K_M's bytes, in slmops's GGUF kernel), imatrix (scale and float min
 the model builder's RTN int4 (asymmetric with lm_head at 8 bits, and its symmetric default), ONNX Runtime's HQQ
 (float zero points), and int8.
 
-No float SmolLM2 can be downloaded here, so the source is made from the embedded one: its GGUF weights (4-bit
-blocks; the embedding 8-bit) with each block's rounding undone by uniform noise of one quantization step
-(value + U(-step/2, step/2), seed 0). That is what a float model looks like to a quantizer (weights off any grid,
-the same per-block ranges) while staying a working model. Faithfulness: KL(source || build) per position, torch
-against ORT GenAI, on slmops's corpus (512-token windows, the second half of each scored)."""
+Two float sources (benchmarks/float_sources.py, made from the embedded SmolLM2 since none can be downloaded): the
+dithered stand-in (its 4-bit weights moved off the grid) and a real fine-tune (on the order-record task of
+benchmarks/make_domain.py). Faithfulness: KL(source || build) per position, torch against ORT GenAI, on slmops's
+corpus (512-token windows, the second half of each scored). On the fine-tune, also its held-out domain rows:
+accuracy (every field of the record right, under the schema) and fields, beside its fp32 build's; and gptq
+calibrated on the fine-tune's own training rows (--calibration)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import ort_speed, prompt_tokens  # noqa: E402 (the same speed measurement as the GGUF bench)
+from float_sources import SEED, dithered, finetuned, make_domain  # noqa: E402
 
 BUILDS = [
     ("fp32", {"precision": "fp32"}),
@@ -39,36 +40,6 @@ BUILDS = [
     ("int8 q8_0 (default for float sources)", {"precision": "int8"}),
     ("int8 builder (MatMulNBits, float embedding)", {"precision": "int8", "algorithm": "rtn"}),
 ]
-SEED = 0
-
-
-def dithered(checkpoint: Path, out: Path) -> Path:
-    """The float stand-in source described above, written once to out."""
-    from safetensors.numpy import load_file, save_file
-
-    if (out / "model.safetensors").is_file():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(SEED)
-    tensors = load_file(str(checkpoint / "model.safetensors"))
-    for name, value in tensors.items():
-        if value.ndim != 2 or value.shape[1] % 32:
-            continue
-        x = value.astype(np.float64).reshape(value.shape[0], -1, 32)
-        lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-        step4 = (hi - lo) / 15
-        codes = (x - lo) / np.where(step4 > 0, step4, 1)
-        on_4bit_grid = np.abs(codes - np.rint(codes)).max(-1, keepdims=True) < 1e-3  # Q4_1; else Q8_0
-        step = np.where(on_4bit_grid, step4, np.abs(x).max(-1, keepdims=True) / 127)
-        tensors[name] = (x + (rng.random(x.shape) - 0.5) * step).reshape(value.shape).astype(np.float32)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for f in checkpoint.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(out)
-    return out
 
 
 def torch_logits(checkpoint: Path):
@@ -84,16 +55,33 @@ def torch_logits(checkpoint: Path):
     return logits
 
 
-def main() -> None:
-    from slmops import convert, quality, sources
-    from slmops.config import home
+# On the fine-tune: the default int4 and int8, the strongest alternatives, and gptq calibrated on its own data.
+FINETUNE_BUILDS = [
+    b
+    for b in BUILDS
+    if b[0]
+    in {
+        "fp32",
+        "int4 gptq (default for float sources)",
+        "int4 imatrix",
+        "int4 rtn_last asym (builder)",
+        "int8 q8_0 (default for float sources)",
+    }
+]
+OWN_CALIBRATION = "int4 gptq, calibrated on the fine-tune's training rows"
+
+
+def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | None) -> list[dict]:
+    """Each build of source: MB, quality against torch on the shipped corpus, speed, and (with domain) the held-out
+    rows' shares."""
+    from slmops import convert, quality
+    from slmops.chat import OrtGenAIChat
+    from slmops.domain import score
     from slmops.fsutil import dir_size
     from slmops.runtime import Session
 
-    os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
-    source = dithered(sources.resolve(None).checkpoint, home() / "bench" / f"smollm2-dithered-{SEED}")
     builds = {}
-    for label, options in BUILDS:
+    for label, options in builds_asked:
         start = time.perf_counter()
         builds[label] = convert.convert(str(source), options).path
         print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -105,23 +93,51 @@ def main() -> None:
     print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values())).positions} positions", flush=True)
     tokens = prompt_tokens(fp32.encode)
     rows = []
+    held_out = quality.load_set(domain) if domain else []
     for label, path in builds.items():
-        q = scores[label]
         pp, tg = ort_speed(path, tokens)
-        rows.append({"build": label, "mb": dir_size(path) / 1e6, "pp128": pp, "tg128": tg, **q.to_json()})
+        row = {"build": label, "mb": dir_size(path) / 1e6, "pp128": pp, "tg128": tg, **scores[label].to_json()}
+        if held_out:
+            shares = score(OrtGenAIChat(path), held_out)
+            row.update(domain_accuracy=shares["accuracy"], domain_fields=shares["fields"])
+        rows.append(row)
+    return rows
+
+
+def table(title: str, rows: list[dict]) -> None:
+    domain = "domain_accuracy" in rows[0]
     print(
-        f"\n{'build (source: torch)':<42} {'MB':>6} {'x fp32':>6} {'mean KLD':>9} {'KLD p99':>8} {'top-1':>6} "
-        f"{'PPL':>6} {'pp128':>7} {'tg128':>7}"
+        f"\n{title:<52} {'MB':>6} {'x fp32':>6} {'mean KLD':>9} {'KLD p99':>8} {'top-1':>6} {'PPL':>6} "
+        f"{'pp128':>7} {'tg128':>7}" + (f" {'domain':>7} {'fields':>7}" if domain else "")
     )
     for r in rows:
         print(
-            f"{r['build']:<42} {r['mb']:>6.0f} {r['mb'] / rows[0]['mb']:>6.2f} {r['mean_kld']:>9.4f} "
+            f"{r['build']:<52} {r['mb']:>6.0f} {r['mb'] / rows[0]['mb']:>6.2f} {r['mean_kld']:>9.4f} "
             f"{r['kld_p99']:>8.3f} {r['top1_agreement']:>6.3f} {r['perplexity']:>6.2f} {r['pp128']:>7.0f} "
-            f"{r['tg128']:>7.1f}"
+            f"{r['tg128']:>7.1f}" + (f" {r['domain_accuracy']:>7.3f} {r['domain_fields']:>7.3f}" if domain else "")
         )
-    print(f"\nsource perplexity {rows[0]['reference_perplexity']:.2f}")
+    print(f"source perplexity {rows[0]['reference_perplexity']:.2f}")
+
+
+def main() -> None:
+    from slmops import quality, sources
+    from slmops.config import home
+
+    os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
+    embedded = sources.resolve(None).checkpoint
+    results = {}
+    print("source 1: the dithered stand-in", flush=True)
+    stand_in = dithered(embedded, home() / "bench" / f"smollm2-dithered-{SEED}")
+    results["dithered"] = measure(stand_in, BUILDS, None)
+    print("source 2: the order-record fine-tune (made once, a few minutes)", flush=True)
+    tuned = finetuned(embedded, home() / "bench" / f"smollm2-orders-{SEED}", progress=lambda m: print(" ", m))
+    own = {"precision": "int4", "algorithm": "gptq", "calibration": make_domain.TRAIN}
+    results["fine-tune"] = measure(tuned, [*FINETUNE_BUILDS, (OWN_CALIBRATION, own)], make_domain.EVAL)
+    table("dithered stand-in (source: torch)", results["dithered"])
+    table(f"fine-tune, {make_domain.EVAL.name} held out (source: torch)", results["fine-tune"])
+    print("domain: share of held-out rows with every field right (under the schema); fields: share of fields right")
     if "--json" in sys.argv:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def calibration_text(path: Path) -> str:
     row a paragraph; too little text is refused with a one-line error."""
     rows = load_set(Path(path))
     text = "\n\n".join(
-        str(r["text"]) if "text" in r else f"{r['prompt']}\n{r['expected']}"
+        str(r["text"]) if "text" in r else f"{r['prompt']}\n{answer_text(r['expected'])}"
         for r in rows
         if isinstance(r.get("text", r.get("prompt")), str)
     )
@@ -74,6 +75,11 @@ def calibration_text(path: Path) -> str:
             "(a few pages of what the model will see)"
         )
     return text
+
+
+def answer_text(expected: Any) -> str:
+    """A row's expected answer as the model writes it: a structured one (a record, a call) as JSON."""
+    return expected if isinstance(expected, str) else json.dumps(expected)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
