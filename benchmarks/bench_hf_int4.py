@@ -1,5 +1,5 @@
 """int4 routes for a Hugging Face (float) source, side by side in one run: size, faithfulness to the source (torch)
-and speed of slmops's gptq (the default int4 for float sources: error-compensating rounding, 4/5/8 bits within
+and speed of slmops's gptq (the default int4 for float sources: error-compensating rounding, Q4_0 to Q8_0 blocks within
 llama.cpp Q4_K_M's bytes, in slmops's GGUF kernel), imatrix (scale and float min per block of 32, searched),
 the model builder's RTN int4 (asymmetric with lm_head at 8 bits, and its symmetric default), ONNX Runtime's HQQ
 (float zero points), and int8.

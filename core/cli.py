@@ -201,7 +201,7 @@ def convert_options(f=None, *, auto: bool = False):
         click.option(
             "--algorithm",
             help="int4 algorithm: auto (default: gguf for a GGUF source, gptq for a float one), gptq (error-"
-            "compensating rounding, 4/5/8 bits by measured error within llama.cpp Q4_K_M's bytes), gguf (a GGUF "
+            "compensating rounding, Q4_0 to Q8_0 blocks by measured error within llama.cpp Q4_K_M's bytes), gguf (a GGUF "
             "source's own blocks, exact), imatrix (searched scale and float min per block of 32; needs --asymmetric), "
             "the builder's rtn, rtn_last and k_quant variants, hqq (slow on CPU; needs --asymmetric), or a plugin's. "
             "int8: auto (q8_0 for a float source: every weight, embedding included, in llama.cpp's Q8_0 blocks) or rtn.",

@@ -26,7 +26,8 @@ SOURCE = "gguf_kernel.cc"
 LIBRARY = "libslmops_gguf.so"
 DOMAIN = "ai.slmops"
 MATMUL, GATHER = "MatMulGGML", "GatherGGML"
-Q4_1, Q5_1, Q8_0 = 3, 7, 8  # GGML's type numbers, the ggml_type attribute
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8  # GGML's type numbers, the ggml_type attribute
+CENTRE = {Q4_0: 8, Q5_0: 16}  # the code of zero in a type without a minimum
 COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
 CPU_FLAGS = ["avx2", "fma", "f16c"]
@@ -106,8 +107,8 @@ def _compiler_version(cxx: str) -> str:
 
 
 def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
-    """The kernel's type for a block form it holds exactly (4-bit or 5-bit codes with a fp16 scale and minimum per 32,
-    Q4_0 and Q5_0 included; or Q8_0), else None."""
+    """The kernel's type for a block form it holds exactly (4-bit or 5-bit codes with a fp16 scale per 32, and a fp16
+    minimum (Q4_1, Q5_1) or none (Q4_0, Q5_0); or Q8_0), else None."""
     if form.block != BLOCK or form.codes.shape[0] % COLUMNS or form.codes.shape[1] % BLOCK:
         return None
     if not _half_exact(form.scales):
@@ -115,14 +116,14 @@ def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
     if form.bits == 4 and form.offsets is not None and not form.zero_points.any() and _half_exact(form.offsets):
         return Q4_1
     if form.bits == 4 and form.offsets is None and (form.zero_points == 8).all():
-        return Q4_1 if _half_exact(-8 * form.scales) else None  # Q4_0: the minimum is -8 scales
+        return Q4_0
     if form.bits == 8 and form.offsets is None and (form.zero_points == 128).all():
         return Q8_0
     if form.bits == 8 and form.codes.max(initial=0) < 32:  # 5-bit codes, carried as 8-bit ones (gguf_blocks.FORMS)
         if form.offsets is not None and not form.zero_points.any() and _half_exact(form.offsets):
             return Q5_1
         if form.offsets is None and (form.zero_points == 16).all():
-            return Q5_1 if _half_exact(-16 * form.scales) else None  # Q5_0: the minimum is -16 scales
+            return Q5_0
     return None
 
 
@@ -132,9 +133,9 @@ def _half_exact(values: np.ndarray) -> bool:
 
 def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
     """The form in the kernel's layout, uint8 [rows / 8, blocks, bytes]: for each group of 8 rows (outputs) and each
-    block, the 8 fp16 scales, (Q4_1, Q5_1) the 8 fp16 minimums, (Q5_1) each row's fifth bits (4 bytes, bit j of
-    code j), then each row's codes (Q4_1, Q5_1: 16 bytes, the low 4 bits of code j in the low nibble of byte j and of
-    code j + 16 in the high one; Q8_0: 32 int8)."""
+    block, the 8 fp16 scales, (Q4_1, Q5_1) the 8 fp16 minimums, (Q5_0, Q5_1) each row's fifth bits (4 bytes, bit j of
+    code j), then each row's codes (Q4_0 to Q5_1: 16 bytes, the low 4 bits of code j in the low nibble of byte j and
+    of code j + 16 in the high one; Q8_0: 32 int8)."""
     rows, cols = form.codes.shape
     blocks = cols // BLOCK
 
@@ -145,14 +146,13 @@ def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
 
     half = lambda a: a.astype(np.float16).view(np.uint8).reshape(rows, blocks, 2)  # noqa: E731
     codes = form.codes.reshape(rows, blocks, BLOCK)
-    if kind in (Q4_1, Q5_1):
-        zero = 8 if kind == Q4_1 else 16  # Q4_0 / Q5_0: the minimum is -zero scales
-        minimum = form.offsets if form.offsets is not None else -zero * form.scales
+    if kind != Q8_0:
         nibbles = ((codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)).astype(np.uint8)
-        parts = [half(form.scales), half(minimum), nibbles]
-        if kind == Q5_1:
+        parts = [half(form.scales)] + ([half(form.offsets)] if kind in (Q4_1, Q5_1) else [])
+        if kind in (Q5_0, Q5_1):
             bits = ((codes >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)
-            parts.insert(2, bits.astype("<u4").view(np.uint8).reshape(rows, blocks, 4))
+            parts.append(bits.astype("<u4").view(np.uint8).reshape(rows, blocks, 4))
+        parts.append(nibbles)
     else:
         parts = [half(form.scales), (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
     return np.ascontiguousarray(np.concatenate([group(p) for p in parts], axis=-1))
@@ -175,16 +175,17 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
     ungroup = lambda a: a.reshape(groups, blocks, COLUMNS, -1).transpose(0, 2, 1, 3).reshape(rows, blocks, -1)  # noqa: E731
     half = lambda a: ungroup(np.ascontiguousarray(a)).copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
     scales = half(weight[..., : 2 * COLUMNS])
-    if kind in (Q4_1, Q5_1):
-        minimum = half(weight[..., 2 * COLUMNS : 4 * COLUMNS])
-        start = 4 * COLUMNS if kind == Q4_1 else 8 * COLUMNS
+    if kind != Q8_0:
+        head = 4 * COLUMNS if kind in (Q4_1, Q5_1) else 2 * COLUMNS  # the scales (and the minimums)
+        minimum = half(weight[..., 2 * COLUMNS : head]) if kind in (Q4_1, Q5_1) else None
+        start = head + (4 * COLUMNS if kind in (Q5_0, Q5_1) else 0)
         nibbles = ungroup(np.ascontiguousarray(weight[..., start:]))
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-        if kind == Q5_1:
-            high = ungroup(np.ascontiguousarray(weight[..., 4 * COLUMNS : 8 * COLUMNS])).copy().view("<u4")
+        if kind in (Q5_0, Q5_1):
+            high = ungroup(np.ascontiguousarray(weight[..., head:start])).copy().view("<u4")
             codes = codes | (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
-        zero = np.zeros(scales.shape, dtype=np.uint8)
-        bits = 4 if kind == Q4_1 else 8
+        zero = np.full(scales.shape, CENTRE.get(kind, 0), dtype=np.uint8)
+        bits = 4 if kind in (Q4_0, Q4_1) else 8
         return gguf_blocks.BlockForm("", bits, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, minimum)
     codes = ungroup(np.ascontiguousarray(weight[..., 2 * COLUMNS :])).view(np.int8).astype(np.int16) + 128
     zero = np.full(scales.shape, 128, dtype=np.uint8)

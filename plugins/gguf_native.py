@@ -12,8 +12,8 @@ calibration text, skip the int8 rounding: zeroed in what MatMulNBits reads, mult
 Both corrections are one small float product per projection: y += side @ [offsets; outlier rows], where the side
 [blocksum(inliers), outliers] is made once per input (docs/architecture.md: what each costs at decode).
 
-Where this machine can build slmops's GGUF kernel (gguf_kernel: x86-64 with AVX2 and a C++ compiler), the Q4_0, Q4_1
-and Q8_0 weights go to it instead: MatMulGGML keeps llama.cpp's blocks and applies the minimum and the outlier
+Where this machine can build slmops's GGUF kernel (gguf_kernel: x86-64 with AVX2 and a C++ compiler), the Q4_0, Q4_1,
+Q5_0, Q5_1 and Q8_0 weights go to it instead: MatMulGGML keeps llama.cpp's blocks and applies the minimum and the outlier
 channels inside the kernel, with no correction nodes."""
 
 from __future__ import annotations

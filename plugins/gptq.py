@@ -5,10 +5,11 @@ SmolLM2 against torch (docs/user-guide.md, section 2):
   the columns not yet rounded, through the inverse of H = E[x x^T], what flows into the MatMul on calibration text.
   Each block of 32 gets its scale and minimum when its first column comes up, fitted to the weights as updated by
   then, under the importance of each input channel (diag H), as llama.cpp's make_qkx2_quants with an imatrix.
-- Bits where they count: each weight is 4-bit, 5-bit (codes with a fp16 scale and minimum per 32: Q4_1 / Q5_1) or
-  8-bit (Q8_0). All start at 4 bits; the upgrade that removes the most output error (measured on the calibration
-  text, relative to the output) per byte is taken while the bytes stay within what llama.cpp's Q4_K_M takes for the
-  same model (its rules, `q4_k_m_bytes`): the same budget, spent by measurement rather than by tensor name.
+- Bits where they count: each weight takes one of llama.cpp's block forms of 32: 4-bit or 5-bit codes with a fp16
+  scale (Q4_0 / Q5_0) or a scale and a minimum (Q4_1 / Q5_1), or 8-bit (Q8_0). All start at the smallest; the change
+  that removes the most output error (measured on the calibration text, relative to the output) per byte is taken
+  while the bytes stay within what llama.cpp's Q4_K_M takes for the same model (its rules, `q4_k_m_bytes`): the same
+  budget, spent by measurement rather than by tensor name.
 - The fp16 scale and minimum are what the fit sees, so slmops's GGUF kernel holds the blocks exactly and applies the
   minimum and each MatMul's activation outlier channels (kept in float, as for a GGUF source) inside the kernel.
   Without the kernel the same blocks go to MatMulNBits with a float correction: the same weights, slower."""
@@ -34,14 +35,17 @@ from slmops.plugins import calibration, gguf_blocks, gguf_kernel, gguf_native
 from slmops.plugins.imatrix import fit_weights, search_blocks
 
 BLOCK = 32
-BITS = (4, 5, 8)
-# Bytes per weight of each choice: codes plus a fp16 scale (and a fp16 minimum for 4 and 5 bits) per 32 weights.
-BYTES = {4: (4 * 32 + 32) / 8 / 32, 5: (5 * 32 + 32) / 8 / 32, 8: (8 * 32 + 16) / 8 / 32}
-KIND = {4: "gptq_q4", 5: "gptq_q5", 8: "q8_0"}  # the forms' names in slmops-quantization.json
-# The output layer's (and an embedding's) least bits. On the float SmolLM2 (7,432 corpus positions against torch, the
-# same byte budget): 4 (where the output error per byte put it) 0.0229 mean KLD / top-1 0.914, 5: 0.0247 / 0.917
-# with 3% fewer bytes, 8: 0.0429 / 0.891 (its 8 bits left 4 for most of the rest).
-HEAD_BITS = 5
+# The block forms a weight may take: name -> (code bits, has a minimum). Names as in slmops-quantization.json.
+FORMS = {"q4_0": (4, False), "q4_1": (4, True), "q5_0": (5, False), "q5_1": (5, True), "q8_0": (8, False)}
+CHOICES = tuple(FORMS)
+# Bytes per weight: the codes, a fp16 scale and (q4_1, q5_1) a fp16 minimum per 32 weights.
+BYTES = {name: (bits * BLOCK + 16 + 16 * minimum) / 8 / BLOCK for name, (bits, minimum) in FORMS.items()}
+CENTRE = {"q4_0": 8, "q5_0": 16, "q8_0": 128}  # the code of zero in a form without a minimum
+SMALLEST = min(CHOICES, key=BYTES.get)
+# The output layer's (and an embedding's) least bytes. On the float SmolLM2 (7,432 corpus positions against torch, the
+# same byte budget, 4/5/8-bit forms with a minimum): 4-bit (where the output error per byte put it) 0.0229 mean KLD /
+# top-1 0.914, 5-bit: 0.0247 / 0.917 with 3% fewer bytes, 8-bit: 0.0429 / 0.891 (it left 4 bits for most of the rest).
+HEAD_FORM = "q5_0"
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (GPTQ's default)
 STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
@@ -55,12 +59,35 @@ def half(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float16).astype(np.float32)
 
 
-def block_params(x: np.ndarray, importance: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """fp16 scale and minimum [rows, blocks] for x [rows, blocks * 32], fitted under the input channels' importance."""
+def block_params(x: np.ndarray, importance: np.ndarray | None, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 scale and minimum [rows, blocks] for x [rows, blocks * 32], fitted under the input channels' importance;
+    a form without a minimum has -centre scales as its minimum."""
     rows = x.shape[0]
     blocks = x.reshape(rows, -1, BLOCK).astype(np.float32)
+    bits, minimum = FORMS[form]
+    if not minimum:
+        scale = half(symmetric_scale(blocks, fit_weights(blocks, importance), CENTRE[form]))
+        return scale, -CENTRE[form] * scale
     _, scale, low = search_blocks(blocks, fit_weights(blocks, importance), 2**bits - 1)
     return half(scale), half(low)
+
+
+def symmetric_scale(x: np.ndarray, w: np.ndarray, centre: int, steps: int = 9) -> np.ndarray:
+    """The scale of blocks x [..., 32] with codes -centre..centre-1 that makes the least weighted error, as llama.cpp's
+    make_qx_quants: the block's largest value on the lowest code, nudged by tenths of a code, each grid's scale then
+    fitted by least squares."""
+    big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+    safe = np.where(big != 0, big, 1.0)
+    best_scale, best_error = np.zeros(x.shape[:-1], dtype=np.float32), np.full(x.shape[:-1], np.inf)
+    for step in range(-steps, steps + 1):
+        inverse = -(centre + 0.1 * step) / safe
+        codes = np.clip(np.rint(x * inverse[..., None]), -centre, centre - 1)
+        wl = w * codes
+        scale = (wl * x).sum(-1) / np.maximum((wl * codes).sum(-1), 1e-30)
+        error = (w * (scale[..., None] * codes - x) ** 2).sum(-1)
+        better = error < best_error
+        best_scale, best_error = np.where(better, scale, best_scale), np.where(better, error, best_error)
+    return best_scale
 
 
 def q8_0(matrix: np.ndarray) -> gguf_blocks.BlockForm:
@@ -70,35 +97,38 @@ def q8_0(matrix: np.ndarray) -> gguf_blocks.BlockForm:
     scale = half(np.abs(blocks).max(-1) / 127)
     safe = np.where(scale > 0, scale, 1)
     codes = (np.clip(np.rint(blocks / safe[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, cols)
-    return gguf_blocks.BlockForm(KIND[8], 8, BLOCK, codes, scale, np.full(scale.shape, 128, dtype=np.uint8), None)
+    return gguf_blocks.BlockForm("q8_0", 8, BLOCK, codes, scale, np.full(scale.shape, 128, dtype=np.uint8), None)
 
 
-def rounded(matrix: np.ndarray, importance: np.ndarray, bits: int) -> gguf_blocks.BlockForm:
+def rounded(matrix: np.ndarray, importance: np.ndarray | None, form: str) -> gguf_blocks.BlockForm:
     """Plain rounding to the fitted blocks, no error compensation (the estimate `allocate` uses, and the baseline
     the tests hold GPTQ against)."""
-    if bits == 8:
+    if form == "q8_0":
         return q8_0(matrix)
-    scale, low = block_params(matrix, importance, bits)
-    return _form(_codes(matrix, scale, low, bits), scale, low, bits)
+    scale, low = block_params(matrix, importance, form)
+    return _form(_codes(matrix, scale, low, form), scale, low, form)
 
 
-def _codes(x: np.ndarray, scale: np.ndarray, low: np.ndarray, bits: int) -> np.ndarray:
+def _codes(x: np.ndarray, scale: np.ndarray, low: np.ndarray, form: str) -> np.ndarray:
     rows = x.shape[0]
     blocks = x.reshape(rows, -1, BLOCK) if x.ndim == 2 else x
-    safe = np.where(scale > 0, scale, 1)
-    codes = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 2**bits - 1)
+    safe = np.where(scale != 0, scale, 1)
+    codes = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 2 ** FORMS[form][0] - 1)
     return codes.reshape(rows, -1).astype(np.uint8)
 
 
-def _form(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, bits: int) -> gguf_blocks.BlockForm:
-    zero = np.zeros(scale.shape, dtype=np.uint8)
-    return gguf_blocks.BlockForm(KIND[bits], 4 if bits == 4 else 8, BLOCK, codes, scale, zero, low)
+def _form(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, form: str) -> gguf_blocks.BlockForm:
+    """The block form of codes 0..2^bits-1 (value = scale * code + low); a form without a minimum as llama.cpp's
+    Q4_0 / Q5_0: its codes centred, no offset."""
+    bits, minimum = FORMS[form]
+    zero = np.full(scale.shape, 0 if minimum else CENTRE[form], dtype=np.uint8)
+    return gguf_blocks.BlockForm(form, 4 if bits == 4 else 8, BLOCK, codes, scale, zero, low if minimum else None)
 
 
-def gptq(matrix: np.ndarray, hessian: np.ndarray, bits: int) -> gguf_blocks.BlockForm:
-    """matrix [rows = outputs, cols = inputs] at 4 or 5 bits, each column's rounding error compensated on the columns
-    after it (Frantar et al., GPTQ), each block's scale and minimum fitted when the block comes up."""
-    if bits == 8:
+def gptq(matrix: np.ndarray, hessian: np.ndarray, form: str) -> gguf_blocks.BlockForm:
+    """matrix [rows = outputs, cols = inputs] in a 4-bit or 5-bit form, each column's rounding error compensated on the
+    columns after it (Frantar et al., GPTQ), each block's scale (and minimum) fitted when the block comes up."""
+    if form == "q8_0":
         return q8_0(matrix)
     w = matrix.astype(np.float64).copy()
     rows, cols = w.shape
@@ -113,7 +143,7 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, bits: int) -> gguf_blocks.Bloc
     codes = np.zeros((rows, cols), dtype=np.uint8)
     scale = np.zeros((rows, cols // BLOCK), dtype=np.float32)
     low = np.zeros_like(scale)
-    top = 2**bits - 1
+    top = 2 ** FORMS[form][0] - 1
     for start in range(0, cols, LAZY):
         end = min(start + LAZY, cols)
         part, errors = w[:, start:end].copy(), np.zeros((rows, end - start))
@@ -121,16 +151,16 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, bits: int) -> gguf_blocks.Bloc
             col = start + i
             b = col // BLOCK
             if col % BLOCK == 0:
-                s, m = block_params(part[:, i : i + BLOCK], importance[col : col + BLOCK], bits)
+                s, m = block_params(part[:, i : i + BLOCK], importance[col : col + BLOCK], form)
                 scale[:, b], low[:, b] = s[:, 0], m[:, 0]
             s, m = scale[:, b].astype(np.float64), low[:, b].astype(np.float64)
-            c = np.clip(np.rint((part[:, i] - m) / np.where(s > 0, s, 1)), 0, top)
+            c = np.clip(np.rint((part[:, i] - m) / np.where(s != 0, s, 1)), 0, top)
             codes[:, col] = c
             error = (part[:, i] - (s * c + m)) / u[col, col]
             part[:, i:] -= np.outer(error, u[col, start + i : end])
             errors[:, i] = error
         w[:, end:] -= errors @ u[start:end, end:]
-    return _form(codes, scale, low, bits)
+    return _form(codes, scale, low, form)
 
 
 def output_error(matrix: np.ndarray, values: np.ndarray, hessian: np.ndarray) -> float:
@@ -142,27 +172,29 @@ def output_error(matrix: np.ndarray, values: np.ndarray, hessian: np.ndarray) ->
 
 
 def allocate(
-    errors: dict[str, dict[int, float]], sizes: dict[str, int], budget: float, floor: dict[str, int] | None = None
-) -> dict[str, int]:
-    """Bits per weight name: all at their floor (4 unless floor says), then upgrades (to 5 or 8) by output error
-    removed per byte, largest first, while the bytes stay within budget. errors: name -> bits -> output_error;
-    sizes: name -> weights."""
-    bits = {name: (floor or {}).get(name, 4) for name in sizes}
-    used = sum(sizes[n] * BYTES[b] for n, b in bits.items())
+    errors: dict[str, dict[str, float]], sizes: dict[str, int], budget: float, floor: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The form of each weight: all at their floor (the smallest form unless floor says), then changes to a larger
+    form by output error removed per byte, largest first, while the bytes stay within budget. errors: name -> form
+    -> output_error; sizes: name -> weights; a form smaller than the floor's is not taken."""
+    floor = floor or {}
+    chosen = {name: floor.get(name, SMALLEST) for name in sizes}
+    used = sum(sizes[n] * BYTES[f] for n, f in chosen.items())
     while True:
         best, gain = None, 0.0
-        for name, now in bits.items():
-            for to in BITS:
+        for name, now in chosen.items():
+            least = BYTES[floor.get(name, SMALLEST)]
+            for to in CHOICES:
                 cost = sizes[name] * (BYTES[to] - BYTES[now])
-                if to <= now or used + cost > budget:
+                if cost <= 0 or BYTES[to] < least or used + cost > budget:
                     continue
                 rate = (errors[name][now] - errors[name][to]) / cost
                 if rate > gain:
                     best, gain = (name, to, cost), rate
         if best is None:
-            return bits
+            return chosen
         name, to, cost = best
-        bits[name], used = to, used + cost
+        chosen[name], used = to, used + cost
 
 
 def q4_k_m_bytes(name: str, rows: int, cols: int, layers: int) -> float:
@@ -199,7 +231,7 @@ def split_qkv(name: str, rows: int, config: dict) -> list[tuple[str, int, int]]:
 
 class GPTQ(Quantizer):
     name = "gptq"
-    description = "int4 for float sources: GPTQ rounding, 4/5/8 bits by measured error within Q4_K_M's bytes"
+    description = "int4 for float sources: GPTQ rounding, Q4_0..Q8_0 blocks by measured error within Q4_K_M's bytes"
     precisions = ("int4",)
     algorithms = ("gptq",)
     cost = 6
@@ -242,8 +274,8 @@ class GPTQ(Quantizer):
         level = gguf_native.accuracy_level(request)
         kernel = gguf_kernel.library() if level >= gguf_native.INTEGER_ACTIVATIONS else None
         plan = Plan(decoder, extra=carried_bytes(fp32_dir, matrices, kernel))
-        # Measure every weight's output error at each bits (its group's H in memory), choose the bits under the
-        # budget, then round each at its bits: H kept where all of it fits in one group, measured again otherwise.
+        # Measure every weight's output error in each form (its group's H in memory), choose the forms under the
+        # budget, then round each in its form: H kept where all of it fits in one group, measured again otherwise.
         kept, importance = {}, {}
         for group in groups:
             hessians = hessians_of(group)
@@ -264,7 +296,7 @@ class GPTQ(Quantizer):
             channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
         report = {
             **self.report(request, channels, kernel),
-            "bits": plan.chosen,
+            "forms": plan.chosen,
             "budget_bytes": round(plan.budget),
             "bytes": round(plan.used()),
             "floor_bytes": round(plan.used(plan.floor)),  # the least it can take: over the budget of a tiny model
@@ -303,8 +335,8 @@ def hessian_groups(inputs: dict[str, str], widths: dict[str, int], budget: float
 
 
 class Plan:
-    """The bits of every weight: each weight's output error measured at every bits, then the bits chosen once all
-    are measured (allocate), then its blocks rounded at those bits (forms)."""
+    """The form of every weight: each weight's output error measured in every form, then the forms chosen once all
+    are measured (allocate), then its blocks rounded in those forms (forms)."""
 
     def __init__(self, decoder: dict, extra: float = 0.0):
         self.decoder = decoder
@@ -316,26 +348,27 @@ class Plan:
         self.budget = 0.0
 
     def measure(self, name: str, matrix: np.ndarray, h: np.ndarray | None) -> None:
-        """The output error of each part of the weight (q, k, v of a packed one) at 4, 5 and 8 bits, and its bytes
-        in llama.cpp's Q4_K_M."""
+        """The output error of each part of the weight (q, k, v of a packed one) in every form, and its bytes in
+        llama.cpp's Q4_K_M."""
         layers = self.decoder["num_hidden_layers"]
         for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
             rows = np.ascontiguousarray(matrix[start:end], dtype=np.float32)
             self.sizes[part] = rows.size
             self.budget += q4_k_m_bytes(part, *rows.shape, layers)
-            if h is None:  # no measurement (an embedding of its own): as Q4_K_M keeps it
-                self.errors[part] = {4: 1.0, 5: 0.5, 8: 0.0}
+            if h is None:  # no measurement (an embedding of its own): error falls with the bits
+                self.errors[part] = {f: 1.0 / 2 ** (FORMS[f][0] + FORMS[f][1]) for f in CHOICES}
                 continue
             imp = np.diag(h)
-            self.errors[part] = {b: output_error(rows, rounded(rows, imp, b).dequantize(), h) for b in BITS}
+            self.errors[part] = {f: output_error(rows, rounded(rows, imp, f).dequantize(), h) for f in CHOICES}
 
     def choose(self) -> None:
-        self.floor = {n: HEAD_BITS for n in self.sizes if keeps_more_bits(n)}
+        self.floor = {n: HEAD_FORM for n in self.sizes if keeps_more_bits(n)}
         self.chosen = allocate(self.errors, self.sizes, self.budget - self.extra, self.floor)
 
-    def used(self, bits: dict[str, int] | None = None) -> float:
-        """Bytes of the weights at the chosen bits (or at bits, 4 where it does not say)."""
-        return sum(self.sizes[n] * BYTES[(bits if bits is not None else self.chosen).get(n, 4)] for n in self.sizes)
+    def used(self, forms: dict[str, str] | None = None) -> float:
+        """Bytes of the weights in the chosen forms (or in forms, the smallest where it does not say)."""
+        forms = forms if forms is not None else self.chosen
+        return sum(self.sizes[n] * BYTES[forms.get(n, SMALLEST)] for n in self.sizes)
 
     def forms(
         self, name: str, matrix: np.ndarray, h: np.ndarray | None
@@ -343,8 +376,8 @@ class Plan:
         runs = []
         for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
             rows = np.ascontiguousarray(matrix[start:end], dtype=np.float32)
-            bits = self.chosen.get(part, 8)
-            runs.append((start, end, gptq(rows, h, bits) if h is not None else rounded(rows, None, bits)))
+            form = self.chosen.get(part, "q8_0")
+            runs.append((start, end, gptq(rows, h, form) if h is not None else rounded(rows, None, form)))
         return runs
 
 

@@ -26,46 +26,69 @@ def correlated(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return matrix, x.T @ x / len(x)
 
 
-@pytest.mark.parametrize("bits", [4, 5])
-def test_error_compensation_lowers_the_output_error_of_plain_rounding(bits):
+KERNEL_TYPE = {"q4_0": gguf_kernel.Q4_0, "q4_1": gguf_kernel.Q4_1, "q5_0": gguf_kernel.Q5_0, "q5_1": gguf_kernel.Q5_1}
+
+
+@pytest.mark.parametrize("form", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_error_compensation_lowers_the_output_error_of_plain_rounding(form):
     matrix, h = correlated(64, 256)
-    plain = gptq.rounded(matrix, np.diag(h), bits)
-    compensated = gptq.gptq(matrix, h, bits)
+    plain = gptq.rounded(matrix, np.diag(h), form)
+    compensated = gptq.gptq(matrix, h, form)
+    bits = gptq.FORMS[form][0]
     assert compensated.codes.max() == 2**bits - 1 and compensated.codes.shape == matrix.shape
-    # fp16 scale and minimum: what the kernel holds exactly
-    assert gguf_kernel.ggml_type(compensated) == (gguf_kernel.Q4_1 if bits == 4 else gguf_kernel.Q5_1)
+    # fp16 scale (and minimum): what the kernel holds exactly, in llama.cpp's form of that name
+    assert gguf_kernel.ggml_type(compensated) == KERNEL_TYPE[form]
     before = gptq.output_error(matrix, plain.dequantize(), h)
     after = gptq.output_error(matrix, compensated.dequantize(), h)
     assert after < 0.85 * before
     # 5 bits hold about a quarter of the error of 4
     if bits == 5:
-        assert after < 0.5 * gptq.output_error(matrix, gptq.gptq(matrix, h, 4).dequantize(), h)
+        four = form.replace("5", "4")
+        assert after < 0.5 * gptq.output_error(matrix, gptq.gptq(matrix, h, four).dequantize(), h)
+
+
+def test_the_symmetric_fit_beats_the_largest_value_on_the_lowest_code():
+    """q4_0 / q5_0 scales searched under the importance (llama.cpp's make_qx_quants) against Q4_0's plain rule
+    (scale = the largest value / -8): less weighted error; the plain rule is among the candidates, so never more."""
+    matrix, h = correlated(64, 256, seed=3)
+    blocks = matrix.reshape(64, -1, 32)
+    w = gptq.fit_weights(blocks, np.diag(h))
+    big = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    for form, centre in (("q4_0", 8), ("q5_0", 16)):
+        plain = big / -centre
+        codes = np.clip(np.rint(blocks / plain), -centre, centre - 1)
+        plain_error = (w * (plain * codes - blocks) ** 2).sum()
+        fitted = gptq.rounded(matrix, np.diag(h), form).dequantize().reshape(blocks.shape)
+        error = (w * (fitted - blocks) ** 2).sum()
+        assert error < 0.95 * plain_error, form
 
 
 def test_importance_weighs_the_block_fit():
     matrix, h = correlated(64, 256, seed=1)
-    weighted = gptq.rounded(matrix, np.diag(h), 4)
-    flat = gptq.rounded(matrix, np.ones(256), 4)
+    weighted = gptq.rounded(matrix, np.diag(h), "q4_1")
+    flat = gptq.rounded(matrix, np.ones(256), "q4_1")
     assert gptq.output_error(matrix, weighted.dequantize(), h) < gptq.output_error(matrix, flat.dequantize(), h)
 
 
 def test_allocation_spends_the_budget_where_the_error_is():
     sizes = {"a": 1000, "b": 1000, "c": 4000}
     errors = {
-        "a": {4: 0.10, 5: 0.03, 8: 0.001},  # loud: worth 5 bits, then 8
-        "b": {4: 0.01, 5: 0.004, 8: 0.0001},
-        "c": {4: 0.02, 5: 0.006, 8: 0.0002},
+        "a": {"q4_0": 0.12, "q4_1": 0.10, "q5_0": 0.035, "q5_1": 0.03, "q8_0": 0.001},  # loud: worth 5 bits, then 8
+        "b": {"q4_0": 0.012, "q4_1": 0.01, "q5_0": 0.0045, "q5_1": 0.004, "q8_0": 0.0001},
+        "c": {"q4_0": 0.025, "q4_1": 0.02, "q5_0": 0.007, "q5_1": 0.006, "q8_0": 0.0002},
     }
-    base = sum(n * gptq.BYTES[4] for n in sizes.values())
-    assert gptq.allocate(errors, sizes, base) == {"a": 4, "b": 4, "c": 4}
-    one_upgrade = base + 1000 * (gptq.BYTES[5] - gptq.BYTES[4])
-    assert gptq.allocate(errors, sizes, one_upgrade) == {"a": 5, "b": 4, "c": 4}
-    chosen = gptq.allocate(errors, sizes, base * 1.2)
-    used = sum(sizes[n] * gptq.BYTES[b] for n, b in chosen.items())
-    assert used <= base * 1.2 and chosen["a"] == 8
-    assert gptq.allocate(errors, sizes, base * 10) == {"a": 8, "b": 8, "c": 8}
+    smallest = {"a": "q4_0", "b": "q4_0", "c": "q4_0"}
+    base = sum(n * gptq.BYTES["q4_0"] for n in sizes.values())
+    assert gptq.allocate(errors, sizes, base) == smallest
+    one_upgrade = base + 1000 * (gptq.BYTES["q5_0"] - gptq.BYTES["q4_0"])
+    assert gptq.allocate(errors, sizes, one_upgrade) == {**smallest, "a": "q5_0"}  # the most error per byte
+    chosen = gptq.allocate(errors, sizes, base * 1.3)
+    used = sum(sizes[n] * gptq.BYTES[f] for n, f in chosen.items())
+    assert used <= base * 1.3 and chosen["a"] == "q8_0"
+    assert gptq.allocate(errors, sizes, base * 10) == {"a": "q8_0", "b": "q8_0", "c": "q8_0"}
     # a floor is kept whatever the errors say
-    assert gptq.allocate(errors, sizes, base * 2, floor={"b": 5})["b"] >= 5
+    floored = gptq.allocate(errors, sizes, base * 2, floor={"b": "q5_0"})
+    assert gptq.BYTES[floored["b"]] >= gptq.BYTES["q5_0"]
 
 
 def test_budget_is_what_llama_cpp_q4_k_m_gives_each_weight():
@@ -88,13 +111,13 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
     # within the budget, unless even the least bits are over it (the tiny model: a 49k-row lm_head and a 3.5 MB
     # tokenizer around 64-wide layers)
     assert report["bytes"] <= max(report["budget_bytes"], report["floor_bytes"])
-    assert set(report["bits"].values()) <= {4, 5, 8}
-    assert report["bits"]["lm_head.MatMul.weight"] >= 5  # the output layer's floor
+    assert set(report["forms"].values()) <= set(gptq.CHOICES)
+    assert gptq.BYTES[report["forms"]["lm_head.MatMul.weight"]] >= gptq.BYTES["q5_0"]  # the output layer's floor
     # The graph computes with exactly the blocks the fit chose: rebuilt here from the same measurements.
     hessians = calibration.activation_statistics(fp32, full=True)
     decoder = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]
     plan = gptq.Plan(decoder)
-    plan.chosen = report["bits"]
+    plan.chosen = report["forms"]
     matrices = gptq.weights_of(fp32)
     back = gguf_native.read_back(build.path)
     for name, matrix in matrices.items():
@@ -102,7 +125,7 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
         expected = np.concatenate([form.dequantize() for _, _, form in runs])
         held = back[f"{name}:embedding"] if name in back_tables(back) else back[name].T
         assert np.array_equal(held, expected), name
-    if gguf_kernel.library():  # every weight in the kernel, 4/5/8 bits, packed q/k/v of mixed bits included
+    if gguf_kernel.library():  # every weight in the kernel, every form, packed q/k/v of mixed forms included
         assert build.verification["graph"]["matmul_nbits"] == {}
     # Closer to the source than what `convert --precision int4` gave a float source before (the builder's RTN), both
     # on float activations (the weights alone). Not held against imatrix here: on this model the 49k-row lm_head is
@@ -193,7 +216,7 @@ def test_a_model_whose_h_does_not_fit_is_measured_in_groups_to_the_same_blocks(t
     gptq.GPTQ().quantize(fp32, grouped, request)
     reports = [json.loads((d / gguf_native.REPORT).read_text()) for d in (whole, grouped)]
     assert reports[0]["statistics_groups"] == 1 and reports[1]["statistics_groups"] > 3
-    assert reports[0]["bits"] == reports[1]["bits"]
+    assert reports[0]["forms"] == reports[1]["forms"]
     assert (whole / "model.onnx.data").read_bytes() == (grouped / "model.onnx.data").read_bytes()
 
 
