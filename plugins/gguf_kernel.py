@@ -28,6 +28,7 @@ DOMAIN = "ai.slmops"
 MATMUL, GATHER = "MatMulGGML", "GatherGGML"
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8  # GGML's type numbers, the ggml_type attribute
 CENTRE = {Q4_0: 8, Q5_0: 16}  # the code of zero in a type without a minimum
+MINIMUM, FIFTH_BIT = (Q4_1, Q5_1), (Q5_0, Q5_1)  # the types with a fp16 minimum per block; with 5-bit codes
 COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
 CPU_FLAGS = ["avx2", "fma", "f16c"]
@@ -148,8 +149,8 @@ def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
     codes = form.codes.reshape(rows, blocks, BLOCK)
     if kind != Q8_0:
         nibbles = ((codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)).astype(np.uint8)
-        parts = [half(form.scales)] + ([half(form.offsets)] if kind in (Q4_1, Q5_1) else [])
-        if kind in (Q5_0, Q5_1):
+        parts = [half(form.scales)] + ([half(form.offsets)] if kind in MINIMUM else [])
+        if kind in FIFTH_BIT:
             bits = ((codes >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)
             parts.append(bits.astype("<u4").view(np.uint8).reshape(rows, blocks, 4))
         parts.append(nibbles)
@@ -176,12 +177,12 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
     half = lambda a: ungroup(np.ascontiguousarray(a)).copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
     scales = half(weight[..., : 2 * COLUMNS])
     if kind != Q8_0:
-        head = 4 * COLUMNS if kind in (Q4_1, Q5_1) else 2 * COLUMNS  # the scales (and the minimums)
-        minimum = half(weight[..., 2 * COLUMNS : head]) if kind in (Q4_1, Q5_1) else None
-        start = head + (4 * COLUMNS if kind in (Q5_0, Q5_1) else 0)
+        head = 4 * COLUMNS if kind in MINIMUM else 2 * COLUMNS  # the scales (and the minimums)
+        minimum = half(weight[..., 2 * COLUMNS : head]) if kind in MINIMUM else None
+        start = head + (4 * COLUMNS if kind in FIFTH_BIT else 0)
         nibbles = ungroup(np.ascontiguousarray(weight[..., start:]))
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-        if kind in (Q5_0, Q5_1):
+        if kind in FIFTH_BIT:
             high = ungroup(np.ascontiguousarray(weight[..., head:start])).copy().view("<u4")
             codes = codes | (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
         zero = np.full(scales.shape, CENTRE.get(kind, 0), dtype=np.uint8)

@@ -40,7 +40,6 @@ FORMS = {"q4_0": (4, False), "q4_1": (4, True), "q5_0": (5, False), "q5_1": (5, 
 CHOICES = tuple(FORMS)
 # Bytes per weight: the codes, a fp16 scale and (q4_1, q5_1) a fp16 minimum per 32 weights.
 BYTES = {name: (bits * BLOCK + 16 + 16 * minimum) / 8 / BLOCK for name, (bits, minimum) in FORMS.items()}
-CENTRE = {"q4_0": 8, "q5_0": 16, "q8_0": 128}  # the code of zero in a form without a minimum
 SMALLEST = min(CHOICES, key=BYTES.get)
 # The output layer's (and an embedding's) least bytes. On the float SmolLM2 (7,432 corpus positions against torch, the
 # same byte budget, 4/5/8-bit forms with a minimum): 4-bit (where the output error per byte put it) 0.0229 mean KLD /
@@ -55,6 +54,11 @@ GGML_BYTES = {"Q4_K": 144 / 256, "Q6_K": 210 / 256, "Q5_0": 22 / 32, "Q8_0": 34 
 FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 
 
+def centre(form: str) -> int:
+    """The code of zero in a form without a minimum (llama.cpp's Q4_0 / Q5_0: 8 / 16)."""
+    return 2 ** (FORMS[form][0] - 1)
+
+
 def half(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float16).astype(np.float32)
 
@@ -66,22 +70,22 @@ def block_params(x: np.ndarray, importance: np.ndarray | None, form: str) -> tup
     blocks = x.reshape(rows, -1, BLOCK).astype(np.float32)
     bits, minimum = FORMS[form]
     if not minimum:
-        scale = half(symmetric_scale(blocks, fit_weights(blocks, importance), CENTRE[form]))
-        return scale, -CENTRE[form] * scale
+        scale = half(symmetric_scale(blocks, fit_weights(blocks, importance), centre(form)))
+        return scale, -centre(form) * scale
     _, scale, low = search_blocks(blocks, fit_weights(blocks, importance), 2**bits - 1)
     return half(scale), half(low)
 
 
-def symmetric_scale(x: np.ndarray, w: np.ndarray, centre: int, steps: int = 9) -> np.ndarray:
-    """The scale of blocks x [..., 32] with codes -centre..centre-1 that makes the least weighted error, as llama.cpp's
+def symmetric_scale(x: np.ndarray, w: np.ndarray, zero: int, steps: int = 9) -> np.ndarray:
+    """The scale of blocks x [..., 32] with codes -zero..zero-1 that makes the least weighted error, as llama.cpp's
     make_qx_quants: the block's largest value on the lowest code, nudged by tenths of a code, each grid's scale then
     fitted by least squares."""
     big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
     safe = np.where(big != 0, big, 1.0)
     best_scale, best_error = np.zeros(x.shape[:-1], dtype=np.float32), np.full(x.shape[:-1], np.inf)
     for step in range(-steps, steps + 1):
-        inverse = -(centre + 0.1 * step) / safe
-        codes = np.clip(np.rint(x * inverse[..., None]), -centre, centre - 1)
+        inverse = -(zero + 0.1 * step) / safe
+        codes = np.clip(np.rint(x * inverse[..., None]), -zero, zero - 1)
         wl = w * codes
         scale = (wl * x).sum(-1) / np.maximum((wl * codes).sum(-1), 1e-30)
         error = (w * (scale[..., None] * codes - x) ** 2).sum(-1)
@@ -121,7 +125,7 @@ def _form(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, form: str) -> g
     """The block form of codes 0..2^bits-1 (value = scale * code + low); a form without a minimum as llama.cpp's
     Q4_0 / Q5_0: its codes centred, no offset."""
     bits, minimum = FORMS[form]
-    zero = np.full(scale.shape, 0 if minimum else CENTRE[form], dtype=np.uint8)
+    zero = np.full(scale.shape, 0 if minimum else centre(form), dtype=np.uint8)
     return gguf_blocks.BlockForm(form, 4 if bits == 4 else 8, BLOCK, codes, scale, zero, low if minimum else None)
 
 
@@ -183,10 +187,9 @@ def allocate(
     while True:
         best, gain = None, 0.0
         for name, now in chosen.items():
-            least = BYTES[floor.get(name, SMALLEST)]
-            for to in CHOICES:
+            for to in CHOICES:  # only to larger forms: a weight never goes below its floor
                 cost = sizes[name] * (BYTES[to] - BYTES[now])
-                if cost <= 0 or BYTES[to] < least or used + cost > budget:
+                if cost <= 0 or used + cost > budget:
                     continue
                 rate = (errors[name][now] - errors[name][to]) / cost
                 if rate > gain:
