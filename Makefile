@@ -51,8 +51,10 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$(AVX512) -DGGML_F
 
 bench: install
 	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q "llama-cpp-python[server]==0.3.36"
+	# llama.cpp's convert_hf_to_gguf.py imports sentencepiece before it falls back to a BPE tokenizer (SmolLM2's)
+	$(BIN)/python -c "import sentencepiece" 2>/dev/null || $(BIN)/python -m pip install -q -c constraints.txt sentencepiece
 	$(BIN)/python benchmarks/bench_quality.py
-	$(BIN)/python benchmarks/bench_hf_int4.py
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python benchmarks/bench_hf_int4.py
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_serve.py

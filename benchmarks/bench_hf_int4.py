@@ -1,18 +1,23 @@
-"""int4 routes for a Hugging Face (float) source, side by side in one run: size, faithfulness to the source (torch)
-and speed of slmops's gptq (the default int4 for float sources: error-compensating rounding, Q4_0 to Q8_0 blocks within
-llama.cpp Q4_K_M's bytes, in slmops's GGUF kernel), imatrix (scale and float min per block of 32, searched),
-the model builder's RTN int4 (asymmetric with lm_head at 8 bits, and its symmetric default), ONNX Runtime's HQQ
-(float zero points), and int8.
+"""int4 routes for a Hugging Face (float) source, side by side in one run with llama.cpp's own quantizers on the same
+checkpoint: size, bits per weight, faithfulness to the source (torch) and speed of slmops's gptq (the default int4 for
+float sources: error-compensating rounding, Q4_0 to Q8_0 blocks within llama.cpp Q4_K_M's bytes, in slmops's GGUF
+kernel), imatrix (scale and float min per block of 32, searched), the model builder's RTN int4 (asymmetric with
+lm_head at 8 bits, and its symmetric default), ONNX Runtime's HQQ (float zero points), int8; and llama.cpp Q4_0,
+Q4_K_M, Q4_K_M + imatrix, Q5_K_M + imatrix, Q6_K, Q8_0 (benchmarks/llama_cpp_quants.py: its tools built once from the
+llama.cpp that the llama-cpp-python make bench installs vendors; the imatrix on slmops's calibration text). Every row
+is scored by the same code on the same tokens; ratios are taken against llama.cpp Q4_K_M + imatrix, and the default
+int4's decode speed is swept over prompt lengths beside it.
 
 Two float sources (benchmarks/float_sources.py, made from the embedded SmolLM2 since none can be downloaded): the
 dithered stand-in (its 4-bit weights moved off the grid) and a real fine-tune (on the order-record task of
-benchmarks/make_domain.py). Faithfulness: KL(source || build) per position, torch against ORT GenAI, on slmops's
-corpus (512-token windows, the second half of each scored). On the fine-tune, also its held-out domain rows:
-accuracy (every field of the record right, under the schema) and fields, beside its fp32 build's; and gptq
-calibrated on the fine-tune's own training rows (--calibration)."""
+benchmarks/make_domain.py). Faithfulness: KL(source || build) per position, torch against ORT GenAI or llama.cpp, on
+slmops's corpus (512-token windows, the second half of each scored). On the fine-tune, also its held-out domain rows:
+accuracy (every field of the record right, under the schema: llama.cpp keeps to it by its grammar for the schema)
+and fields, beside its fp32 build's; and gptq calibrated on the fine-tune's own training rows (--calibration)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -22,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import ort_speed, prompt_tokens  # noqa: E402 (the same speed measurement as the GGUF bench)
+import llama_cpp_quants  # noqa: E402
+from bench_quality import llama_cpp, ort_speed, prompt_tokens  # noqa: E402 (the same measurements as the GGUF bench)
 from float_sources import SEED, dithered, finetuned, make_domain  # noqa: E402
 
 BUILDS = [
@@ -71,9 +77,59 @@ FINETUNE_BUILDS = [
 OWN_CALIBRATION = "int4 gptq, calibrated on the fine-tune's training rows"
 
 
+SWEEP, SWEEP_NEW = (16, 128, 512), 64  # decode speed after prompts of these lengths (issue 28: >= 1.2x llama.cpp)
+SWEPT = ("int4 gptq (default for float sources)", llama_cpp_quants.ANCHOR)
+
+
+def parameters(checkpoint: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "np") as f:
+        return sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+
+
+def ort_sweep(model_dir: Path, tokens: list[int]) -> dict[int, float]:
+    """Decode tok/s after each SWEEP-long prompt (best of 3 after a warm-up), ORT GenAI."""
+    from slmops.runtime import Session
+
+    session = Session(model_dir)
+    out = {}
+    for length in SWEEP:
+        best = 0.0
+        for _ in range(4):
+            gen = session.generator(length + SWEEP_NEW, do_sample=False, min_length=length + SWEEP_NEW)
+            gen.append_tokens(tokens[:length])
+            gen.get_next_tokens()
+            start = time.perf_counter()
+            for _ in range(SWEEP_NEW - 1):
+                gen.generate_next_token()
+            best = max(best, (SWEEP_NEW - 1) / (time.perf_counter() - start))
+        out[length] = best
+    return out
+
+
+def llama_sweep(gguf: Path, tokens: list[int]) -> dict[int, float]:
+    """The same for llama.cpp (llama-cpp-python, the CPUs slmops may use)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=1024, n_threads=llama_cpp_quants.threads(), verbose=False)
+    out = {}
+    for length in SWEEP:
+        best = 0.0
+        for _ in range(4):
+            llm.reset()
+            llm.eval(tokens[:length])
+            start = time.perf_counter()
+            for _ in range(SWEEP_NEW - 1):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            best = max(best, (SWEEP_NEW - 1) / (time.perf_counter() - start))
+        out[length] = best
+    return out
+
+
 def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | None) -> list[dict]:
-    """Each build of source: MB, quality against torch on the shipped corpus, speed, and (with domain) the held-out
-    rows' shares."""
+    """Each build of source and each llama.cpp recipe on it: MB, bits per weight, quality against torch on the shipped
+    corpus, speed, and (with domain) the held-out rows' shares."""
     from slmops import convert, quality
     from slmops.chat import OrtGenAIChat
     from slmops.domain import score
@@ -85,20 +141,37 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
         start = time.perf_counter()
         builds[label] = convert.convert(str(source), options).path
         print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
+    llama = {}
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("  llama-cpp-python is not installed (make bench builds it): the llama.cpp rows are skipped")
+    else:
+        try:
+            llama = llama_cpp_quants.quants(source, llama_cpp_quants.calibration_file())
+        except RuntimeError as e:  # a tool that cannot be built or run here: said in the output, the rest goes on
+            print(f"  llama.cpp rows skipped: {e}")
     fp32 = Session(builds["fp32"])
     candidates = {label: Session(path).logits for label, path in builds.items()}
+    runners = {label: llama_cpp(path) for label, path in llama.items()}
+    candidates.update({label: runner[0] for label, runner in runners.items()})
     print(f"scoring {len(candidates)} builds against the source (torch) on the corpus ...", flush=True)
     start = time.perf_counter()
     scores = quality.score(torch_logits(source), candidates, fp32.tokens, prefix=fp32.prefix)
     print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values())).positions} positions", flush=True)
     tokens = prompt_tokens(fp32.encode)
+    sweep_tokens = fp32.encode(" ".join(r["text"] for r in quality.load_set()))[: max(SWEEP)]
+    weights = parameters(source)
     rows = []
     held_out = quality.load_set(domain) if domain else []
-    for label, path in builds.items():
-        pp, tg = ort_speed(path, tokens)
-        row = {"build": label, "mb": dir_size(path) / 1e6, "pp128": pp, "tg128": tg, **scores[label].to_json()}
+    for label, path in [*builds.items(), *llama.items()]:
+        mb = (dir_size(path) if path.is_dir() else path.stat().st_size) / 1e6
+        pp, tg = ort_speed(path, tokens) if path.is_dir() else runners[label][1](tokens)
+        row = {"build": label, "mb": mb, "bpw": mb * 8e6 / weights, "pp128": pp, "tg128": tg}
+        row.update(scores[label].to_json())
+        if label in SWEPT:
+            row["decode"] = ort_sweep(path, sweep_tokens) if path.is_dir() else llama_sweep(path, sweep_tokens)
         if held_out:
-            shares = score(OrtGenAIChat(path), held_out)
+            chat = OrtGenAIChat(path) if path.is_dir() else llama_cpp_quants.LlamaCppChat(path, builds["fp32"])
+            shares = score(chat, held_out)
             row.update(domain_accuracy=shares["accuracy"], domain_fields=shares["fields"])
         rows.append(row)
     return rows
@@ -106,17 +179,33 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
 
 def table(title: str, rows: list[dict]) -> None:
     domain = "domain_accuracy" in rows[0]
+    anchor = next((r for r in rows if r["build"] == llama_cpp_quants.ANCHOR), None)
     print(
-        f"\n{title:<52} {'MB':>6} {'x fp32':>6} {'mean KLD':>9} {'KLD p99':>8} {'top-1':>6} {'PPL':>6} "
-        f"{'pp128':>7} {'tg128':>7}" + (f" {'domain':>7} {'fields':>7}" if domain else "")
+        f"\n{title:<44} {'MB':>5} {'bpw':>5} {'mean KLD':>8} {'p99':>6} {'top-1':>5} {'PPL':>6} {'pp128':>6} "
+        f"{'tg128':>6}" + (f" {'domain':>6} {'fields':>6}" if domain else "") + (" KLD/ll  tg/ll" if anchor else "")
     )
     for r in rows:
+        ratios = f" {r['mean_kld'] / anchor['mean_kld']:>6.2f} {r['tg128'] / anchor['tg128']:>6.2f}" if anchor else ""
         print(
-            f"{r['build']:<52} {r['mb']:>6.0f} {r['mb'] / rows[0]['mb']:>6.2f} {r['mean_kld']:>9.4f} "
-            f"{r['kld_p99']:>8.3f} {r['top1_agreement']:>6.3f} {r['perplexity']:>6.2f} {r['pp128']:>7.0f} "
-            f"{r['tg128']:>7.1f}" + (f" {r['domain_accuracy']:>7.3f} {r['domain_fields']:>7.3f}" if domain else "")
+            f"{r['build']:<44} {r['mb']:>5.0f} {r['bpw']:>5.2f} {r['mean_kld']:>8.4f} {r['kld_p99']:>6.3f} "
+            f"{r['top1_agreement']:>5.3f} {r['perplexity']:>6.2f} {r['pp128']:>6.0f} {r['tg128']:>6.1f}"
+            + (f" {r['domain_accuracy']:>6.3f} {r['domain_fields']:>6.3f}" if domain else "")
+            + ratios
         )
-    print(f"source perplexity {rows[0]['reference_perplexity']:.2f}")
+    print(f"source perplexity {rows[0]['reference_perplexity']:.2f}; bpw: the build's bytes x 8 / the source's weights")
+    if anchor:
+        print(f"KLD/ll, tg/ll: mean KLD and decode speed against {llama_cpp_quants.ANCHOR}")
+    swept = [r for r in rows if "decode" in r]
+    if swept:
+        print(f"decode tok/s after a prompt of {', '.join(map(str, SWEEP))} tokens ({SWEEP_NEW} new, best of 4):")
+        for r in swept:
+            speeds = [r["decode"][n] for n in SWEEP]
+            line = " ".join(f"{v:>7.1f}" for v in speeds)
+            slowdown = speeds[0] / speeds[-1]
+            print(f"  {r['build']:<42} {line}   {SWEEP[0]} -> {SWEEP[-1]}: {slowdown:.2f}x slower")
+        if len(swept) == 2:
+            a, b = swept
+            print("  " + f"{'ratio':<42} " + " ".join(f"{a['decode'][n] / b['decode'][n]:>6.2f}x" for n in SWEEP))
 
 
 def main() -> None:

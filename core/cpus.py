@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-KERNEL_THREADS_ENV = "SLMOPS_KERNEL_THREADS"  # read by the GGUF kernel library (plugins/gguf_kernel.cc) too
+THREADS_ENV = "SLMOPS_THREADS"  # ONNX Runtime's intra-op threads in slmops's sessions (the GGUF kernel runs on them)
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -38,9 +38,21 @@ def allowed_cpus() -> int:
     return max(1, min(count, quota) if quota else count)
 
 
+def session_threads() -> int | None:
+    """The intra-op threads of an ONNX Runtime session slmops opens: SLMOPS_THREADS where set, else the CPUs this
+    process may use where that is fewer than the machine has (ONNX Runtime's own default counts the machine's cores),
+    else None (the folder's setting: ONNX Runtime's default)."""
+    check_thread_settings()
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        return int(value)
+    allowed = allowed_cpus()
+    return allowed if allowed < (os.cpu_count() or 1) else None
+
+
 def check_thread_settings() -> None:
     """Refuse, before any work, a thread setting outside 1..allowed_cpus()."""
-    value = os.environ.get(KERNEL_THREADS_ENV)
+    value = os.environ.get(THREADS_ENV)
     if value is None or value == "":
         return
     limit = allowed_cpus()
@@ -50,7 +62,7 @@ def check_thread_settings() -> None:
         threads = 0
     if not 1 <= threads <= limit:
         raise UsageError(
-            f"{KERNEL_THREADS_ENV}={value!r} is not a thread count this process may use: give 1 to {limit} "
+            f"{THREADS_ENV}={value!r} is not a thread count this process may use: give 1 to {limit} "
             f"(the CPUs its affinity and CPU quota allow), or unset it to use them all"
         )
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import ActiveAdapter
+from .cpus import session_threads
 from .errors import SlmopsError
 from .fsutil import write_json_atomic
 from .structure import Constraint, ConstraintError
@@ -55,7 +56,7 @@ def text_prefix(model_dir: Path) -> list[int]:
 
 class Session:
     """A loaded model. adapter: the adapter to switch on (None: the folder's only one, "none": the base); threads:
-    ONNX Runtime's intra-op threads, where not as the folder says."""
+    ONNX Runtime's intra-op threads (None: cpus.session_threads(), never more than the CPUs this process may use)."""
 
     def __init__(self, model_dir: Path, adapter: str | None = None, threads: int | None = None):
         import onnxruntime_genai as og
@@ -65,6 +66,7 @@ class Session:
         start = time.perf_counter()
         try:
             config = og.Config(str(self.model_dir))
+            threads = threads if threads is not None else session_threads()
             if threads is not None:
                 options = {"intra_op_num_threads": threads}
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))

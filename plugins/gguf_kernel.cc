@@ -7,28 +7,23 @@
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
 // AVX2, FMA and F16C, checked when the library is registered: on a CPU without them registration fails with an error
 // the runtime reports (the kernels are compiled for those instructions alone, the rest of the library for the
-// baseline x86-64, so nothing runs an AVX2 instruction before the check). Threads: as many as the CPUs the process may
-// use (affinity, cgroup quota), fewer if SLMOPS_KERNEL_THREADS says so; a larger or malformed value fails registration.
+// baseline x86-64, so nothing runs an AVX2 instruction before the check). Threads: ONNX Runtime's own intra-op pool
+// (KernelContext_ParallelFor), so the session's thread setting covers the kernel, attention and everything else, and
+// the library starts no thread of its own.
 // Written against ONNX Runtime's C API by position (below): no ONNX Runtime headers needed.
 #include <immintrin.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdlib>
-#include <functional>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
-// The few entries of ONNX Runtime's C API table (OrtApi) used here, by position: the table only grows, and these
-// are all in its first version, which never changes.
+// The few entries of ONNX Runtime's C API table (OrtApi) used here, by position: the table only grows and never
+// reorders. All are in its first version but KernelContext_ParallelFor, which version 16 (ONNX Runtime 1.16) added.
 namespace ort {
 using Status = void;
 typedef void* (*Fn)();
@@ -45,8 +40,12 @@ enum : int {
   kKernelContextGetInputCount = 88,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
+  kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
+  kGetBuildInfoString = 254,  // const char* GetBuildInfoString(): a check that the positions are read right (tests)
+  kKernelContextParallelFor = 274,  // OrtStatus* (context, void (*fn)(void*, size_t), total, batches, user data)
 };
+constexpr uint32_t kApiVersion = 16;  // the first with KernelContext_ParallelFor
 struct ApiBase {
   const Fn* (*GetApi)(uint32_t version);
   const char* (*GetVersionString)();
@@ -85,38 +84,9 @@ struct CustomOp {
 enum { kFloat = 1, kUint8 = 2, kInt64 = 7 };
 }  // namespace ort
 
-// ---- what this process may use, read before anything else runs (baseline x86-64 code) ----
+// ---- whether this CPU can run the kernels, asked before anything else runs (baseline x86-64 code) ----
 namespace limits {
-// CPUs the cgroup's quota allows (rounded up), 0 where none is set.
-int cgroup_cpus() {
-  long long quota = 0, period = 0;
-  char text[64] = {};
-  if (FILE* f = fopen("/sys/fs/cgroup/cpu.max", "r")) {  // cgroup v2: "max 100000" or "150000 100000"
-    const bool ok = fscanf(f, "%63s %lld", text, &period) == 2;
-    fclose(f);
-    if (ok && strcmp(text, "max") != 0 && period > 0) quota = atoll(text);
-  } else if (FILE* q = fopen("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "r")) {  // cgroup v1
-    if (fscanf(q, "%lld", &quota) != 1) quota = 0;
-    fclose(q);
-    if (FILE* p = fopen("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "r")) {
-      if (fscanf(p, "%lld", &period) != 1) period = 0;
-      fclose(p);
-    }
-  }
-  return quota > 0 && period > 0 ? (int)std::max(1LL, (quota + period - 1) / period) : 0;
-}
-
-int allowed_cpus() {
-  cpu_set_t set;
-  int n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : (int)std::thread::hardware_concurrency();
-  const int quota = cgroup_cpus();
-  if (quota > 0) n = std::min(n, quota);
-  return std::max(1, n);
-}
-
-int threads = 1;  // the pool's size, set by check()
-
-// Why this process cannot run the kernels ("" if it can); sets threads.
+// Why this process cannot run the kernels ("" if it can).
 std::string check() {
   const char* pretend = std::getenv("SLMOPS_KERNEL_CPU");  // "baseline": behave as on a CPU without AVX2 (tests)
   const bool baseline = pretend && strcmp(pretend, "baseline") == 0;
@@ -125,22 +95,11 @@ std::string check() {
       !__builtin_cpu_supports("f16c"))
     return "slmops GGUF kernel: this CPU lacks AVX2, FMA or F16C, which the kernel needs; rebuild the model on this "
            "machine (slmops then writes the portable MatMulNBits graph)";
-  const int allowed = allowed_cpus();
-  threads = allowed;
-  if (const char* env = std::getenv("SLMOPS_KERNEL_THREADS")) {
-    char* end = nullptr;
-    const long n = strtol(env, &end, 10);
-    if (*env == '\0') return "";
-    if (*end != '\0' || n < 1 || n > allowed)
-      return "slmops GGUF kernel: SLMOPS_KERNEL_THREADS=" + std::string(env).substr(0, 32) + " is not 1 to " +
-             std::to_string(allowed) + " (the CPUs this process may use); set it in that range or unset it";
-    threads = (int)n;
-  }
   return "";
 }
 }  // namespace limits
 
-// The kernels and their pool are compiled for AVX2, FMA and F16C; they run only after limits::check() passed.
+// The kernels are compiled for AVX2, FMA and F16C; they run only after limits::check() passed.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
@@ -149,81 +108,6 @@ std::string check() {
 #endif
 
 namespace {
-
-// ---- threads: a small pool whose workers spin briefly between MatMuls (one token runs hundreds) ----
-class Pool {
- public:
-  explicit Pool(int threads) : threads_(std::max(1, threads)) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { Work(i); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-      generation_++;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-  int size() const { return threads_; }
-  // Runs job(thread index) for every index, on every thread, the caller's included, and returns when all are done.
-  // A second session calling while the pool is busy runs all the indices itself.
-  void Run(const std::function<void(int)>& job) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (threads_ == 1 || !busy.owns_lock()) {
-      for (int i = 0; i < threads_; ++i) job(i);
-      return;
-    }
-    job_ = &job;
-    pending_.store(threads_ - 1);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      generation_++;
-    }
-    wake_.notify_all();
-    job(0);
-    // Spin, then yield: on a machine with more runnable threads than cores (several sessions, other programs) the
-    // worker being waited for needs this core.
-    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < 4096) _mm_pause();
-      else std::this_thread::yield();
-    }
-  }
-
- private:
-  void Work(int index) {
-    uint64_t seen = 0;
-    for (;;) {
-      auto start = std::chrono::steady_clock::now();
-      int spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
-        if (++spins < 4096) _mm_pause();
-        else std::this_thread::yield();  // let a runnable thread have the core while waiting
-        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::milliseconds(5)) {
-          std::unique_lock<std::mutex> lock(mutex_);
-          wake_.wait(lock, [&] { return generation_.load() != seen; });
-        }
-      }
-      seen = generation_.load();
-      if (stop_) return;
-      (*job_)(index);
-      pending_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-  int threads_;
-  std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  const std::function<void(int)>* job_ = nullptr;
-  bool stop_ = false;
-  std::mutex busy_, mutex_;
-  std::condition_variable wake_;
-};
-
-Pool& pool() {
-  static Pool p(limits::threads);
-  return p;
-}
 
 // ---- the kernels ----
 // Weights come in groups of 8 output columns, block by block, so one activation block is read once for 8 columns
@@ -441,6 +325,19 @@ T* data(const void* value) {
   return out;
 }
 
+// job(i) for every i < total on ONNX Runtime's intra-op threads (the caller's included); one thread: in order here.
+template <typename Job>
+void parallel_for(void* context, int64_t total, const Job& job) {
+  if (total <= 0) return;
+  if (total == 1) return job(0);
+  auto call = [](void* job, size_t i) { (*static_cast<const Job*>(job))(i); };
+  using ParallelFor = void* (*)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+  if (void* status = ort::get<ParallelFor>(ort::kKernelContextParallelFor)(context, call, (size_t)total, 0, (void*)&job)) {
+    ort::get<void (*)(void*)>(ort::kReleaseStatus)(status);  // the runtime could not hand it out: run it here
+    for (int64_t i = 0; i < total; ++i) job(i);
+  }
+}
+
 void compute(Kernel* kernel, void* context) {
   using namespace ort;
   const void* x_value = input(context, 0);
@@ -474,29 +371,23 @@ void compute(Kernel* kernel, void* context) {
     return Row{xq.q.data() + i * k, xq.scale.data() + i * blocks, xq.sum.data() + i * blocks,
                xq.outliers.data() + i * channels.count};
   };
-  Pool& threads = pool();
-  const int workers = threads.size();
-  threads.Run([&](int t) {
-    for (int64_t i = t; i < m; i += workers) quantize_row(x + i * k, k, row(i), channels);
-  });
-  // Groups of columns handed out a few at a time; each group's weights stay in cache while every row reads them.
+  // Rows quantized, then groups of columns handed out a few at a time, on ONNX Runtime's intra-op threads; each
+  // group's weights stay in cache while every row reads them.
+  parallel_for(context, m, [&](size_t i) { quantize_row(x + i * k, k, row(i), channels); });
   const int64_t type = kernel->type;
   const size_t stride = blocks * block_bytes(type);
   const int per_task = 4, tasks = (groups + per_task - 1) / per_task;
-  std::atomic<int> next{0};
-  threads.Run([&](int) {
-    for (int task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      for (int g = task * per_task; g < std::min(groups, (task + 1) * per_task); ++g) {
-        const uint8_t* wg = w + g * stride;
-        const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
-        for (int64_t i = 0; i < m; ++i) {
-          float* out = y + i * n + g * COLS;
-          if (type == kQ4_1) group_q_1<false, true>(wg, row(i), blocks, out, channels, cg);
-          else if (type == kQ5_1) group_q_1<true, true>(wg, row(i), blocks, out, channels, cg);
-          else if (type == kQ4_0) group_q_1<false, false>(wg, row(i), blocks, out, channels, cg);
-          else if (type == kQ5_0) group_q_1<true, false>(wg, row(i), blocks, out, channels, cg);
-          else group_q8_0(wg, row(i), blocks, out, channels, cg);
-        }
+  parallel_for(context, tasks, [&](size_t task) {
+    for (int g = task * per_task; g < std::min(groups, (int)(task + 1) * per_task); ++g) {
+      const uint8_t* wg = w + g * stride;
+      const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
+      for (int64_t i = 0; i < m; ++i) {
+        float* out = y + i * n + g * COLS;
+        if (type == kQ4_1) group_q_1<false, true>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ5_1) group_q_1<true, true>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ4_0) group_q_1<false, false>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ5_0) group_q_1<true, false>(wg, row(i), blocks, out, channels, cg);
+        else group_q8_0(wg, row(i), blocks, out, channels, cg);
       }
     }
   });
@@ -610,7 +501,13 @@ ort::CustomOp matmul_op = make_op(true), gather_op = make_op(false);
 
 extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* options, const ort::ApiBase* base) {
   using namespace ort;
-  api = base->GetApi(1);
+  api = base->GetApi(kApiVersion);
+  if (!api) {  // an ONNX Runtime older than 1.16: only its first table is sure to be there, to say why
+    api = base->GetApi(1);
+    return get<void* (*)(int, const char*)>(kCreateStatus)(
+        1 /* ORT_FAIL */, "slmops GGUF kernel: needs ONNX Runtime 1.16 or later (KernelContext_ParallelFor); upgrade "
+                          "onnxruntime, or rebuild the model on this machine for the portable MatMulNBits graph");
+  }
   const std::string why = limits::check();
   if (!why.empty()) return get<void* (*)(int, const char*)>(kCreateStatus)(1 /* ORT_FAIL */, why.c_str());
   void* domain = nullptr;

@@ -193,10 +193,16 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
     return gguf_blocks.BlockForm("", 8, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, None)
 
 
+def graph_facts(library: Path) -> dict:
+    """What a build on this kernel holds, for the build cache key: its operator and which compiled library it carries
+    (named by its source, compiler and flags), so a folder carrying an older library is built anew, not reused."""
+    return {"ops": [MATMUL], "kernel": library.parent.name}
+
+
 def carry(library: Path, model_dir: Path) -> None:
     """Put the library in the model folder and name it in genai_config.json (ONNX Runtime GenAI and Foundry Local
-    load it from there), with ONNX Runtime on one intra-op thread: the kernel runs its own, one per logical CPU, and
-    ONNX Runtime's would spin beside them."""
+    load it from there). The kernel runs on ONNX Runtime's intra-op threads, so the folder sets ONNX Runtime's own
+    default (0: one per physical core) as any other build does; a session's thread setting covers both."""
     shutil.copyfile(library, model_dir / LIBRARY)
     write_json_atomic(
         model_dir / REQUIRES,
@@ -205,5 +211,5 @@ def carry(library: Path, model_dir: Path) -> None:
     path = model_dir / "genai_config.json"
     config = json.loads(path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
-    options.update({"custom_ops_library": LIBRARY, "intra_op_num_threads": 1})
+    options.update({"custom_ops_library": LIBRARY, "intra_op_num_threads": 0})
     write_json_atomic(path, config)

@@ -210,8 +210,9 @@ class GGUFNative(Quantizer):
 
     def graph_facts(self, request: ConvertRequest) -> dict:
         """MatMulGGML where the GGUF kernel takes the GGUF's types on this machine, else MatMulNBits."""
-        if accuracy_level(request) >= INTEGER_ACTIVATIONS and gguf_kernel.library() and gguf_kernel.takes(request.gguf):
-            return {"ops": [gguf_kernel.MATMUL]}
+        library = gguf_kernel.library() if accuracy_level(request) >= INTEGER_ACTIVATIONS else None
+        if library and gguf_kernel.takes(request.gguf):
+            return gguf_kernel.graph_facts(library)
         return super().graph_facts(request)
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:

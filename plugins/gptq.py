@@ -251,8 +251,11 @@ class GPTQ(Quantizer):
         return super().check(request)
 
     def graph_facts(self, request: ConvertRequest) -> dict:
-        if gguf_native.accuracy_level(request) >= gguf_native.INTEGER_ACTIVATIONS and gguf_kernel.library():
-            return {"ops": [gguf_kernel.MATMUL]}
+        library = (
+            gguf_kernel.library() if gguf_native.accuracy_level(request) >= gguf_native.INTEGER_ACTIVATIONS else None
+        )
+        if library:
+            return gguf_kernel.graph_facts(library)
         return super().graph_facts(request)
 
     def report(self, request: ConvertRequest, channels: dict, kernel: Path | None) -> dict:

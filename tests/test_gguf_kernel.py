@@ -3,6 +3,9 @@ computes on the GGUF's own blocks, a build that uses it holds exactly the GGUF's
 and it runs through ONNX Runtime GenAI from the model folder alone."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import gguf
 import numpy as np
@@ -18,7 +21,9 @@ from .test_gguf_native import T, gguf_of_fp32_graph, random_blocks
 pytestmark = pytest.mark.skipif(gguf_kernel.why_not() is not None, reason=f"no GGUF kernel: {gguf_kernel.why_not()}")
 
 
-def session(op: str, kind: int, weight: np.ndarray, x_type: int, x_shape: list, channels=None, codes=None):
+def session(
+    op: str, kind: int, weight: np.ndarray, x_type: int, x_shape: list, channels=None, codes=None, threads: int = 0
+):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -38,6 +43,7 @@ def session(op: str, kind: int, weight: np.ndarray, x_type: int, x_shape: list, 
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(gguf_kernel.DOMAIN, 1)], ir_version=9
     )
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     options.register_custom_ops_library(str(gguf_kernel.library()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -212,3 +218,52 @@ def test_one_session_run_from_several_threads_at_once():
             together = list(pool.map(lambda x: run.run(None, {"x": x})[0], xs))
         for a, b in zip(alone, together, strict=True):
             assert np.array_equal(a, b)
+
+
+def test_the_kernel_runs_on_onnx_runtimes_threads_and_starts_none():
+    """Its work is handed out on ONNX Runtime's intra-op pool: any thread count gives the same products, and a process
+    running the kernel on one intra-op thread has no more threads than one running a plain ONNX Runtime MatMul (the
+    kernel's own pool once ignored the session's setting and the CPUs the process may use)."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(3)
+    raw = random_blocks("Q5_0", 96, 320, rng)
+    form = gguf_blocks.block_form("Q5_0", raw, gguf.quants.dequantize(raw, T["Q5_0"]))
+    weight = gguf_kernel.grouped(form, gguf_kernel.Q5_0)
+    x = rng.standard_normal((1, 7, 320)).astype(np.float32)
+    answers = [
+        session(gguf_kernel.MATMUL, gguf_kernel.Q5_0, weight, TensorProto.FLOAT, [1, 7, 320], threads=t).run(
+            None, {"x": x}
+        )[0]
+        for t in (1, 2, 5)
+    ]
+    assert all(np.array_equal(answers[0], a) for a in answers[1:])
+
+    child = textwrap.dedent("""
+        import sys
+        import numpy as np, onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        kernel = sys.argv[1] == "kernel"
+        w = numpy_helper.from_array(np.zeros((8, 1, 144) if kernel else (32, 8), np.uint8 if kernel else np.float32), "w")
+        node = helper.make_node("MatMulGGML", ["x", "w"], ["y"], domain="ai.slmops", ggml_type=2) if kernel \
+            else helper.make_node("MatMul", ["x", "w"], ["y"])
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.slmops", 1)],
+                                  ir_version=9)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        if kernel:
+            options.register_custom_ops_library(sys.argv[2])
+        s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            s.run(None, {"x": np.ones((1, 32), np.float32)})
+        print(next(line for line in open("/proc/self/status") if line.startswith("Threads:")).split()[1])
+    """)
+    counts = [
+        subprocess.run(
+            [sys.executable, "-c", child, which, str(gguf_kernel.library())], capture_output=True, text=True, check=True
+        ).stdout
+        for which in ("kernel", "plain")
+    ]
+    assert int(counts[0]) == int(counts[1]), counts

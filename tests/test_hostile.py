@@ -110,24 +110,24 @@ def bounded_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_kernel_threads_follow_the_cpus_the_process_may_use(kernel_folder):
-    """Pinned to one CPU, the kernel starts no worker: the same thread count as when told to use one thread. A thread
-    count beyond the allowed CPUs fails the library's registration with its reason (20,000 threads starved the
-    machine before)."""
-    os.environ.pop("SLMOPS_KERNEL_THREADS", None)
+    """The kernel runs on ONNX Runtime's intra-op threads and starts none of its own (its own pool once started
+    20,000 threads and starved the machine): pinned to one CPU, a session of the kernel folder has the same thread
+    count as one told to use one thread, and SLMOPS_THREADS sizes the kernel's work with the rest."""
+    os.environ.pop("SLMOPS_THREADS", None)
     default = run_child(THREADS_CHILD, str(kernel_folder))
-    one = run_child(THREADS_CHILD, str(kernel_folder), env={"SLMOPS_KERNEL_THREADS": "1"})
+    one = run_child(THREADS_CHILD, str(kernel_folder), env={"SLMOPS_THREADS": "1"})
     assert default.returncode == 0 and one.returncode == 0, default.stderr[-2000:] + one.stderr[-2000:]
     assert int(default.stdout) == int(one.stdout), (default.stdout, one.stdout)
     # 500, not the 20,000 of the report: were the bound lost, the capped child could not starve the machine
-    hostile = run_child(THREADS_CHILD, str(kernel_folder), env={"SLMOPS_KERNEL_THREADS": "500"})
+    hostile = run_child(THREADS_CHILD, str(kernel_folder), env={"SLMOPS_THREADS": "500"})
     assert hostile.returncode != 0 and hostile.returncode != -4  # an error, not SIGILL or a machine out of threads
-    assert "SLMOPS_KERNEL_THREADS=500 is not 1 to 1" in hostile.stderr, hostile.stderr[-2000:]
+    assert "SLMOPS_THREADS='500' is not a thread count this process may use: give 1 to 1" in hostile.stderr
 
 
 @pytest.mark.parametrize("value", ["20000", "-3", "two", "0"])
 def test_an_out_of_range_thread_setting_is_refused_at_start(cli_here, value):
-    r = cli_here("doctor", env={"SLMOPS_KERNEL_THREADS": value})
-    assert r.rc == 2 and one_line(r.err) and f"SLMOPS_KERNEL_THREADS='{value}'" in r.err, r
+    r = cli_here("doctor", env={"SLMOPS_THREADS": value})
+    assert r.rc == 2 and one_line(r.err) and f"SLMOPS_THREADS='{value}'" in r.err, r
     assert "give 1 to" in r.err
 
 
