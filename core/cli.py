@@ -1008,6 +1008,37 @@ def validate_cmd(
 
 
 @cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--jobs", "jobs_at_once", type=int, help="Jobs at once (default: half the CPUs, within memory).")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Also write the report as Markdown here.")
+@json_option
+def batch(manifest: str, jobs_at_once: int | None, markdown: str | None, as_json: bool) -> None:
+    """Run MANIFEST's models x adapters x precisions through deploy's pipeline; one ranked report.
+
+    Jobs run side by side, each in its own process; a failed job does not stop the others, and a job done before is
+    not done again. Exit status 1 when a job failed."""
+    from . import batch as b
+    from .fsutil import write_text_atomic
+
+    rows = b.run(b.read_manifest(Path(manifest)), jobs_at_once)
+    if markdown:
+        write_text_atomic(Path(markdown), b.markdown(rows))
+    if as_json:
+        output.emit_json({"jobs": rows})
+    else:
+        output.table(
+            [{**r, "job": b.job_name(r), "#": n} for n, r in enumerate(rows, 1)],
+            ["#", "job", "status", "size_mb", "mean_kld", "top1", "domain_accuracy", "decode_tok_s"],
+            title="batch: ranked (passed first, then the smallest)",
+        )
+        for r in rows:
+            if r["status"] == "failed":
+                click.echo(f"{b.job_name(r)} failed: {r['why']}", err=True)
+    if any(r["status"] == "failed" for r in rows):
+        raise SystemExit(1)
+
+
+@cli.command()
 @click.option("--source", help="HF checkpoint folder, GGUF file, or 'default'.")
 @click.option("--name", help="Name to register under.")
 @click.option("--family", help="Prompt-template family (default: detect).")

@@ -190,27 +190,43 @@ def _check_type(dotted: str, value: Any, kind: type, where: str | None) -> Any:
 
 def load_config(path: Path | None = None, search: bool = True) -> Config:
     """Defaults, then the TOML file (given, or found by walking up), each value tagged with its origin."""
-    values = {
-        s: {k: (list(v[0]) if isinstance(v[0], list) else v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()
-    }
-    origin = {f"{s}.{k}": "default" for s, keys in SCHEMA.items() for k in keys}
     if path is None and search:
         path = find_config()
     if path is None:
-        return Config(values, origin, None)
+        return defaults()
     path = Path(path)
     if not path.exists():
         raise UsageError(f"config file {path} not found; pass an existing file to --config")
+    text, data = read_toml(path, "slmops.toml")
+    return with_tables(defaults(), data, path, text)
+
+
+def defaults() -> Config:
+    values = {
+        s: {k: (list(v[0]) if isinstance(v[0], list) else v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()
+    }
+    return Config(values, {f"{s}.{k}": "default" for s, keys in SCHEMA.items() for k in keys}, None)
+
+
+def read_toml(path: Path, what: str) -> tuple[str, dict[str, Any]]:
+    """A small TOML file's text and tables, refused with one line when it is not one."""
     from .fsutil import read_text_limited
 
     try:
-        text = read_text_limited(path, "slmops.toml", limit=1 << 20)
+        text = read_text_limited(path, what, limit=1 << 20)
     except SlmopsError as e:
         raise UsageError(str(e)) from None
     try:
-        data = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
+
+
+def with_tables(config: Config, data: dict[str, Any], path: Path, text: str) -> Config:
+    """config with slmops.toml-shaped tables (section -> key -> value) applied, each value checked and tagged with
+    the file and line it came from."""
+    values = {section: dict(keys) for section, keys in config.values.items()}
+    origin = dict(config.origin)
     for section, table in data.items():
         if section not in SCHEMA or not isinstance(table, dict):
             line = _line_of(text, section)
