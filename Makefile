@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 # Where the CPU build of torch comes from when pip finds no local copy (PyPI's Linux torch is a CUDA build).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test bench clean docs lint wheel-check
+.PHONY: install demo test test-fast bench clean docs lint wheel-check
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The tests that need no model (tests/conftest.py marks the others `model`): well under 2 minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not model"
 
 lint: install
 	$(BIN)/ruff format --check core plugins tests benchmarks docs

@@ -43,6 +43,18 @@ NEUTRAL_DIR = Path(os.environ.get("TMPDIR", "/tmp"))  # no slmops.toml above it:
 SLMOPS = [sys.executable, "-c", "from slmops.cli import main; main()"]
 
 
+# Fixtures that make or load a model (every tiny model is built with the default model's tokenizer): a test that uses
+# one, or is marked slow, is marked `model`; `make test-fast` runs the others (planning, config, templates,
+# publishing, plugin contracts, quality windows), which need no model at all.
+MODEL_FIXTURES = {"default_checkpoint", "default_int4"}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def slmops_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("slmops-home")
