@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
 quiet = False
+_running: list[tuple[str, Any]] = []  # the steps running now (title, their spinner), innermost last
 
 
 @contextlib.contextmanager
@@ -20,8 +22,12 @@ def step(title: str) -> Iterator[None]:
         yield
         return
     try:
-        with console.status(f"{title}..."):
-            yield
+        with console.status(f"{title}...") as status:
+            _running.append((title, status))
+            try:
+                yield
+            finally:
+                _running.pop()
     except BaseException:
         console.print(f"[red]x[/red] {title} (failed after {time.perf_counter() - start:.1f}s)")
         raise
@@ -31,3 +37,10 @@ def step(title: str) -> Iterator[None]:
 def note(text: str) -> None:
     if not quiet:
         console.print(f"  {text}")
+
+
+def count(done: int, total: int, what: str) -> None:
+    """How far the innermost running step has got, shown in its line: "TITLE... 12/48 windows scored"."""
+    if _running and not quiet:
+        title, status = _running[-1]
+        status.update(f"{title}... {done}/{total} {what}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import progress
 from .errors import SlmopsError
 from .fsutil import read_text_limited
 from .results import Quality
@@ -125,20 +126,21 @@ def score(
     rows = [r for r in (rows or load_set()) if "text" in r]
     sums = {name: {"kld": [], "agree": 0, "nll": 0.0, "delta_p": 0.0} for name in candidates}
     nll_ref, positions = 0.0, 0
-    for row in rows:
-        for window in windows(encode(row["text"]), chunk, prefix):
-            first = len(window) // 2  # predictions from here on are scored; the tokens before are context
-            lr = log_softmax(reference(window)[first:-1])
-            target = np.array(window[first + 1 :])
-            at = np.arange(len(target))
-            nll_ref -= float(lr[at, target].sum())
-            positions += len(target)
-            for name, logits in candidates.items():
-                lc, s = log_softmax(logits(window)[first:-1]), sums[name]
-                s["kld"].append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
-                s["agree"] += int((lr.argmax(-1) == lc.argmax(-1)).sum())
-                s["nll"] -= float(lc[at, target].sum())
-                s["delta_p"] += float((np.exp(lc[at, target]) - np.exp(lr[at, target])).sum())
+    every = [window for row in rows for window in windows(encode(row["text"]), chunk, prefix)]
+    for done, window in enumerate(every):
+        progress.count(done, len(every), "windows scored")
+        first = len(window) // 2  # predictions from here on are scored; the tokens before are context
+        lr = log_softmax(reference(window)[first:-1])
+        target = np.array(window[first + 1 :])
+        at = np.arange(len(target))
+        nll_ref -= float(lr[at, target].sum())
+        positions += len(target)
+        for name, logits in candidates.items():
+            lc, s = log_softmax(logits(window)[first:-1]), sums[name]
+            s["kld"].append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
+            s["agree"] += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+            s["nll"] -= float(lc[at, target].sum())
+            s["delta_p"] += float((np.exp(lc[at, target]) - np.exp(lr[at, target])).sum())
     if not positions:
         raise SlmopsError("the quality set has no text long enough to score")
     results = {}

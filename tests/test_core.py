@@ -299,3 +299,31 @@ def test_plugin_commands_are_there_however_the_group_is_invoked(cli_here):
     done = CliRunner().invoke(group, ["hello-thirdparty"])
     assert done.exit_code == 0 and done.output == "hello from slmops-thirdparty\n", done.output
     assert "hello-thirdparty" in cli_here("--help").out
+
+
+def test_a_long_step_shows_how_far_it_has_got(monkeypatch):
+    """Scoring a build against its source runs minutes: its step's line counts the windows scored."""
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    from slmops import progress, quality
+
+    monkeypatch.setattr(progress, "console", Console(file=io.StringIO(), force_terminal=True))
+    monkeypatch.setattr(progress, "quiet", False)
+    shown = []
+    real_count = progress.count
+
+    def watch(done: int, total: int, what: str) -> None:
+        real_count(done, total, what)
+        shown.append(progress._running[-1][1].status)
+
+    monkeypatch.setattr(progress, "count", watch)
+    rng = np.random.default_rng(0)
+    logits = lambda tokens: rng.standard_normal((len(tokens), 16)).astype(np.float32)  # noqa: E731
+    rows = [{"text": "x" * 300}, {"text": "y" * 100}]
+    with progress.step("Measuring int4 against fp32"):
+        quality.score(logits, {"int4": logits}, lambda text: [ord(c) % 16 for c in text], rows, chunk=64)
+    assert shown == [f"Measuring int4 against fp32... {i}/7 windows scored" for i in range(7)]
+    assert not progress._running
