@@ -7,6 +7,7 @@ default, so the base model runs unchanged when no adapter is active)."""
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .roles import MODEL_FILES
 
 ADAPTERS_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
+DEFAULT = "(default)"  # apply(): the adapter the model was loaded with
 
 
 def adapter_name(adapter: Path) -> str:
@@ -69,26 +71,44 @@ def runtime_fed_matmuls(model) -> list[str]:
 
 
 class ActiveAdapter:
-    """The adapter a loaded og.Model runs with: the one named, else the folder's only adapter; "none" for the base."""
+    """The adapters of a loaded og.Model. name: the one a generator runs with unless told otherwise (the one named,
+    else the folder's only adapter; "none": the base). Each is loaded from the folder at its first use, so an adapter
+    added while the model is loaded (`slmops adapters add`) is found then; several can be in use at once, one per
+    generator (`slmops serve` answers `base:adapter` per request)."""
 
     def __init__(self, og: Any, model: Any, model_dir: Path, name: str | None = None):
+        self.og, self.model, self.model_dir = og, model, Path(model_dir)
         found = find(model_dir)
         if name is None and len(found) == 1:
             name = next(iter(found))
-        if name == "none":
-            name = None
-        if name is not None and name not in found:
-            have = ", ".join(found) or "none"
-            raise SlmopsError(f"{model_dir} has no adapter {name!r} (it has: {have}); pick one of those, or none")
-        self.name, self.adapters = name, None
-        if name:
-            self.adapters = og.Adapters(model)
-            self.adapters.load(str(found[name]), name)
+        self.handle: Any = None  # og.Adapters, made at the first load
+        self.loaded: set[str] = set()
+        self.lock = threading.Lock()
+        self.name = self.load(name)
 
-    def apply(self, generator: Any) -> None:
-        """Switch the adapter on for this generator (before the first tokens are appended)."""
-        if self.name:
-            generator.set_active_adapter(self.adapters, self.name)
+    def load(self, name: str | None) -> str | None:
+        """name loaded (None or "none": the base, nothing to load); an adapter the folder lacks is refused."""
+        if name in (None, "none"):
+            return None
+        with self.lock:
+            if name not in self.loaded:
+                found = find(self.model_dir)
+                if name not in found:
+                    have = ", ".join(found) or "none"
+                    raise SlmopsError(
+                        f"{self.model_dir} has no adapter {name!r} (it has: {have}); pick one of those, or none"
+                    )
+                if self.handle is None:
+                    self.handle = self.og.Adapters(self.model)
+                self.handle.load(str(found[name]), name)
+                self.loaded.add(name)
+        return name
+
+    def apply(self, generator: Any, name: str | None = DEFAULT) -> None:
+        """Switch an adapter on for this generator (before the first tokens are appended): name, else this model's."""
+        name = self.name if name == DEFAULT else self.load(name)
+        if name:
+            generator.set_active_adapter(self.handle, name)
 
 
 def check_effect(model_dir: Path, name: str, prompt: str = "The capital of France is") -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import templates
+from .adapters import DEFAULT
 from .errors import SlmopsError
 
 Messages = list[dict[str, str]]
@@ -104,7 +105,7 @@ class OrtGenAIChat:
         """The answer piece by piece. options: max_new_tokens, max_length, temperature, top_p, repetition_penalty,
         seed, stop (strings that end the answer, left out of it), constraint (a structure.Constraint the answer keeps
         to), prompt (the whole prompt, already written by the model's own template: a conversation with tools; it
-        stands for messages). usage gets token counts, TTFT and finish_reason
+        stands for messages), adapter (the LoRA adapter to answer with, "none" for the base; default: the model's). usage gets token counts, TTFT and finish_reason
         ("stop": the model or a stop string ended it; "length": it ran out of tokens)."""
         tokens = self.session.tokens(options["prompt"]) if options.get("prompt") else self.prompt_tokens(messages)
         max_new = int(options.get("max_new_tokens") or 256)
@@ -123,7 +124,8 @@ class OrtGenAIChat:
         if options.get("seed") is not None:
             search["random_seed"] = int(options["seed"])
         budget = min(limit, len(tokens) + max_new) - len(tokens)
-        generator = self.session.generator(len(tokens) + budget, options.get("constraint"), **search)
+        adapter = options.get("adapter", DEFAULT)  # `slmops serve`'s base:adapter, per request
+        generator = self.session.generator(len(tokens) + budget, options.get("constraint"), adapter, **search)
         stream = self.session.tokenizer.create_stream()
         start = time.perf_counter()
         usage.update(prompt_tokens=len(tokens), completion_tokens=0, finish_reason="stop")

@@ -497,6 +497,12 @@ registry_option = click.option("--registry", "registry_backend", help="Registry 
 @click.option(
     "--replace/--no-replace", default=None, help="Replace an existing entry of the same name (default) or refuse."
 )
+@click.option(
+    "--adapter",
+    "adapter_specs",
+    multiple=True,
+    help="NAME=DIR: add this PEFT LoRA as an adapter of the registered base (repeatable; see `slmops adapters`).",
+)
 @registry_option
 @json_option
 @pass_state
@@ -508,11 +514,15 @@ def register_cmd(
     version_: str | None,
     description: str | None,
     replace: bool | None,
+    adapter_specs: tuple[str, ...],
     registry_backend: str | None,
     as_json: bool,
 ) -> None:
     """Place MODEL_DIR in the registry as NAME, with a checked inference_model.json."""
+    from . import adapter_registry
     from . import registry as reg
+
+    extra = [adapter_spec(spec) for spec in adapter_specs]  # a malformed one is refused before anything is written
 
     cfg = state.config
     cfg.override("model.family", family, "command line")
@@ -522,6 +532,7 @@ def register_cmd(
     registry = reg.open_registry(cfg, registry_backend)
     with reg.package(Path(model_dir), name, cfg, registry.name) as pkg:
         result = reg.add(registry, pkg, cfg.get("registry.replace"))
+    result["adapters"] = [adapter_registry.add(registry, name, adapter, folder) for adapter, folder in extra]
     if as_json:
         output.emit_json(result)
     else:
@@ -540,6 +551,76 @@ def register_cmd(
             ["name", "id", "family", "precision", "size", "path"],
             title=f"registered with {registry.name}",
         )
+        if result["adapters"]:
+            adapter_table([{**r, "model": f"{name}:{r['adapter']}"} for r in result["adapters"]], "adapters added")
+
+
+def adapter_spec(value: str) -> tuple[str, Path]:
+    """NAME=DIR (a PEFT LoRA folder), as --adapter and `adapters add` take it."""
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise UsageError(f"adapter {value!r}: give NAME=DIR, the name to serve it by and the LoRA folder peft saved")
+    return name, Path(folder)
+
+
+def adapter_table(rows: list[dict[str, Any]], title: str) -> None:
+    output.table(rows, ["model", "size_mb", "mean_kld", "top1_agreement", "domain_accuracy"], title=title)
+
+
+@cli.group()
+def adapters() -> None:
+    """A registered base's LoRA adapters, served per request as BASE:ADAPTER: add, ls, rm."""
+
+
+@adapters.command("add")
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--domain", type=click.Path(dir_okay=False, path_type=Path), help="JSONL domain set to score it on.")
+@registry_option
+@json_option
+@pass_state
+def adapters_add(
+    state: State, base: str, adapter: str, domain: Path | None, registry_backend: str | None, as_json: bool
+) -> None:
+    """Add ADAPTER (NAME=DIR, a PEFT LoRA) to the registered BASE, measured against its merged source.
+
+    The base is built again with the LoRA kept apart; it must be the registered base byte for byte (an adapter
+    made for another model or other modules is refused), and only the adapter file goes into BASE's folder."""
+    from . import adapter_registry
+    from . import registry as reg
+
+    name, folder = adapter_spec(adapter)
+    row = adapter_registry.add(reg.open_registry(state.config, registry_backend), base, name, folder, domain)
+    row["model"] = f"{base}:{name}"
+    output.emit_json(row) if as_json else adapter_table([row], f"adapter added to {base}")
+
+
+@adapters.command("ls")
+@click.argument("base")
+@registry_option
+@json_option
+@pass_state
+def adapters_ls(state: State, base: str, registry_backend: str | None, as_json: bool) -> None:
+    """List BASE's adapters with their fidelity against their merged sources."""
+    from . import adapter_registry
+    from . import registry as reg
+
+    rows = adapter_registry.listing(reg.open_registry(state.config, registry_backend), base)
+    output.emit_json({"adapters": rows}) if as_json else adapter_table(rows, f"adapters of {base}")
+
+
+@adapters.command("rm")
+@click.argument("base")
+@click.argument("name")
+@registry_option
+@pass_state
+def adapters_rm(state: State, base: str, name: str, registry_backend: str | None) -> None:
+    """Remove adapter NAME from BASE (requests for BASE:NAME are refused from then on)."""
+    from . import adapter_registry
+    from . import registry as reg
+
+    adapter_registry.remove(reg.open_registry(state.config, registry_backend), base, name)
+    click.echo(f"removed {base}:{name}")
 
 
 @cli.group()
@@ -752,7 +833,8 @@ def model_run(
     tool_choice: str,
     **overrides: Any,
 ) -> None:
-    """Chat with NAME: interactive and streaming, or one answer with --prompt."""
+    """Chat with NAME (BASE:ADAPTER: with that LoRA adapter on): interactive and streaming, or one answer with
+    --prompt."""
     from . import registry as reg
     from . import structure
     from .chat_session import ChatRunner
@@ -765,8 +847,11 @@ def model_run(
         choice = tool_choice if tool_choice in ("auto", "required", "none") else {"function": {"name": tool_choice}}
         overrides["tools"] = (structure.read_json(tools_file, "tools file"), choice)
 
+    registry = reg.open_registry(state.config, registry_backend)
+    if ":" in name and adapter is None and not any(name in (e.name, e.id) for e in registry.list()):
+        name, _, adapter = name.partition(":")  # base:adapter, as `slmops serve` names it
     runner = ChatRunner(
-        reg.open_registry(state.config, registry_backend),
+        registry,
         name,
         engine,
         {k: v for k, v in overrides.items() if v is not None},

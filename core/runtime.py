@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .adapters import ActiveAdapter
+from .adapters import DEFAULT, ActiveAdapter
 from .cpus import session_threads
 from .errors import SlmopsError
 from .fsutil import write_json_atomic
@@ -106,9 +106,12 @@ class Session:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
-    def generator(self, max_length: int, constraint: Constraint | None = None, **search: Any) -> Any:
-        """An og.Generator for up to max_length tokens (prompt included), adapter on; constraint: the structure its
-        tokens must keep to (the runtime's grammar engine masks the rest); search: its other options."""
+    def generator(
+        self, max_length: int, constraint: Constraint | None = None, adapter: str | None = DEFAULT, **search: Any
+    ) -> Any:
+        """An og.Generator for up to max_length tokens (prompt included), adapter on (this session's, or the one
+        named; "none": the base); constraint: the structure its tokens must keep to (the runtime's grammar engine
+        masks the rest); search: its other options."""
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=max(max_length, self.shortest_cache), **search)
         if constraint is not None:
@@ -123,7 +126,7 @@ class Session:
             raise ConstraintError(
                 f"the grammar engine cannot constrain to this schema: {message}; simplify it"
             ) from None
-        self.adapter.apply(generator)
+        self.adapter.apply(generator, adapter)
         return Generation(generator, max_length)
 
     def check_constraint(self, constraint: Constraint) -> None:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import progress, structure, tools
+from . import adapters, progress, structure, tools
 from .chat_session import ChatRunner
 from .errors import SlmopsError
 from .roles import Registry
@@ -224,18 +224,23 @@ class ServedModel:
             self.active -= 1
             self.free.release()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, adapter: str | None = None) -> dict[str, Any]:
         e = self.runner.entry
         created = int(datetime.datetime.fromisoformat(e.registered_at).timestamp()) if e.registered_at else 0
         return {
-            "id": self.name,
+            "id": f"{self.name}:{adapter}" if adapter else self.name,
             "object": "model",
             "created": created,
             "owned_by": "slmops",
             "family": e.family,
             "precision": e.precision,
             "engine": self.runner.engine,
+            **({"adapter": adapter} if adapter else {}),
         }
+
+    def listed(self) -> list[dict[str, Any]]:
+        """This model, and itself with each adapter its folder holds now (base:adapter)."""
+        return [self.describe(), *(self.describe(name) for name in adapters.find(self.runner.model_dir))]
 
 
 @dataclass
@@ -265,6 +270,24 @@ class Server:
                 param="model",
             )
         return self.models[name]
+
+    def route(self, name: str) -> tuple[ServedModel, str | None]:
+        """The served model a request's `model` names, and the adapter it asks for: "base:sales" is the model base
+        answering with its adapter sales (found in its folder at this request: one added since serving began is
+        served too), "base:none" the base without any."""
+        base, _, adapter = name.partition(":")
+        model = self.model(base if adapter else name)
+        if adapter and adapter != "none" and adapter not in adapters.find(model.runner.model_dir):
+            have = ", ".join(adapters.find(model.runner.model_dir)) or "none"
+            raise ApiError(
+                404,
+                f"{model.name} has no adapter {adapter!r} (it has: {have})",
+                code="model_not_found",
+                param="model",
+            )
+        if adapter and model.runner.engine == "registry":
+            raise ApiError(400, f"{model.name} runs in {model.runner.registry.name}, which cannot switch adapters")
+        return model, adapter or None
 
     def drop_removed(self) -> None:
         """Stop serving models whose folder is gone (`slmops cache rm` while serving): 404 from then on."""
@@ -365,11 +388,12 @@ def create_app(server: Server) -> FastAPI:
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
         server.drop_removed()
-        return {"object": "list", "data": [m.describe() for m in server.models.values()]}
+        return {"object": "list", "data": [row for m in server.models.values() for row in m.listed()]}
 
     @v1.get("/models/{name}")
     async def one_model(name: str) -> dict[str, Any]:
-        return server.model(name).describe()
+        model, adapter = server.route(name)
+        return model.describe(adapter)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -384,8 +408,10 @@ def create_app(server: Server) -> FastAPI:
     async def answer(request: Request) -> Any:
         body = await read_body(request)
         req = parse_request(body)
-        model = server.model(req.model)
+        model, adapter = server.route(req.model)
         options = req.options(model.runner.options)
+        if adapter:
+            options["adapter"] = adapter
         try:
             family = model.runner.chosen.family
             use = tools.ToolUse.of(req.tools, req.tool_choice, family.tools, req.parallel_tool_calls is True)
@@ -412,8 +438,9 @@ def create_app(server: Server) -> FastAPI:
             turn = model.turn()
             await turn.__aenter__()  # a 429 is still answered as JSON, before the stream starts
             events = stream_events(
-                server, model, messages, options, cancel, completion_id, created, include_usage, prompt_tokens, use
-            )
+                server, model, messages, options, cancel, completion_id, created, include_usage, prompt_tokens, use,
+                req.model,
+            )  # fmt: skip
             return StreamingResponse(
                 finish_after(events, turn, watcher),
                 media_type="text/event-stream",
@@ -438,7 +465,7 @@ def create_app(server: Server) -> FastAPI:
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": model.name,
+            "model": req.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage_body(usage, prompt_tokens),
         }
@@ -494,6 +521,7 @@ async def stream_events(
     include_usage: bool,
     prompt_tokens: int,
     use: tools.ToolUse | None = None,
+    name: str | None = None,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return sse(
@@ -501,7 +529,7 @@ async def stream_events(
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": model.name,
+                "model": name or model.name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                 **extra,
             }
