@@ -20,6 +20,7 @@ manifest run again does no work for the jobs already done, and a registered job 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,9 +209,12 @@ def workers_for(jobs: int, asked: int | None) -> tuple[int, int]:
     return at_once, max(1, cpus // at_once)
 
 
-def run(manifest: Manifest, jobs_at_once: int | None = None) -> list[dict[str, Any]]:
-    """Every job of the manifest: the remembered result where there is one, else run in a child process; the
-    rows ranked (passed first, then the smallest build, then the lowest mean KLD)."""
+def run(
+    manifest: Manifest, jobs_at_once: int | None = None, executor: str = "local", address: str | None = None
+) -> list[dict[str, Any]]:
+    """Every job of the manifest: the remembered result where there is one, else run in a child process, here
+    (executor "local") or on a Ray cluster's nodes ("ray", at address); the rows ranked (passed first, then the
+    smallest build, then the lowest mean KLD)."""
     from .config import home
 
     memo = home() / "batch"
@@ -228,34 +233,120 @@ def run(manifest: Manifest, jobs_at_once: int | None = None) -> list[dict[str, A
             rows.append({**base, **known, "status": "cached", "seconds": 0.0})
         else:
             todo.append((job, base, key))
-    at_once, threads = workers_for(len(todo), jobs_at_once) if todo else (1, 1)
     total, done = len(manifest.jobs), len(rows)
     if rows:
         progress.note(f"{done} of {total} jobs already done (their results are remembered)")
-    if todo:
+    if not todo:
+        return sorted(rows, key=rank)
+    if executor == "ray":
+        results, at_once = ray_results(manifest, [job for job, _, _ in todo], address), len(todo)
+    else:
+        at_once, threads = workers_for(len(todo), jobs_at_once)
         progress.note(f"running {len(todo)} jobs, {at_once} at a time, {threads} thread(s) each")
-
-    def one(job: Job, base: dict[str, Any], key: str | None) -> dict[str, Any]:
-        start = time.perf_counter()
-        result = _in_child(manifest, job, threads)
+        results = local_results(manifest, [job for job, _, _ in todo], at_once, threads)
+    by_label = {job.label: (base, key) for job, base, key in todo}
+    for label, result, seconds in results:
+        base, key = by_label[label]
         if key and result.get("status") == "passed":
             write_json_atomic(memo / f"{key}.json", result)
-        return {**base, **result, "seconds": round(time.perf_counter() - start, 1)}
+        row = {**base, **result, "seconds": round(seconds, 1)}
+        rows.append(row)
+        done += 1
+        running = min(at_once, total - done)
+        progress.note(
+            escape(
+                f"{done}/{total} done, {running} running, {total - done - running} left: {label} "
+                f"{row['status']} in {row['seconds']:.0f} s" + (f" ({row['why']})" if row.get("why") else "")
+            )
+        )
+    return sorted(rows, key=rank)
+
+
+Results = Iterator[tuple[str, dict[str, Any], float]]  # (job label, its result, seconds), as the jobs end
+
+
+def local_results(manifest: Manifest, jobs: list[Job], at_once: int, threads: int) -> Results:
+    """The jobs on this machine, at_once at a time, each in its own process."""
+
+    def one(job: Job) -> tuple[str, dict[str, Any], float]:
+        start = time.perf_counter()
+        return job.label, _in_child(manifest, job, threads), time.perf_counter() - start
 
     with ThreadPoolExecutor(at_once) as pool:
-        futures = {pool.submit(one, *item): item[0] for item in todo}
-        for future in as_completed(futures):
-            row = future.result()
-            rows.append(row)
-            done += 1
-            running = min(at_once, total - done)
-            progress.note(
-                escape(
-                    f"{done}/{total} done, {running} running, {total - done - running} left: {futures[future].label} "
-                    f"{row['status']} in {row['seconds']:.0f} s" + (f" ({row['why']})" if row.get("why") else "")
-                )
-            )
-    return sorted(rows, key=rank)
+        for future in as_completed([pool.submit(one, job) for job in jobs]):
+            yield future.result()
+
+
+RAY_RETRIES = 3  # a job whose worker dies (killed, a node lost) runs again, up to this many times
+CARRIED_ENV = ("HF_HUB_OFFLINE", "TQDM_DISABLE")  # with every SLMOPS_* variable: what a job on a node must see
+
+
+def ray_results(manifest: Manifest, jobs: list[Job], address: str | None) -> Results:
+    """The jobs as tasks of the Ray cluster at address (else $RAY_ADDRESS), each in its own process on a node.
+    Nodes must see the manifest's files and slmops's home at the same paths (one machine, or a shared mount); the
+    results come back through Ray's object store and the driver writes the report."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'slmops[ray]'") from None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UsageError("--executor ray needs a cluster: give --ray-address HOST:PORT or set RAY_ADDRESS")
+    _check_reachable(address)
+    # Ray's own messages (a worker that died, say) go to stderr with slmops's progress: stdout is the report's
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr)
+    quiet_stdout.__enter__()
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - Ray's own reasons are many; the user gets one line
+        quiet_stdout.__exit__(None, None, None)
+        raise SlmopsError(f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())[:200]}") from None
+    try:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        largest = max((int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
+        threads = max(1, min(largest, cpus // min(len(jobs), cpus)))  # every CPU busy, no task bigger than a node
+        progress.note(f"running {len(jobs)} jobs on the Ray cluster at {address} ({cpus} CPUs, {threads} each)")
+        env = {k: v for k, v in os.environ.items() if k.startswith("SLMOPS_") or k in CARRIED_ENV}
+        task = ray.remote(num_cpus=threads, max_retries=RAY_RETRIES, retry_exceptions=False)(_ray_job)
+        pending = {task.remote(str(manifest.path), asdict(job), threads, env): job for job in jobs}
+        started = time.perf_counter()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - the task's retries ran out: this job failed, the others go on
+                result = {"status": "failed", "why": f"on Ray: {type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+            yield job.label, result, time.perf_counter() - started
+    finally:
+        ray.shutdown()
+        quiet_stdout.__exit__(None, None, None)
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster address that answers no connection is refused at once (Ray itself retries for a minute)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise SlmopsError(
+            f"no Ray cluster answers at {address}; start one (`ray start --head`) or give its address with "
+            "--ray-address HOST:PORT"
+        ) from None
+
+
+def _ray_job(manifest_path: str, job: dict[str, Any], threads: int, env: dict[str, str]) -> dict[str, Any]:
+    """On a Ray worker: one job, in a process of its own, with the driver's slmops settings."""
+    os.environ.update(env)
+    from .config import home
+    from .cpus import allowed_cpus
+    from .fsutil import fault_point
+
+    spec = Job(**job)
+    fault_point("batch:ray-task", once=home() / "batch" / "faults" / spec.label)  # tests: a worker killed once
+    return _in_child(read_manifest(Path(manifest_path)), spec, min(threads, allowed_cpus()))
 
 
 def rank(row: dict[str, Any]) -> tuple:

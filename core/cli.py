@@ -1096,16 +1096,31 @@ def validate_cmd(
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--jobs", "jobs_at_once", type=int, help="Jobs at once (default: half the CPUs, within memory).")
 @click.option("--markdown", type=click.Path(dir_okay=False), help="Also write the report as Markdown here.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where jobs run: this machine's pool, or a Ray cluster's nodes (slmops[ray]).",
+)
+@click.option("--ray-address", help="The Ray cluster (HOST:PORT; default: $RAY_ADDRESS).")
 @json_option
-def batch(manifest: str, jobs_at_once: int | None, markdown: str | None, as_json: bool) -> None:
+def batch(
+    manifest: str,
+    jobs_at_once: int | None,
+    markdown: str | None,
+    executor: str,
+    ray_address: str | None,
+    as_json: bool,
+) -> None:
     """Run MANIFEST's models x adapters x precisions through deploy's pipeline; one ranked report.
 
-    Jobs run side by side, each in its own process; a failed job does not stop the others, and a job done before is
-    not done again. Exit status 1 when a job failed."""
+    Jobs run side by side, each in its own process, here or on a Ray cluster (the same report); a failed job does
+    not stop the others, and a job done before is not done again. Exit status 1 when a job failed."""
     from . import batch as b
     from .fsutil import write_text_atomic
 
-    rows = b.run(b.read_manifest(Path(manifest)), jobs_at_once)
+    rows = b.run(b.read_manifest(Path(manifest)), jobs_at_once, executor, ray_address)
     if markdown:
         write_text_atomic(Path(markdown), b.markdown(rows))
     if as_json:

@@ -144,11 +144,18 @@ STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(-.*)
 FAULT_ENV = "SLMOPS_FAULT_AT"
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, once: Path | None = None) -> None:
     """Die here with SIGKILL when $SLMOPS_FAULT_AT names this point: how tests prove that a kill at the worst
-    moment of a replacement loses nothing. A no-op otherwise."""
+    moment of a replacement loses nothing. once: a file marking that it died here before (then it goes on). A no-op
+    otherwise."""
     if os.environ.get(FAULT_ENV) == name:
         import signal
+
+        if once is not None:
+            if once.exists():
+                return
+            once.parent.mkdir(parents=True, exist_ok=True)
+            once.touch()
 
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
