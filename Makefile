@@ -63,6 +63,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_structure.py
+	$(BIN)/python benchmarks/bench_batch.py
 
 docs: install
 	$(BIN)/python docs/gen_docs.py
