@@ -23,7 +23,7 @@ def emit_json(data: Any) -> None:
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
     t = Table(title=title, show_lines=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # a long value (a model's name, a path) wraps in its cell, never cut with …
     for row in rows:
         t.add_row(*(Text(_cell(row.get(c))) for c in columns))  # Text: no markup parsing of '[/INST]'
     stdout.print(t)

@@ -327,3 +327,25 @@ def test_a_long_step_shows_how_far_it_has_got(monkeypatch):
         quality.score(logits, {"int4": logits}, lambda text: [ord(c) % 16 for c in text], rows, chunk=64)
     assert shown == [f"Measuring int4 against fp32... {i}/7 windows scored" for i in range(7)]
     assert not progress._running
+
+
+def test_a_table_fits_80_columns_and_cuts_no_name(monkeypatch):
+    """A long model name or path wraps inside its cell (rich cut it to 'smollm2-1…' before)."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from slmops import output
+
+    monkeypatch.setattr(output, "stdout", Console(file=io.StringIO(), width=80, highlight=False, soft_wrap=False))
+    name = "smollm2-135m-instruct-int4-gptq-calibrated-on-orders"
+    path = f"/root/.foundry/cache/models/custom/{name}"
+    output.table(
+        [{"name": name, "family": "chatml", "size": "105.5 MB", "path": path}], ["name", "family", "size", "path"]
+    )
+    text = output.stdout.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    columns = [re.split(r"[│┃]", line)[1:-1] for line in text.splitlines() if line.startswith("│")]
+    cells = ["".join(row[i].strip() for row in columns) for i in range(4)]
+    assert cells == [name, "chatml", "105.5 MB", path]
