@@ -214,6 +214,12 @@ def convert_options(f=None, *, auto: bool = False):
         ),
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
         click.option(
+            "--target",
+            type=click.Choice(["native", "portable"]),
+            help="native (default): this machine's fastest code (the GGUF kernel where it runs); portable: no native "
+            "code, the folder runs wherever ONNX Runtime GenAI runs.",
+        ),
+        click.option(
             "--backend", help="Converter plugin by name (see `slmops plugins`); default: the cheapest that fits."
         ),
         click.option(
@@ -252,6 +258,7 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
         "backend",
         "quantizer",
         "calibration",
+        "target",
     ):
         cfg.override(f"convert.{key}", flags.get(key), "command line")
     if flags.get("block_size"):

@@ -50,6 +50,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
             "JSONL file of your own text (rows with text, or prompt and expected) to calibrate on",
         ),
         "accuracy_level": (0, int, "MatMulNBits accuracy_level (0: the runtime's default, 1-4)"),
+        "target": (
+            "native",
+            str,
+            "native: this machine's fastest code (the GGUF kernel where it runs); portable: no native code",
+        ),
         "output": ("", str, "output folder (default: slmops's build cache)"),
     },
     "registry": {
@@ -102,6 +107,7 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
 VALUE_CHECKS: dict[str, tuple[Any, str]] = {
     "convert.block_size": _one_of(*BLOCK_SIZES),
     "convert.accuracy_level": _one_of(0, 1, 2, 3, 4),
+    "convert.target": _one_of("native", "portable"),
     "model.adapter_mode": _one_of("merge", "adapter"),
     "validate.max_kld": _at_least(0),
     "validate.min_top1": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "a number from 0 to 1"),
@@ -143,6 +149,7 @@ class Config:
             "algorithm": c["algorithm"],
             "accuracy_level": c["accuracy_level"] or None,
             "calibration": Path(c["calibration"]) if c["calibration"] else None,
+            "target": c["target"],
             "adapter": Path(adapter) if adapter else None,
             "adapter_mode": self.values["model"]["adapter_mode"],
             "trust_remote_code": self.values["model"]["trust_remote_code"],

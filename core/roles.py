@@ -33,6 +33,7 @@ class ConvertRequest:
     trust_remote_code: bool = False
     gguf: Path | None = None  # the GGUF file when the source is one (source_dir is then its dequantized checkpoint)
     calibration: Path | None = None  # a JSONL file of the user's own text for the data-aware quantizers
+    target: str = "native"  # "native": this machine's fastest code (the GGUF kernel where it runs); "portable": none
 
     @property
     def keeps_adapter(self) -> bool:

@@ -49,6 +49,7 @@ def build(result: Build) -> None:
             "value": f"MatMulNBits by bits {graph['matmul_nbits'] or '-'}, block {graph['block_sizes'] or '-'}, "
             f"symmetric {graph['symmetric'] or '-'}, float MatMuls {graph['float_matmuls']}",
         },
+        {"": "target", "value": target_text(m)},
         {"": "size", "value": output.human_bytes(result.output_bytes)},
         *[
             {"": "adapter", "value": f"{name} ({path}; max logit change {effect['max_logit_change']})"}
@@ -62,6 +63,14 @@ def build(result: Build) -> None:
         {"": "timings", "value": ", ".join(f"{k} {v}s" for k, v in m["timings"].items())},
     ]
     output.table(rows, ["", "value"])
+
+
+def target_text(manifest: dict[str, Any]) -> str:
+    """What a build's folder runs on: its target and the native code it carries, if any."""
+    target, needs = manifest["options"].get("target", "native"), manifest.get("requires")
+    if not needs:
+        return f"{target}: no native code, runs wherever ONNX Runtime GenAI runs"
+    return f"{target}: carries {needs['what']}, runs on {needs['os']} {'/'.join(needs['machine'])} with {', '.join(needs['cpu_flags'])}"
 
 
 def bench(result: dict[str, Any]) -> None:

@@ -210,7 +210,7 @@ class GGUFNative(Quantizer):
 
     def graph_facts(self, request: ConvertRequest) -> dict:
         """MatMulGGML where the GGUF kernel takes the GGUF's types on this machine, else MatMulNBits."""
-        library = gguf_kernel.library() if accuracy_level(request) >= INTEGER_ACTIVATIONS else None
+        library = kernel_for(request)
         if library and gguf_kernel.takes(request.gguf):
             return gguf_kernel.graph_facts(library)
         return super().graph_facts(request)
@@ -225,11 +225,11 @@ class GGUFNative(Quantizer):
         channels = float_channels(fp32_dir, request, level)
         # The GGUF kernel where this machine can build it: each block's minimum applied inside the kernel, no float
         # correction (docs/architecture.md, "Speed"); MatMulNBits with corrections for what it does not hold.
-        kernel = gguf_kernel.library() if level >= INTEGER_ACTIVATIONS else None
+        kernel = kernel_for(request)
         report = {
             "gguf": str(request.gguf),
             "float_channels": OUTLIER_CHANNELS if channels else 0,
-            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
+            "kernel": str(kernel.name) if kernel else why_no_kernel(request),
         }
         forms_of = lambda _, matrix: forms_for(matrix, weights)  # noqa: E731
         write_blocks(fp32_dir, output_dir, forms_of, level, report, channels, kernel)
@@ -247,6 +247,20 @@ def float_channels(fp32_dir: Path, request: ConvertRequest, level: int) -> dict[
 def accuracy_level(request: ConvertRequest) -> int:
     """The MatMulNBits accuracy level a request builds at: integer compute (4) unless it asks."""
     return INTEGER_ACTIVATIONS if request.accuracy_level is None else request.accuracy_level
+
+
+def why_no_kernel(request: ConvertRequest) -> str:
+    if request.target != "native":
+        return f"target {request.target}: no native code"
+    return gguf_kernel.why_not() or "not at this accuracy level"
+
+
+def kernel_for(request: ConvertRequest) -> Path | None:
+    """The GGUF kernel library a build of request carries: where it asks for integer compute, for this machine's
+    native code (target "native"), and the kernel builds and runs here; else None (MatMulNBits, portable)."""
+    if accuracy_level(request) < INTEGER_ACTIVATIONS or request.target != "native":
+        return None
+    return gguf_kernel.library()
 
 
 Forms = Callable[[str, np.ndarray], list[tuple[int, int, gguf_blocks.BlockForm]]]

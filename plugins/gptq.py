@@ -251,9 +251,7 @@ class GPTQ(Quantizer):
         return super().check(request)
 
     def graph_facts(self, request: ConvertRequest) -> dict:
-        library = (
-            gguf_kernel.library() if gguf_native.accuracy_level(request) >= gguf_native.INTEGER_ACTIVATIONS else None
-        )
+        library = gguf_native.kernel_for(request)
         if library:
             return gguf_kernel.graph_facts(library)
         return super().graph_facts(request)
@@ -263,7 +261,7 @@ class GPTQ(Quantizer):
         return {
             "algorithm": self.algorithms[0],
             "float_channels": gguf_native.OUTLIER_CHANNELS if channels else 0,
-            "kernel": str(kernel.name) if kernel else gguf_kernel.why_not() or "not at this accuracy level",
+            "kernel": str(kernel.name) if kernel else gguf_native.why_no_kernel(request),
             "calibration": str(request.calibration) if request.calibration else "shipped",
         }
 
@@ -278,7 +276,7 @@ class GPTQ(Quantizer):
             return calibration.activation_statistics(fp32_dir, text, full=True, weights=group)
 
         level = gguf_native.accuracy_level(request)
-        kernel = gguf_kernel.library() if level >= gguf_native.INTEGER_ACTIVATIONS else None
+        kernel = gguf_native.kernel_for(request)
         plan = Plan(decoder, extra=carried_bytes(fp32_dir, matrices, kernel))
         # Measure every weight's output error in each form (its group's H in memory), choose the forms under the
         # budget, then round each in its form: H kept where all of it fits in one group, measured again otherwise.
@@ -442,7 +440,7 @@ class Q8(GPTQ):
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         level = gguf_native.accuracy_level(request)
-        kernel = gguf_kernel.library() if level >= gguf_native.INTEGER_ACTIVATIONS else None
+        kernel = gguf_native.kernel_for(request)
         channels = gguf_native.float_channels(fp32_dir, request, level)
         report = self.report(request, channels, kernel)
 

@@ -267,3 +267,19 @@ def test_the_kernel_runs_on_onnx_runtimes_threads_and_starts_none():
         for which in ("kernel", "plain")
     ]
     assert int(counts[0]) == int(counts[1]), counts
+
+
+def test_the_portable_target_carries_no_native_code(tiny_llama, cli_here):
+    """--target portable: the same route without the kernel (MatMulNBits), no library, nothing a machine must have;
+    another build than the native one, and convert says which target it built for."""
+    native = convert.convert(str(tiny_llama), {"precision": "int8"})
+    portable = convert.convert(str(tiny_llama), {"precision": "int8", "target": "portable"})
+    assert native.path != portable.path and native.manifest["quantizer"] == portable.manifest["quantizer"] == "q8_0"
+    assert (native.path / gguf_kernel.LIBRARY).is_file() and native.manifest["requires"]
+    assert not (portable.path / gguf_kernel.LIBRARY).exists() and not portable.manifest.get("requires")
+    assert not list(portable.path.glob("*.so")) and portable.verification["graph"]["ops"].get("MatMulNBits")
+    assert json.loads((portable.path / gguf_native.REPORT).read_text())["kernel"] == "target portable: no native code"
+    r = cli_here("convert", tiny_llama, "--precision", "int8", "--target", "portable")
+    assert r.rc == 0 and "portable: no native code, runs wherever ONNX Runtime GenAI runs" in r.out, r
+    bad = cli_here("convert", tiny_llama, "--precision", "int8", "--target", "arm")
+    assert bad.rc == 2 and "Invalid value for '--target'" in bad.err
