@@ -99,6 +99,9 @@ def main() -> None:
         name = "-".join(x for x in (r["name"], r["adapter"], r["precision"]) if x)
         kld = f"{r['mean_kld']:>9.4f}" if r.get("mean_kld") is not None else f"{'-':>9}"
         print(f"{name:<22} {r['status']:>8} {other.get('status', '-'):>8} {r.get('size_mb') or 0:>6.0f} {kld}")
+    for r in [*local, *on_ray]:
+        if r["status"] == "failed":
+            print(f"  failed: {'-'.join(x for x in (r['name'], r['adapter'], r['precision']) if x)}: {r.get('why')}")
     print(f"wall time: local pool {local_s:.0f} s, 2-node Ray {ray_s:.0f} s (ray / local {ray_s / local_s:.2f})")
 
     print("\nserving a fine-tune: an adapter of a shared base against the merged model (RTN int4) ...", flush=True)
