@@ -39,7 +39,7 @@ from rich.markup import escape
 from . import progress
 from .config import Config, _line_of, defaults, read_toml, with_tables
 from .errors import SlmopsError, UsageError
-from .fsutil import content_hash, write_json_atomic
+from .fsutil import content_hash, read_json, write_json_atomic
 
 MODEL_KEYS = {"source", "name", "precisions", "adapters", "domain", "register"}
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4")
@@ -67,13 +67,13 @@ class Job:
 @dataclass
 class Manifest:
     path: Path
+    text: str  # the file as read: line numbers for errors in [defaults]
     defaults: dict[str, Any]  # the [defaults] tables, as slmops.toml's
     jobs: list[Job] = field(default_factory=list)
 
     def config(self, job: Job) -> Config:
         """The settings one job runs with: slmops's defaults, the manifest's, then the job's own."""
-        text = self.path.read_text()
-        cfg = with_tables(defaults(), self.defaults, self.path, text)
+        cfg = with_tables(defaults(), self.defaults, self.path, self.text)
         for dotted, value in (
             ("model.source", job.source),
             ("model.name", job.label),
@@ -94,7 +94,7 @@ def read_manifest(path: Path) -> Manifest:
     unknown = set(data) - {"defaults", "models"}
     if unknown:
         raise UsageError(f"{path}: unknown table {sorted(unknown)[0]!r}; a manifest has [defaults] and [[models]]")
-    manifest = Manifest(path, data.get("defaults") or {})
+    manifest = Manifest(path, text, data.get("defaults") or {})
     if not isinstance(manifest.defaults, dict):
         raise UsageError(f"{path}: [defaults] must be a table of slmops.toml sections")
     with_tables(defaults(), manifest.defaults, path, text)  # a bad default is refused now, with its line
@@ -228,7 +228,7 @@ def run(
         except SlmopsError as e:  # a source that is not one: this job fails, the others go on
             rows.append({**base, "status": "failed", "why": str(e), "seconds": 0.0})
             continue
-        known = _read(memo / f"{key}.json") if key else None
+        known = read_json(memo / f"{key}.json") if key else {}
         if known and known.get("status") == "passed" and Path(known.get("build", "")).is_dir():
             rows.append({**base, **known, "status": "cached", "seconds": 0.0})
         else:
@@ -368,13 +368,6 @@ def _in_child(manifest: Manifest, job: Job, threads: int) -> dict[str, Any]:
             log.seek(0)
             tail = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()][-1:]
             return {"status": "failed", "why": f"the job's process ended with {done.returncode}: {' '.join(tail)}"}
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

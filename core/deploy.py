@@ -17,7 +17,7 @@ from . import registry as reg
 from .chat_session import ChatRunner
 from .config import Config, home
 from .errors import NoImplementation, SlmopsError, UsageError
-from .fsutil import changed_files, file_hashes, write_json_atomic
+from .fsutil import changed_files, file_hashes, read_json, write_json_atomic
 from .results import Build, Deployment, Quality, Validation
 
 
@@ -49,7 +49,7 @@ def deploy(cfg: Config, ask: str | None = None) -> Deployment:
     build, q, tried = choose_build(cfg, cfg.convert_options())
     key = deploy_key(build, cfg, name, registry)
     record_path = home() / "deploys" / f"{name}.json"
-    record = _read_json(record_path)
+    record = read_json(record_path)
     if _still_deployed(registry, name, record, key):
         progress.note(
             f"{name} is already deployed from this build and passed validation: skipping register and validate"
@@ -152,13 +152,6 @@ def deploy_key(build: Build, cfg: Config, name: str, registry: Any) -> str:
     parts = [build.key, cfg.section("validate"), cfg.get("model.family"), name, cfg.get("registry.version")]
     parts.append(hashlib.sha256(Path(domain).read_bytes()).hexdigest() if domain else None)
     return hashlib.sha256(json.dumps([*parts, str(registry.root)], sort_keys=True).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _still_deployed(registry: Any, name: str, record: dict[str, Any], key: str) -> bool:

@@ -116,6 +116,15 @@ def strict_json(data: Any) -> Any:
     return data
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON record slmops wrote (a deploy record, a remembered job), {} where it is missing or damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
 
