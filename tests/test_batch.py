@@ -17,8 +17,6 @@ import pytest
 
 from slmops import batch
 
-from .test_convert import lora_adapter  # noqa: F401 (the fixture: a LoRA for tiny_llama)
-
 FAST = """
 [defaults]
 bench = { runs = 1, warmup = 0, max_new_tokens = 4, lengths = [16] }
@@ -26,53 +24,74 @@ validate = { soak_requests = 2, max_kld = 100.0, min_top1 = 0.0 }
 """
 
 
+def make_lora(model: Path, out: Path, seed: int) -> Path:
+    """A random LoRA (seeded) on q, v and down of a tiny model, as PEFT saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+    )
+    peft_model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
-def manifest(tiny_llama, lora_adapter, tmp_path_factory) -> Path:  # noqa: F811
-    """Two tiny models (one through a LoRA), two precisions, and a source that cannot be converted."""
+def manifest(tiny_llama, tiny_qwen2, tmp_path_factory) -> Path:
+    """Two tiny models (Llama, Qwen2) x two LoRAs each x two precisions, and a source that cannot be converted."""
     tmp = tmp_path_factory.mktemp("batch")
     broken = tmp / "broken"
     shutil.copytree(tiny_llama, broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    text = FAST
+    for seed, (name, model) in enumerate([("llama", tiny_llama), ("qwen", tiny_qwen2)]):
+        support = make_lora(model, tmp / f"{name}-support", seed=2 * seed)
+        legal = make_lora(model, tmp / f"{name}-legal", seed=2 * seed + 1)
+        text += f'[[models]]\nsource = "{model}"\nname = "{name}"\nprecisions = ["int8", "fp32"]\n'
+        text += f'adapters = {{ support = "{support}", legal = "{legal}" }}\n'
     path = tmp / "batch.toml"
-    path.write_text(
-        FAST
-        + f'[[models]]\nsource = "{tiny_llama}"\nname = "tiny"\nprecisions = ["int8", "fp32"]\n'
-        + f'[[models]]\nsource = "{tiny_llama}"\nname = "tuned"\nprecisions = ["int8"]\n'
-        + f'adapters = {{ support = "{lora_adapter}" }}\n'
-        + '[[models]]\nsource = "broken"\nprecisions = ["int8"]\n'
-    )
+    path.write_text(text + '[[models]]\nsource = "broken"\nprecisions = ["int8"]\n')
     return path
 
 
 @pytest.fixture(scope="module")
 def local_report(cli, manifest) -> dict:
-    r = cli("batch", manifest, "--json", "--markdown", manifest.with_name("report.md"), timeout=1200)
+    r = cli("batch", manifest, "--json", "--markdown", manifest.with_name("report.md"), timeout=1800)
     assert r.rc == 1 and r.out, r  # one job failed
     return {batch.job_name(j): j for j in r.json()["jobs"]}
+
+
+JOBS = [f"{m}-{a}-{p}" for m in ("llama", "qwen") for a in ("support", "legal") for p in ("int8", "fp32")]
 
 
 def test_a_manifest_runs_ranks_and_is_not_run_twice(cli, manifest, local_report):
     jobs, ranked = local_report, list(local_report)
     assert {name: j["status"] for name, j in jobs.items()} == {
-        "tiny-int8": "passed",
-        "tuned-support-int8": "passed",
-        "tiny-fp32": "passed",
+        **{name: "passed" for name in JOBS},
         "broken-int8": "failed",
     }, jobs
-    assert ranked[2:] == ["tiny-fp32", "broken-int8"]  # passed first, the smaller first
-    tiny, tuned, fp32 = jobs["tiny-int8"], jobs["tuned-support-int8"], jobs["tiny-fp32"]
-    assert tiny["size_mb"] < fp32["size_mb"] and tiny["adapter"] is None and tuned["adapter"] == "support"
-    assert tiny["mean_kld"] > 0 and fp32["mean_kld"] == 0 and tiny["decode_tok_s"] > 0
-    assert tuned["build"] != tiny["build"]  # the adapter merged: another build
-    assert "NoSuchForCausalLM" in jobs["broken-int8"]["why"]
-    assert "| 4 | broken-int8 | failed |" in manifest.with_name("report.md").read_text()
+    assert [jobs[n]["precision"] for n in ranked] == ["int8"] * 4 + ["fp32"] * 4 + ["int8"]  # passed, smaller first
+    assert ranked[-1] == "broken-int8" and "NoSuchForCausalLM" in jobs["broken-int8"]["why"]
+    for model in ("llama", "qwen"):
+        for adapter in ("support", "legal"):
+            int8, fp32 = jobs[f"{model}-{adapter}-int8"], jobs[f"{model}-{adapter}-fp32"]
+            assert int8["adapter"] == adapter and int8["size_mb"] < fp32["size_mb"], (int8, fp32)
+            assert int8["mean_kld"] > fp32["mean_kld"] >= 0 and int8["decode_tok_s"] > 0
+        # each adapter merged into its own build, measured against its own merged source
+        assert jobs[f"{model}-support-int8"]["build"] != jobs[f"{model}-legal-int8"]["build"]
+        assert jobs[f"{model}-support-int8"]["mean_kld"] != jobs[f"{model}-legal-int8"]["mean_kld"]
+    assert "| 9 | broken-int8 | failed |" in manifest.with_name("report.md").read_text()
 
     start = time.perf_counter()
     again = cli("batch", manifest, "--json", timeout=600)
     rerun = {batch.job_name(j): j for j in again.json()["jobs"]}
-    assert [j["status"] for j in rerun.values()] == ["cached", "cached", "cached", "failed"], rerun
-    assert all(rerun[name]["build"] == jobs[name]["build"] for name in ranked[:3])
+    assert [j["status"] for j in rerun.values()] == ["cached"] * 8 + ["failed"], rerun
+    assert all(rerun[name]["build"] == jobs[name]["build"] for name in JOBS)
     assert "running 1 jobs" in again.err and time.perf_counter() - start < 120  # only the failed job is tried again
 
 
