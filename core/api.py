@@ -27,6 +27,8 @@ from .chat import OrtGenAIChat
 from .config import Config, home, load_config
 from .cpus import allowed_cpus, available_memory
 from .errors import SlmopsError
+from .extras import need as need_extra
+from .extras import problem as extra_problem
 from .fsutil import (
     clean_stale,
     copy_tree,
@@ -87,6 +89,8 @@ __all__ = [
     "current_config",
     "die_with_parent",
     "dir_size",
+    "extra_problem",
+    "need_extra",
     "fault_point",
     "hookimpl",
     "home",
@@ -121,4 +125,5 @@ def run_olive(workflow: dict[str, Any], work_dir: Path) -> Any:
     """Run an Olive workflow (the dict an Olive JSON config holds) with Olive's logging kept quiet."""
     from . import olive_api
 
+    need_extra("olive", "running an Olive workflow")
     return olive_api.run(workflow, work_dir)

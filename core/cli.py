@@ -919,7 +919,10 @@ def serve(
     registry_backend: str | None,
 ) -> None:
     """Serve registered models (NAMES, default all) with an OpenAI-compatible API: /v1/models, /v1/chat/completions."""
+    from . import extras
     from . import registry as reg
+
+    extras.need("serve", "slmops serve")
     from . import serve as srv
 
     settings = srv.ServeSettings(parallel=parallel, max_queue=max_queue, api_key=api_key or None)

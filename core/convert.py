@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import adapters, machine, progress, provided, quality, runtime, sources, verify
+from . import adapters, extras, machine, progress, provided, quality, runtime, sources, verify
 from .config import home
 from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
@@ -270,6 +270,7 @@ def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: b
     target = home() / "sources" / f"merged-{base_sha[:10]}-{content_hash(adapter)[:10]}"
     if sealed_intact(target):
         return target
+    extras.need("torch", "merging a LoRA adapter")
     with lock(target):
         if not sealed_intact(target):  # missing, or damaged since: made again
             with progress.step("Merging the LoRA adapter into the base"), staging_dir(target) as tmp:
@@ -310,6 +311,7 @@ def convert(
     manifest = read_manifest(build_dir)
     cached = is_intact(build_dir, manifest, target.key, say=False)
     if not cached:
+        extras.need("torch", "building a model")  # the model builder reads the checkpoint with torch
         with lock(build_dir):
             clean_stale(build_dir.parent)  # what killed builds left behind
             manifest = read_manifest(build_dir)

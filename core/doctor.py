@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .config import home
+from .extras import DISTRIBUTIONS, EXTRAS
 
 TESTED = {
     "olive-ai": "0.13.0",
@@ -64,7 +65,9 @@ def checks() -> list[dict[str, Any]]:
     add("python", "ok" if py >= (3, 11) else "fail", f"{py.major}.{py.minor}.{py.micro} (needs 3.11+)")
     for dist, tested in TESTED.items():
         found = _version(dist)
-        if found is None:
+        if found is None and dist in DISTRIBUTIONS:  # an extra: only the commands that use it need it
+            add(dist, "warn", f"not installed (tested: {tested}); pip install 'slmops[{DISTRIBUTIONS[dist]}]'")
+        elif found is None:
             add(dist, "fail", f"not installed (tested: {tested}); run make install")
         else:
             add(dist, "ok" if found == tested else "warn", found if found == tested else f"{found} (tested: {tested})")
@@ -87,7 +90,10 @@ def checks() -> list[dict[str, Any]]:
 
     for registry in registries():
         problem = safely(registry, "runtime_problem", fallback="its runtime_problem() raised (see the warning)")
-        add(f"registry {registry.name}", "fail" if problem else "ok", problem or f"ready ({plugin_of(registry)})")
+        status = "fail" if problem else "ok"
+        if problem and "pip install 'slmops[" in problem:  # its extra is not installed: the core runs without it
+            status = "warn"
+        add(f"registry {registry.name}", status, problem or f"ready ({plugin_of(registry)})")
     ram = psutil.virtual_memory().available / 1e9
     add("free RAM", "ok" if ram >= MIN_RAM_GB else "warn", f"{ram:.1f} GB available (guide asks for {MIN_RAM_GB} GB)")
     folder = home()
@@ -100,7 +106,8 @@ def checks() -> list[dict[str, Any]]:
 
 
 def own_dependencies(dist: str = "slmops") -> set[str]:
-    """The distributions slmops needs to run, its own requirements and theirs (extras left out), normalised names."""
+    """The distributions slmops needs to run, normalised names: its own requirements with its extras' (torch, serve,
+    ...; not test), and theirs (their extras left out)."""
     import importlib.metadata
 
     from packaging.requirements import InvalidRequirement, Requirement
@@ -122,7 +129,8 @@ def own_dependencies(dist: str = "slmops") -> set[str]:
                 req = Requirement(line)
             except InvalidRequirement:
                 continue
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
+            extras = ("", *EXTRAS, "all") if name == canonicalize_name(dist) else ("",)
+            if req.marker is None or any(req.marker.evaluate({"extra": extra}) for extra in extras):
                 todo.append(req.name)
     seen.discard(canonicalize_name(dist))
     return seen

@@ -10,10 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import extras
 from .errors import SlmopsError
 
 
 def render_in_subprocess(folder: Path, bench: dict[str, Any] | None, compare: dict[str, Any] | None) -> None:
+    extras.need("report", "drawing the report's plots")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"bench": bench, "compare": compare}, f, default=str)
     done = subprocess.run([sys.executable, "-m", "slmops.plots", f.name, str(folder)], capture_output=True, text=True)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import progress
+from . import extras, progress
 from .config import home
 from .errors import SlmopsError
 from .fsutil import check_disk, clean_stale, content_hash, lock, read_text_limited, seal, sealed_intact, staging_dir
@@ -122,6 +122,7 @@ def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
     target = home() / "sources" / f"{gguf.stem}-{digest[:12]}"
     if sealed_intact(target):
         return target
+    extras.need("torch", f"converting {gguf.name} to a checkpoint")
     with lock(target):
         if sealed_intact(target):
             return target

@@ -30,6 +30,7 @@ from slmops.api import (
     clean_stale,
     copy_tree,
     dir_size,
+    extra_problem,
     fault_point,
     hookimpl,
     lock,
@@ -50,7 +51,11 @@ def clean_message(error: BaseException) -> str:
 
 def load_sdk() -> None:
     """Import the SDK, onnxruntime_genai first: the SDK loads its own onnxruntime-genai-core native library,
-    and onnxruntime_genai imported after it fails with an undefined symbol (seen with 0.14.1 and core 0.18)."""
+    and onnxruntime_genai imported after it fails with an undefined symbol (seen with 0.14.1 and core 0.18).
+    Without the SDK (slmops installed without its foundry extra): one line saying how to install it."""
+    missing = extra_problem("foundry", "the Foundry Local registry")
+    if missing:
+        raise SlmopsError(missing)
     import onnxruntime_genai  # noqa: F401, I001  (this order matters: keep import sorters away)
     import foundry_local_sdk  # noqa: F401
 
@@ -78,6 +83,8 @@ class FoundryLocalRegistry(Registry):
     def runtime_problem(self) -> str | None:
         try:
             load_sdk()  # loads the native runtime
+        except SlmopsError as e:
+            return str(e)
         except Exception as e:
             return f"foundry_local_sdk does not load: {type(e).__name__}: {e}"
         return None
@@ -125,9 +132,9 @@ class FoundryLocalRegistry(Registry):
 
     @contextlib.contextmanager
     def _catalog(self) -> Iterator[Any]:
+        manager = self._start()  # first: it says so in one line when the SDK is not installed
         from foundry_local_sdk import CatalogType
 
-        manager = self._start()
         try:
             yield manager.get_catalog(CatalogType.LOCAL)  # only LOCAL: the public catalog needs the network
         finally:
@@ -246,6 +253,7 @@ class FoundryLocalRegistry(Registry):
     def chat(
         self, name: str, messages: list[dict[str, str]], options: dict[str, Any], usage: dict[str, int]
     ) -> Iterator[str]:
+        load_sdk()
         from foundry_local_sdk import ChatSession, MessageItem, Request, RequestOptions, SearchOptions
         from foundry_local_sdk.items import TextItem, TextItemType
 
@@ -297,6 +305,7 @@ class FoundryLocalRegistry(Registry):
     def _loaded(self, name: str) -> Any:
         """The model, loaded once per process: a multi-turn chat, or a server with several models, pays the SDK
         start and each model's load once."""
+        load_sdk()
         from foundry_local_sdk import CatalogType, FoundryLocalManager
 
         if self._chat_root == self.root and name in self._chat_models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slmops.api import ConvertRequest, hookimpl, run_olive
+from slmops.api import ConvertRequest, extra_problem, hookimpl, run_olive
 from slmops.plugins.builder_fixes import fit_the_builder, option_text
 from slmops.plugins.builder_options import BuilderConverter, builder_options
 
@@ -45,6 +45,9 @@ class OliveConverter(BuilderConverter):
     name = "olive"
     description = "Olive ModelBuilder pass via olive.run (Python API)"
     cost = 50  # same graph as the builder, plus Olive's workflow overhead
+
+    def check(self, request: ConvertRequest, architecture: str) -> str | None:
+        return extra_problem("olive", "the Olive converter") or super().check(request, architecture)
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         olive_out = work_dir / "olive-output"
