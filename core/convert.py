@@ -42,7 +42,7 @@ PACKAGED = "slmops-package.json"  # in a packaged (registered) model's folder: i
 # The builds worth comparing, about smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries
 # them in this order, bench --compare measures them all. "int4 gguf" is a GGUF source's own blocks (exact weights);
 # other sources skip it. "int4 gptq" is the int4 of a float source (error-compensating rounding, Q4_0 to Q8_0
-# blocks within llama.cpp Q4_K_M's bytes: on a float SmolLM2 mean KLD 0.022 against torch, imatrix 0.078); a GGUF source that
+# blocks within llama.cpp Q4_K_M's bytes: on a float SmolLM2 mean KLD 0.021 against torch, imatrix 0.078); a GGUF source that
 # passes with its own blocks stops before it. imatrix and the RTN builds stay for sources gptq cannot take.
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("int4 gguf", {"precision": "int4", "algorithm": "gguf"}),

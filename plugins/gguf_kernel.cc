@@ -1,7 +1,7 @@
 // slmops's ONNX Runtime custom operators for a GGUF's own blocks (plugins/gguf_kernel.py builds and uses them).
 //   MatMulGGML(x, w): y = x @ W^T, W kept as llama.cpp keeps it (Q4_1 / Q5_1: a fp16 scale and a fp16 minimum per 32
 //     weights, 4-bit / 5-bit codes; Q4_0 / Q5_0: a fp16 scale, codes centred on 8 / 16; Q8_0: a fp16 scale and 32
-//     int8), so the weights are the GGUF's exactly and each block's
+//     int8; and slmops's own Q6_0, 6-bit codes centred on 32), so the weights are the GGUF's exactly and each block's
 //     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
 //     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
@@ -117,19 +117,23 @@ namespace {
 //   Q5_1: as Q4_1 with the fifth bit of each code after the minimums: 4 bytes per column (bit j: code j), then the
 //         nibbles: w = d*q + m, q = nibble | bit << 4, 192 bytes;
 //   Q4_0, Q5_0: as Q4_1, Q5_1 without the minimums: w = d*(q - 8) or d*(q - 16), 144 and 176 bytes;
+//   Q6_0 (slmops's own, no GGML type): as Q5_0 with two high bits per code, each column's fifth bits (4 bytes) then
+//         its sixth bits (4 bytes): w = d*(q - 32), 208 bytes;
 //   Q8_0: d[8] fp16, then 32 int8 per column: w = d*q, 272 bytes.
 constexpr int QK = 32, COLS = 8;
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8;  // GGML's type numbers, the ggml_type attribute
+constexpr int kQ6_0 = 100;  // not a GGML type: slmops's 6-bit form of 32 with a fp16 scale (6.5 bits per weight)
 
-constexpr size_t group_block_bytes(bool fifth_bit, bool minimum) {
-  return 16 + (minimum ? 16 : 0) + (fifth_bit ? COLS * 4 : 0) + COLS * 16;
+// Bits of each code above the low nibble: 0 (Q4), 1 (Q5), 2 (Q6), each held as 32-bit planes per column.
+constexpr size_t group_block_bytes(int high_bits, bool minimum) {
+  return 16 + (minimum ? 16 : 0) + COLS * 4 * high_bits + COLS * 16;
 }
 constexpr size_t kGroupBlockQ8_0 = 16 + COLS * 32;
 constexpr bool has_minimum(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
-constexpr bool has_fifth_bit(int64_t type) { return type == kQ5_0 || type == kQ5_1; }
+constexpr int high_bits(int64_t type) { return type == kQ6_0 ? 2 : (type == kQ5_0 || type == kQ5_1) ? 1 : 0; }
 
 constexpr size_t block_bytes(int64_t type) {
-  return type == kQ8_0 ? kGroupBlockQ8_0 : group_block_bytes(has_fifth_bit(type), has_minimum(type));
+  return type == kQ8_0 ? kGroupBlockQ8_0 : group_block_bytes(high_bits(type), has_minimum(type));
 }
 
 inline float hsum(__m256 v) {
@@ -221,15 +225,16 @@ inline __m256i bytes_from_bits(const uint8_t* x) {
   return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
 
-// Q4_1 and Q5_1: unsigned codes with a scale and a minimum per block; Q4_0 and Q5_0: the minimum is -8 or -16
-// scales, applied the same way (d*q + m meets the block's sum as the minimum does).
-template <bool FifthBit, bool Minimum>
+// Q4_1 and Q5_1: unsigned codes with a scale and a minimum per block; Q4_0, Q5_0 and Q6_0: the minimum is -8,
+// -16 or -32 scales, applied the same way (d*q + m meets the block's sum as the minimum does). Codes are at most 63,
+// so maddubs's pairs (63 * 127 * 2) stay within int16.
+template <int HighBits, bool Minimum>
 void group_q_1(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
                const uint8_t* codes) {
-  constexpr size_t bytes = group_block_bytes(FifthBit, Minimum);
+  constexpr size_t bytes = group_block_bytes(HighBits, Minimum);
   constexpr size_t head = Minimum ? 32 : 16;  // the scales (and the minimums)
-  constexpr size_t nibbles = FifthBit ? head + COLS * 4 : head;
-  const __m256 centre = _mm256_set1_ps(FifthBit ? -16.f : -8.f);
+  constexpr size_t nibbles = head + COLS * 4 * HighBits;
+  const __m256 centre = _mm256_set1_ps(-(float)(8 << HighBits));
   const uint8_t* group = w;
   __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), shift = _mm256_setr_epi64x(0, 0, 4, 4);
@@ -239,7 +244,10 @@ void group_q_1(const uint8_t* w, const Row& r, int blocks, float* out, const Cha
     for (int c = 0; c < COLS; ++c) {
       __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(w + nibbles + c * 16)));
       __m256i q = _mm256_and_si256(_mm256_srlv_epi64(both, shift), low);  // low nibbles, then high
-      if (FifthBit) q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + head + c * 4), _mm256_set1_epi8(0x10)));
+      if (HighBits >= 1)
+        q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + head + c * 4 * HighBits), _mm256_set1_epi8(0x10)));
+      if (HighBits == 2)
+        q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + head + c * 8 + 4), _mm256_set1_epi8(0x20)));
       p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
@@ -273,7 +281,7 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
 }
 
 struct Kernel {
-  int64_t type;  // GGML type: kQ4_0, kQ4_1, kQ5_0, kQ5_1 or kQ8_0
+  int64_t type;  // GGML type: kQ4_0, kQ4_1, kQ5_0, kQ5_1 or kQ8_0; or kQ6_0
 };
 
 // x quantized, per calling thread: ONNX Runtime may run one session from several threads at once.
@@ -383,10 +391,11 @@ void compute(Kernel* kernel, void* context) {
       const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
       for (int64_t i = 0; i < m; ++i) {
         float* out = y + i * n + g * COLS;
-        if (type == kQ4_1) group_q_1<false, true>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ5_1) group_q_1<true, true>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ4_0) group_q_1<false, false>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ5_0) group_q_1<true, false>(wg, row(i), blocks, out, channels, cg);
+        if (type == kQ4_1) group_q_1<0, true>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ5_1) group_q_1<1, true>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ4_0) group_q_1<0, false>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ5_0) group_q_1<1, false>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ6_0) group_q_1<2, false>(wg, row(i), blocks, out, channels, cg);
         else group_q8_0(wg, row(i), blocks, out, channels, cg);
       }
     }
@@ -404,22 +413,25 @@ void dequantize_row(const uint8_t* w, int64_t type, int blocks, int64_t n, float
     memcpy(&dh, base + 2 * c, 2);
     const float d = _cvtsh_ss(dh);
     if (type != kQ8_0) {
-      const bool minimum = has_minimum(type), fifth = has_fifth_bit(type);
+      const bool minimum = has_minimum(type);
+      const int high_count = high_bits(type);
       const size_t head = minimum ? 32 : 16;
       float m = 0.f;
-      int centre = 0;  // Q4_0 / Q5_0: w = d*(q - centre), as gguf-py computes it
+      int centre = 0;  // Q4_0 / Q5_0 / Q6_0: w = d*(q - centre), as gguf-py computes it
       if (minimum) {
         memcpy(&mh, base + 16 + 2 * c, 2);
         m = _cvtsh_ss(mh);
       } else {
-        centre = fifth ? 16 : 8;
+        centre = 8 << high_count;
       }
-      uint32_t high = 0;  // Q5's fifth bits
-      if (fifth) memcpy(&high, base + head + c * 4, 4);
-      const uint8_t* qs = base + (fifth ? head + COLS * 4 : head) + c * 16;
+      uint32_t fifth = 0, sixth = 0;  // Q5's and Q6's fifth bits, Q6's sixth
+      if (high_count >= 1) memcpy(&fifth, base + head + c * 4 * high_count, 4);
+      if (high_count == 2) memcpy(&sixth, base + head + c * 8 + 4, 4);
+      const uint8_t* qs = base + head + COLS * 4 * high_count + c * 16;
+      auto high = [&](int j) { return (int)(((fifth >> j) & 1) << 4 | ((sixth >> j) & 1) << 5); };
       for (int j = 0; j < 16; ++j) {
-        out[j] = d * (float)((int)((qs[j] & 0x0F) | ((high >> j) & 1) << 4) - centre) + m;
-        out[j + 16] = d * (float)((int)((qs[j] >> 4) | ((high >> (j + 16)) & 1) << 4) - centre) + m;
+        out[j] = d * (float)((int)(qs[j] & 0x0F) + high(j) - centre) + m;
+        out[j + 16] = d * (float)((int)(qs[j] >> 4) + high(j + 16) - centre) + m;
       }
     } else {
       const int8_t* qs = (const int8_t*)(base + 16 + c * 32);

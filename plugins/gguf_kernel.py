@@ -27,8 +27,10 @@ LIBRARY = "libslmops_gguf.so"
 DOMAIN = "ai.slmops"
 MATMUL, GATHER = "MatMulGGML", "GatherGGML"
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8  # GGML's type numbers, the ggml_type attribute
-CENTRE = {Q4_0: 8, Q5_0: 16}  # the code of zero in a type without a minimum
-MINIMUM, FIFTH_BIT = (Q4_1, Q5_1), (Q5_0, Q5_1)  # the types with a fp16 minimum per block; with 5-bit codes
+Q6_0 = 100  # not a GGML type: slmops's 6-bit form (codes centred on 32, a fp16 scale per 32: 6.5 bits per weight)
+CENTRE = {Q4_0: 8, Q5_0: 16, Q6_0: 32}  # the code of zero in a type without a minimum
+MINIMUM = (Q4_1, Q5_1)  # the types with a fp16 minimum per block
+HIGH_BITS = {Q5_0: 1, Q5_1: 1, Q6_0: 2}  # code bits above the low nibble, each a 32-bit plane per row and block
 COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
 CPU_FLAGS = ["avx2", "fma", "f16c"]
@@ -109,7 +111,7 @@ def _compiler_version(cxx: str) -> str:
 
 def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
     """The kernel's type for a block form it holds exactly (4-bit or 5-bit codes with a fp16 scale per 32, and a fp16
-    minimum (Q4_1, Q5_1) or none (Q4_0, Q5_0); or Q8_0), else None."""
+    minimum (Q4_1, Q5_1) or none (Q4_0, Q5_0); 6-bit codes centred on 32 (Q6_0); or Q8_0), else None."""
     if form.block != BLOCK or form.codes.shape[0] % COLUMNS or form.codes.shape[1] % BLOCK:
         return None
     if not _half_exact(form.scales):
@@ -125,6 +127,8 @@ def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
             return Q5_1
         if form.offsets is None and (form.zero_points == 16).all():
             return Q5_0
+    if form.bits == 8 and form.codes.max(initial=0) < 64 and form.offsets is None and (form.zero_points == 32).all():
+        return Q6_0
     return None
 
 
@@ -134,9 +138,9 @@ def _half_exact(values: np.ndarray) -> bool:
 
 def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
     """The form in the kernel's layout, uint8 [rows / 8, blocks, bytes]: for each group of 8 rows (outputs) and each
-    block, the 8 fp16 scales, (Q4_1, Q5_1) the 8 fp16 minimums, (Q5_0, Q5_1) each row's fifth bits (4 bytes, bit j of
-    code j), then each row's codes (Q4_0 to Q5_1: 16 bytes, the low 4 bits of code j in the low nibble of byte j and
-    of code j + 16 in the high one; Q8_0: 32 int8)."""
+    block, the 8 fp16 scales, (Q4_1, Q5_1) the 8 fp16 minimums, (Q5_0, Q5_1, Q6_0) each row's fifth bits (4 bytes,
+    bit j of code j) and (Q6_0) then its sixth bits, then each row's codes (Q4_0 to Q6_0: 16 bytes, the low 4 bits of
+    code j in the low nibble of byte j and of code j + 16 in the high one; Q8_0: 32 int8)."""
     rows, cols = form.codes.shape
     blocks = cols // BLOCK
 
@@ -150,9 +154,14 @@ def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
     if kind != Q8_0:
         nibbles = ((codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)).astype(np.uint8)
         parts = [half(form.scales)] + ([half(form.offsets)] if kind in MINIMUM else [])
-        if kind in FIFTH_BIT:
-            bits = ((codes >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)
-            parts.append(bits.astype("<u4").view(np.uint8).reshape(rows, blocks, 4))
+        planes = []
+        for bit in range(4, 4 + HIGH_BITS.get(kind, 0)):
+            plane = (((codes >> bit) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(
+                -1, dtype=np.uint32
+            )
+            planes.append(plane.astype("<u4").view(np.uint8).reshape(rows, blocks, 4))
+        if planes:
+            parts.append(np.concatenate(planes, axis=-1))  # one row's planes side by side
         parts.append(nibbles)
     else:
         parts = [half(form.scales), (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
@@ -179,12 +188,14 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
     if kind != Q8_0:
         head = 4 * COLUMNS if kind in MINIMUM else 2 * COLUMNS  # the scales (and the minimums)
         minimum = half(weight[..., 2 * COLUMNS : head]) if kind in MINIMUM else None
-        start = head + (4 * COLUMNS if kind in FIFTH_BIT else 0)
+        start = head + 4 * COLUMNS * HIGH_BITS.get(kind, 0)
         nibbles = ungroup(np.ascontiguousarray(weight[..., start:]))
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-        if kind in FIFTH_BIT:
-            high = ungroup(np.ascontiguousarray(weight[..., head:start])).copy().view("<u4")
-            codes = codes | (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+        if kind in HIGH_BITS:
+            planes = ungroup(np.ascontiguousarray(weight[..., head:start])).copy().view("<u4")  # [rows, blocks, bits]
+            for i in range(HIGH_BITS[kind]):
+                high = planes[..., i : i + 1]
+                codes = codes | (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << (4 + i)).astype(np.uint8)
         zero = np.full(scales.shape, CENTRE.get(kind, 0), dtype=np.uint8)
         bits = 4 if kind in (Q4_0, Q4_1) else 8
         return gguf_blocks.BlockForm("", bits, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, minimum)

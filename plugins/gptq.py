@@ -36,7 +36,14 @@ from slmops.plugins.imatrix import fit_weights, search_blocks
 
 BLOCK = 32
 # The block forms a weight may take: name -> (code bits, has a minimum). Names as in slmops-quantization.json.
-FORMS = {"q4_0": (4, False), "q4_1": (4, True), "q5_0": (5, False), "q5_1": (5, True), "q8_0": (8, False)}
+FORMS = {
+    "q4_0": (4, False),
+    "q4_1": (4, True),
+    "q5_0": (5, False),
+    "q5_1": (5, True),
+    "q6_0": (6, False),  # slmops's own (the kernel's Q6_0): between Q5_1 (6 bits a weight) and Q8_0 (8.5)
+    "q8_0": (8, False),
+}
 CHOICES = tuple(FORMS)
 # Bytes per weight: the codes, a fp16 scale and (q4_1, q5_1) a fp16 minimum per 32 weights.
 BYTES = {name: (bits * BLOCK + 16 + 16 * minimum) / 8 / BLOCK for name, (bits, minimum) in FORMS.items()}

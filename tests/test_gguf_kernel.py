@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from slmops import convert
-from slmops.plugins import gguf_blocks, gguf_kernel, gguf_native
+from slmops.plugins import gguf_blocks, gguf_kernel, gguf_native, gptq
 from slmops.roles import ConvertRequest
 
 from .conftest import build_tiny
@@ -56,19 +56,28 @@ def int8_activations(x: np.ndarray) -> np.ndarray:
     return (q * (amax / 127)).reshape(x.shape)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def blocks_of(kind: str, rows: int, cols: int, rng) -> tuple[gguf_blocks.BlockForm, np.ndarray, int]:
+    """A random weight of a kernel type: its block form, its values and its bytes in that type."""
+    if kind == "Q6_0":  # slmops's own 6-bit form: no GGUF type to read it from, gptq makes it
+        form = gptq.rounded(rng.laplace(0, 0.02, (rows, cols)).astype(np.float32), None, "q6_0")
+        assert form.codes.max() == 63 and form.codes.min() == 0  # every code the two high bits can hold is used
+        return form, form.dequantize(), rows * cols * 26 // 32
+    raw = random_blocks(kind, rows, cols, rng)
+    values = gguf.quants.dequantize(raw, T[kind])
+    return gguf_blocks.block_form(kind, raw, values), values, raw.nbytes
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_0", "Q8_0"])
 def test_kernel_computes_the_int8_product_of_the_gguf_blocks(kind):
     from onnx import TensorProto
 
     rng = np.random.default_rng(0)
     rows, cols = 72, 160  # 9 groups of 8 outputs, 5 blocks
-    raw = random_blocks(kind, rows, cols, rng)
-    values = gguf.quants.dequantize(raw, T[kind])
-    form = gguf_blocks.block_form(kind, raw, values)
+    form, values, size = blocks_of(kind, rows, cols, rng)
     ggml = gguf_kernel.ggml_type(form)
     assert ggml == getattr(gguf_kernel, kind)  # each type held as itself: Q4_0 and Q5_0 without a minimum
     weight = gguf_kernel.grouped(form, ggml)
-    assert weight.nbytes == raw.nbytes  # the GGUF's own bytes, no more
+    assert weight.nbytes == size  # the GGUF's own bytes (Q6_0: 26 bytes per 32), no more
     back = gguf_kernel.form_of(weight, ggml)
     assert np.array_equal(back.dequantize(), values)  # the layout holds the GGUF's values exactly
 
