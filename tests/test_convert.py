@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from slmops import convert, runtime, verify
+from slmops import convert, quality, runtime, verify
 from slmops.errors import SlmopsError
+from slmops.fsutil import dir_size
+
+from .conftest import build_tiny
 
 
 def test_int4_llama_is_verified_and_recorded(tiny_llama, tiny_llama_int4):
@@ -271,6 +274,48 @@ def test_quantized_base_keeps_the_adapter_in_float(tiny_llama, lora_adapter):
     assert graph["float_matmuls"] == 12 and graph["matmul_nbits"] == {"4": 15}
     assert result.verification["adapter"]["max_logit_change"] > 0
     assert (result.path / "adapters" / "support-bot.onnx_adapter").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory, default_checkpoint) -> Path:
+    """A tiny Llama whose embedding is its output layer (tie_word_embeddings, as SmolLM2's)."""
+    return build_tiny(
+        tmp_path_factory.mktemp("tied") / "tiny-tied", default_checkpoint, "llama", tie_word_embeddings=True
+    )
+
+
+def float_tables(model_dir: Path) -> list[str]:
+    """Float initializers of [vocab, hidden] or [hidden, vocab]: an embedding or output layer kept in float."""
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    tables = (onnx.TensorProto.FLOAT, [64, 49152])  # the tiny models' hidden size, the tokenizer's vocabulary
+    return [i.name for i in model.graph.initializer if (i.data_type, sorted(i.dims)) == tables]
+
+
+@pytest.mark.parametrize("options", [{"symmetric": True}, {"symmetric": False}, {"precision": "int8"}])
+def test_a_tied_embedding_reads_the_quantized_output_layer(tiny_tied, options):
+    """matmul-nbits (the route of an adapter-mode base): the Gather reads the lm_head's MatMulNBits blocks instead of
+    keeping the float table for itself (SmolLM2's adapter base was 200 MB against 86 merged)."""
+    import onnx
+
+    request = {"precision": "int4", "algorithm": "rtn", **options}
+    built = convert.convert(str(tiny_tied), request, quantizer_name="matmul-nbits")
+    fp32 = convert.reference(str(tiny_tied), request)
+    assert built.manifest["quantizer"] == "matmul-nbits" and not float_tables(built.path)
+    ops = [n.op_type for n in onnx.load(str(built.path / "model.onnx"), load_external_data=False).graph.node]
+    assert "GatherBlockQuantized" in ops and "Transpose" not in ops
+    assert quality.compare(built.path, fp32.path).mean_kld < (1e-4 if request["precision"] == "int8" else 2e-3)
+
+
+def test_an_adapter_base_of_a_tied_model_holds_no_float_table(tiny_tied):
+    from .test_batch import make_lora
+
+    lora = make_lora(tiny_tied, tiny_tied.parent / "tied-lora", seed=4)
+    base = convert.convert(str(tiny_tied), {"precision": "int4", "adapter": lora, "adapter_mode": "adapter"})
+    merged = convert.convert(str(tiny_tied), {"precision": "int4", "adapter": lora, "adapter_mode": "merge"})
+    assert not float_tables(base.path) and base.verification["adapter"]["max_logit_change"] > 0
+    assert dir_size(base.path) < 1.3 * dir_size(merged.path), (dir_size(base.path), dir_size(merged.path))
 
 
 def test_model_run_switches_the_adapter_on(tiny_llama, lora_adapter, cli, registry_dir):
