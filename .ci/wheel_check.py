@@ -16,13 +16,15 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([SLMOPS, *args], capture_output=True, text=True, timeout=600)
 
 
-def check_plugins_and_doctor() -> None:
+def check_plugins_and_doctor() -> dict[str, dict]:
+    """Every plugin loads and no doctor row fails; the rows by check."""
     names = {p["name"] for p in json.loads(run("plugins", "--json").stdout)["plugins"]}
     assert "slmops.plugins.gguf_native" in names, names
     rows = json.loads(run("doctor", "--json").stdout)
     bad = [r for r in rows if r["status"] == "fail"]
     assert not bad, bad
     print(f"wheel: {len(names)} plugins, doctor {len(rows)} checks without a failure")
+    return {r["check"]: r for r in rows}
 
 
 def refused(args: list[str], extra: str) -> None:
@@ -34,10 +36,9 @@ def refused(args: list[str], extra: str) -> None:
 
 
 if __name__ == "__main__":
-    check_plugins_and_doctor()
+    rows = check_plugins_and_doctor()
     if sys.argv[1] == "core":
         refused(["convert", "default", "--precision", "int8"], "torch")
         refused(["serve", "--port", "0"], "serve")
-        rows = {r["check"]: r for r in json.loads(run("doctor", "--json").stdout)}
         assert "slmops[foundry]" in rows["registry foundry-local"]["detail"], rows
         assert rows["torch"]["status"] == "warn" and "slmops[torch]" in rows["torch"]["detail"], rows

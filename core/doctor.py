@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from .config import home
-from .extras import DISTRIBUTIONS, EXTRAS
+from .extras import DISTRIBUTIONS, EXTRAS, INSTALL, names_an_extra
 
 TESTED = {
     "olive-ai": "0.13.0",
@@ -66,7 +66,7 @@ def checks() -> list[dict[str, Any]]:
     for dist, tested in TESTED.items():
         found = _version(dist)
         if found is None and dist in DISTRIBUTIONS:  # an extra: only the commands that use it need it
-            add(dist, "warn", f"not installed (tested: {tested}); pip install 'slmops[{DISTRIBUTIONS[dist]}]'")
+            add(dist, "warn", f"not installed (tested: {tested}); {INSTALL.format(DISTRIBUTIONS[dist])}")
         elif found is None:
             add(dist, "fail", f"not installed (tested: {tested}); run make install")
         else:
@@ -91,7 +91,7 @@ def checks() -> list[dict[str, Any]]:
     for registry in registries():
         problem = safely(registry, "runtime_problem", fallback="its runtime_problem() raised (see the warning)")
         status = "fail" if problem else "ok"
-        if problem and "pip install 'slmops[" in problem:  # its extra is not installed: the core runs without it
+        if problem and names_an_extra(problem):  # its extra is not installed: the core runs without it
             status = "warn"
         add(f"registry {registry.name}", status, problem or f"ready ({plugin_of(registry)})")
     ram = psutil.virtual_memory().available / 1e9

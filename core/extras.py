@@ -42,6 +42,14 @@ def missing(extra: str) -> list[str]:
     return gone
 
 
+INSTALL = "pip install 'slmops[{}]'"
+
+
+def names_an_extra(line: str) -> bool:
+    """Whether a problem line (a plugin's too) is problem()'s: an extra not installed, not something broken."""
+    return INSTALL.split("{")[0] in line
+
+
 def problem(extra: str, what: str) -> str | None:
     """One line saying that `what` (the work about to start) needs the extra, or None when it is installed."""
     gone = missing(extra)
@@ -49,7 +57,7 @@ def problem(extra: str, what: str) -> str | None:
         return None
     return (
         f"{what} needs {', '.join(gone)}, which {'is' if len(gone) == 1 else 'are'} not installed: "
-        f"pip install 'slmops[{extra}]' (make install installs every extra)"
+        f"{INSTALL.format(extra)} (make install installs every extra)"
     )
 
 
