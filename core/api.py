@@ -43,6 +43,7 @@ from .fsutil import (
 from .hookspecs import hookimpl
 from .isolate import die_with_parent, in_child
 from .machine import REQUIRES
+from .progress import count as progress_count
 from .quality import calibration_text
 from .roles import (
     BENCH_RESULT_KEYS,
@@ -53,11 +54,13 @@ from .roles import (
     Converter,
     ConvertRequest,
     ModelInfo,
+    PluginOptions,
     Quantizer,
     Registry,
     RegistryEntry,
     TemplateFamily,
     ToolSyntax,
+    options_of,
 )
 from .runtime import Session
 
@@ -76,6 +79,7 @@ __all__ = [
     "Converter",
     "ModelInfo",
     "OrtGenAIChat",
+    "PluginOptions",
     "Quantizer",
     "Registry",
     "RegistryEntry",
@@ -96,6 +100,8 @@ __all__ = [
     "home",
     "lock",
     "open_registry",
+    "progress_count",
+    "options_of",
     "rename",
     "replace_dir",
     "run_olive",

@@ -162,6 +162,7 @@ def job_key(manifest: Manifest, job: Job) -> str:
     parts = {
         "source": sources.resolve(job.source).sha256,
         "settings": cfg.values,
+        **({"plugins": cfg.plugins} if cfg.plugins else {}),  # a plugin's own options ([plugins.NAME])
         "files": [content_hash(Path(f)) if f else None for f in files],
         "tools": tool_versions(),
     }

@@ -81,14 +81,18 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool, quiet: bool) -
 def plugins(as_json: bool) -> None:
     """List loaded plugins (package, version, hooks) and the implementations each provides."""
     from .plugin_manager import plugin_table, problems
-    from .provided import table
+    from .provided import option_table, table
 
-    rows, offered = plugin_table(), table()
+    rows, offered, options = plugin_table(), table(), option_table()
     if as_json:
-        output.emit_json({"plugins": rows, "implementations": offered, "errors": [e.__dict__ for e in problems]})
+        output.emit_json(
+            {"plugins": rows, "implementations": offered, "options": options, "errors": [e.__dict__ for e in problems]}
+        )
         return
     output.table(rows, ["name", "package", "version", "hooks"], title="plugins")
     output.table(offered, ["role", "name", "plugin", "package"], title="implementations")
+    if options:
+        output.table(options, ["option", "type", "default", "meaning"], title="options (--option NAME.KEY=VALUE)")
     for e in problems:
         click.echo(f"disabled: {e.name} ({e.package}){' in ' + e.hook if e.hook else ''}: {e.error}", err=True)
 
@@ -158,6 +162,11 @@ def show_config(state: State, as_json: bool) -> None:
         for s in SCHEMA
         for k in SCHEMA[s]
     ]
+    rows += [
+        {"key": f"plugins.{name}.{k}", "value": v, "from": cfg.origin.get(f"plugins.{name}.{k}", ""), "meaning": ""}
+        for name, table in cfg.plugins.items()
+        for k, v in table.items()
+    ]
     if as_json:
         output.emit_json({"file": str(cfg.path) if cfg.path else None, "settings": rows})
     else:
@@ -220,6 +229,14 @@ def convert_options(f=None, *, auto: bool = False):
             "code, the folder runs wherever ONNX Runtime GenAI runs.",
         ),
         click.option(
+            "--option",
+            "plugin_option",
+            multiple=True,
+            metavar="PLUGIN.KEY=VALUE",
+            help="A plugin's own option (as [plugins.PLUGIN] in slmops.toml; `slmops plugins` lists them), e.g. "
+            "gptq.learned_scales=100. Repeat for several.",
+        ),
+        click.option(
             "--backend", help="Converter plugin by name (see `slmops plugins`); default: the cheapest that fits."
         ),
         click.option(
@@ -267,6 +284,8 @@ def apply_convert_flags(cfg: Config, flags: dict[str, Any]) -> None:
     cfg.override("model.adapter_mode", flags.get("adapter_mode"), "command line")
     cfg.override("model.trust_remote_code", flags.get("trust_remote_code"), "command line")
     cfg.override("model.adapter_force", flags.get("adapter_force"), "command line")
+    for assignment in flags.get("plugin_option") or ():
+        cfg.set_plugin_option(assignment, "command line")
 
 
 @cli.command()

@@ -129,6 +129,8 @@ class Config:
     values: dict[str, dict[str, Any]]
     origin: dict[str, str] = field(default_factory=dict)  # "section.key" -> where it came from
     path: Path | None = None
+    # [plugins.NAME] tables: a plugin's own options, checked by the plugin's Options when a build uses them
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".")
@@ -150,6 +152,7 @@ class Config:
             "accuracy_level": c["accuracy_level"] or None,
             "calibration": Path(c["calibration"]) if c["calibration"] else None,
             "target": c["target"],
+            "plugin_options": {name: dict(table) for name, table in self.plugins.items() if table},
             "adapter": Path(adapter) if adapter else None,
             "adapter_mode": self.values["model"]["adapter_mode"],
             "trust_remote_code": self.values["model"]["trust_remote_code"],
@@ -163,6 +166,19 @@ class Config:
         section, key = dotted.split(".")
         self.values[section][key] = _check_type(dotted, value, SCHEMA[section][key][1], None)
         self.origin[dotted] = origin
+
+    def set_plugin_option(self, assignment: str, origin: str) -> None:
+        """NAME.KEY=VALUE from the command line: VALUE read as a TOML value (200, 3e-5, true, "text"), else as text."""
+        dotted, sep, text = assignment.partition("=")
+        name, dot, key = dotted.strip().partition(".")
+        if not (sep and dot and name and key):
+            raise UsageError(f"--option {assignment!r}: write PLUGIN.KEY=VALUE, e.g. gptq.learned_scales=100")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        self.plugins.setdefault(name, {})[key.strip()] = value
+        self.origin[f"plugins.{name}.{key.strip()}"] = origin
 
 
 def find_config(start: Path | None = None) -> Path | None:
@@ -234,10 +250,18 @@ def with_tables(config: Config, data: dict[str, Any], path: Path, text: str) -> 
     the file and line it came from."""
     values = {section: dict(keys) for section, keys in config.values.items()}
     origin = dict(config.origin)
+    plugins = {name: dict(table) for name, table in config.plugins.items()}
+    for name, table in data.get("plugins", {}).items() if isinstance(data.get("plugins"), dict) else ():
+        if not isinstance(table, dict):
+            raise UsageError(f"{path}:{_line_of(text, name)}: plugins.{name} must be a table: [plugins.{name}]")
+        plugins.setdefault(name, {}).update(table)
+        origin.update({f"plugins.{name}.{key}": f"{path}:{_line_of(text, key)}" for key in table})
     for section, table in data.items():
+        if section == "plugins" and isinstance(table, dict):
+            continue
         if section not in SCHEMA or not isinstance(table, dict):
             line = _line_of(text, section)
-            raise UsageError(f"{path}:{line}: unknown section [{section}]; known: {', '.join(SCHEMA)}")
+            raise UsageError(f"{path}:{line}: unknown section [{section}]; known: {', '.join([*SCHEMA, 'plugins'])}")
         for key, value in table.items():
             dotted = f"{section}.{key}"
             line = _line_of(text, key)
@@ -247,7 +271,7 @@ def with_tables(config: Config, data: dict[str, Any], path: Path, text: str) -> 
                 )
             values[section][key] = _check_type(dotted, value, SCHEMA[section][key][1], f"{path}:{line}")
             origin[dotted] = f"{path}:{line}"
-    return Config(values, origin, path)
+    return Config(values, origin, path, plugins)
 
 
 def home() -> Path:

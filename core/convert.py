@@ -35,7 +35,7 @@ from .fsutil import (
 )
 from .isolate import in_child
 from .results import Build
-from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer
+from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer, options_of
 
 MANIFEST = "slmops-manifest.json"
 PACKAGED = "slmops-package.json"  # in a packaged (registered) model's folder: its files' hashes at validation
@@ -129,6 +129,24 @@ def check_options(request: ConvertRequest) -> None:
         )
     if request.adapter_mode not in ("merge", "adapter"):
         raise SlmopsError(f"adapter mode {request.adapter_mode!r} is unknown; use merge or adapter")
+    check_plugin_options(request)
+
+
+def check_plugin_options(request: ConvertRequest) -> None:
+    """Every plugin named in the request's options is a loaded converter or quantizer that takes what it is given."""
+    plugins = {p.name: p for p in [*provided.converters(), *provided.quantizers()]}
+    for name in request.plugin_options:
+        plugin = plugins.get(name)
+        if plugin is None:
+            raise SlmopsError(
+                f"options for {name!r}, which is no loaded converter or quantizer; use one of "
+                f"{', '.join(sorted(plugins))} (`slmops plugins` lists their options)"
+            )
+        try:
+            options_of(plugin, request)
+        except ValueError as e:
+            known = ", ".join(plugin.Options.model_fields) or "none"
+            raise SlmopsError(f"{e} (options of {name}: {known})") from None
 
 
 @dataclasses.dataclass

@@ -150,6 +150,20 @@ def table() -> list[dict[str, str]]:
     ]
 
 
+def option_table() -> list[dict[str, Any]]:
+    """Every converter's and quantizer's own options ([plugins.NAME] in slmops.toml, --option NAME.KEY=VALUE)."""
+    return [
+        {
+            "option": f"{item.name}.{key}",
+            "type": getattr(field.annotation, "__name__", str(field.annotation)),
+            "default": field.default,
+            "meaning": field.description or "",
+        }
+        for item in [*converters(), *quantizers()]
+        for key, field in item.Options.model_fields.items()
+    ]
+
+
 def clear_caches() -> None:
     for f in (converters, quantizers, template_families, registries, benchmarkers):
         f.cache_clear()

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # quantization block sizes MatMulNBits takes
 MODEL_FILES = ("model.onnx", "model.onnx.data")  # the graph and its weights; the rest of a folder goes along as is
 # A template family's ModelConfig (inference_model.json) unless it says otherwise.
@@ -34,6 +36,9 @@ class ConvertRequest:
     gguf: Path | None = None  # the GGUF file when the source is one (source_dir is then its dequantized checkpoint)
     calibration: Path | None = None  # a JSONL file of the user's own text for the data-aware quantizers
     target: str = "native"  # "native": this machine's fastest code (the GGUF kernel where it runs); "portable": none
+    # plugin name -> its options as given ([plugins.NAME] in slmops.toml, --option NAME.KEY=VALUE); the plugin reads
+    # them, checked, through options_of(plugin, request)
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def keeps_adapter(self) -> bool:
@@ -47,7 +52,31 @@ class ConvertRequest:
         d.pop("gguf")
         d["adapter"] = str(self.adapter) if self.adapter else None
         d["calibration"] = str(self.calibration) if self.calibration else None
+        if not self.plugin_options:  # absent, not empty: builds made before plugins had options keep their keys
+            d.pop("plugin_options")
         return d
+
+
+class PluginOptions(BaseModel):
+    """A plugin's own settings: subclass it as the plugin's ``Options`` with a field per setting (type, default and
+    ``Field(description=...)``); slmops checks what the user gives against it before any work starts and puts the
+    values in the build's cache key. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def options_of(plugin: Converter | Quantizer, request: ConvertRequest) -> PluginOptions:
+    """The plugin's options for this request: what the user gave for it, over its defaults (ValueError when they
+    do not fit its Options)."""
+    from pydantic import ValidationError
+
+    given = request.plugin_options.get(plugin.name, {})
+    try:
+        return plugin.Options(**given)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "?"
+        raise ValueError(f"option {plugin.name}.{key}: {first['msg']}") from None
 
 
 class Converter:
@@ -60,6 +89,7 @@ class Converter:
     devices: tuple[str, ...] = ("cpu",)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     cost: int = 100  # lower wins when several converters accept a request
+    Options: type[PluginOptions] = PluginOptions  # its own settings (none unless it says)
 
     def check(self, request: ConvertRequest, architecture: str) -> str | None:
         """Return None if this converter can do the request, else the reason it cannot."""
@@ -88,6 +118,7 @@ class Quantizer:
     precisions: tuple[str, ...] = ()
     algorithms: tuple[str, ...] = ("rtn",)  # what --algorithm values it answers to
     cost: int = 10  # added to the fp32 converter's cost when slmops compares routes
+    Options: type[PluginOptions] = PluginOptions  # its own settings (none unless it says)
 
     def check(self, request: ConvertRequest) -> str | None:
         if request.precision not in self.precisions:

@@ -12,7 +12,9 @@ SmolLM2 against torch (docs/user-guide.md, section 2):
   budget, spent by measurement rather than by tensor name.
 - The fp16 scale and minimum are what the fit sees, so slmops's GGUF kernel holds the blocks exactly and applies the
   minimum and each MatMul's activation outlier channels (kept in float, as for a GGUF source) inside the kernel.
-  Without the kernel the same blocks go to MatMulNBits with a float correction: the same weights, slower."""
+  Without the kernel the same blocks go to MatMulNBits with a float correction: the same weights, slower.
+- Opt-in (--option gptq.learned_scales=STEPS): the blocks' scales fitted to the source's own outputs after rounding,
+  the whole model at once (distill.py, as mlx-lm's DWQ)."""
 
 from __future__ import annotations
 
@@ -21,17 +23,24 @@ import re
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from slmops.api import (
     ConvertRequest,
+    PluginOptions,
     Quantizer,
+    SlmopsError,
+    allowed_cpus,
     available_memory,
     calibration_text,
     dir_size,
     hookimpl,
+    need_extra,
+    options_of,
+    progress_count,
     runtime_fed_matmuls,
 )
-from slmops.plugins import calibration, gguf_blocks, gguf_kernel, gguf_native
+from slmops.plugins import calibration, distill, gguf_blocks, gguf_kernel, gguf_native
 from slmops.plugins.imatrix import fit_weights, search_blocks
 
 BLOCK = 32
@@ -239,12 +248,26 @@ def split_qkv(name: str, rows: int, config: dict) -> list[tuple[str, int, int]]:
     return [(base.format("q"), 0, q), (base.format("k"), q, q + kv), (base.format("v"), q + kv, q + 2 * kv)]
 
 
+class GPTQOptions(PluginOptions):
+    learned_scales: int = Field(
+        0,
+        ge=0,
+        le=5000,
+        description="steps fitting the scales to the source's outputs after rounding (DWQ-like; 0: off); "
+        "about 5 s each for a 135M model on 2 cores",
+    )
+    learned_scales_rate: float = Field(
+        distill.RATE, gt=0, le=0.01, description="learning rate of the scales (a step moves a scale by about it)"
+    )
+
+
 class GPTQ(Quantizer):
     name = "gptq"
     description = "int4 for float sources: GPTQ rounding, Q4_0..Q8_0 blocks by measured error within Q4_K_M's bytes"
     precisions = ("int4",)
     algorithms = ("gptq",)
     cost = 6
+    Options = GPTQOptions
 
     def check(self, request: ConvertRequest) -> str | None:
         if request.algorithm not in self.algorithms:
@@ -273,9 +296,18 @@ class GPTQ(Quantizer):
         }
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
+        options = options_of(self, request)
         text = calibration_text(request.calibration) if request.calibration else None
         decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
         matrices = weights_of(fp32_dir)
+        if options.learned_scales:  # refused now, not after the rounding
+            need_extra("torch", "learning the scales (gptq.learned_scales)")
+            need = distill.memory_needed(matrices)
+            if need > available_memory():
+                raise SlmopsError(
+                    f"learning the scales of this model takes about {need / 1e9:.1f} GB and this process may use "
+                    f"{available_memory() / 1e9:.1f} GB: build without --option gptq.learned_scales, or with more memory"
+                )
         inputs = {w: x for w, x in calibration.matmul_inputs(fp32_dir).items() if w in matrices}
         groups = hessian_groups(inputs, {w: matrices[w].shape[1] for w in inputs}, statistics_budget(fp32_dir))
 
@@ -302,6 +334,19 @@ class GPTQ(Quantizer):
             hessians = kept or hessians_of(group)
             forms.update({name: plan.forms(name, matrices[name], hessians[name]) for name in group})
         del kept
+        learned = {}
+        if options.learned_scales:
+            tokens = calibration.calibration_tokens(fp32_dir, text)
+            learned = distill.distill(
+                request.source_dir,
+                matrices,
+                forms,
+                tokens,
+                options.learned_scales,
+                options.learned_scales_rate,
+                threads=allowed_cpus(),
+                show=progress_count,
+            )
         channels = {}
         if level >= gguf_native.INTEGER_ACTIVATIONS:
             channels = calibration.outlier_channels(importance, gguf_native.OUTLIER_CHANNELS)
@@ -312,6 +357,7 @@ class GPTQ(Quantizer):
             "bytes": round(plan.used()),
             "floor_bytes": round(plan.used(plan.floor)),  # the least it can take: over the budget of a tiny model
             "statistics_groups": len(groups),
+            **({"learned_scales": learned} if learned else {}),
         }
         gguf_native.write_blocks(
             fp32_dir, output_dir, lambda name, matrix: forms.get(name, []), level, report, channels, kernel
@@ -444,6 +490,7 @@ class Q8(GPTQ):
     precisions = ("int8",)
     algorithms = ("q8_0",)
     cost = 6
+    Options = PluginOptions  # none of gptq's
 
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         level = gguf_native.accuracy_level(request)

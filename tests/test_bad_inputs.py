@@ -25,6 +25,38 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("fp16 on the CPU", ["convert", "{tiny}", "--precision", "fp16"], 1, "fp16 models built for the CPU fail"),
     ("block size not offered", ["convert", "{tiny}", "--block-size", "48"], 2, "Invalid value for '--block-size'"),
     ("unknown backend", ["convert", "{tiny}", "--backend", "nosuch"], 1, "no converter named 'nosuch'"),
+    # a plugin's own options (--option, [plugins.NAME]): checked by its Options before any work
+    (
+        "unknown plugin option",
+        ["convert", "{tiny}", "--option", "gptq.nosuch=1"],
+        1,
+        "option gptq.nosuch: Extra inputs are not permitted (options of gptq: learned_scales",
+    ),
+    (
+        "plugin option of the wrong type",
+        ["convert", "{tiny}", "--option", "gptq.learned_scales=lots"],
+        1,
+        "option gptq.learned_scales: Input should be a valid integer",
+    ),
+    (
+        "hostile plugin option",
+        ["convert", "{tiny}", "--option", "gptq.learned_scales=99999999"],
+        1,
+        "option gptq.learned_scales: Input should be less than or equal to 5000",
+    ),
+    (
+        "options for no plugin",
+        ["convert", "{tiny}", "--option", "nosuch.x=1"],
+        1,
+        "options for 'nosuch', which is no loaded converter or quantizer",
+    ),
+    ("option without its plugin", ["convert", "{tiny}", "--option", "learned_scales=3"], 2, "write PLUGIN.KEY=VALUE"),
+    (
+        "toml plugin options not a table",
+        ["--config", "{toml:[plugins]\ngptq = 3}", "convert", "{tiny}"],
+        2,
+        "plugins.gptq must be a table",
+    ),
     (
         "output under a file",
         ["convert", "{tiny}", "-o", "{a_file}/out"],

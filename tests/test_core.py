@@ -195,6 +195,25 @@ def test_config_found_walking_up_and_flags_override(cli_here, tmp_path):
     assert rows["model.name"]["value"] == "x1" and rows["convert.precision"]["value"] == "int4"
 
 
+def test_plugin_options_come_from_the_file_and_the_flag_as_typed_values(cli_here, tmp_path):
+    from slmops.config import load_config
+    from slmops.roles import ConvertRequest
+
+    path = tmp_path / "slmops.toml"
+    path.write_text('[plugins.gptq]\nlearned_scales = 40\n\n[plugins.other]\nmode = "fast"\n')
+    rows = {r["key"]: r for r in cli_here("config", "--json", cwd=tmp_path).json()["settings"]}
+    assert rows["plugins.gptq.learned_scales"]["value"] == 40
+    assert rows["plugins.gptq.learned_scales"]["from"] == f"{path}:2"
+    cfg = load_config(path)
+    cfg.set_plugin_option("gptq.learned_scales_rate=1e-4", "command line")
+    cfg.set_plugin_option("other.mode = slow words", "command line")  # not TOML: kept as text
+    options = cfg.convert_options()["plugin_options"]
+    assert options == {"gptq": {"learned_scales": 40, "learned_scales_rate": 1e-4}, "other": {"mode": "slow words"}}
+    # a request without plugin options has the options (so the cache key) of a build made before they existed
+    assert "plugin_options" not in ConvertRequest(source_dir=tmp_path).options()
+    assert ConvertRequest(source_dir=tmp_path, plugin_options=options).options()["plugin_options"] == options
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -251,3 +251,61 @@ def test_int8_of_a_float_source_is_q8_0_in_every_weight_embedding_included(tiny_
     # float activations, no kernel: the same blocks as two 4-bit MatMulNBits planes, verified as int8
     planes = convert.convert(str(tiny_qwen2), {"precision": "int8", "accuracy_level": 1})
     assert planes.manifest["quantizer"] == "q8_0" and planes.verification["ok"]
+
+
+def test_learned_scales_bring_the_rounded_model_closer_to_its_source(tmp_path, default_checkpoint, monkeypatch):
+    # The DWQ-like lever: from plain Q4_0 rounding of every weight, steps of fitting the scales to the source's own
+    # next-token distributions lower the KL on a window they never saw; the codes stay, the scales are fp16. Weights
+    # 10x the usual random ones, so the tiny model's distributions are peaked enough for rounding to move them.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmops.plugins import distill
+
+    from .conftest import build_tiny
+
+    tiny = build_tiny(tmp_path / "peaked", default_checkpoint, "llama", initializer_range=0.2)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    matrices = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if p.ndim == 2}
+    forms = {n: [(0, m.shape[0], gptq.rounded(m, None, "q4_0"))] for n, m in matrices.items()}
+    codes = {n: runs[0][2].codes.copy() for n, runs in forms.items()}
+    scales = {n: runs[0][2].scales.copy() for n, runs in forms.items()}
+    # text of one kind (the window held out is like the ones fitted on), in windows of 128 to keep the test short
+    text = "Invoice 4471 from Acme Ltd, due 2026-01-31, total 1,250.00 EUR, paid by transfer. " * 80
+    monkeypatch.setattr(distill, "WINDOW", 128)
+    learned = distill.distill(tiny, matrices, forms, calibration.calibration_tokens(tiny, text), steps=20, rate=0.01)
+    before, after = learned["held_out_kl"]
+    assert after < 0.7 * before, learned
+    for name, runs in forms.items():
+        form = runs[0][2]
+        assert np.array_equal(form.codes, codes[name])
+        assert np.array_equal(form.scales, form.scales.astype(np.float16).astype(np.float32))
+    assert any(not np.array_equal(runs[0][2].scales, scales[n]) for n, runs in forms.items())
+
+
+def test_a_build_with_learned_scales_holds_them(tiny_qwen2):
+    # --option gptq.learned_scales=N: another build, what it learned in slmops-quantization.json, still verified.
+    plain = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "gptq"})
+    tuned = convert.convert(
+        str(tiny_qwen2),
+        {
+            "precision": "int4",
+            "algorithm": "gptq",
+            "plugin_options": {"gptq": {"learned_scales": 3, "learned_scales_rate": 0.01}},
+        },
+    )
+    assert tuned.path != plain.path and tuned.verification["ok"]
+    report = json.loads((tuned.path / gguf_native.REPORT).read_text())["learned_scales"]
+    assert report["steps"] == 3 and len(report["held_out_kl"]) == 2
+    held, before = gguf_native.read_back(tuned.path), gguf_native.read_back(plain.path)
+    assert held.keys() == before.keys()
+    assert any(not np.array_equal(held[name], before[name]) for name in held)  # the scales the graph holds moved
+
+
+def test_learned_scales_that_do_not_fit_in_memory_are_refused_before_the_rounding(tiny_qwen2, monkeypatch):
+    monkeypatch.setattr(gptq, "available_memory", lambda: 1 << 20)  # 1 MB left to this process
+    monkeypatch.setattr(gptq, "statistics_budget", lambda fp32_dir: 1 << 30)
+    monkeypatch.setattr(gptq.Plan, "measure", lambda *a: pytest.fail("measured before refusing"))
+    options = {"precision": "int4", "algorithm": "gptq", "plugin_options": {"gptq": {"learned_scales": 2}}}
+    with pytest.raises(SlmopsError, match="learning the scales of this model takes about .* GB and this process may"):
+        convert.convert(str(tiny_qwen2), options)

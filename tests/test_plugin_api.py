@@ -226,7 +226,11 @@ def test_the_tutorial_plugin_installs_works_and_uninstalls(cli, tmp_path, regist
 
 
 DYNAMIC_INT8 = textwrap.dedent("""
-    from slmops.api import MODEL_FILES, Quantizer, copy_tree, hookimpl
+    from pydantic import Field
+    from slmops.api import MODEL_FILES, PluginOptions, Quantizer, copy_tree, hookimpl, options_of
+
+    class Options(PluginOptions):
+        reduce_range: bool = Field(False, description="7-bit weights (for CPUs without VNNI)")
 
     class DynamicInt8(Quantizer):
         name = "dynamic-int8"
@@ -234,13 +238,16 @@ DYNAMIC_INT8 = textwrap.dedent("""
         precisions = ("int8",)
         cost = 100
         declares = "MatMulInteger"
+        Options = Options
 
         def quantize(self, fp32_dir, output_dir, request):
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            options = options_of(self, request)
             copy_tree(fp32_dir, output_dir, skip=MODEL_FILES)
             quantize_dynamic(str(fp32_dir / "model.onnx"), str(output_dir / "model.onnx"), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], use_external_data_format=True)
+                             op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                             reduce_range=options.reduce_range)
 
         def graph_facts(self, request):
             return {"ops": [self.declares]}
@@ -269,6 +276,41 @@ def test_a_quantizer_of_another_kind_is_judged_by_the_facts_it_declares(cli, tmp
     assert build["verification"]["graph"]["matmul_nbits"] == {} and build["verification"]["sample"]["tokens"] > 0
     r = cli("convert", str(tiny_llama), "--precision", "int8", "--quantizer", "liar", "--json", env=env)
     assert r.rc == 1 and "the quantizer declared MatMulNBits nodes, but the graph has none" in r.err, r
+
+
+def largest_int8_weight(model_dir: Path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_dir / "model.onnx"))  # its external data beside it
+    int8 = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    return max(int(abs(a.astype(int)).max()) for a in int8 if a.ndim == 2)
+
+
+def test_a_plugin_option_reaches_the_plugin_and_makes_another_build(cli, tmp_path, tiny_llama):
+    # [plugins.NAME] in slmops.toml and --option NAME.KEY=VALUE both reach the plugin's Options, checked before any
+    # work, listed by `slmops plugins`, and part of the cache key.
+    from tests.test_core import _plugin_dist
+
+    env = _plugin_dist(tmp_path, "slmops-dynamic-int8", "dynamicint8", DYNAMIC_INT8)
+    listed = cli("plugins", "--json", env=env).json()["options"]
+    assert {"option": "dynamic-int8.reduce_range", "type": "bool", "default": False} in [
+        {k: o[k] for k in ("option", "type", "default")} for o in listed
+    ]
+    assert "gptq.learned_scales" in {o["option"] for o in listed}
+    int8 = ("convert", str(tiny_llama), "--precision", "int8", "--quantizer", "dynamic-int8", "--json")
+    plain = cli(*int8, env=env)
+    flagged = cli(*int8, "--option", "dynamic-int8.reduce_range=true", env=env)
+    assert plain.rc == 0 and flagged.rc == 0, (plain, flagged)
+    assert flagged.json()["path"] != plain.json()["path"]  # another build, not the cached one
+    assert largest_int8_weight(Path(plain.json()["path"])) > 64 >= largest_int8_weight(Path(flagged.json()["path"]))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "slmops.toml").write_text("[plugins.dynamic-int8]\nreduce_range = true\n")
+    from_file = cli(*int8, env=env, cwd=project)
+    assert from_file.rc == 0 and from_file.json()["path"] == flagged.json()["path"], from_file
+    r = cli(*int8, "--option", "dynamic-int8.reduce_range=maybe", env=env)
+    assert r.rc == 1 and "option dynamic-int8.reduce_range: Input should be a valid boolean" in r.err, r
 
 
 MISREADER = textwrap.dedent("""

@@ -1,0 +1,165 @@
+"""Learned scales: the quantized blocks' scales (and minimums) fitted against the source model's own next-token
+distributions, as mlx-lm's DWQ does. GPTQ's codes stay; each block's scale is multiplied by exp(a) and its minimum
+moved by b of its scale, a and b learned by gradient descent on KL(source || quantized) over the calibration text,
+the whole model at once (GPTQ sees one layer's output at a time). In torch, on the source checkpoint; opt-in
+(gptq's learned_scales option): a step is a forward and backward pass over WINDOW tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from slmops.plugins import gguf_blocks
+
+Runs = list[tuple[int, int, gguf_blocks.BlockForm]]
+RATE = 3e-5  # Adam's rate on a and b: 1e-3 and 1e-4 overfitted the calibration text (held-out KL rose), 3e-5 did not
+WINDOW = 512  # tokens a step
+
+
+def memory_needed(matrices: dict[str, np.ndarray]) -> int:
+    """Bytes a fit takes, about: the source in float32, its weights dequantized and their gradients (4 copies),
+    and the activations of a window (the logits: WINDOW x vocabulary, a few times)."""
+    weights = sum(m.size for m in matrices.values())
+    vocabulary = max(m.shape[0] for m in matrices.values())
+    return 4 * (4 * weights + 8 * WINDOW * vocabulary)
+
+
+def locate(model, matrices: dict[str, np.ndarray]) -> dict[str, tuple[str, int]]:
+    """torch parameter name -> (ONNX weight name, first row) for every 2-D parameter whose rows are those of one of
+    matrices (ONNX weight name -> fp32 [rows = outputs, cols = inputs]), found by their exact values (a packed QKV,
+    a tied embedding and lm_head are found wherever the graph keeps them)."""
+    rows: dict[bytes, tuple[str, int]] = {}
+    for name, m in matrices.items():
+        for i in range(m.shape[0]):
+            rows.setdefault(gguf_blocks.row_key(m[i]), (name, i))
+    found = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p.ndim != 2:
+            continue
+        w = p.detach().numpy()
+        at = rows.get(gguf_blocks.row_key(w[0]))
+        if at is None:
+            continue
+        name, start = at
+        m = matrices[name]
+        if start + w.shape[0] <= m.shape[0] and np.array_equal(m[start : start + w.shape[0]], w):
+            found[pname] = (name, start)
+    return found
+
+
+class LearnedScales:
+    """The quantized model as torch sees it: per block form, its fixed centred codes, the starting scale and offset,
+    and the learned a (and b, where the form has a minimum)."""
+
+    def __init__(self, forms: dict[str, Runs]):
+        import torch
+
+        self.forms = forms
+        self.parts: dict[str, list] = {}
+        for name, runs in forms.items():
+            parts = []
+            for _, _, form in runs:
+                rows = form.codes.shape[0]
+                c = form.codes.reshape(rows, -1, form.block).astype(np.float32) - form.zero_points[..., None]
+                s0 = torch.from_numpy(form.scales.astype(np.float32))
+                o0 = None if form.offsets is None else torch.from_numpy(form.offsets.astype(np.float32))
+                a = torch.zeros_like(s0, requires_grad=True)
+                b = None if o0 is None else torch.zeros_like(s0, requires_grad=True)
+                parts.append((torch.from_numpy(c), s0, o0, a, b))
+            self.parts[name] = parts
+
+    def parameters(self) -> list:
+        return [t for parts in self.parts.values() for p in parts for t in p[3:] if t is not None]
+
+    def matrix(self, name: str):
+        import torch
+
+        out = []
+        for c, s0, o0, a, b in self.parts[name]:
+            v = (s0 * torch.exp(a))[..., None] * c
+            if o0 is not None:
+                v = v + (o0 + s0 * b)[..., None]
+            out.append(v.reshape(v.shape[0], -1))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def write(self) -> None:
+        """The learned scales and minimums into the block forms, in fp16 as the blocks hold them."""
+        import torch
+
+        with torch.no_grad():
+            for name, runs in self.forms.items():
+                for (_, _, form), (_, s0, o0, a, b) in zip(runs, self.parts[name], strict=True):
+                    form.scales = half((s0 * torch.exp(a)).numpy())
+                    if o0 is not None:
+                        form.offsets = half((o0 + s0 * b).numpy())
+
+
+def half(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float32)
+
+
+def distill(
+    source_dir: Path,
+    matrices: dict[str, np.ndarray],
+    forms: dict[str, Runs],
+    tokens: list[int],
+    steps: int,
+    rate: float = RATE,
+    threads: int | None = None,
+    show: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Fit the scales and minimums of forms (ONNX weight name -> runs of block forms, changed in place) so the
+    quantized model's next-token distributions on tokens match the source's (matrices: the fp32 weights, to find
+    each in the checkpoint). The first window is held out and scored before and after. Returns what it measured."""
+    import torch
+    from torch.func import functional_call
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    used = {n for n, runs in forms.items() if runs}
+    where = locate(model, {n: matrices[n] for n in used})
+    missing = used - {name for name, _ in where.values()}
+    if missing:  # a weight the checkpoint does not hold as the graph does: nothing learned, the blocks as rounded
+        return {"steps": 0, "why": f"{len(missing)} weights not found in the checkpoint (e.g. {min(missing)})"}
+    learned = LearnedScales({n: forms[n] for n in used})
+
+    def weights() -> dict:
+        full = {name: learned.matrix(name) for name in used}
+        return {p: full[name][start : start + model.get_parameter(p).shape[0]] for p, (name, start) in where.items()}
+
+    def kl(ids: list[int], grad: bool):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            target = torch.log_softmax(model(x).logits, -1)
+        with torch.set_grad_enabled(grad):
+            got = torch.log_softmax(functional_call(model, weights(), (x,), tie_weights=False).logits, -1)
+            return (target.exp() * (target - got)).sum(-1).mean()
+
+    windows = [tokens[i : i + WINDOW] for i in range(0, max(len(tokens) - WINDOW, 0) + 1, WINDOW)]
+    held, train = windows[0], windows[1:] or windows
+    optimizer = torch.optim.Adam(learned.parameters(), lr=rate)
+    before = float(kl(held, False))
+    order = np.random.default_rng(0)
+    for step in range(steps):
+        loss = kl(train[order.integers(len(train))], True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if show:
+            show(step + 1, steps, f"steps of learned scales (KL {loss.item():.4f})")
+    after = float(kl(held, False))
+    learned.write()
+    return {
+        "steps": steps,
+        "rate": rate,
+        "held_out_kl": [float(f"{before:.4g}"), float(f"{after:.4g}")],
+        "seconds": round(time.perf_counter() - started),
+    }
