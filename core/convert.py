@@ -213,6 +213,11 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
 
 def build_key(source_sha: str, request: ConvertRequest, converter: Converter, quantizer: Quantizer | None) -> str:
     options = request.options()
+    used = {converter.name, quantizer.name if quantizer else None}
+    if "plugin_options" in options:  # only the options of the plugins that make this build
+        options["plugin_options"] = {n: o for n, o in options["plugin_options"].items() if n in used}
+        if not options["plugin_options"]:
+            del options["plugin_options"]
     if request.adapter:
         options["adapter"] = content_hash(request.adapter)
     if request.calibration:  # the file, not where it lies: the same file in another folder makes the same build

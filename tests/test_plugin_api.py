@@ -303,6 +303,9 @@ def test_a_plugin_option_reaches_the_plugin_and_makes_another_build(cli, tmp_pat
     flagged = cli(*int8, "--option", "dynamic-int8.reduce_range=true", env=env)
     assert plain.rc == 0 and flagged.rc == 0, (plain, flagged)
     assert flagged.json()["path"] != plain.json()["path"]  # another build, not the cached one
+    # another plugin's options do not make another build of this route
+    other = cli(*int8, "--option", "gptq.learned_scales=5", env=env)
+    assert other.rc == 0 and other.json()["path"] == plain.json()["path"], other
     assert largest_int8_weight(Path(plain.json()["path"])) > 64 >= largest_int8_weight(Path(flagged.json()["path"]))
     project = tmp_path / "project"
     project.mkdir()
