@@ -158,6 +158,7 @@ def option_table() -> list[dict[str, Any]]:
             "type": getattr(field.annotation, "__name__", str(field.annotation)),
             "default": field.default,
             "meaning": field.description or "",
+            "plugin": plugin_of(item),
         }
         for item in [*converters(), *quantizers()]
         for key, field in item.Options.model_fields.items()

@@ -1,4 +1,5 @@
-"""Generate docs/hooks.md (from the hook specs' docstrings) and docs/cli.md (from the commands' help).
+"""Generate docs/hooks.md (from the hook specs' docstrings and the built-in plugins' Options) and docs/cli.md (from
+the commands' help).
 Run by `make docs`; a test fails when the committed pages are stale."""
 
 import inspect
@@ -23,7 +24,26 @@ def hooks_page() -> str:
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if name.startswith("register_"):
             lines += [f"## `{name}{inspect.signature(fn)}`", "", inspect.getdoc(fn) or "", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + options_section())
+
+
+def options_section() -> list[str]:
+    """The built-in converters' and quantizers' own options (a plugin declares them as its Options class)."""
+    from slmops import provided
+
+    lines = [
+        "## Options of the built-in plugins",
+        "",
+        "Given as `--option NAME.KEY=VALUE` or under `[plugins.NAME]` in slmops.toml; `slmops plugins` lists those of",
+        "every loaded plugin.",
+        "",
+        "| option | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for row in provided.option_table():
+        if row["plugin"].startswith("slmops."):
+            lines.append(f"| `{row['option']}` | {row['type']} | {row['default']} | {row['meaning']} |")
+    return lines + [""]
 
 
 def cli_page() -> str:
