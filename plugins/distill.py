@@ -33,8 +33,7 @@ def locate(model, matrices: dict[str, np.ndarray]) -> dict[str, tuple[str, int]]
     a tied embedding and lm_head are found wherever the graph keeps them)."""
     rows: dict[bytes, tuple[str, int]] = {}
     for name, m in matrices.items():
-        for i in range(m.shape[0]):
-            rows.setdefault(gguf_blocks.row_key(m[i]), (name, i))
+        gguf_blocks.index_rows(rows, name, m)
     found = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         if p.ndim != 2:
@@ -92,13 +91,9 @@ class LearnedScales:
         with torch.no_grad():
             for name, runs in self.forms.items():
                 for (_, _, form), (_, s0, o0, a, b) in zip(runs, self.parts[name], strict=True):
-                    form.scales = half((s0 * torch.exp(a)).numpy())
+                    form.scales = gguf_blocks.half((s0 * torch.exp(a)).numpy())
                     if o0 is not None:
-                        form.offsets = half((o0 + s0 * b).numpy())
-
-
-def half(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float16).astype(np.float32)
+                        form.offsets = gguf_blocks.half((o0 + s0 * b).numpy())
 
 
 def distill(

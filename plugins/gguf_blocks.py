@@ -98,6 +98,17 @@ def row_key(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
+def index_rows(rows: dict[bytes, tuple[str, int]], name: str, matrix: np.ndarray) -> None:
+    """Add each row of matrix to rows (row_key -> (name, row)); a row seen before keeps its first place."""
+    for i in range(matrix.shape[0]):
+        rows.setdefault(row_key(matrix[i]), (name, i))
+
+
+def half(a: np.ndarray) -> np.ndarray:
+    """Values as a block's fp16 field holds them, in float32."""
+    return a.astype(np.float16).astype(np.float32)
+
+
 @dataclass
 class GGUFWeights:
     """The quantized 2-D tensors of a GGUF file, findable by the exact values of any of their rows."""
@@ -127,6 +138,5 @@ def read(path: Path) -> GGUFWeights:
             other[name] = kind
             continue
         forms[name] = form
-        for i in range(values.shape[0]):
-            rows.setdefault(row_key(values[i]), (name, i))
+        index_rows(rows, name, values)
     return GGUFWeights(forms, rows, other)

@@ -41,6 +41,7 @@ from slmops.api import (
     runtime_fed_matmuls,
 )
 from slmops.plugins import calibration, distill, gguf_blocks, gguf_kernel, gguf_native
+from slmops.plugins.gguf_blocks import half
 from slmops.plugins.imatrix import fit_weights, search_blocks
 
 BLOCK = 32
@@ -73,10 +74,6 @@ FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 def centre(form: str) -> int:
     """The code of zero in a form without a minimum (llama.cpp's Q4_0 / Q5_0: 8 / 16)."""
     return 2 ** (FORMS[form][0] - 1)
-
-
-def half(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float16).astype(np.float32)
 
 
 def block_params(x: np.ndarray, importance: np.ndarray | None, form: str) -> tuple[np.ndarray, np.ndarray]:
@@ -302,11 +299,11 @@ class GPTQ(Quantizer):
         matrices = weights_of(fp32_dir)
         if options.learned_scales:  # refused now, not after the rounding
             need_extra("torch", "learning the scales (gptq.learned_scales)")
-            need = distill.memory_needed(matrices)
-            if need > available_memory():
+            need, allowed = distill.memory_needed(matrices), available_memory()
+            if need > allowed:
                 raise SlmopsError(
                     f"learning the scales of this model takes about {need / 1e9:.1f} GB and this process may use "
-                    f"{available_memory() / 1e9:.1f} GB: build without --option gptq.learned_scales, or with more memory"
+                    f"{allowed / 1e9:.1f} GB: build without --option gptq.learned_scales, or with more memory"
                 )
         inputs = {w: x for w, x in calibration.matmul_inputs(fp32_dir).items() if w in matrices}
         groups = hessian_groups(inputs, {w: matrices[w].shape[1] for w in inputs}, statistics_budget(fp32_dir))
