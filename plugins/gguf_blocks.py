@@ -26,6 +26,33 @@ FORMS = {
     "Q6_K": (8, 16, 32, False),
 }
 SUPPORTED = tuple(FORMS)
+SUPER_BLOCK = 256  # weights per K-quant super-block (QK_K)
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass
+class KScales:
+    """A K-quant's two-level scales, as the GGUF stores them: per super-block of 256 a fp16 scale d (and, Q4_K and
+    Q5_K, a fp16 dmin), per sub-block an integer scale sc (Q4_K, Q5_K: 6-bit, sub-blocks of 32; Q6_K: int8, of 16)
+    and (Q4_K, Q5_K) a 6-bit minimum m. The form's scale is d * sc and its offset -(dmin * m), in float32 as gguf-py
+    computes them; the kernel keeps d and sc apart so its bytes stay the GGUF's."""
+
+    d: np.ndarray  # float32 [rows, super-blocks], fp16-exact
+    sc: np.ndarray  # int16 [rows, sub-blocks]
+    dmin: np.ndarray | None = None  # float32 [rows, super-blocks]
+    m: np.ndarray | None = None  # int16 [rows, sub-blocks]
+
+    def take(self, rows: np.ndarray) -> KScales:
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return KScales(self.d[rows], self.sc[rows], pick(self.dmin), pick(self.m))
+
+    @staticmethod
+    def stack(parts: list[KScales]) -> KScales:
+        def cat(attr: str) -> np.ndarray | None:
+            arrays = [getattr(p, attr) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return KScales(cat("d"), cat("sc"), cat("dmin"), cat("m"))
 
 
 @dataclass
@@ -39,6 +66,7 @@ class BlockForm:
     scales: np.ndarray  # float32 [rows, cols // block]
     zero_points: np.ndarray  # uint8 [rows, cols // block]
     offsets: np.ndarray | None  # float32 [rows, cols // block], added after the scaled code; None: no offset
+    k: KScales | None = None  # a K-quant's scales as the GGUF holds them (scales and offsets are made from them)
 
     def dequantize(self) -> np.ndarray:
         """The values this form stands for, in float32 as the GGUF computes them."""
@@ -51,28 +79,30 @@ class BlockForm:
 
     def take(self, rows: np.ndarray) -> BlockForm:
         off = None if self.offsets is None else self.offsets[rows]
+        k = None if self.k is None else self.k.take(rows)
         return BlockForm(
-            self.gguf_type, self.bits, self.block, self.codes[rows], self.scales[rows], self.zero_points[rows], off
+            self.gguf_type, self.bits, self.block, self.codes[rows], self.scales[rows], self.zero_points[rows], off, k
         )
 
 
-def _params(gguf_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scale, offset) per block from the raw GGUF blocks [n, bytes_per_block]; one row per GGUF block, one
-    column per sub-block of FORMS' block size."""
+def _params(gguf_type: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, KScales | None]:
+    """(scale, offset, K-quant scales) per block from the raw GGUF blocks [n, bytes_per_block]; one row per GGUF
+    block, one column per sub-block of FORMS' block size."""
     from gguf.quants import Q4_K
 
     f16 = lambda b: b.copy().view(np.float16).astype(np.float32)  # noqa: E731 (fp16 fields of a block)
     if gguf_type in ("Q4_0", "Q5_0", "Q8_0"):
-        return f16(raw[:, 0:2]), None
+        return f16(raw[:, 0:2]), None, None
     if gguf_type in ("Q4_1", "Q5_1"):
-        return f16(raw[:, 0:2]), f16(raw[:, 2:4])
+        return f16(raw[:, 0:2]), f16(raw[:, 2:4]), None
     if gguf_type in ("Q4_K", "Q5_K"):
         d, dmin = f16(raw[:, 0:2]), f16(raw[:, 2:4])
         sc, m = Q4_K.get_scale_min(raw[:, 4:16].copy())
-        return d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+        k = KScales(d, sc.astype(np.int16), dmin, m.astype(np.int16))
+        return d * sc.astype(np.float32), -(dmin * m.astype(np.float32)), k
     if gguf_type == "Q6_K":
-        scales = raw[:, 192:208].copy().view(np.int8).astype(np.float32)
-        return f16(raw[:, 208:210]) * scales, None
+        d, scales = f16(raw[:, 208:210]), raw[:, 192:208].copy().view(np.int8)
+        return d * scales.astype(np.float32), None, KScales(d, scales.astype(np.int16))
     raise ValueError(gguf_type)
 
 
@@ -80,17 +110,21 @@ def block_form(gguf_type: str, raw: np.ndarray, values: np.ndarray) -> BlockForm
     """The block form of one GGUF tensor: raw blocks [rows, bytes], values: gguf-py's dequantization [rows, cols]."""
     bits, block, zp, has_offset = FORMS[gguf_type]
     rows, cols = values.shape
-    per_row = raw.shape[1] // (cols // {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(gguf_type, 32))
-    scale, offset = _params(gguf_type, raw.reshape(-1, per_row))
+    per_row = raw.shape[1] // (cols // (SUPER_BLOCK if gguf_type in K_TYPES else 32))
+    scale, offset, k = _params(gguf_type, raw.reshape(-1, per_row))
     scale = scale.reshape(rows, cols // block)
     offset = None if offset is None else offset.reshape(rows, cols // block)
+    if k is not None:
+        shape = lambda a, n: None if a is None else a.reshape(rows, n)  # noqa: E731
+        supers = cols // SUPER_BLOCK
+        k = KScales(shape(k.d, supers), shape(k.sc, cols // block), shape(k.dmin, supers), shape(k.m, cols // block))
     v = values.reshape(rows, -1, block).astype(np.float64)
     shifted = v - (offset[..., None] if offset is not None else 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(scale[..., None] == 0, 0.0, np.rint(shifted / scale[..., None]))
     codes = (q + zp).clip(0, 2**bits - 1).astype(np.uint8).reshape(rows, cols)
     zero_points = np.full(scale.shape, zp, dtype=np.uint8)
-    return BlockForm(gguf_type, bits, block, codes, scale.astype(np.float32), zero_points, offset)
+    return BlockForm(gguf_type, bits, block, codes, scale.astype(np.float32), zero_points, offset, k)
 
 
 def row_key(row: np.ndarray) -> bytes:

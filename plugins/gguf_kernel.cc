@@ -120,9 +120,18 @@ namespace {
 //   Q6_0 (slmops's own, no GGML type): as Q5_0 with two high bits per code, each column's fifth bits (4 bytes) then
 //         its sixth bits (4 bytes): w = d*(q - 32), 208 bytes;
 //   Q8_0: d[8] fp16, then 32 int8 per column: w = d*q, 272 bytes.
-constexpr int QK = 32, COLS = 8;
+// The K-quants come in super-blocks of 256 inputs (8 blocks of 32), each a header then its 8 blocks:
+//   Q4_K: d[8] fp16, dmin[8] fp16, then per block sc[8] and m[8] (6-bit, a byte each) and the nibbles as Q4_1:
+//         w = d*sc*q - dmin*m, 32 + 8 * 144 = 1184 bytes (4.625 bits per weight; the GGUF packs sc and m in 6 bits:
+//         4.5);
+//   Q5_K: as Q4_K with each column's fifth bits (4 bytes) before the nibbles, 32 + 8 * 176 = 1440 bytes;
+//   Q6_K: d[8] fp16, then per block sc[2][8] int8 (the block's two sub-blocks of 16), the two high-bit planes and
+//         the nibbles as Q6_0: w = d*sc*(q - 32), 16 + 8 * 208 = 1680 bytes (6.5625 bits per weight, as the GGUF).
+constexpr int QK = 32, COLS = 8, QK_K = 256, SUB = QK_K / QK;
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8;  // GGML's type numbers, the ggml_type attribute
+constexpr int kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 constexpr int kQ6_0 = 100;  // not a GGML type: slmops's 6-bit form of 32 with a fp16 scale (6.5 bits per weight)
+constexpr bool is_k(int64_t type) { return type == kQ4_K || type == kQ5_K || type == kQ6_K; }
 
 // Bits of each code above the low nibble: 0 (Q4), 1 (Q5), 2 (Q6), each held as 32-bit planes per column.
 constexpr size_t group_block_bytes(int high_bits, bool minimum) {
@@ -130,10 +139,20 @@ constexpr size_t group_block_bytes(int high_bits, bool minimum) {
 }
 constexpr size_t kGroupBlockQ8_0 = 16 + COLS * 32;
 constexpr bool has_minimum(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
-constexpr int high_bits(int64_t type) { return type == kQ6_0 ? 2 : (type == kQ5_0 || type == kQ5_1) ? 1 : 0; }
+constexpr int high_bits(int64_t type) {
+  return (type == kQ6_0 || type == kQ6_K) ? 2 : (type == kQ5_0 || type == kQ5_1 || type == kQ5_K) ? 1 : 0;
+}
 
 constexpr size_t block_bytes(int64_t type) {
   return type == kQ8_0 ? kGroupBlockQ8_0 : group_block_bytes(high_bits(type), has_minimum(type));
+}
+// A K-quant's header per super-block (d, and Q4_K/Q5_K's dmin) and one block of it (its sub-block scales first).
+constexpr size_t k_head_bytes(int64_t type) { return type == kQ6_K ? 16 : 32; }
+constexpr size_t k_block_bytes(int64_t type) { return 16 + COLS * 4 * high_bits(type) + COLS * 16; }
+constexpr size_t k_super_bytes(int64_t type) { return k_head_bytes(type) + SUB * k_block_bytes(type); }
+// The bytes of one group's row of weights over k inputs.
+constexpr size_t group_row_bytes(int64_t type, int k) {
+  return is_k(type) ? (k / QK_K) * k_super_bytes(type) : (k / QK) * block_bytes(type);
 }
 
 inline float hsum(__m256 v) {
@@ -202,17 +221,27 @@ inline __m256i reduce8(const __m256i p[8]) {
 
 // The outlier channels' products in float: code x scale x value for the 8 columns, the scales read from the
 // channel's block, the codes from `codes` ([channels][8], the group's own copy of those codes: 1 byte each).
-template <bool Signed>
-__m256 outlier_products(const uint8_t* w, size_t block_bytes, const Row& r, const Channels& channels,
-                        const uint8_t* codes) {
+// scale_of(channel): the 8 columns' scales of that input channel's block.
+template <bool Signed, typename ScaleOf>
+__m256 outlier_products(const Row& r, const Channels& channels, const uint8_t* codes, const ScaleOf& scale_of) {
   __m256 acc = _mm256_setzero_ps();
   for (int i = 0; i < channels.count; ++i) {
     const __m128i c8 = _mm_loadl_epi64((const __m128i*)(codes + i * COLS));
     const __m256 c = _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(c8) : _mm256_cvtepu8_epi32(c8));
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + (channels.index[i] / QK) * block_bytes)));
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(c, d), _mm256_set1_ps(r.outliers[i]), acc);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(c, scale_of(channels.index[i])), _mm256_set1_ps(r.outliers[i]), acc);
   }
   return acc;
+}
+
+// The fp16 scales at the start of a block of `bytes` (the 32-blocks' types).
+inline __m256 block_scales(const uint8_t* w, size_t bytes, int64_t channel) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + (channel / QK) * bytes)));
+}
+
+// 8 bytes (unsigned or signed) as 8 floats.
+inline __m256 bytes_as_floats(const uint8_t* b, bool is_signed) {
+  const __m128i v = _mm_loadl_epi64((const __m128i*)b);
+  return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
 }
 
 // 32 bits -> 32 bytes, 0xFF where the bit is set (bit j -> byte j), as llama.cpp's bytes_from_bits_32.
@@ -223,6 +252,17 @@ inline __m256i bytes_from_bits(const uint8_t* x) {
   const __m256i bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuffle),
                                         _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
   return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+// One column's 32 codes of a block as bytes (4 to 6 bits: the nibbles at `nibbles`, the high planes at `planes`).
+template <int HighBits>
+inline __m256i codes_of(const uint8_t* nibbles, const uint8_t* planes) {
+  const __m256i low = _mm256_set1_epi8(0x0F), shift = _mm256_setr_epi64x(0, 0, 4, 4);
+  __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)nibbles));
+  __m256i q = _mm256_and_si256(_mm256_srlv_epi64(both, shift), low);  // low nibbles, then high
+  if (HighBits >= 1) q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(planes), _mm256_set1_epi8(0x10)));
+  if (HighBits == 2) q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(planes + 4), _mm256_set1_epi8(0x20)));
+  return q;
 }
 
 // Q4_1 and Q5_1: unsigned codes with a scale and a minimum per block; Q4_0, Q5_0 and Q6_0: the minimum is -8,
@@ -237,27 +277,100 @@ void group_q_1(const uint8_t* w, const Row& r, int blocks, float* out, const Cha
   const __m256 centre = _mm256_set1_ps(-(float)(8 << HighBits));
   const uint8_t* group = w;
   __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), shift = _mm256_setr_epi64x(0, 0, 4, 4);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int b = 0; b < blocks; ++b, w += bytes) {
     const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
     __m256i p[COLS];
-    for (int c = 0; c < COLS; ++c) {
-      __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(w + nibbles + c * 16)));
-      __m256i q = _mm256_and_si256(_mm256_srlv_epi64(both, shift), low);  // low nibbles, then high
-      if (HighBits >= 1)
-        q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + head + c * 4 * HighBits), _mm256_set1_epi8(0x10)));
-      if (HighBits == 2)
-        q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(w + head + c * 8 + 4), _mm256_set1_epi8(0x20)));
-      p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-    }
+    for (int c = 0; c < COLS; ++c)
+      p[c] = _mm256_madd_epi16(
+          _mm256_maddubs_epi16(codes_of<HighBits>(w + nibbles + c * 16, w + head + c * 4 * HighBits), y), ones);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
     const __m256 m = Minimum ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 16))) : _mm256_mul_ps(d, centre);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
     offsets = _mm256_fmadd_ps(m, _mm256_set1_ps(r.sum[b]), offsets);
   }
   if (channels.count)  // after the blocks: their scales are in cache now
-    acc = _mm256_add_ps(acc, outlier_products<false>(group, bytes, r, channels, codes));
+    acc = _mm256_add_ps(acc, outlier_products<false>(r, channels, codes, [&](int64_t i) {
+                            return block_scales(group, bytes, i);
+                          }));
   _mm256_storeu_ps(out, _mm256_add_ps(acc, offsets));
+}
+
+// Q4_K and Q5_K: as Q4_1 and Q5_1, the scale and minimum of each block being d*sc and dmin*m: the integer dot
+// product meets sc in int32 (exact: at most 31 * 127 * 32 * 63 < 2^24), and d, dmin once per super-block.
+template <int HighBits>
+void group_k(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels, const uint8_t* codes) {
+  constexpr int64_t type = HighBits ? kQ5_K : kQ4_K;
+  constexpr size_t block = k_block_bytes(type), super = k_super_bytes(type), nibbles = 16 + COLS * 4 * HighBits;
+  const uint8_t* group = w;
+  __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int s = 0; s < blocks / SUB; ++s, w += super) {
+    __m256 acc_s = _mm256_setzero_ps(), offsets_s = _mm256_setzero_ps();
+    const uint8_t* wb = w + 32;
+    for (int j = 0; j < SUB; ++j, wb += block) {
+      const int b = s * SUB + j;
+      const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
+      __m256i p[COLS];
+      for (int c = 0; c < COLS; ++c)
+        p[c] = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(codes_of<HighBits>(wb + nibbles + c * 16, wb + 16 + c * 4 * HighBits), y), ones);
+      const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)wb));
+      acc_s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(reduce8(p), sc)), _mm256_set1_ps(r.scale[b]), acc_s);
+      offsets_s = _mm256_fmadd_ps(bytes_as_floats(wb + 8, false), _mm256_set1_ps(r.sum[b]), offsets_s);
+    }
+    acc = _mm256_fmadd_ps(acc_s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)), acc);
+    offsets = _mm256_fmadd_ps(offsets_s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 16))), offsets);
+  }
+  if (channels.count)
+    acc = _mm256_add_ps(acc, outlier_products<false>(r, channels, codes, [&](int64_t i) {
+                          const uint8_t* ws = group + (i / QK_K) * super;
+                          return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)ws)),
+                                               bytes_as_floats(ws + 32 + ((i % QK_K) / QK) * block, false));
+                        }));
+  _mm256_storeu_ps(out, _mm256_sub_ps(acc, offsets));
+}
+
+// Q6_K: sub-blocks of 16, so each column's products are summed per half block (the lanes of madd's result hold
+// codes 0-15 in their low half, 16-31 in their high), centred on 32 in int32 with the activations' own half sums,
+// and met with the half's int8 scale.
+void group_q6_k(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+                const uint8_t* codes) {
+  constexpr size_t block = k_block_bytes(kQ6_K), super = k_super_bytes(kQ6_K), nibbles = 16 + COLS * 8;
+  const uint8_t* group = w;
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);
+  for (int s = 0; s < blocks / SUB; ++s, w += super) {
+    __m256 acc_s = _mm256_setzero_ps();
+    const uint8_t* wb = w + 16;
+    for (int j = 0; j < SUB; ++j, wb += block) {
+      const int b = s * SUB + j;
+      const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
+      const __m256i centre = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones), 5);
+      __m256i p[COLS];
+      for (int c = 0; c < COLS; ++c)
+        p[c] = _mm256_sub_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(codes_of<2>(wb + nibbles + c * 16, wb + 16 + c * 8), y), ones),
+            centre);
+      __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
+      __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
+      __m256i lo = _mm256_hadd_epi32(s01, s23), hi = _mm256_hadd_epi32(s45, s67);
+      const __m256i first = _mm256_permute2x128_si256(lo, hi, 0x20), second = _mm256_permute2x128_si256(lo, hi, 0x31);
+      const __m256i sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)wb));
+      const __m256i sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb + 8)));
+      const __m256i t = _mm256_add_epi32(_mm256_mullo_epi32(first, sc0), _mm256_mullo_epi32(second, sc1));
+      acc_s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(r.scale[b]), acc_s);
+    }
+    acc = _mm256_fmadd_ps(acc_s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)), acc);
+  }
+  if (channels.count)
+    acc = _mm256_add_ps(acc, outlier_products<true>(r, channels, codes, [&](int64_t i) {
+                          const uint8_t* ws = group + (i / QK_K) * super;
+                          const size_t at = 16 + ((i % QK_K) / QK) * block + ((i % QK) / 16) * COLS;
+                          return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)ws)),
+                                               bytes_as_floats(ws + at, true));
+                        }));
+  _mm256_storeu_ps(out, acc);
 }
 
 void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
@@ -276,12 +389,15 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
   }
-  if (channels.count) acc = _mm256_add_ps(acc, outlier_products<true>(group, kGroupBlockQ8_0, r, channels, codes));
+  if (channels.count)
+    acc = _mm256_add_ps(acc, outlier_products<true>(r, channels, codes, [&](int64_t i) {
+                          return block_scales(group, kGroupBlockQ8_0, i);
+                        }));
   _mm256_storeu_ps(out, acc);
 }
 
 struct Kernel {
-  int64_t type;  // GGML type: kQ4_0, kQ4_1, kQ5_0, kQ5_1 or kQ8_0; or kQ6_0
+  int64_t type;  // GGML type: kQ4_0, kQ4_1, kQ5_0, kQ5_1, kQ8_0, kQ4_K, kQ5_K or kQ6_K; or kQ6_0
 };
 
 // x quantized, per calling thread: ONNX Runtime may run one session from several threads at once.
@@ -383,7 +499,7 @@ void compute(Kernel* kernel, void* context) {
   // group's weights stay in cache while every row reads them.
   parallel_for(context, m, [&](size_t i) { quantize_row(x + i * k, k, row(i), channels); });
   const int64_t type = kernel->type;
-  const size_t stride = blocks * block_bytes(type);
+  const size_t stride = group_row_bytes(type, k);
   const int per_task = 4, tasks = (groups + per_task - 1) / per_task;
   parallel_for(context, tasks, [&](size_t task) {
     for (int g = task * per_task; g < std::min(groups, (int)(task + 1) * per_task); ++g) {
@@ -396,6 +512,9 @@ void compute(Kernel* kernel, void* context) {
         else if (type == kQ4_0) group_q_1<0, false>(wg, row(i), blocks, out, channels, cg);
         else if (type == kQ5_0) group_q_1<1, false>(wg, row(i), blocks, out, channels, cg);
         else if (type == kQ6_0) group_q_1<2, false>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ4_K) group_k<0>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ5_K) group_k<1>(wg, row(i), blocks, out, channels, cg);
+        else if (type == kQ6_K) group_q6_k(wg, row(i), blocks, out, channels, cg);
         else group_q8_0(wg, row(i), blocks, out, channels, cg);
       }
     }
@@ -403,8 +522,43 @@ void compute(Kernel* kernel, void* context) {
 }
 
 
+// One row of a K-quant (output column n) dequantized as gguf-py does: (d*sc)*q - dmin*m, or (d*sc)*(q - 32).
+void dequantize_row_k(const uint8_t* w, int64_t type, int blocks, int64_t n, float* out) {
+  const int g = (int)(n / COLS), c = (int)(n % COLS);
+  const size_t block = k_block_bytes(type), super = k_super_bytes(type);
+  const int high_count = high_bits(type);
+  const uint8_t* base = w + (size_t)g * (blocks / SUB) * super;
+  for (int s = 0; s < blocks / SUB; ++s, base += super) {
+    uint16_t dh, mh = 0;
+    memcpy(&dh, base + 2 * c, 2);
+    if (type != kQ6_K) memcpy(&mh, base + 16 + 2 * c, 2);
+    const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
+    for (int j = 0; j < SUB; ++j, out += QK) {
+      const uint8_t* wb = base + k_head_bytes(type) + j * block;
+      uint32_t fifth = 0, sixth = 0;
+      if (high_count >= 1) memcpy(&fifth, wb + 16 + c * 4 * high_count, 4);
+      if (high_count == 2) memcpy(&sixth, wb + 16 + c * 8 + 4, 4);
+      const uint8_t* qs = wb + 16 + COLS * 4 * high_count + c * 16;
+      auto code = [&](int e) {
+        const int low = e < 16 ? (qs[e] & 0x0F) : (qs[e - 16] >> 4);
+        return low | (int)(((fifth >> e) & 1) << 4 | ((sixth >> e) & 1) << 5);
+      };
+      for (int e = 0; e < QK; ++e) {
+        if (type == kQ6_K) {
+          const float ds = d * (float)(int8_t)wb[(e / 16) * COLS + c];
+          out[e] = ds * (float)(code(e) - 32);
+        } else {
+          const float ds = d * (float)wb[c], dm = dmin * (float)wb[8 + c];
+          out[e] = ds * (float)code(e) - dm;
+        }
+      }
+    }
+  }
+}
+
 // One row of W (output column n) dequantized: what the GGUF's own dequantization gives, in the same float order.
 void dequantize_row(const uint8_t* w, int64_t type, int blocks, int64_t n, float* out) {
+  if (is_k(type)) return dequantize_row_k(w, type, blocks, n, out);
   const int g = (int)(n / COLS), c = (int)(n % COLS);
   const size_t bytes = block_bytes(type);
   const uint8_t* base = w + (size_t)g * blocks * bytes;
@@ -445,7 +599,7 @@ void gather(Kernel* kernel, void* context) {
   const void* ids_value = input(context, 0);
   const void* w_value = input(context, 1);
   const Shape is = shape_of(ids_value), ws = shape_of(w_value);
-  const int blocks = (int)ws.dims[1], k = blocks * QK;
+  const int blocks = (int)ws.dims[1] * (is_k(kernel->type) ? SUB : 1), k = blocks * QK;  // K-quants: super-blocks
   const int64_t count = is.elements(0, is.rank), rows = ws.dims[0] * COLS;
   Shape ys = is;
   ys.dims[ys.rank++] = k;

@@ -3,7 +3,9 @@ per machine (by the C++ compiler found; none: gguf-native writes MatMulNBits wit
 
 MatMulNBits has integer zero points only, so a Q4_1 block's float minimum costs it a float correction per projection
 (docs/architecture.md, "Speed"); MatMulGGML applies the minimum inside the kernel, as llama.cpp does, reading the
-weights as llama.cpp keeps them. The weights stay exactly the GGUF's: `form_of` reads back what `grouped` wrote."""
+weights as llama.cpp keeps them: Q4_0 to Q8_0, slmops's Q6_0, and the K-quants Q4_K, Q5_K and Q6_K (a fp16 scale per
+super-block of 256 times an integer one per sub-block: MatMulNBits, one float scale per block, holds d x sc in float32
+and Q6_K's 6-bit codes as 8-bit ones). The weights stay exactly the GGUF's: `form_of` reads back what `grouped` wrote."""
 
 from __future__ import annotations
 
@@ -27,11 +29,14 @@ LIBRARY = "libslmops_gguf.so"
 DOMAIN = "ai.slmops"
 MATMUL, GATHER = "MatMulGGML", "GatherGGML"
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8  # GGML's type numbers, the ggml_type attribute
+Q4_K, Q5_K, Q6_K = 12, 13, 14  # the K-quants: super-blocks of 256 (gguf_kernel.cc: their layout)
 Q6_0 = 100  # not a GGML type: slmops's 6-bit form (codes centred on 32, a fp16 scale per 32: 6.5 bits per weight)
+K_QUANTS = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
 CENTRE = {Q4_0: 8, Q5_0: 16, Q6_0: 32}  # the code of zero in a type without a minimum
 MINIMUM = (Q4_1, Q5_1)  # the types with a fp16 minimum per block
-HIGH_BITS = {Q5_0: 1, Q5_1: 1, Q6_0: 2}  # code bits above the low nibble, each a 32-bit plane per row and block
+HIGH_BITS = {Q5_0: 1, Q5_1: 1, Q6_0: 2, Q5_K: 1, Q6_K: 2}  # code bits above the low nibble: 32-bit planes per block
 COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
+SUPER = gguf_blocks.SUPER_BLOCK  # a K-quant's super-block: 8 blocks
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
 CPU_FLAGS = ["avx2", "fma", "f16c"]
 # No -mavx2: the kernels carry their own target (gguf_kernel.cc), the rest stays baseline x86-64 so the CPU check
@@ -93,7 +98,8 @@ def library() -> Path | None:
     return target
 
 
-TAKES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # GGUF types whose blocks the kernel holds as they are
+# GGUF types whose blocks the kernel holds as they are
+TAKES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def takes(gguf_path: Path) -> bool:
@@ -111,7 +117,11 @@ def _compiler_version(cxx: str) -> str:
 
 def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
     """The kernel's type for a block form it holds exactly (4-bit or 5-bit codes with a fp16 scale per 32, and a fp16
-    minimum (Q4_1, Q5_1) or none (Q4_0, Q5_0); 6-bit codes centred on 32 (Q6_0); or Q8_0), else None."""
+    minimum (Q4_1, Q5_1) or none (Q4_0, Q5_0); 6-bit codes centred on 32 (Q6_0); Q8_0; a K-quant's own scales over
+    whole super-blocks), else None."""
+    if form.k is not None:
+        whole = not form.codes.shape[0] % COLUMNS and not form.codes.shape[1] % SUPER
+        return K_QUANTS.get(form.gguf_type) if whole else None
     if form.block != BLOCK or form.codes.shape[0] % COLUMNS or form.codes.shape[1] % BLOCK:
         return None
     if not _half_exact(form.scales):
@@ -136,72 +146,148 @@ def _half_exact(values: np.ndarray) -> bool:
     return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
 
 
+def _group(a: np.ndarray) -> np.ndarray:
+    """[rows, n, bytes] -> [rows / 8, n, 8 * bytes]: the 8 rows of a group side by side."""
+    rows, n = a.shape[:2]
+    return a.reshape(rows // COLUMNS, COLUMNS, n, -1).transpose(0, 2, 1, 3).reshape(rows // COLUMNS, n, -1)
+
+
+def _ungroup(a: np.ndarray, width: int) -> np.ndarray:
+    """The inverse of _group for fields of `width` bytes per row: [groups, n, 8 * width] -> [rows, n, width]."""
+    groups, n = a.shape[:2]
+    a = np.ascontiguousarray(a)
+    return a.reshape(groups, n, COLUMNS, width).transpose(0, 2, 1, 3).reshape(groups * COLUMNS, n, width)
+
+
+def _planes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Code bits 4.. of each block of 32 as 32-bit planes (bit j: code j), one row's planes side by side."""
+    planes = [
+        (((codes >> bit) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+        for bit in range(4, 4 + bits)
+    ]
+    rows, blocks = codes.shape[:2]
+    return np.stack(planes, axis=-1).astype("<u4").view(np.uint8).reshape(rows, blocks, 4 * bits)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """The low 4 bits of code j in the low nibble of byte j, of code j + 16 in the high one, per block of 32."""
+    return ((codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)).astype(np.uint8)
+
+
+def _codes(nibbles: np.ndarray, planes: np.ndarray | None) -> np.ndarray:
+    """The inverse of _nibbles and _planes: [rows, blocks, 32] codes."""
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+    if planes is not None:
+        planes = np.ascontiguousarray(planes).view("<u4")
+        for i in range(planes.shape[-1]):
+            codes = codes | (((planes[..., i : i + 1] >> np.arange(BLOCK, dtype=np.uint32)) & 1) << (4 + i)).astype(
+                np.uint8
+            )
+    return codes.astype(np.uint8)
+
+
+def _grouped_k(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
+    """A K-quant in the kernel's layout, uint8 [rows / 8, super-blocks, bytes] (gguf_kernel.cc)."""
+    rows, cols = form.codes.shape
+    supers, blocks = cols // SUPER, cols // BLOCK
+    half = lambda a: a.astype(np.float16).view(np.uint8).reshape(rows, supers, 2)  # noqa: E731
+    head = [half(form.k.d)] + ([half(form.k.dmin)] if kind != Q6_K else [])
+    codes = form.codes.reshape(rows, blocks, BLOCK)
+    if kind == Q6_K:  # two int8 scales per block: the first sub-block's 8 columns, then the second's
+        sc = form.k.sc.astype(np.int8).view(np.uint8).reshape(rows, blocks, 2)
+        scales = [sc[..., :1], sc[..., 1:]]
+    else:
+        scales = [
+            form.k.sc.astype(np.uint8).reshape(rows, blocks, 1),
+            form.k.m.astype(np.uint8).reshape(rows, blocks, 1),
+        ]
+    parts = scales + ([_planes(codes, HIGH_BITS[kind])] if kind in HIGH_BITS else []) + [_nibbles(codes)]
+    per_block = np.concatenate([_group(p) for p in parts], axis=-1)  # [groups, blocks, block bytes]
+    per_super = per_block.reshape(rows // COLUMNS, supers, -1)
+    return np.ascontiguousarray(np.concatenate([_group(h) for h in head] + [per_super], axis=-1))
+
+
+def _form_of_k(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
+    groups, supers, _ = weight.shape
+    rows, blocks, high = groups * COLUMNS, supers * SUPER // BLOCK, HIGH_BITS.get(kind, 0)
+    head = 2 * COLUMNS * (1 if kind == Q6_K else 2)
+    f16 = lambda a: _ungroup(a, 2).copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    d = f16(weight[..., : 2 * COLUMNS])
+    per_block = np.ascontiguousarray(weight[..., head:]).reshape(groups, blocks, -1)
+    field = lambda start, width: _ungroup(per_block[..., COLUMNS * start : COLUMNS * (start + width)], width)  # noqa: E731
+    planes = field(2, 4 * high) if high else None
+    codes = _codes(field(2 + 4 * high, 16), planes)
+    if kind == Q6_K:
+        sc = np.concatenate([field(0, 1), field(1, 1)], axis=-1).view(np.int8).astype(np.int16).reshape(rows, -1)
+        k = gguf_blocks.KScales(d, sc)
+        scales = np.repeat(d, SUPER // 16, axis=1) * sc.astype(np.float32)
+        zero = np.full(scales.shape, 32, dtype=np.uint8)
+        return gguf_blocks.BlockForm("Q6_K", 8, 16, codes.reshape(rows, -1), scales, zero, None, k)
+    sc, m = field(0, 1).reshape(rows, -1).astype(np.int16), field(1, 1).reshape(rows, -1).astype(np.int16)
+    dmin = f16(weight[..., 2 * COLUMNS : 4 * COLUMNS])
+    k = gguf_blocks.KScales(d, sc, dmin, m)
+    scales = np.repeat(d, SUPER // BLOCK, axis=1) * sc.astype(np.float32)
+    offsets = -(np.repeat(dmin, SUPER // BLOCK, axis=1) * m.astype(np.float32))
+    zero = np.zeros(scales.shape, dtype=np.uint8)
+    name = "Q4_K" if kind == Q4_K else "Q5_K"
+    return gguf_blocks.BlockForm(
+        name, 4 if kind == Q4_K else 8, BLOCK, codes.reshape(rows, -1), scales, zero, offsets, k
+    )
+
+
 def grouped(form: gguf_blocks.BlockForm, kind: int) -> np.ndarray:
     """The form in the kernel's layout, uint8 [rows / 8, blocks, bytes]: for each group of 8 rows (outputs) and each
     block, the 8 fp16 scales, (Q4_1, Q5_1) the 8 fp16 minimums, (Q5_0, Q5_1, Q6_0) each row's fifth bits (4 bytes,
     bit j of code j) and (Q6_0) then its sixth bits, then each row's codes (Q4_0 to Q6_0: 16 bytes, the low 4 bits of
-    code j in the low nibble of byte j and of code j + 16 in the high one; Q8_0: 32 int8)."""
+    code j in the low nibble of byte j and of code j + 16 in the high one; Q8_0: 32 int8). The K-quants: uint8
+    [rows / 8, super-blocks, bytes] (_grouped_k)."""
+    if kind in K_QUANTS.values():
+        return _grouped_k(form, kind)
     rows, cols = form.codes.shape
     blocks = cols // BLOCK
-
-    def group(a: np.ndarray) -> np.ndarray:
-        return (
-            a.reshape(rows // COLUMNS, COLUMNS, blocks, -1).transpose(0, 2, 1, 3).reshape(rows // COLUMNS, blocks, -1)
-        )
-
     half = lambda a: a.astype(np.float16).view(np.uint8).reshape(rows, blocks, 2)  # noqa: E731
     codes = form.codes.reshape(rows, blocks, BLOCK)
     if kind != Q8_0:
-        nibbles = ((codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)).astype(np.uint8)
         parts = [half(form.scales)] + ([half(form.offsets)] if kind in MINIMUM else [])
-        planes = []
-        for bit in range(4, 4 + HIGH_BITS.get(kind, 0)):
-            plane = (((codes >> bit) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(
-                -1, dtype=np.uint32
-            )
-            planes.append(plane.astype("<u4").view(np.uint8).reshape(rows, blocks, 4))
-        if planes:
-            parts.append(np.concatenate(planes, axis=-1))  # one row's planes side by side
-        parts.append(nibbles)
+        if kind in HIGH_BITS:
+            parts.append(_planes(codes, HIGH_BITS[kind]))
+        parts.append(_nibbles(codes))
     else:
         parts = [half(form.scales), (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
-    return np.ascontiguousarray(np.concatenate([group(p) for p in parts], axis=-1))
+    return np.ascontiguousarray(np.concatenate([_group(p) for p in parts], axis=-1))
 
 
 def outlier_codes(form: gguf_blocks.BlockForm, kind: int, channels: np.ndarray) -> np.ndarray:
     """The codes of the outlier channels (input columns, sorted), uint8 [rows / 8, channels, 8]: the kernel multiplies
     those channels in float, reading their scales from the blocks and their codes from here (1 byte each)."""
     codes = form.codes[:, channels]
-    if kind == Q8_0:
-        codes = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    if kind in (Q8_0, Q6_K):  # signed codes, centred (the kernel holds no minimum for these)
+        codes = (codes.astype(np.int16) - (128 if kind == Q8_0 else 32)).astype(np.int8).view(np.uint8)
     rows = codes.shape[0]
     return np.ascontiguousarray(codes.reshape(rows // COLUMNS, COLUMNS, -1).transpose(0, 2, 1))
 
 
 def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
     """The block form a grouped weight holds (what read_back dequantizes)."""
+    if kind in K_QUANTS.values():
+        return _form_of_k(weight, kind)
     groups, blocks, _ = weight.shape
     rows = groups * COLUMNS
-    ungroup = lambda a: a.reshape(groups, blocks, COLUMNS, -1).transpose(0, 2, 1, 3).reshape(rows, blocks, -1)  # noqa: E731
-    half = lambda a: ungroup(np.ascontiguousarray(a)).copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    half = lambda a: _ungroup(a, 2).copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
     scales = half(weight[..., : 2 * COLUMNS])
-    if kind != Q8_0:
-        head = 4 * COLUMNS if kind in MINIMUM else 2 * COLUMNS  # the scales (and the minimums)
-        minimum = half(weight[..., 2 * COLUMNS : head]) if kind in MINIMUM else None
-        start = head + 4 * COLUMNS * HIGH_BITS.get(kind, 0)
-        nibbles = ungroup(np.ascontiguousarray(weight[..., start:]))
-        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-        if kind in HIGH_BITS:
-            planes = ungroup(np.ascontiguousarray(weight[..., head:start])).copy().view("<u4")  # [rows, blocks, bits]
-            for i in range(HIGH_BITS[kind]):
-                high = planes[..., i : i + 1]
-                codes = codes | (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << (4 + i)).astype(np.uint8)
-        zero = np.full(scales.shape, CENTRE.get(kind, 0), dtype=np.uint8)
-        bits = 4 if kind in (Q4_0, Q4_1) else 8
-        return gguf_blocks.BlockForm("", bits, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, minimum)
-    codes = ungroup(np.ascontiguousarray(weight[..., 2 * COLUMNS :])).view(np.int8).astype(np.int16) + 128
-    zero = np.full(scales.shape, 128, dtype=np.uint8)
-    return gguf_blocks.BlockForm("", 8, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, None)
+    if kind == Q8_0:
+        codes = _ungroup(weight[..., 2 * COLUMNS :], BLOCK).view(np.int8).astype(np.int16) + 128
+        zero = np.full(scales.shape, 128, dtype=np.uint8)
+        return gguf_blocks.BlockForm("", 8, BLOCK, codes.reshape(rows, -1).astype(np.uint8), scales, zero, None)
+    head = 4 * COLUMNS if kind in MINIMUM else 2 * COLUMNS  # the scales (and the minimums)
+    minimum = half(weight[..., 2 * COLUMNS : head]) if kind in MINIMUM else None
+    high = HIGH_BITS.get(kind, 0)
+    start = head + 4 * COLUMNS * high
+    planes = _ungroup(weight[..., head:start], 4 * high) if high else None
+    codes = _codes(_ungroup(weight[..., start:], 16), planes)
+    zero = np.full(scales.shape, CENTRE.get(kind, 0), dtype=np.uint8)
+    bits = 4 if kind in (Q4_0, Q4_1) else 8
+    return gguf_blocks.BlockForm("", bits, BLOCK, codes.reshape(rows, -1), scales, zero, minimum)
 
 
 def graph_facts(library: Path) -> dict:

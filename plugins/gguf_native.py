@@ -13,7 +13,8 @@ Both corrections are one small float product per projection: y += side @ [offset
 [blocksum(inliers), outliers] is made once per input (docs/architecture.md: what each costs at decode).
 
 Where this machine can build slmops's GGUF kernel (gguf_kernel: x86-64 with AVX2 and a C++ compiler), the Q4_0, Q4_1,
-Q5_0, Q5_1 and Q8_0 weights go to it instead: MatMulGGML keeps llama.cpp's blocks and applies the minimum and the outlier
+Q5_0, Q5_1, Q8_0 weights, and the Q4_K, Q5_K, Q6_K ones whose rows are whole super-blocks of 256, go to it instead:
+MatMulGGML keeps llama.cpp's blocks (a K-quant's two-level scales as they are) and applies the minimum and the outlier
 channels inside the kernel, with no correction nodes."""
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def _stack(forms: list[gguf_blocks.BlockForm]) -> gguf_blocks.BlockForm:
         cat("scales"),
         cat("zero_points"),
         None if first.offsets is None else cat("offsets"),
+        None if first.k is None else gguf_blocks.KScales.stack([f.k for f in forms]),
     )
 
 

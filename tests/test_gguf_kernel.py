@@ -67,17 +67,23 @@ def blocks_of(kind: str, rows: int, cols: int, rng) -> tuple[gguf_blocks.BlockFo
     return gguf_blocks.block_form(kind, raw, values), values, raw.nbytes
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_0", "Q8_0"])
+# Bytes the kernel's layout adds per row and super-block of 256: Q4_K and Q5_K hold their 6-bit sub-block scales and
+# minimums a byte each (16 bytes where the GGUF packs 12); every other type keeps the GGUF's own bytes.
+EXTRA_PER_SUPER_BLOCK = {"Q4_K": 4, "Q5_K": 4}
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_kernel_computes_the_int8_product_of_the_gguf_blocks(kind):
     from onnx import TensorProto
 
     rng = np.random.default_rng(0)
-    rows, cols = 72, 160  # 9 groups of 8 outputs, 5 blocks
+    # 9 groups of 8 outputs; 5 blocks, or (K-quants) 2 super-blocks of 256
+    rows, cols = 72, 512 if kind.endswith("_K") else 160
     form, values, size = blocks_of(kind, rows, cols, rng)
     ggml = gguf_kernel.ggml_type(form)
     assert ggml == getattr(gguf_kernel, kind)  # each type held as itself: Q4_0 and Q5_0 without a minimum
     weight = gguf_kernel.grouped(form, ggml)
-    assert weight.nbytes == size  # the GGUF's own bytes (Q6_0: 26 bytes per 32), no more
+    assert weight.nbytes == size + rows * cols // 256 * EXTRA_PER_SUPER_BLOCK.get(kind, 0)  # Q6_0: 26 bytes per 32
     back = gguf_kernel.form_of(weight, ggml)
     assert np.array_equal(back.dequantize(), values)  # the layout holds the GGUF's values exactly
 
@@ -91,7 +97,7 @@ def test_kernel_computes_the_int8_product_of_the_gguf_blocks(kind):
     assert np.abs(y - x @ values.T).max() > 1e-4 * scale  # int8 activations, not float: the emulation is the claim
 
     # With outlier channels: those are zero in what is quantized and multiplied in float by their exact weights.
-    channels = np.array([7, 40, 41, 159])
+    channels = np.array([7, 40, 41] + ([300] if cols > 300 else []) + [cols - 1])  # sorted
     codes = gguf_kernel.outlier_codes(back, ggml, channels)
     y = session(gguf_kernel.MATMUL, ggml, weight, TensorProto.FLOAT, [2, 3, cols], channels, codes).run(None, {"x": x})[
         0
@@ -111,14 +117,17 @@ def test_a_form_it_cannot_hold_exactly_is_refused():
     rng = np.random.default_rng(0)
     raw = random_blocks("Q4_K", 8, 256, rng)
     form = gguf_blocks.block_form("Q4_K", raw, gguf.quants.dequantize(raw, T["Q4_K"]))
-    assert gguf_kernel.ggml_type(form) is None  # scale x sub-block scale needs more than fp16
-    raw = random_blocks("Q4_1", 12, 64, rng)  # 12 outputs: not whole groups of 8
-    assert gguf_kernel.ggml_type(gguf_blocks.block_form("Q4_1", raw, gguf.quants.dequantize(raw, T["Q4_1"]))) is None
+    assert gguf_kernel.ggml_type(form) == gguf_kernel.Q4_K
+    form.k = None  # the same values without the GGUF's two-level scales: d x sc needs more than a fp16 scale
+    assert gguf_kernel.ggml_type(form) is None
+    for kind, rows in (("Q4_1", 12), ("Q6_K", 12)):  # 12 outputs: not whole groups of 8
+        raw = random_blocks(kind, rows, 256, rng)
+        assert gguf_kernel.ggml_type(gguf_blocks.block_form(kind, raw, gguf.quants.dequantize(raw, T[kind]))) is None
 
 
-@pytest.mark.parametrize("kind,tied", [("Q4_1", True), ("Q4_0", False)])
+@pytest.mark.parametrize("kind,tied", [("Q4_1", True), ("Q4_0", False), ("Q4_K", False), ("Q6_K", True)])
 def test_a_build_with_the_kernel_is_exact_and_runs_from_its_folder(kind, tied, default_checkpoint, tmp_path):
-    """At integer compute (the default) every Q4_0/Q4_1 MatMul becomes MatMulGGML with its outlier channels and no
+    """At integer compute (the default) every MatMul of a type the kernel holds becomes MatMulGGML with its outlier channels and no
     float correction; read back from the graph the weights are the GGUF's; ORT GenAI loads the library the folder
     carries and the logits stay close to the source's (int8 activations)."""
     import onnx
