@@ -42,7 +42,7 @@ from .fsutil import (
 )
 from .hookspecs import hookimpl
 from .isolate import die_with_parent, in_child
-from .machine import REQUIRES
+from .machine import REQUIRES, native_code_for
 from .progress import count as progress_count
 from .quality import calibration_text
 from .roles import (
@@ -73,6 +73,7 @@ __all__ = [
     "CHAT_DEFAULTS",
     "MODEL_FILES",
     "REQUIRES",
+    "native_code_for",
     "Benchmarker",
     "Config",
     "ConvertRequest",

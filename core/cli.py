@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from . import output, progress
+from . import machine, output, progress
 from .config import SCHEMA, Config, load_config
 from .errors import SlmopsError, UsageError
 
@@ -224,9 +224,10 @@ def convert_options(f=None, *, auto: bool = False):
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy level (0: default)."),
         click.option(
             "--target",
-            type=click.Choice(["native", "portable"]),
+            type=click.Choice(machine.TARGETS),
             help="native (default): this machine's fastest code (the GGUF kernel where it runs); portable: no native "
-            "code, the folder runs wherever ONNX Runtime GenAI runs.",
+            "code, the folder runs wherever ONNX Runtime GenAI runs; or the platform the folder is for "
+            f"({', '.join(machine.NAMED_TARGETS)}): native code where it is this machine's, else portable.",
         ),
         click.option(
             "--option",

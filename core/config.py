@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SlmopsError, UsageError
+from .machine import TARGETS
 from .roles import BLOCK_SIZES
 
 CONFIG_NAME = "slmops.toml"
@@ -53,7 +54,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "target": (
             "native",
             str,
-            "native: this machine's fastest code (the GGUF kernel where it runs); portable: no native code",
+            "native: this machine's fastest code (the GGUF kernel where it runs); portable: no native code; or a "
+            "platform (linux-x86_64, linux-aarch64, macos-arm64, ...): native code where it is this machine's",
         ),
         "output": ("", str, "output folder (default: slmops's build cache)"),
     },
@@ -107,7 +109,7 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
 VALUE_CHECKS: dict[str, tuple[Any, str]] = {
     "convert.block_size": _one_of(*BLOCK_SIZES),
     "convert.accuracy_level": _one_of(0, 1, 2, 3, 4),
-    "convert.target": _one_of("native", "portable"),
+    "convert.target": _one_of(*TARGETS),
     "model.adapter_mode": _one_of("merge", "adapter"),
     "validate.max_kld": _at_least(0),
     "validate.min_top1": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "a number from 0 to 1"),

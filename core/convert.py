@@ -96,12 +96,9 @@ def offered() -> dict[str, list[str]]:
     }
 
 
-TARGETS = ("native", "portable")  # this machine's fastest code; none at all (runs wherever ORT GenAI runs)
-
-
 def check_options(request: ConvertRequest) -> None:
-    if request.target not in TARGETS:
-        raise SlmopsError(f"target {request.target!r} is unknown; use {' or '.join(TARGETS)}")
+    if request.target not in machine.TARGETS:
+        raise SlmopsError(f"target {request.target!r} is unknown; use one of {', '.join(machine.TARGETS)}")
     choices = offered()
     for key in ("precision", "device", "provider"):
         value = getattr(request, key)

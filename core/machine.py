@@ -13,6 +13,32 @@ from .errors import SlmopsError
 
 REQUIRES = "slmops-requires.json"  # {"what", "os", "machine": [...], "cpu_flags": [...]}
 
+# Named targets: the OS (platform.system()) and CPU architectures (platform.machine()) a folder is built to run on.
+NAMED_TARGETS = {
+    "linux-x86_64": ("Linux", ("x86_64", "AMD64")),
+    "linux-aarch64": ("Linux", ("aarch64", "arm64")),
+    "macos-arm64": ("Darwin", ("arm64",)),
+    "macos-x86_64": ("Darwin", ("x86_64",)),
+    "windows-x86_64": ("Windows", ("AMD64", "x86_64")),
+    "windows-arm64": ("Windows", ("ARM64", "aarch64")),
+}
+# native: this machine's fastest code; portable: none at all (runs wherever ONNX Runtime GenAI runs); a named target:
+# native code where slmops builds it for that target here (the GGUF kernel: this machine's own platform), else none
+TARGETS = ("native", "portable", *NAMED_TARGETS)
+
+
+def this_target() -> str | None:
+    """This machine's named target, or None where it is none of them."""
+    here = (platform.system(), platform.machine())
+    return next((name for name, (os, machines) in NAMED_TARGETS.items() if here[0] == os and here[1] in machines), None)
+
+
+def native_code_for(target: str) -> bool:
+    """Whether a build for target may carry native code built on this machine: for this machine ("native", or the
+    name of this machine's own platform). Another platform's build gets the portable graph: slmops compiles its kernel
+    on the machine that builds, for that machine."""
+    return target == "native" or (target in NAMED_TARGETS and target == this_target())
+
 
 def cpu_flags() -> set[str]:
     try:

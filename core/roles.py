@@ -35,7 +35,9 @@ class ConvertRequest:
     trust_remote_code: bool = False
     gguf: Path | None = None  # the GGUF file when the source is one (source_dir is then its dequantized checkpoint)
     calibration: Path | None = None  # a JSONL file of the user's own text for the data-aware quantizers
-    target: str = "native"  # "native": this machine's fastest code (the GGUF kernel where it runs); "portable": none
+    # "native": this machine's fastest code (the GGUF kernel where it runs); "portable": none; a platform
+    # (machine.NAMED_TARGETS): native code where it is this machine's (api.native_code_for), else none
+    target: str = "native"
     # plugin name -> its options as given ([plugins.NAME] in slmops.toml, --option NAME.KEY=VALUE); the plugin reads
     # them, checked, through options_of(plugin, request)
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)

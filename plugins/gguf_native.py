@@ -33,6 +33,7 @@ from slmops.api import (
     calibration_text,
     copy_tree,
     hookimpl,
+    native_code_for,
     runtime_fed_matmuls,
     write_json_atomic,
 )
@@ -252,15 +253,16 @@ def accuracy_level(request: ConvertRequest) -> int:
 
 
 def why_no_kernel(request: ConvertRequest) -> str:
-    if request.target != "native":
+    if not native_code_for(request.target):
         return f"target {request.target}: no native code"
     return gguf_kernel.why_not() or "not at this accuracy level"
 
 
 def kernel_for(request: ConvertRequest) -> Path | None:
     """The GGUF kernel library a build of request carries: where it asks for integer compute, for this machine's
-    native code (target "native"), and the kernel builds and runs here; else None (MatMulNBits, portable)."""
-    if accuracy_level(request) < INTEGER_ACTIVATIONS or request.target != "native":
+    native code (target "native" or this machine's platform), and the kernel builds and runs here; else None
+    (MatMulNBits, portable)."""
+    if accuracy_level(request) < INTEGER_ACTIVATIONS or not native_code_for(request.target):
         return None
     return gguf_kernel.library()
 

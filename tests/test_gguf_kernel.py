@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from slmops import convert
+from slmops import convert, machine
 from slmops.plugins import gguf_blocks, gguf_kernel, gguf_native, gptq
 from slmops.roles import ConvertRequest
 
@@ -300,4 +300,12 @@ def test_the_portable_target_carries_no_native_code(tiny_llama, cli_here):
     r = cli_here("convert", tiny_llama, "--precision", "int8", "--target", "portable")
     assert r.rc == 0 and "portable: no native code, runs wherever ONNX Runtime GenAI runs" in r.out, r
     bad = cli_here("convert", tiny_llama, "--precision", "int8", "--target", "arm")
-    assert bad.rc == 2 and "Invalid value for '--target'" in bad.err
+    assert bad.rc == 2 and "Invalid value for '--target'" in bad.err and "linux-aarch64" in bad.err
+
+    # A named target: native code where it is this machine's platform, the portable graph for another one.
+    other = next(t for t in machine.NAMED_TARGETS if t != machine.this_target())
+    foreign = convert.convert(str(tiny_llama), {"precision": "int8", "target": other})
+    assert not foreign.manifest.get("requires") and not list(foreign.path.glob("*.so"))
+    assert foreign.manifest["options"]["target"] == other and foreign.path not in (native.path, portable.path)
+    own = convert.convert(str(tiny_llama), {"precision": "int8", "target": machine.this_target()})
+    assert (own.path / gguf_kernel.LIBRARY).is_file() and own.manifest["requires"] == native.manifest["requires"]
