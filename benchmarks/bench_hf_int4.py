@@ -31,9 +31,14 @@ import llama_cpp_quants  # noqa: E402
 from bench_quality import llama_cpp, ort_speed, prompt_tokens  # noqa: E402 (the same measurements as the GGUF bench)
 from float_sources import SEED, dithered, finetuned, make_domain  # noqa: E402
 
+Q5_BUDGET = "int4 gptq within Q5_K_M's bytes (deploy's next candidate)"
 BUILDS = [
     ("fp32", {"precision": "fp32"}),
     ("int4 gptq (default for float sources)", {"precision": "int4", "algorithm": "gptq"}),
+    (
+        Q5_BUDGET,
+        {"precision": "int4", "algorithm": "gptq", "plugin_options": {"gptq": {"budget": "Q5_K_M"}}},
+    ),
     ("int4 gptq, float activations", {"precision": "int4", "algorithm": "gptq", "accuracy_level": 1}),
     ("int4 imatrix", {"precision": "int4", "algorithm": "imatrix", "symmetric": False}),
     (
@@ -69,6 +74,7 @@ FINETUNE_BUILDS = [
     in {
         "fp32",
         "int4 gptq (default for float sources)",
+        Q5_BUDGET,
         "int4 imatrix",
         "int4 rtn_last asym (builder)",
         "int8 q8_0 (default for float sources)",
@@ -78,7 +84,10 @@ OWN_CALIBRATION = "int4 gptq, calibrated on the fine-tune's training rows"
 
 
 SWEEP, SWEEP_NEW = (16, 128, 512), 64  # decode speed after prompts of these lengths (issue 28: >= 1.2x llama.cpp)
-SWEPT = ("int4 gptq (default for float sources)", llama_cpp_quants.ANCHOR)
+# llama.cpp's Q4_K_M + imatrix file converted by slmops with its own blocks (the GGUF kernel holds Q4_K and Q6_K):
+# what a user who already has that file deploys
+OWN_BLOCKS = f"slmops on the {llama_cpp_quants.ANCHOR} file"
+SWEPT = ("int4 gptq (default for float sources)", OWN_BLOCKS, llama_cpp_quants.ANCHOR)
 
 
 def parameters(checkpoint: Path) -> int:
@@ -149,6 +158,9 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
             llama = llama_cpp_quants.quants(source, llama_cpp_quants.calibration_file())
         except RuntimeError as e:  # a tool that cannot be built or run here: said in the output, the rest goes on
             print(f"  llama.cpp rows skipped: {e}")
+    if llama_cpp_quants.ANCHOR in llama:
+        options = {"precision": "int4", "algorithm": "gguf"}
+        builds[OWN_BLOCKS] = convert.convert(str(llama[llama_cpp_quants.ANCHOR]), options).path
     fp32 = Session(builds["fp32"])
     candidates = {label: Session(path).logits for label, path in builds.items()}
     runners = {label: llama_cpp(path) for label, path in llama.items()}
@@ -203,9 +215,11 @@ def table(title: str, rows: list[dict]) -> None:
             line = " ".join(f"{v:>7.1f}" for v in speeds)
             slowdown = speeds[0] / speeds[-1]
             print(f"  {r['build']:<42} {line}   {SWEEP[0]} -> {SWEEP[-1]}: {slowdown:.2f}x slower")
-        if len(swept) == 2:
-            a, b = swept
-            print("  " + f"{'ratio':<42} " + " ".join(f"{a['decode'][n] / b['decode'][n]:>6.2f}x" for n in SWEEP))
+        base = next((r for r in swept if r["build"] == llama_cpp_quants.ANCHOR), None)
+        for r in swept if base else []:
+            if r is not base:
+                ratios = " ".join(f"{r['decode'][n] / base['decode'][n]:>6.2f}x" for n in SWEEP)
+                print(f"  {'x llama.cpp: ' + r['build']:<42} {ratios}")
 
 
 def main() -> None:

@@ -158,7 +158,7 @@ def compare_precisions(
             builds[label] = (
                 conv.reference(source, base_options)
                 if opts["precision"] == "fp32"
-                else conv.convert(source, {**base_options, **opts})
+                else conv.convert(source, conv.candidate_options(base_options, opts))
             )
         except NoImplementation as e:  # e.g. int4 gguf for a checkpoint source
             skipped.append({"build": label, "why": str(e)})

@@ -112,7 +112,9 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Qual
             build = (
                 reference
                 if extra["precision"] == "fp32"
-                else conv.convert(source, {**base_options, **extra}, backend, quantizer_name=quantizer)
+                else conv.convert(
+                    source, conv.candidate_options(base_options, extra), backend, quantizer_name=quantizer
+                )
             )
         except NoImplementation:  # e.g. rtn_last with a LoRA kept as an adapter file: no plugin builds it
             tried.append({"build": label, "chosen": "cannot be built with these options"})

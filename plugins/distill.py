@@ -158,3 +158,52 @@ def distill(
         "held_out_kl": [float(f"{before:.4g}"), float(f"{after:.4g}")],
         "seconds": round(time.perf_counter() - started),
     }
+
+
+def fisher(
+    source_dir: Path,
+    matrices: dict[str, np.ndarray],
+    tokens: list[int],
+    threads: int | None = None,
+    show: Callable[[int, int, str], None] | None = None,
+) -> dict[str, np.ndarray] | str:
+    """How much each weight moves the source's next-token distributions: the diagonal of its Fisher information,
+    E[g^2] of the log-likelihood's gradient with next tokens sampled from the source itself, one window of the
+    calibration tokens at a time. Half of sum(F * dW^2) is, to second order, the KL a change dW of the weights costs,
+    the same unit for every weight (a layer's output error is not: it says nothing of what the layers after it
+    make of it). Returns ONNX weight name -> F [rows, cols], or why it could not (a model transformers cannot load, a
+    weight not in the checkpoint)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    try:  # a model transformers cannot load without its remote code: ranked by output error instead, not run
+        model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        return f"transformers cannot load the source ({' '.join(str(e).split())[:120]})"
+    model.eval()
+    where = locate(model, matrices)
+    missing = matrices.keys() - {name for name, _ in where.values()}
+    if missing:
+        return f"{len(missing)} weights not found in the checkpoint (e.g. {min(missing)})"
+    seen, params = set(), {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if pname in where and id(p) not in seen:  # a tied embedding and lm_head: one parameter, counted once
+            seen.add(id(p))
+            params[pname] = p
+    out = {name: np.zeros(m.shape, dtype=np.float32) for name, m in matrices.items()}
+    windows = [tokens[i : i + WINDOW] for i in range(0, max(len(tokens) - WINDOW, 0) + 1, WINDOW)]
+    for i, ids in enumerate(windows):
+        model.zero_grad(set_to_none=True)
+        logits = model(torch.tensor([ids])).logits[0]
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+        torch.nn.functional.cross_entropy(logits, sampled, reduction="sum").backward()
+        for pname, p in params.items():
+            name, start = where[pname]
+            out[name][start : start + p.shape[0]] += (p.grad.detach() ** 2).numpy() / len(windows)
+        if show:
+            show(i + 1, len(windows), "windows of the source's sensitivity")
+    return out

@@ -8,7 +8,7 @@ SmolLM2 against torch (docs/user-guide.md, section 2):
 - Bits where they count: each weight takes one of llama.cpp's block forms of 32: 4-bit or 5-bit codes with a fp16
   scale (Q4_0 / Q5_0) or a scale and a minimum (Q4_1 / Q5_1), or 8-bit (Q8_0). All start at the smallest; the change
   that removes the most output error (measured on the calibration text, relative to the output) per byte is taken
-  while the bytes stay within what llama.cpp's Q4_K_M takes for the same model (its rules, `q4_k_m_bytes`): the same
+  while the bytes stay within what llama.cpp's Q4_K_M takes for the same model (its rules, `recipe_bytes`): the same
   budget, spent by measurement rather than by tensor name.
 - The fp16 scale and minimum are what the fit sees, so slmops's GGUF kernel holds the blocks exactly and applies the
   minimum and each MatMul's activation outlier channels (kept in float, as for a GGUF source) inside the kernel.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -65,10 +66,18 @@ HEAD_FORM = "q5_0"
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (GPTQ's default)
 STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
-# llama.cpp's bytes per weight of the types its Q4_K_M uses, and the type a K-quant falls back to when a row is not a
-# whole number of 256-weight super-blocks (llama-quant.cpp: Q4_K -> Q5_0, Q6_K -> Q8_0).
-GGML_BYTES = {"Q4_K": 144 / 256, "Q6_K": 210 / 256, "Q5_0": 22 / 32, "Q8_0": 34 / 32}
-FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+# llama.cpp's bytes per weight of the types its Q4_K_M and Q5_K_M use, and the type a K-quant falls back to when a row
+# is not a whole number of 256-weight super-blocks (llama-quant.cpp: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0).
+GGML_BYTES = {
+    "Q4_K": 144 / 256,
+    "Q5_K": 176 / 256,
+    "Q6_K": 210 / 256,
+    "Q5_0": 22 / 32,
+    "Q5_1": 24 / 32,
+    "Q8_0": 34 / 32,
+}
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+RECIPES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}  # llama.cpp's recipe -> the type of the weights it does not promote
 
 
 def centre(form: str) -> int:
@@ -213,14 +222,15 @@ def allocate(
         chosen[name], used = to, used + cost
 
 
-def q4_k_m_bytes(name: str, rows: int, cols: int, layers: int) -> float:
-    """The bytes llama.cpp's Q4_K_M gives this weight [rows = outputs, cols = inputs] (llama-quant.cpp): Q6_K for the
-    output layer (a tied embedding is one), and for attn_v and ffn_down in the layers use_more_bits picks; Q4_K
-    otherwise; a row that is not whole super-blocks of 256 falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+def recipe_bytes(name: str, rows: int, cols: int, layers: int, recipe: str = "Q4_K_M") -> float:
+    """The bytes llama.cpp's Q4_K_M (or Q5_K_M) gives this weight [rows = outputs, cols = inputs] (llama-quant.cpp):
+    Q6_K for the output layer (a tied embedding is one), and for attn_v and ffn_down in the layers use_more_bits
+    picks; Q4_K (Q5_K) otherwise; a row that is not whole super-blocks of 256 falls back (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0)."""
     layer = re.search(r"layers\.(\d+)\.", name)
     i = int(layer.group(1)) if layer else -1
     more_bits = i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
-    kind = "Q4_K"
+    kind = RECIPES[recipe]
     if "lm_head" in name or "embed" in name or (more_bits and ("v_proj" in name or "down_proj" in name)):
         kind = "Q6_K"
     if cols % 256:
@@ -255,6 +265,15 @@ class GPTQOptions(PluginOptions):
     )
     learned_scales_rate: float = Field(
         distill.RATE, gt=0, le=0.01, description="learning rate of the scales (a step moves a scale by about it)"
+    )
+    budget: Literal["Q4_K_M", "Q5_K_M"] = Field(
+        "Q4_K_M", description="the llama.cpp recipe whose bytes for the same model the chosen forms stay within"
+    )
+    sensitivity: Literal["output", "fisher"] = Field(
+        "output",
+        description="what ranks the forms under the byte budget: each layer's own output error, or the source's "
+        "Fisher information (the KL each weight's rounding costs the whole model on the calibration text; a backward "
+        "pass per 512 tokens: better on a general model, worse on a confident fine-tune)",
     )
 
 
@@ -297,14 +316,18 @@ class GPTQ(Quantizer):
         text = calibration_text(request.calibration) if request.calibration else None
         decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
         matrices = weights_of(fp32_dir)
-        if options.learned_scales:  # refused now, not after the rounding
-            need_extra("torch", "learning the scales (gptq.learned_scales)")
+        asked = ["gptq.learned_scales"] if options.learned_scales else []
+        asked += ["gptq.sensitivity=fisher"] if options.sensitivity == "fisher" else []
+        if asked:  # refused now, not after the rounding
+            need_extra("torch", "learning the scales (gptq.learned_scales) or the source's sensitivity")
             need, allowed = distill.memory_needed(matrices), available_memory()
             if need > allowed:
                 raise SlmopsError(
-                    f"learning the scales of this model takes about {need / 1e9:.1f} GB and this process may use "
-                    f"{allowed / 1e9:.1f} GB: build without --option gptq.learned_scales, or with more memory"
+                    f"learning the scales or the sensitivity of this model takes about {need / 1e9:.1f} GB and this "
+                    f"process may use {allowed / 1e9:.1f} GB: build without --option {' or '.join(asked)}, or with "
+                    "more memory"
                 )
+        ranking = options.sensitivity
         inputs = {w: x for w, x in calibration.matmul_inputs(fp32_dir).items() if w in matrices}
         groups = hessian_groups(inputs, {w: matrices[w].shape[1] for w in inputs}, statistics_budget(fp32_dir))
 
@@ -313,18 +336,27 @@ class GPTQ(Quantizer):
 
         level = gguf_native.accuracy_level(request)
         kernel = gguf_native.kernel_for(request)
-        plan = Plan(decoder, extra=carried_bytes(fp32_dir, matrices, kernel))
+        plan = Plan(decoder, extra=carried_bytes(fp32_dir, matrices, kernel), recipe=options.budget)
+        sensitivity = {}
+        if ranking == "fisher":
+            tokens = calibration.calibration_tokens(fp32_dir, text)
+            found = distill.fisher(request.source_dir, matrices, tokens, allowed_cpus(), progress_count)
+            if isinstance(found, str):  # said in the report; the layers' own output error ranks the forms instead
+                ranking = f"output (fisher: {found})"
+            else:
+                sensitivity = found
         # Measure every weight's output error in each form (its group's H in memory), choose the forms under the
         # budget, then round each in its form: H kept where all of it fits in one group, measured again otherwise.
         kept, importance = {}, {}
         for group in groups:
             hessians = hessians_of(group)
             for name in group:
-                plan.measure(name, matrices[name], hessians[name])
+                plan.measure(name, matrices[name], hessians[name], sensitivity.get(name))
                 importance[name] = np.diag(hessians[name]).copy()
             kept = hessians if len(groups) == 1 else {}
         for name in matrices.keys() - inputs.keys():  # an embedding table of its own: no input to measure
-            plan.measure(name, matrices[name], None)
+            plan.measure(name, matrices[name], None, sensitivity.get(name))
+        del sensitivity
         plan.choose()
         forms = {name: plan.forms(name, matrices[name], None) for name in matrices.keys() - inputs.keys()}
         for group in groups:
@@ -350,10 +382,12 @@ class GPTQ(Quantizer):
         report = {
             **self.report(request, channels, kernel),
             "forms": plan.chosen,
+            "budget": options.budget,
             "budget_bytes": round(plan.budget),
             "bytes": round(plan.used()),
             "floor_bytes": round(plan.used(plan.floor)),  # the least it can take: over the budget of a tiny model
             "statistics_groups": len(groups),
+            "sensitivity": ranking,
             **({"learned_scales": learned} if learned else {}),
         }
         gguf_native.write_blocks(
@@ -392,8 +426,9 @@ class Plan:
     """The form of every weight: each weight's output error measured in every form, then the forms chosen once all
     are measured (allocate), then its blocks rounded in those forms (forms)."""
 
-    def __init__(self, decoder: dict, extra: float = 0.0):
+    def __init__(self, decoder: dict, extra: float = 0.0, recipe: str = "Q4_K_M"):
         self.decoder = decoder
+        self.recipe = recipe  # the llama.cpp recipe whose bytes are the budget
         self.extra = extra  # what the folder carries beyond the weights, more than a GGUF file does
         self.errors: dict[str, dict[int, float]] = {}
         self.chosen: dict[str, int] = {}
@@ -401,19 +436,28 @@ class Plan:
         self.sizes: dict[str, int] = {}
         self.budget = 0.0
 
-    def measure(self, name: str, matrix: np.ndarray, h: np.ndarray | None) -> None:
-        """The output error of each part of the weight (q, k, v of a packed one) in every form, and its bytes in
-        llama.cpp's Q4_K_M."""
+    def measure(
+        self, name: str, matrix: np.ndarray, h: np.ndarray | None, sensitivity: np.ndarray | None = None
+    ) -> None:
+        """The error of each part of the weight (q, k, v of a packed one) in every form, and its bytes in llama.cpp's
+        recipe. The error: sum(F * dW^2) where the source's Fisher information F is given (sensitivity, the
+        weight's shape: the KL the rounding costs the model), else the layer's own relative output error."""
         layers = self.decoder["num_hidden_layers"]
         for part, start, end in split_qkv(name, matrix.shape[0], self.decoder):
             rows = np.ascontiguousarray(matrix[start:end], dtype=np.float32)
             self.sizes[part] = rows.size
-            self.budget += q4_k_m_bytes(part, *rows.shape, layers)
-            if h is None:  # no measurement (an embedding of its own): error falls with the bits
+            self.budget += recipe_bytes(part, *rows.shape, layers, self.recipe)
+            imp = None if h is None else np.diag(h)
+            if sensitivity is not None:
+                f_rows = sensitivity[start:end]
+                self.errors[part] = {
+                    f: float((f_rows * (rows - rounded(rows, imp, f).dequantize()) ** 2).sum(dtype=np.float64))
+                    for f in CHOICES
+                }
+            elif h is None:  # no measurement (an embedding of its own): error falls with the bits
                 self.errors[part] = {f: 1.0 / 2 ** (FORMS[f][0] + FORMS[f][1]) for f in CHOICES}
-                continue
-            imp = np.diag(h)
-            self.errors[part] = {f: output_error(rows, rounded(rows, imp, f).dequantize(), h) for f in CHOICES}
+            else:
+                self.errors[part] = {f: output_error(rows, rounded(rows, imp, f).dequantize(), h) for f in CHOICES}
 
     def choose(self) -> None:
         self.floor = {n: HEAD_FORM for n in self.sizes if keeps_more_bits(n)}

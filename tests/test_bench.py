@@ -134,6 +134,7 @@ def test_compare_recommends_the_smallest_build_that_passes(tiny_llama):
         "fp32",
         "int8",
         "int4 gptq",
+        "int4 gptq, Q5_K_M bytes",
         "int4 imatrix",
         "int4 rtn sym",
         "int4 rtn sym block 16",

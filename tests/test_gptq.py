@@ -105,13 +105,17 @@ def test_allocation_spends_the_budget_where_the_error_is():
     assert gptq.BYTES[floored["b"]] >= gptq.BYTES["q5_0"]
 
 
-def test_budget_is_what_llama_cpp_q4_k_m_gives_each_weight():
-    mb = lambda name, rows, cols: gptq.q4_k_m_bytes(name, rows, cols, 30) / (rows * cols)  # noqa: E731
+def test_budget_is_what_llama_cpp_q4_k_m_or_q5_k_m_gives_each_weight():
+    mb = lambda name, rows, cols: gptq.recipe_bytes(name, rows, cols, 30) / (rows * cols)  # noqa: E731
     assert mb("model.layers.10.mlp.down_proj.MatMul.weight", 576, 1536) == 144 / 256  # Q4_K: 1536 = 6 x 256
     assert mb("model.layers.0.mlp.down_proj.MatMul.weight", 576, 1536) == 210 / 256  # use_more_bits: Q6_K
     assert mb("model.layers.10.mlp.up_proj.MatMul.weight", 1536, 576) == 22 / 32  # 576 rows: Q4_K falls back to Q5_0
     assert mb("model.layers.0.attn.v_proj.MatMul.weight", 192, 576) == 34 / 32  # Q6_K falls back to Q8_0
     assert mb("lm_head.MatMul.weight", 49152, 2048) == 210 / 256  # the output layer: Q6_K
+    q5 = lambda name, rows, cols: gptq.recipe_bytes(name, rows, cols, 30, "Q5_K_M") / (rows * cols)  # noqa: E731
+    assert q5("model.layers.10.mlp.down_proj.MatMul.weight", 576, 1536) == 176 / 256  # Q5_K_M: Q5_K
+    assert q5("model.layers.10.mlp.up_proj.MatMul.weight", 1536, 576) == 24 / 32  # Q5_K falls back to Q5_1
+    assert q5("model.layers.0.mlp.down_proj.MatMul.weight", 576, 1536) == 210 / 256  # use_more_bits: Q6_K
     parts = gptq.split_qkv("model.layers.3.attn.qkv_proj.MatMul.weight", 960, {
         "num_attention_heads": 9, "num_key_value_heads": 3, "head_size": 64})  # fmt: skip
     assert [p[1:] for p in parts] == [(0, 576), (576, 768), (768, 960)] and parts[2][0].endswith("v_proj.MatMul.weight")
@@ -283,6 +287,89 @@ def test_learned_scales_bring_the_rounded_model_closer_to_its_source(tmp_path, d
     assert any(not np.array_equal(runs[0][2].scales, scales[n]) for n, runs in forms.items())
 
 
+def test_fisher_sensitivity_says_where_a_change_of_the_weights_costs_the_model(
+    tmp_path, default_checkpoint, monkeypatch
+):
+    # gptq.sensitivity=fisher ranks the forms by sum(F * dW^2), so F must say where the weights matter: the same small
+    # change costs the model (KL against its own outputs) several times more on a weight's most sensitive entries by F
+    # than on its least sensitive ones.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmops.plugins import distill
+
+    from .conftest import build_tiny
+
+    tiny = build_tiny(tmp_path / "peaked", default_checkpoint, "llama", initializer_range=0.2)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    matrices = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if p.ndim == 2}
+    text = "Invoice 4471 from Acme Ltd, due 2026-01-31, total 1,250.00 EUR, paid by transfer. " * 40
+    monkeypatch.setattr(distill, "WINDOW", 128)
+    tokens = calibration.calibration_tokens(tiny, text)
+    sensitivity = distill.fisher(tiny, matrices, tokens)
+    assert sensitivity.keys() == matrices.keys()
+    assert all(f.shape == matrices[n].shape and (f >= 0).all() and f.any() for n, f in sensitivity.items())
+
+    x = torch.tensor([tokens[:128]])
+    with torch.no_grad():
+        source = torch.log_softmax(model(x).logits, -1)
+
+    def kl_after_change(name: str, entries: np.ndarray) -> float:
+        p = model.get_parameter(name)
+        saved = p.detach().clone()
+        change = np.zeros(p.shape, dtype=np.float32)
+        change.flat[entries] = 0.05 * np.random.default_rng(0).choice([-1, 1], len(entries))
+        with torch.no_grad():
+            p += torch.from_numpy(change)
+            got = torch.log_softmax(model(x).logits, -1)
+            p.copy_(saved)
+        return float((source.exp() * (source - got)).sum(-1).mean())
+
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        order = np.argsort(sensitivity[name], axis=None)
+        count = order.size // 50
+        most, least = kl_after_change(name, order[-count:]), kl_after_change(name, order[:count])
+        assert most > 3 * least, (name, most, least)  # at random entries: about 1x
+
+
+def test_a_build_ranked_by_fisher_sensitivity_stays_within_the_budget(tiny_qwen2):
+    # --option gptq.sensitivity=fisher: another build, said in slmops-quantization.json, within Q4_K_M's bytes; the
+    # default ranks by each layer's output error.
+    plain = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "gptq"})
+    options = {"precision": "int4", "algorithm": "gptq", "plugin_options": {"gptq": {"sensitivity": "fisher"}}}
+    ranked = convert.convert(str(tiny_qwen2), options)
+    assert ranked.path != plain.path and ranked.verification["ok"]
+    report = json.loads((ranked.path / gguf_native.REPORT).read_text())
+    assert report["sensitivity"] == "fisher"
+    assert report["bytes"] <= max(report["budget_bytes"], report["floor_bytes"])
+    assert json.loads((plain.path / gguf_native.REPORT).read_text())["sensitivity"] == "output"
+
+
+def test_a_q5_k_m_budget_spends_more_bytes_on_less_error():
+    # --option gptq.budget=Q5_K_M (deploy's next candidate): the bytes llama.cpp's Q5_K_M gives the same weights, so
+    # wider forms and less error than within Q4_K_M's, and still within its budget. (The tiny test models are over
+    # either budget with their 3.5 MB tokenizer, so this plans 8 layers of 256-wide weights directly.)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 256)).astype(np.float32) * np.linspace(0.2, 3, 256, dtype=np.float32)
+    h = x.T @ x / len(x)
+    weights = {
+        f"model.layers.{i}.mlp.{kind}.MatMul.weight": rng.standard_normal((64, 256)).astype(np.float32)
+        for i in range(8)
+        for kind in ("up_proj", "down_proj")
+    }
+    plans = {}
+    for recipe in ("Q4_K_M", "Q5_K_M"):
+        plan = plans[recipe] = gptq.Plan({"num_hidden_layers": 8}, recipe=recipe)
+        for name, matrix in weights.items():
+            plan.measure(name, matrix, h)
+        plan.choose()
+    small, large = plans["Q4_K_M"], plans["Q5_K_M"]
+    assert large.budget == sum(gptq.recipe_bytes(n, 64, 256, 8, "Q5_K_M") for n in weights) > small.budget
+    assert small.used() <= small.budget and small.used() < large.used() <= large.budget
+    error = lambda plan: sum(plan.errors[n][f] for n, f in plan.chosen.items())  # noqa: E731
+    assert error(large) < error(small)
+
+
 def test_a_build_with_learned_scales_holds_them(tiny_qwen2):
     # --option gptq.learned_scales=N: another build, what it learned in slmops-quantization.json, still verified.
     plain = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "gptq"})
@@ -302,10 +389,14 @@ def test_a_build_with_learned_scales_holds_them(tiny_qwen2):
     assert any(not np.array_equal(held[name], before[name]) for name in held)  # the scales the graph holds moved
 
 
-def test_learned_scales_that_do_not_fit_in_memory_are_refused_before_the_rounding(tiny_qwen2, monkeypatch):
+@pytest.mark.parametrize("option", [{"learned_scales": 2}, {"sensitivity": "fisher"}])
+def test_learned_scales_or_fisher_that_do_not_fit_in_memory_are_refused_before_the_rounding(
+    tiny_qwen2, monkeypatch, option, tmp_path
+):
+    monkeypatch.setenv("SLMOPS_HOME", str(tmp_path))  # not a build another test made already
     monkeypatch.setattr(gptq, "available_memory", lambda: 1 << 20)  # 1 MB left to this process
     monkeypatch.setattr(gptq, "statistics_budget", lambda fp32_dir: 1 << 30)
     monkeypatch.setattr(gptq.Plan, "measure", lambda *a: pytest.fail("measured before refusing"))
-    options = {"precision": "int4", "algorithm": "gptq", "plugin_options": {"gptq": {"learned_scales": 2}}}
-    with pytest.raises(SlmopsError, match="learning the scales of this model takes about .* GB and this process may"):
+    options = {"precision": "int4", "algorithm": "gptq", "plugin_options": {"gptq": option}}
+    with pytest.raises(SlmopsError, match="learning the scales or the sensitivity of this model takes about .* GB"):
         convert.convert(str(tiny_qwen2), options)
