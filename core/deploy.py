@@ -5,6 +5,7 @@ reuses the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -96,9 +97,10 @@ def deploy(cfg: Config, ask: str | None = None) -> Deployment:
 
 def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Quality, list[dict[str, Any]]]:
     """(chosen build, its quality against the fp32 reference, table of what was tried). Auto: the smallest
-    candidate that passes the gate."""
+    candidate that passes the gate, the domain set's checks included where one is given."""
     source, backend, quantizer = cfg.get("model.source"), cfg.get("convert.backend"), cfg.get("convert.quantizer")
     v = cfg.section("validate")
+    domain = Path(v["domain"]) if v["domain"] else None
     reference = conv.reference(source, base_options, backend)
     if cfg.get("convert.precision") != "auto":
         build = conv.convert(source, base_options, backend, cfg.get("convert.output") or None, quantizer)
@@ -129,12 +131,24 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Qual
         with progress.step(f"Measuring {label} against fp32"):
             q = measured_quality(build, reference)
         ok = q.passes(v["max_kld"], v["min_top1"])
-        tried.append(
-            {"build": label, "size_mb": build.output_bytes / 1e6, **q.to_json(), "chosen": "yes" if ok else "no"}
-        )
-        if ok:
+        failed_domain = []
+        if ok and domain:  # the domain set is part of the gate: a build that loses the task is not a good one
+            q = dataclasses.replace(q, domain=gate.domain_scores(build.path, reference.path, domain))
+            failed_domain = [c.check for c in gate.domain_checks(q.domain, v["max_structure_drop"]) if not c.ok]
+        row = {"build": label, "size_mb": build.output_bytes / 1e6, **quality_row(q)}
+        chosen = "yes" if ok and not failed_domain else f"no ({', '.join(failed_domain)})" if failed_domain else "no"
+        tried.append({**row, "chosen": chosen})
+        if chosen == "yes":
             return build, q, tried
     raise SlmopsError("no candidate passed the quality gate, not even fp32; loosen [validate] max_kld/min_top1")
+
+
+def quality_row(q: Quality) -> dict[str, Any]:
+    """A candidate's row in deploy's table: its quality and, where the domain set was scored, its accuracy."""
+    row = q.to_json()
+    if row.pop("domain", None):
+        row["domain_accuracy"] = q.domain["accuracy"]
+    return row
 
 
 def measured_quality(build: Build, reference: Build) -> Quality:

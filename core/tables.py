@@ -138,9 +138,10 @@ def validation(result: Validation) -> None:
 
 
 def deployment(result: Deployment) -> None:
+    domain = ["domain_accuracy"] if any("domain_accuracy" in row for row in result.tried) else []
     output.table(
         result.tried,
-        ["build", "size_mb", "mean_kld", "kld_p99", "top1_agreement", "perplexity", "chosen"],
+        ["build", "size_mb", "mean_kld", "kld_p99", "top1_agreement", "perplexity", *domain, "chosen"],
         title="builds tried",
     )
     validation(result.validation)

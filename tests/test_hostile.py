@@ -504,6 +504,39 @@ def test_auto_tries_the_next_candidate_when_a_route_fails(cli, tmp_path, tiny_ll
     assert "yes" in tried.values()
 
 
+def test_auto_passes_over_a_build_that_loses_the_domain_set(cli, tmp_path, tiny_llama):
+    # With --domain, deploy --precision auto deploys the smallest build that passes the KLD gate and the domain set:
+    # rows whose expected answer is what the fp32 source says (the source scores 1.0), where the tiny random model's
+    # quantized builds answer otherwise, so the gate alone (loose here) would take the first int4 and fail validation.
+    from slmops import domain as domain_set
+    from slmops.chat import OrtGenAIChat
+
+    fp32 = OrtGenAIChat(convert.reference(str(tiny_llama), {}).path)
+    words = ["river", "copper", "violin", "harbour", "lantern", "meadow", "glacier", "saffron", "compass", "orchard"]
+    rows = [
+        {"prompt": f"Write one sentence about a {w} and the number {i}.", "expected": ""} for i, w in enumerate(words)
+    ]
+    said = domain_set.score(fp32, rows)["results"]
+    rows = [{**row, "expected": r["answer"].strip()} for row, r in zip(rows, said, strict=True) if r["answer"].strip()]
+    assert len(rows) >= 6, said
+    path = tmp_path / "own-answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "fast.toml"
+    config.write_text(FAST_TOML)
+    r = cli(
+        "--config", config, "deploy", "--source", tiny_llama, "--name", "domain", "--registry-dir", tmp_path / "reg",
+        "--precision", "auto", "--max-kld", "100", "--min-top1", "0", "--domain", path, "--json", timeout=1800,
+    )  # fmt: skip
+    assert r.rc == 0, r
+    tried = r.json()["tried"]
+    chosen = [t for t in tried if t["chosen"] == "yes"]
+    assert len(chosen) == 1 and chosen[0] is tried[-1] and chosen[0]["domain_accuracy"] >= 0.98, tried
+    passed_over = [t for t in tried if t["chosen"].startswith("no (domain set accuracy")]
+    assert passed_over and all(t["domain_accuracy"] < 0.98 for t in passed_over), tried
+    gate = {c["check"]: c for c in r.json()["validation"]["checks"]}
+    assert gate["domain set accuracy"]["ok"], gate
+
+
 # -- 15. files that are not what they claim --------------------------------------------------------------------------
 def test_config_from_a_device_is_refused_at_once():
     r = bounded_cli("--config", "/dev/zero", "config")
