@@ -99,14 +99,18 @@ def quality_of(model_dir: Path, reference: Path, domain: Path | None = None) -> 
     return result
 
 
-def domain_scores(model_dir: Path, reference: Path, domain: Path) -> dict[str, Any]:
-    """The domain set scored on the build, with the source's shares (its fp32 build, same rows) under "source"."""
+def domain_scores(
+    model_dir: Path, reference: Path, domain: Path, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The domain set scored on the build, with the source's shares (its fp32 build, same rows) under "source"
+    (source: those shares already scored, as deploy's candidates share one reference)."""
     rows = quality.load_set(domain)
     with progress.step(f"Scoring the domain set {domain.name}"):
         scored = domain_set.score(OrtGenAIChat(model_dir), rows)
-    with progress.step(f"Scoring the domain set {domain.name} on the source, for comparison"):
-        source = domain_set.score(OrtGenAIChat(reference), rows)
-    scored["source"] = {k: v for k, v in source.items() if k != "results"}
+    if source is None:
+        with progress.step(f"Scoring the domain set {domain.name} on the source, for comparison"):
+            source = {k: v for k, v in domain_set.score(OrtGenAIChat(reference), rows).items() if k != "results"}
+    scored["source"] = source
     return scored
 
 

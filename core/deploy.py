@@ -108,7 +108,7 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Qual
             q = measured_quality(build, reference)
         row = {"build": base_options["precision"], "size_mb": build.output_bytes / 1e6, **q.to_json(), "chosen": "yes"}
         return build, q, [row]
-    tried = []
+    tried, source_scores = [], None
     for label, extra in conv.CANDIDATES:
         try:
             build = (
@@ -133,10 +133,11 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Qual
         ok = q.passes(v["max_kld"], v["min_top1"])
         failed_domain = []
         if ok and domain:  # the domain set is part of the gate: a build that loses the task is not a good one
-            q = dataclasses.replace(q, domain=gate.domain_scores(build.path, reference.path, domain))
+            scores = gate.domain_scores(build.path, reference.path, domain, source_scores)
+            q, source_scores = dataclasses.replace(q, domain=scores), scores["source"]  # the source scored once
             failed_domain = [c.check for c in gate.domain_checks(q.domain, v["max_structure_drop"]) if not c.ok]
         row = {"build": label, "size_mb": build.output_bytes / 1e6, **quality_row(q)}
-        chosen = "yes" if ok and not failed_domain else f"no ({', '.join(failed_domain)})" if failed_domain else "no"
+        chosen = f"no ({', '.join(failed_domain)})" if failed_domain else "yes" if ok else "no"
         tried.append({**row, "chosen": chosen})
         if chosen == "yes":
             return build, q, tried

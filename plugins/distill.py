@@ -96,6 +96,28 @@ class LearnedScales:
                         form.offsets = gguf_blocks.half((o0 + s0 * b).numpy())
 
 
+def windows_of(tokens: list[int]) -> list[list[int]]:
+    """The calibration tokens as whole windows of WINDOW (one, shorter, where there are fewer)."""
+    return [tokens[i : i + WINDOW] for i in range(0, max(len(tokens) - WINDOW, 0) + 1, WINDOW)]
+
+
+def load_source(source_dir: Path, matrices: dict[str, np.ndarray], threads: int | None):
+    """(the source checkpoint in torch, float32, eval mode; torch parameter -> (ONNX weight, first row) for each of
+    matrices), or why not: a weight the checkpoint does not hold as the graph does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
+    model.eval()
+    where = locate(model, matrices)
+    missing = matrices.keys() - {name for name, _ in where.values()}
+    if missing:
+        return f"{len(missing)} weights not found in the checkpoint (e.g. {min(missing)})"
+    return model, where
+
+
 def distill(
     source_dir: Path,
     matrices: dict[str, np.ndarray],
@@ -111,19 +133,15 @@ def distill(
     each in the checkpoint). The first window is held out and scored before and after. Returns what it measured."""
     import torch
     from torch.func import functional_call
-    from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
-    model.eval().requires_grad_(False)
     used = {n for n, runs in forms.items() if runs}
-    where = locate(model, {n: matrices[n] for n in used})
-    missing = used - {name for name, _ in where.values()}
-    if missing:  # a weight the checkpoint does not hold as the graph does: nothing learned, the blocks as rounded
-        return {"steps": 0, "why": f"{len(missing)} weights not found in the checkpoint (e.g. {min(missing)})"}
+    loaded = load_source(source_dir, {n: matrices[n] for n in used}, threads)
+    if isinstance(loaded, str):  # nothing learned, the blocks as rounded
+        return {"steps": 0, "why": loaded}
+    model, where = loaded
+    model.requires_grad_(False)
     learned = LearnedScales({n: forms[n] for n in used})
 
     def weights() -> dict:
@@ -138,7 +156,7 @@ def distill(
             got = torch.log_softmax(functional_call(model, weights(), (x,), tie_weights=False).logits, -1)
             return (target.exp() * (target - got)).sum(-1).mean()
 
-    windows = [tokens[i : i + WINDOW] for i in range(0, max(len(tokens) - WINDOW, 0) + 1, WINDOW)]
+    windows = windows_of(tokens)
     held, train = windows[0], windows[1:] or windows
     optimizer = torch.optim.Adam(learned.parameters(), lr=rate)
     before = float(kl(held, False))
@@ -174,27 +192,22 @@ def fisher(
     make of it). Returns ONNX weight name -> F [rows, cols], or why it could not (a model transformers cannot load, a
     weight not in the checkpoint)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    if threads:
-        torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     try:  # a model transformers cannot load without its remote code: ranked by output error instead, not run
-        model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
+        loaded = load_source(source_dir, matrices, threads)
     except (OSError, ValueError) as e:
         return f"transformers cannot load the source ({' '.join(str(e).split())[:120]})"
-    model.eval()
-    where = locate(model, matrices)
-    missing = matrices.keys() - {name for name, _ in where.values()}
-    if missing:
-        return f"{len(missing)} weights not found in the checkpoint (e.g. {min(missing)})"
+    if isinstance(loaded, str):
+        return loaded
+    model, where = loaded
     seen, params = set(), {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         if pname in where and id(p) not in seen:  # a tied embedding and lm_head: one parameter, counted once
             seen.add(id(p))
             params[pname] = p
     out = {name: np.zeros(m.shape, dtype=np.float32) for name, m in matrices.items()}
-    windows = [tokens[i : i + WINDOW] for i in range(0, max(len(tokens) - WINDOW, 0) + 1, WINDOW)]
+    windows = windows_of(tokens)
     for i, ids in enumerate(windows):
         model.zero_grad(set_to_none=True)
         logits = model(torch.tensor([ids])).logits[0]
