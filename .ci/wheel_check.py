@@ -1,6 +1,6 @@
 """make wheel-check: the built wheel in a clean virtual environment. `core`: installed without extras, it loads its
 plugins, doctor finds nothing that fails, and each command that needs an extra says which in one line.
-`all`: with every extra, every plugin loads and doctor passes."""
+`all`: with every extra and the kernel's wheel, every plugin loads, doctor passes and the kernel library loads."""
 
 from __future__ import annotations
 
@@ -42,3 +42,9 @@ if __name__ == "__main__":
         refused(["serve", "--port", "0"], "serve")
         assert "slmops[foundry]" in rows["registry foundry-local"]["detail"], rows
         assert rows["torch"]["status"] == "warn" and "slmops[torch]" in rows["torch"]["detail"], rows
+    else:  # with the kernel's wheel beside slmops's: the library in the clean environment, loaded, running its code
+        from slmops.plugins import gguf_kernel
+
+        library = gguf_kernel.installed()
+        assert library is not None and library.is_file(), "the slmops-kernel wheel carries no library"
+        print(f"kernel wheel: {library.name} for {gguf_kernel.built_for(library)}, runs {gguf_kernel.code(library)}")

@@ -35,8 +35,8 @@ def this_target() -> str | None:
 
 def native_code_for(target: str) -> bool:
     """Whether a build for target may carry native code built on this machine: for this machine ("native", or the
-    name of this machine's own platform). Another platform's build gets the portable graph: slmops compiles its kernel
-    on the machine that builds, for that machine."""
+    name of this machine's own platform). Another platform's build gets the portable graph: the kernel installed here
+    is this platform's."""
     return target == "native" or (target in NAMED_TARGETS and target == this_target())
 
 

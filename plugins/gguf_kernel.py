@@ -1,30 +1,32 @@
-"""slmops's kernel for a GGUF's own blocks: gguf_kernel.cc, an ONNX Runtime custom operator library compiled here once
-per machine (by the C++ compiler found; none: gguf-native writes MatMulNBits with float corrections instead).
+"""slmops's kernel for a GGUF's own blocks: kernel/gguf_kernel.cc, an ONNX Runtime custom operator library compiled
+once per platform into the slmops-kernel wheel (kernel/: CMake through scikit-build-core; `make install` installs it).
+Without that wheel slmops writes MatMulNBits with float corrections instead and says why.
 
 MatMulNBits has integer zero points only, so a Q4_1 block's float minimum costs it a float correction per projection
 (docs/architecture.md, "Speed"); MatMulGGML applies the minimum inside the kernel, as llama.cpp does, reading the
 weights as llama.cpp keeps them: Q4_0 to Q8_0, slmops's Q6_0, and the K-quants Q4_K, Q5_K and Q6_K (a fp16 scale per
 super-block of 256 times an integer one per sub-block: MatMulNBits, one float scale per block, holds d x sc in float32
-and Q6_K's 6-bit codes as 8-bit ones). The weights stay exactly the GGUF's: `form_of` reads back what `grouped` wrote."""
+and Q6_K's 6-bit codes as 8-bit ones). The weights stay exactly the GGUF's: `form_of` reads back what `grouped` wrote.
+
+The library chooses its code when loaded: AVX2 kernels on an x86-64 CPU with AVX2, FMA and F16C, portable ones (the
+same products, bit for bit) on any other CPU; so a folder that carries it runs on every CPU of its architecture."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
 import os
 import platform
 import shutil
-import subprocess
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from slmops.api import REQUIRES, home, lock, rename, write_json_atomic
+from slmops.api import REQUIRES, write_json_atomic
 from slmops.plugins import gguf_blocks
 
-SOURCE = "gguf_kernel.cc"
 LIBRARY = "libslmops_gguf.so"
 DOMAIN = "ai.slmops"
 MATMUL, GATHER = "MatMulGGML", "GatherGGML"
@@ -38,64 +40,66 @@ HIGH_BITS = {Q5_0: 1, Q5_1: 1, Q6_0: 2, Q5_K: 1, Q6_K: 2}  # code bits above the
 COLUMNS, BLOCK = 8, 32  # output columns interleaved per group; weights per block
 SUPER = gguf_blocks.SUPER_BLOCK  # a K-quant's super-block: 8 blocks
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
-CPU_FLAGS = ["avx2", "fma", "f16c"]
-# No -mavx2: the kernels carry their own target (gguf_kernel.cc), the rest stays baseline x86-64 so the CPU check
-# runs on any CPU. The C++ runtime is linked in, so the folder loads where no (or another) libstdc++ is installed.
-FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-static-libstdc++", "-static-libgcc"]
+PRETEND_CPU = "SLMOPS_KERNEL_CPU"  # "baseline": the library runs its portable code as on a CPU without AVX2 (tests)
+WHEEL = "slmops-kernel"
+
+
+def installed() -> Path | None:
+    """The library of the installed slmops-kernel wheel, or None."""
+    try:
+        import slmops_kernel
+    except ImportError:
+        return None
+    path = slmops_kernel.path()
+    return path if path.is_file() else None
 
 
 def why_not() -> str | None:
-    """Why this machine cannot build or run the kernel, or None if it can."""
+    """Why a build here gets no kernel, or None if it does."""
     if os.environ.get(SWITCH) == "0":
         return f"{SWITCH}=0"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the kernel is for x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    try:
-        flags = set(
-            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-        )
-    except (OSError, StopIteration):
-        return "cannot read the CPU's flags"
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    if not compiler():
-        return "no C++ compiler (c++, g++ or clang++; or $CXX)"
-    return None
-
-
-def compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+    path = installed()
+    if path is None:
+        return f"the {WHEEL} wheel is not installed (make install, or pip install ./kernel)"
+    if platform.system() != "Linux" or built_for(path) != normal_machine(platform.machine()):
+        return f"the installed kernel is for Linux {built_for(path)}, this is {platform.system()} {platform.machine()}"
+    if code(path) != "avx2":  # the library's own choice: its portable code is slower here than MatMulNBits
+        return "this CPU lacks AVX2, FMA or F16C, which the kernel's fast code needs"
     return None
 
 
 def library() -> Path | None:
-    """The compiled library, built once into the slmops home (named by its source and compiler), or None where this
-    machine cannot have it (why_not says why)."""
-    if why_not():
-        return None
-    source = resources.files("slmops.plugins").joinpath(SOURCE).read_bytes()
-    cxx = compiler()
-    version = _compiler_version(cxx)
-    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = home() / "kernels" / key / LIBRARY
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with lock(target):
-        if target.is_file():
-            return target
-        staged = target.parent / f".{LIBRARY}.{os.getpid()}"
-        code = target.parent / SOURCE
-        code.write_bytes(source)
-        done = subprocess.run([cxx, *FLAGS, "-o", str(staged), str(code), "-lpthread"], capture_output=True, text=True)
-        if done.returncode != 0:  # a compiler that cannot build it: the portable graph instead
-            staged.unlink(missing_ok=True)
-            return None
-        rename(staged, target)
-    return target
+    """The kernel library a build on this machine carries, or None (why_not says why)."""
+    return None if why_not() else installed()
+
+
+def normal_machine(name: str) -> str:
+    return {"AMD64": "x86_64", "arm64": "aarch64", "ARM64": "aarch64"}.get(name, name)
+
+
+def built_for(path: Path) -> str | None:
+    """The CPU architecture the library is built for (its ELF header)."""
+    import slmops_kernel
+
+    return slmops_kernel.machine(path)
+
+
+def code(path: Path) -> str:
+    """Which kernels the library runs on this CPU: "avx2" or "portable" (it asks the CPU itself; SLMOPS_KERNEL_CPU)."""
+    lib = ctypes.CDLL(str(path))
+    lib.SlmopsKernelCode.restype = ctypes.c_char_p
+    return lib.SlmopsKernelCode().decode()
+
+
+@functools.cache
+def _identity(path: str, size: int, mtime: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def identity(path: Path) -> str:
+    """The library's own bytes, hashed (asked once per file version): the build cache key holds it."""
+    st = path.stat()
+    return _identity(str(path), st.st_size, st.st_mtime_ns)
 
 
 # GGUF types whose blocks the kernel holds as they are
@@ -107,12 +111,6 @@ def takes(gguf_path: Path) -> bool:
     import gguf
 
     return any(len(t.shape) == 2 and t.tensor_type.name in TAKES for t in gguf.GGUFReader(str(gguf_path)).tensors)
-
-
-@functools.cache
-def _compiler_version(cxx: str) -> str:
-    """What `cxx --version` says, asked once per process (the cache key, graph_facts and quantize all ask)."""
-    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
 
 
 def ggml_type(form: gguf_blocks.BlockForm) -> int | None:
@@ -291,9 +289,9 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
 
 
 def graph_facts(library: Path) -> dict:
-    """What a build on this kernel holds, for the build cache key: its operator and which compiled library it carries
-    (named by its source, compiler and flags), so a folder carrying an older library is built anew, not reused."""
-    return {"ops": [MATMUL], "kernel": library.parent.name}
+    """What a build on this kernel holds, for the build cache key: its operator and which library it carries (its
+    bytes, hashed), so a folder carrying another library is built anew, not reused."""
+    return {"ops": [MATMUL], "kernel": identity(library)}
 
 
 def carry(library: Path, model_dir: Path) -> None:
@@ -303,7 +301,12 @@ def carry(library: Path, model_dir: Path) -> None:
     shutil.copyfile(library, model_dir / LIBRARY)
     write_json_atomic(
         model_dir / REQUIRES,
-        {"what": f"the slmops GGUF kernel ({LIBRARY})", "os": "Linux", "machine": ["x86_64"], "cpu_flags": CPU_FLAGS},
+        {
+            "what": f"the slmops GGUF kernel ({LIBRARY})",
+            "os": "Linux",
+            "machine": [built_for(library)],
+            "cpu_flags": [],
+        },
     )
     path = model_dir / "genai_config.json"
     config = json.loads(path.read_text())

@@ -12,7 +12,7 @@ calibration text, skip the int8 rounding: zeroed in what MatMulNBits reads, mult
 Both corrections are one small float product per projection: y += side @ [offsets; outlier rows], where the side
 [blocksum(inliers), outliers] is made once per input (docs/architecture.md: what each costs at decode).
 
-Where this machine can build slmops's GGUF kernel (gguf_kernel: x86-64 with AVX2 and a C++ compiler), the Q4_0, Q4_1,
+Where slmops's GGUF kernel runs (gguf_kernel: its wheel installed, x86-64 with AVX2), the Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0 weights, and the Q4_K, Q5_K, Q6_K ones whose rows are whole super-blocks of 256, go to it instead:
 MatMulGGML keeps llama.cpp's blocks (a K-quant's two-level scales as they are) and applies the minimum and the outlier
 channels inside the kernel, with no correction nodes."""

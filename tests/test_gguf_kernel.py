@@ -1,4 +1,4 @@
-"""The GGUF kernel (plugins/gguf_kernel.cc), compiled here: it computes what llama.cpp's int8-activation dot product
+"""The GGUF kernel (kernel/gguf_kernel.cc, the slmops-kernel wheel): it computes what llama.cpp's int8-activation dot product
 computes on the GGUF's own blocks, a build that uses it holds exactly the GGUF's weights (read back from the graph),
 and it runs through ONNX Runtime GenAI from the model folder alone."""
 

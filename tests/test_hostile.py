@@ -293,11 +293,28 @@ def test_json_output_has_no_bare_nan():
     }
 
 
-# -- 6. the kernel on a CPU it has no code for ------------------------------------------------------------------------
-def test_the_kernel_refuses_a_cpu_without_avx2_instead_of_dying(kernel_folder):
-    r = run_child(THREADS_CHILD, str(kernel_folder), env={"SLMOPS_KERNEL_CPU": "baseline"})
-    assert r.returncode not in (0, -4), r.stderr[-2000:]  # -4: SIGILL
-    assert "this CPU lacks AVX2, FMA or F16C" in r.stderr, r.stderr[-2000:]
+# -- 6. the kernel on a CPU without its fast code ---------------------------------------------------------------------
+LOGITS_CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import numpy as np
+    from slmops.plugins import gguf_kernel
+    from slmops.runtime import Session
+    np.save(sys.argv[2], Session(Path(sys.argv[1])).logits(list(range(1, 40))))
+    print(gguf_kernel.code(Path(sys.argv[1]) / gguf_kernel.LIBRARY))  # the code the folder's library chose
+""")
+
+
+def test_a_kernel_folder_runs_on_a_cpu_without_avx2_with_the_same_logits(kernel_folder, tmp_path):
+    """On a CPU without AVX2, FMA and F16C (faked: SLMOPS_KERNEL_CPU=baseline) the folder's library runs its portable
+    kernels, not an AVX2 instruction (SIGILL) nor a refusal: the same logits, bit for bit."""
+    fast = run_child(LOGITS_CHILD, str(kernel_folder), str(tmp_path / "fast.npy"))
+    slow = run_child(
+        LOGITS_CHILD, str(kernel_folder), str(tmp_path / "slow.npy"), env={"SLMOPS_KERNEL_CPU": "baseline"}
+    )
+    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr[-2000:] + slow.stderr[-2000:]
+    assert (fast.stdout.split(), slow.stdout.split()) == (["avx2"], ["portable"])
+    assert np.array_equal(np.load(tmp_path / "fast.npy"), np.load(tmp_path / "slow.npy"))
     ldd = subprocess.run(["ldd", str(kernel_folder / gguf_kernel.LIBRARY)], capture_output=True, text=True).stdout
     assert "libstdc++" not in ldd and "libgcc_s" not in ldd, ldd
 

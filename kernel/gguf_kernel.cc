@@ -1,22 +1,29 @@
-// slmops's ONNX Runtime custom operators for a GGUF's own blocks (plugins/gguf_kernel.py builds and uses them).
+// slmops's ONNX Runtime custom operators for a GGUF's own blocks (plugins/gguf_kernel.py writes the graphs that use
+// them; kernel/CMakeLists.txt builds this file into the slmops-kernel wheel, once per platform).
 //   MatMulGGML(x, w): y = x @ W^T, W kept as llama.cpp keeps it (Q4_1 / Q5_1: a fp16 scale and a fp16 minimum per 32
 //     weights, 4-bit / 5-bit codes; Q4_0 / Q5_0: a fp16 scale, codes centred on 8 / 16; Q8_0: a fp16 scale and 32
 //     int8; and slmops's own Q6_0, 6-bit codes centred on 32), so the weights are the GGUF's exactly and each block's
 //     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
 //     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
-// AVX2, FMA and F16C, checked when the library is registered: on a CPU without them registration fails with an error
-// the runtime reports (the kernels are compiled for those instructions alone, the rest of the library for the
-// baseline x86-64, so nothing runs an AVX2 instruction before the check). Threads: ONNX Runtime's own intra-op pool
-// (KernelContext_ParallelFor), so the session's thread setting covers the kernel, attention and everything else, and
-// the library starts no thread of its own.
+// Code: on x86-64, AVX2 kernels (compiled for AVX2, FMA and F16C alone, by a target pragma) where the CPU has those,
+// chosen when the library is registered; portable kernels otherwise and on every other architecture (ARM64), which
+// compute the same integer dot products and the same float operations in the same order, so every CPU gets the same
+// bits. Threads: ONNX Runtime's own intra-op pool (KernelContext_ParallelFor), so the session's thread setting covers
+// the kernel, attention and everything else, and the library starts no thread of its own.
 // Written against ONNX Runtime's C API by position (below): no ONNX Runtime headers needed.
+#if defined(__x86_64__) || defined(_M_X64)
+#define SLMOPS_X86 1
 #include <immintrin.h>
+#else
+#define SLMOPS_X86 0
+#endif
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -84,30 +91,8 @@ struct CustomOp {
 enum { kFloat = 1, kUint8 = 2, kInt64 = 7 };
 }  // namespace ort
 
-// ---- whether this CPU can run the kernels, asked before anything else runs (baseline x86-64 code) ----
-namespace limits {
-// Why this process cannot run the kernels ("" if it can).
-std::string check() {
-  const char* pretend = std::getenv("SLMOPS_KERNEL_CPU");  // "baseline": behave as on a CPU without AVX2 (tests)
-  const bool baseline = pretend && strcmp(pretend, "baseline") == 0;
-  __builtin_cpu_init();
-  if (baseline || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
-      !__builtin_cpu_supports("f16c"))
-    return "slmops GGUF kernel: this CPU lacks AVX2, FMA or F16C, which the kernel needs; rebuild the model on this "
-           "machine (slmops then writes the portable MatMulNBits graph)";
-  return "";
-}
-}  // namespace limits
-
-// The kernels are compiled for AVX2, FMA and F16C; they run only after limits::check() passed.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
 namespace {
+
 
 // ---- the kernels ----
 // Weights come in groups of 8 output columns, block by block, so one activation block is read once for 8 columns
@@ -155,13 +140,6 @@ constexpr size_t group_row_bytes(int64_t type, int k) {
   return is_k(type) ? (k / QK_K) * k_super_bytes(type) : (k / QK) * block_bytes(type);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One row of x, quantized: int8 per element, one scale per block of 32 and the block's sum (scale * sum of int8,
 // plus the outlier channels' own values). The outlier channels are zero in the int8 block (an outlier would set
 // its block's scale and flatten the rest) and kept in float in `outliers`, one value per channel.
@@ -170,21 +148,213 @@ struct Row { int8_t* q; float* scale; float* sum; float* outliers; };
 // The outlier channels of a MatMul, sorted.
 struct Channels { const int64_t* index = nullptr; int count = 0; };
 
+// ---- the portable kernels: plain C++, the same integer dot products and the same float operations in the same
+// order as the AVX2 ones lane by lane (explicit fma where they fuse, -ffp-contract=off elsewhere), so both give the
+// same bits. Used on a CPU without AVX2, FMA and F16C, and on every other architecture (ARM64: the compiler's NEON).
+
+// A fp16 field as float32 (exact; what F16C's conversion gives).
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000 | (mantissa << 13);  // infinity, NaN
+  } else if (exponent) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa) {  // subnormal: normalise
+    int e = -1;
+    uint32_t m = mantissa;
+    do {
+      ++e;
+      m <<= 1;
+    } while (!(m & 0x400));
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FF) << 13);
+  } else {
+    bits = sign;
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Block b of x to quantize: x itself, or where outlier channels (from `next` on) fall in it, a copy in `inliers` with
+// them zeroed, their values kept in r.outliers and added to outliers_sum.
+inline const float* block_inliers(const float* x, int b, Row r, const Channels& channels, int& next, float* inliers,
+                                  float& outliers_sum) {
+  const float* v = x + b * QK;
+  if (next < channels.count && channels.index[next] < (b + 1) * QK) {
+    memcpy(inliers, v, sizeof(float) * QK);
+    for (; next < channels.count && channels.index[next] < (b + 1) * QK; ++next) {
+      const int64_t c = channels.index[next];
+      r.outliers[next] = x[c];
+      outliers_sum += x[c];
+      inliers[c - b * QK] = 0.f;
+    }
+    return inliers;
+  }
+  return v;
+}
+
+namespace portable {
+
 void quantize_row(const float* x, int k, Row r, const Channels& channels) {
   int next = 0;  // the first outlier channel not yet passed
   for (int b = 0; b < k / QK; ++b) {
-    const float* v = x + b * QK;
     float inliers[QK], outliers_sum = 0.f;
-    if (next < channels.count && channels.index[next] < (b + 1) * QK) {
-      memcpy(inliers, v, sizeof(inliers));
-      for (; next < channels.count && channels.index[next] < (b + 1) * QK; ++next) {
-        const int64_t c = channels.index[next];
-        r.outliers[next] = x[c];
-        outliers_sum += x[c];
-        inliers[c - b * QK] = 0.f;
-      }
-      v = inliers;
+    const float* v = block_inliers(x, b, r, channels, next, inliers, outliers_sum);
+    float amax = 0.f;
+    for (int e = 0; e < QK; ++e) amax = std::max(amax, std::fabs(v[e]));
+    const float id = amax > 0 ? 127.f / amax : 0.f;
+    r.scale[b] = amax / 127.f;
+    int total = 0;
+    for (int e = 0; e < QK; ++e) {
+      const int q = (int)std::nearbyint(v[e] * id);  // to nearest, ties to even: as cvtps_epi32
+      total += q;
+      r.q[b * QK + e] = (int8_t)std::min(127, std::max(-128, q));
     }
+    r.sum[b] = r.scale[b] * (float)total + outliers_sum;
+  }
+}
+
+// Code e (0..31) of column c in a block: the low nibble, then the fifth and sixth bits from their 32-bit planes.
+inline int code(const uint8_t* nibbles, const uint8_t* planes, int high_bits, int e) {
+  int q = e < 16 ? (nibbles[e] & 0x0F) : (nibbles[e - 16] >> 4);
+  for (int h = 0; h < high_bits; ++h) {
+    uint32_t plane;
+    memcpy(&plane, planes + 4 * h, 4);
+    q |= (int)((plane >> e) & 1) << (4 + h);
+  }
+  return q;
+}
+
+// The 8 columns' outlier products, as outlier_products: scale_of(channel, c) the scale of column c there.
+template <bool Signed, typename ScaleOf>
+void add_outliers(const Row& r, const Channels& channels, const uint8_t* codes, const ScaleOf& scale_of, float* acc) {
+  float o[COLS] = {};
+  for (int i = 0; i < channels.count; ++i)
+    for (int c = 0; c < COLS; ++c) {
+      const uint8_t raw = codes[i * COLS + c];
+      const float q = Signed ? (float)(int8_t)raw : (float)raw;
+      o[c] = std::fma(q * scale_of(channels.index[i], c), r.outliers[i], o[c]);
+    }
+  for (int c = 0; c < COLS; ++c) acc[c] = acc[c] + o[c];
+}
+
+// Q4_0 to Q6_0, Q4_1, Q5_1 and Q8_0 (blocks of 32).
+void group_blocks(int64_t type, const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+                  const uint8_t* codes) {
+  const size_t bytes = block_bytes(type);
+  const bool minimum = has_minimum(type), q8 = type == kQ8_0;
+  const int high = high_bits(type);
+  const size_t head = minimum ? 32 : 16, nibbles = head + COLS * 4 * high;
+  const float centre = -(float)(8 << high);
+  float acc[COLS] = {}, offsets[COLS] = {};
+  for (int b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * bytes;
+    const int8_t* y = r.q + b * QK;
+    for (int c = 0; c < COLS; ++c) {
+      int dot = 0;
+      if (q8) {
+        const int8_t* q = (const int8_t*)(wb + 16 + c * 32);
+        for (int e = 0; e < QK; ++e) dot += q[e] * y[e];
+      } else {
+        for (int e = 0; e < QK; ++e) dot += code(wb + nibbles + c * 16, wb + head + c * 4 * high, high, e) * y[e];
+      }
+      const float d = half_to_float(wb + 2 * c);
+      acc[c] = std::fma((float)dot, d * r.scale[b], acc[c]);
+      if (!q8) offsets[c] = std::fma(minimum ? half_to_float(wb + 16 + 2 * c) : d * centre, r.sum[b], offsets[c]);
+    }
+  }
+  if (channels.count) {
+    auto scale_of = [&](int64_t i, int c) { return half_to_float(w + (i / QK) * bytes + 2 * c); };
+    if (q8) add_outliers<true>(r, channels, codes, scale_of, acc);
+    else add_outliers<false>(r, channels, codes, scale_of, acc);
+  }
+  for (int c = 0; c < COLS; ++c) out[c] = q8 ? acc[c] : acc[c] + offsets[c];
+}
+
+// Q4_K, Q5_K and Q6_K (super-blocks of 256).
+void group_k(int64_t type, const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+             const uint8_t* codes) {
+  const size_t block = k_block_bytes(type), super = k_super_bytes(type), head = k_head_bytes(type);
+  const bool q6 = type == kQ6_K;
+  const int high = high_bits(type);
+  const size_t nibbles = 16 + COLS * 4 * high;
+  float acc[COLS] = {}, offsets[COLS] = {};
+  for (int s = 0; s < blocks / SUB; ++s) {
+    const uint8_t* ws = w + s * super;
+    float acc_s[COLS] = {}, offsets_s[COLS] = {};
+    for (int j = 0; j < SUB; ++j) {
+      const uint8_t* wb = ws + head + j * block;
+      const int b = s * SUB + j;
+      const int8_t* y = r.q + b * QK;
+      for (int c = 0; c < COLS; ++c) {
+        int halves[2] = {0, 0};
+        for (int e = 0; e < QK; ++e) {
+          const int q = code(wb + nibbles + c * 16, wb + 16 + c * 4 * high, high, e);
+          halves[e / 16] += (q6 ? q - 32 : q) * y[e];
+        }
+        if (q6) {
+          const int t = halves[0] * (int8_t)wb[c] + halves[1] * (int8_t)wb[COLS + c];
+          acc_s[c] = std::fma((float)t, r.scale[b], acc_s[c]);
+        } else {
+          acc_s[c] = std::fma((float)((halves[0] + halves[1]) * (int)wb[c]), r.scale[b], acc_s[c]);
+          offsets_s[c] = std::fma((float)wb[COLS + c], r.sum[b], offsets_s[c]);
+        }
+      }
+    }
+    for (int c = 0; c < COLS; ++c) {
+      acc[c] = std::fma(acc_s[c], half_to_float(ws + 2 * c), acc[c]);
+      if (!q6) offsets[c] = std::fma(offsets_s[c], half_to_float(ws + 16 + 2 * c), offsets[c]);
+    }
+  }
+  if (channels.count) {
+    auto scale_of = [&](int64_t i, int c) {
+      const uint8_t* ws = w + (i / QK_K) * super;
+      const uint8_t* wb = ws + head + ((i % QK_K) / QK) * block;
+      return half_to_float(ws + 2 * c) * (q6 ? (float)(int8_t)wb[((i % QK) / 16) * COLS + c] : (float)wb[c]);
+    };
+    if (q6) add_outliers<true>(r, channels, codes, scale_of, acc);
+    else add_outliers<false>(r, channels, codes, scale_of, acc);
+  }
+  for (int c = 0; c < COLS; ++c) out[c] = q6 ? acc[c] : acc[c] - offsets[c];
+}
+
+void group(int64_t type, const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+           const uint8_t* codes) {
+  if (is_k(type)) group_k(type, w, r, blocks, out, channels, codes);
+  else group_blocks(type, w, r, blocks, out, channels, codes);
+}
+
+}  // namespace portable
+
+}  // namespace
+
+#if SLMOPS_X86
+// ---- the AVX2 kernels (FMA, F16C): compiled for those instructions alone, run only where the CPU has them ----
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace {
+namespace avx2 {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+
+void quantize_row(const float* x, int k, Row r, const Channels& channels) {
+  int next = 0;  // the first outlier channel not yet passed
+  for (int b = 0; b < k / QK; ++b) {
+    float inliers[QK], outliers_sum = 0.f;
+    const float* v = block_inliers(x, b, r, channels, next, inliers, outliers_sum);
     __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
            a3 = _mm256_loadu_ps(v + 24);
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -396,6 +566,48 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
   _mm256_storeu_ps(out, acc);
 }
 
+// The AVX2 kernel of a type.
+void group(int64_t type, const uint8_t* wg, const Row& r, int blocks, float* out, const Channels& channels,
+           const uint8_t* cg) {
+  if (type == kQ4_1) group_q_1<0, true>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ5_1) group_q_1<1, true>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ4_0) group_q_1<0, false>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ5_0) group_q_1<1, false>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ6_0) group_q_1<2, false>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ4_K) group_k<0>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ5_K) group_k<1>(wg, r, blocks, out, channels, cg);
+  else if (type == kQ6_K) group_q6_k(wg, r, blocks, out, channels, cg);
+  else group_q8_0(wg, r, blocks, out, channels, cg);
+}
+
+}  // namespace avx2
+}  // namespace
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // SLMOPS_X86
+
+namespace {
+
+// Which kernels run: the AVX2 ones where the CPU has AVX2, FMA and F16C, the portable ones elsewhere (and on any
+// CPU with SLMOPS_KERNEL_CPU=baseline, which tests use). Chosen once, when the library is registered or first asked.
+bool use_avx2 = false;
+
+void choose_code() {
+  const char* pretend = std::getenv("SLMOPS_KERNEL_CPU");
+  const bool baseline = pretend && strcmp(pretend, "baseline") == 0;
+#if SLMOPS_X86
+  __builtin_cpu_init();
+  use_avx2 = !baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+#else
+  (void)baseline;
+  use_avx2 = false;
+#endif
+}
+
 struct Kernel {
   int64_t type;  // GGML type: kQ4_0, kQ4_1, kQ5_0, kQ5_1, kQ8_0, kQ4_K, kQ5_K or kQ6_K; or kQ6_0
 };
@@ -462,12 +674,54 @@ void parallel_for(void* context, int64_t total, const Job& job) {
   }
 }
 
+// y [m, groups * 8] = x [m, k] @ W^T, W in the kernel's layout; parallel(total, job) runs job(i) for i < total.
+template <typename Parallel>
+void matmul(int64_t type, const uint8_t* w, int groups, int k, const float* x, int64_t m, const Channels& channels,
+            const uint8_t* codes, float* y, bool fast, const Parallel& parallel) {
+  const int n = groups * COLS, blocks = k / QK;
+  Quantized& xq = quantized;
+  xq.q.resize(m * k);
+  xq.scale.resize(m * blocks);
+  xq.sum.resize(m * blocks);
+  xq.outliers.resize(m * channels.count);
+  auto row = [&](int64_t i) {
+    return Row{xq.q.data() + i * k, xq.scale.data() + i * blocks, xq.sum.data() + i * blocks,
+               xq.outliers.data() + i * channels.count};
+  };
+  // Rows quantized, then groups of columns handed out a few at a time, on ONNX Runtime's intra-op threads; each
+  // group's weights stay in cache while every row reads them.
+  parallel(m, [&](size_t i) {
+#if SLMOPS_X86
+    if (fast) return avx2::quantize_row(x + i * k, k, row(i), channels);
+#endif
+    portable::quantize_row(x + i * k, k, row(i), channels);
+  });
+  const size_t stride = group_row_bytes(type, k);
+  const int per_task = 4, tasks = (groups + per_task - 1) / per_task;
+  parallel(tasks, [&](size_t task) {
+    for (int g = task * per_task; g < std::min(groups, (int)(task + 1) * per_task); ++g) {
+      const uint8_t* wg = w + g * stride;
+      const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
+      for (int64_t i = 0; i < m; ++i) {
+        float* out = y + i * n + g * COLS;
+#if SLMOPS_X86
+        if (fast) {
+          avx2::group(type, wg, row(i), blocks, out, channels, cg);
+          continue;
+        }
+#endif
+        portable::group(type, wg, row(i), blocks, out, channels, cg);
+      }
+    }
+  });
+}
+
 void compute(Kernel* kernel, void* context) {
   using namespace ort;
   const void* x_value = input(context, 0);
   const void* w_value = input(context, 1);
   const Shape xs = shape_of(x_value), ws = shape_of(w_value);
-  const int k = (int)xs.dims[xs.rank - 1], groups = (int)ws.dims[0], n = groups * COLS, blocks = k / QK;
+  const int k = (int)xs.dims[xs.rank - 1], groups = (int)ws.dims[0], n = groups * COLS;
   const int64_t m = xs.elements(0, xs.rank - 1);
   Shape ys = xs;
   ys.dims[ys.rank - 1] = n;
@@ -486,41 +740,9 @@ void compute(Kernel* kernel, void* context) {
     codes = data<const uint8_t>(input(context, 3));
   }
 
-  Quantized& xq = quantized;
-  xq.q.resize(m * k);
-  xq.scale.resize(m * blocks);
-  xq.sum.resize(m * blocks);
-  xq.outliers.resize(m * channels.count);
-  auto row = [&](int64_t i) {
-    return Row{xq.q.data() + i * k, xq.scale.data() + i * blocks, xq.sum.data() + i * blocks,
-               xq.outliers.data() + i * channels.count};
-  };
-  // Rows quantized, then groups of columns handed out a few at a time, on ONNX Runtime's intra-op threads; each
-  // group's weights stay in cache while every row reads them.
-  parallel_for(context, m, [&](size_t i) { quantize_row(x + i * k, k, row(i), channels); });
-  const int64_t type = kernel->type;
-  const size_t stride = group_row_bytes(type, k);
-  const int per_task = 4, tasks = (groups + per_task - 1) / per_task;
-  parallel_for(context, tasks, [&](size_t task) {
-    for (int g = task * per_task; g < std::min(groups, (int)(task + 1) * per_task); ++g) {
-      const uint8_t* wg = w + g * stride;
-      const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
-      for (int64_t i = 0; i < m; ++i) {
-        float* out = y + i * n + g * COLS;
-        if (type == kQ4_1) group_q_1<0, true>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ5_1) group_q_1<1, true>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ4_0) group_q_1<0, false>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ5_0) group_q_1<1, false>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ6_0) group_q_1<2, false>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ4_K) group_k<0>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ5_K) group_k<1>(wg, row(i), blocks, out, channels, cg);
-        else if (type == kQ6_K) group_q6_k(wg, row(i), blocks, out, channels, cg);
-        else group_q8_0(wg, row(i), blocks, out, channels, cg);
-      }
-    }
-  });
+  matmul(kernel->type, w, groups, k, x, m, channels, codes, y, use_avx2,
+         [&](int64_t total, const auto& job) { parallel_for(context, total, job); });
 }
-
 
 // One row of a K-quant (output column n) dequantized as gguf-py does: (d*sc)*q - dmin*m, or (d*sc)*(q - 32).
 void dequantize_row_k(const uint8_t* w, int64_t type, int blocks, int64_t n, float* out) {
@@ -529,10 +751,7 @@ void dequantize_row_k(const uint8_t* w, int64_t type, int blocks, int64_t n, flo
   const int high_count = high_bits(type);
   const uint8_t* base = w + (size_t)g * (blocks / SUB) * super;
   for (int s = 0; s < blocks / SUB; ++s, base += super) {
-    uint16_t dh, mh = 0;
-    memcpy(&dh, base + 2 * c, 2);
-    if (type != kQ6_K) memcpy(&mh, base + 16 + 2 * c, 2);
-    const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
+    const float d = half_to_float(base + 2 * c), dmin = type != kQ6_K ? half_to_float(base + 16 + 2 * c) : 0.f;
     for (int j = 0; j < SUB; ++j, out += QK) {
       const uint8_t* wb = base + k_head_bytes(type) + j * block;
       uint32_t fifth = 0, sixth = 0;
@@ -563,9 +782,7 @@ void dequantize_row(const uint8_t* w, int64_t type, int blocks, int64_t n, float
   const size_t bytes = block_bytes(type);
   const uint8_t* base = w + (size_t)g * blocks * bytes;
   for (int b = 0; b < blocks; ++b, base += bytes, out += QK) {
-    uint16_t dh, mh;
-    memcpy(&dh, base + 2 * c, 2);
-    const float d = _cvtsh_ss(dh);
+    const float d = half_to_float(base + 2 * c);
     if (type != kQ8_0) {
       const bool minimum = has_minimum(type);
       const int high_count = high_bits(type);
@@ -573,8 +790,7 @@ void dequantize_row(const uint8_t* w, int64_t type, int blocks, int64_t n, float
       float m = 0.f;
       int centre = 0;  // Q4_0 / Q5_0 / Q6_0: w = d*(q - centre), as gguf-py computes it
       if (minimum) {
-        memcpy(&mh, base + 16 + 2 * c, 2);
-        m = _cvtsh_ss(mh);
+        m = half_to_float(base + 16 + 2 * c);
       } else {
         centre = 8 << high_count;
       }
@@ -619,11 +835,6 @@ void gather(Kernel* kernel, void* context) {
 
 }  // namespace
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 
 namespace {
 ort::CustomOp make_op(bool matmul) {
@@ -674,11 +885,28 @@ extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* 
         1 /* ORT_FAIL */, "slmops GGUF kernel: needs ONNX Runtime 1.16 or later (KernelContext_ParallelFor); upgrade "
                           "onnxruntime, or rebuild the model on this machine for the portable MatMulNBits graph");
   }
-  const std::string why = limits::check();
-  if (!why.empty()) return get<void* (*)(int, const char*)>(kCreateStatus)(1 /* ORT_FAIL */, why.c_str());
+  choose_code();
   void* domain = nullptr;
   if (void* status = get<void* (*)(const char*, void**)>(kCreateCustomOpDomain)("ai.slmops", &domain)) return status;
   for (const CustomOp* op : {&matmul_op, &gather_op})
     if (void* status = get<void* (*)(void*, const CustomOp*)>(kCustomOpDomainAdd)(domain, op)) return status;
   return get<void* (*)(void*, void*)>(kAddCustomOpDomain)(options, domain);
+}
+
+// For tests and `slmops doctor`, without ONNX Runtime: which kernels this CPU runs ("avx2" or "portable"), and one
+// product y [m, groups * 8] = x [m, k] @ W^T on this thread (SlmopsMatMulGGML; portable != 0: the portable kernels).
+extern "C" __attribute__((visibility("default"))) const char* SlmopsKernelCode() {
+  choose_code();
+  return use_avx2 ? "avx2" : "portable";
+}
+
+extern "C" __attribute__((visibility("default"))) void SlmopsMatMulGGML(int64_t type, const uint8_t* w, int64_t groups,
+                                                                      int64_t k, const float* x, int64_t m,
+                                                                      const int64_t* channels, int64_t count,
+                                                                      const uint8_t* codes, float* y, int portable) {
+  choose_code();
+  const Channels c{channels, (int)count};
+  matmul(type, w, (int)groups, (int)k, x, m, c, codes, y, use_avx2 && !portable, [](int64_t total, const auto& job) {
+    for (int64_t i = 0; i < total; ++i) job(i);
+  });
 }
