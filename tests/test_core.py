@@ -384,3 +384,14 @@ def test_a_table_fits_80_columns_and_cuts_no_name(monkeypatch):
     columns = [re.split(r"[│┃]", line)[1:-1] for line in text.splitlines() if line.startswith("│")]
     cells = ["".join(row[i].strip() for row in columns) for i in range(4)]
     assert cells == [name, "chatml", "105.5 MB", path]
+
+    # A name of up to 40 characters stays on one line, the other columns narrowing around it (cache ls's 7 columns)
+    monkeypatch.setattr(output, "stdout", Console(file=io.StringIO(), width=80, highlight=False, soft_wrap=False))
+    short = "smollm2-135m-instruct-orders"
+    keys = ["name", "status", "family", "precision", "size", "registered", "path"]
+    values = [short, "ok", "chatml", "int4", "105.5 MB", "2026-12-06 06:23", path]
+    output.table([dict(zip(keys, values, strict=True))], keys)
+    text = output.stdout.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and any(
+        f"│ {short} │" in line for line in text.splitlines()
+    )
