@@ -87,15 +87,38 @@ def tool_versions() -> dict[str, str]:
 
 
 def plugin_code(implementation: object) -> str:
-    """Which code an implementation is: the version of the distribution that ships its module, or (a module that no
+    """Which code an implementation is: the version of the distribution that ships its module, and where that module
+    runs from a checkout (an editable install) a hash of the checkout's sources as they are now; or (a module that no
     distribution ships, such as a plugin put on the path by hand) a hash of its source file. In the cache key, so an
-    upgraded plugin's builds are made anew rather than reused."""
+    upgraded or edited plugin's builds are made anew rather than reused."""
     cls = type(implementation)
-    dists = importlib.metadata.packages_distributions().get(cls.__module__.split(".")[0], [])
-    if dists:
-        return ", ".join(f"{d} {importlib.metadata.version(d)}" for d in sorted(set(dists)))
     source = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    top = cls.__module__.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top, [])
+    if dists:
+        version = ", ".join(f"{d} {importlib.metadata.version(d)}" for d in sorted(set(dists)))
+        if source and not installed_copy(Path(source)):
+            package = getattr(sys.modules.get(top), "__file__", None)
+            folders = {Path(source).parent, *([Path(package).parent] if package else [])}
+            return f"{version}, checkout {sources_hash(sorted(folders))}"
+        return version
     return content_hash(Path(source)) if source else cls.__module__
+
+
+def installed_copy(source: Path) -> bool:
+    """Whether a module file is an installed copy (in site-packages), not a checkout's file."""
+    return any(part in ("site-packages", "dist-packages") for part in source.resolve().parts)
+
+
+def sources_hash(folders: list[Path]) -> str:
+    """sha256 of the files in folders (sub-folders included, compiled bytecode left out), by path and content."""
+    total = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                total.update(f"{path.relative_to(folder)}\0".encode())
+                total.update(hashlib.sha256(path.read_bytes()).digest())
+    return total.hexdigest()[:16]
 
 
 def offered() -> dict[str, list[str]]:

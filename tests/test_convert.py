@@ -417,7 +417,21 @@ def test_a_changed_plugin_makes_new_builds(tmp_path, monkeypatch, tiny_llama):
     module.write_text(module.read_text() + "    description = 'changed'\n")
     assert convert.plugin_code(load()) != before
     builder = next(c for c in provided.converters() if c.name == "model-builder")
-    assert convert.plugin_code(builder) == f"slmops {importlib.metadata.version('slmops')}"
+    version = f"slmops {importlib.metadata.version('slmops')}"
+    if convert.installed_copy(Path(sys.modules[type(builder).__module__].__file__)):
+        assert convert.plugin_code(builder) == version
+    else:  # this checkout, installed editable (make install): the version and the sources as they are now
+        folders = [Path(convert.__file__).parent, Path(sys.modules[type(builder).__module__].__file__).parent]
+        assert convert.plugin_code(builder) == f"{version}, checkout {convert.sources_hash(sorted(folders))}"
+    # an edited file of a checkout changes its hash; its compiled bytecode does not
+    package = tmp_path / "checkout"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "plugin.py").write_text("x = 1\n")
+    hashed = convert.sources_hash([package])
+    (package / "__pycache__" / "plugin.cpython-311.pyc").write_bytes(b"compiled")
+    assert convert.sources_hash([package]) == hashed
+    (package / "plugin.py").write_text("x = 2\n")
+    assert convert.sources_hash([package]) != hashed
 
     first = convert.convert(str(tiny_llama), {"precision": "fp32"})
     assert first.manifest["code"] == [convert.plugin_code(builder), None]
