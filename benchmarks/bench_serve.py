@@ -105,9 +105,9 @@ def load(server: ServerProcess, model: str, clients: int) -> dict:
 
 
 def slmops_model(registry: Path, env: dict[str, str]) -> str:
-    from slmops import convert
+    from slmops import candidates, convert
 
-    options = dict(convert.CANDIDATES)["int4 gguf"]  # what `make demo` deploys for the default model
+    options = dict(candidates.CANDIDATES)["int4 gguf"]  # what `make demo` deploys for the default model
     build = convert.convert(None, options)
     subprocess.run(
         [

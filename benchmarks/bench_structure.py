@@ -54,10 +54,10 @@ def timed(pieces: Iterator[str]) -> tuple[str, float | None]:
 
 
 def slmops_runner() -> Callable[[str, bool], tuple[str, float | None]]:
-    from slmops import convert, structure
+    from slmops import candidates, convert, structure
     from slmops.chat import OrtGenAIChat
 
-    build = convert.convert(None, dict(convert.CANDIDATES)["int4 gguf"])
+    build = convert.convert(None, dict(candidates.CANDIDATES)["int4 gguf"])
     chat = OrtGenAIChat(build.path)
     constraint = structure.json_schema(SCHEMA)
 
@@ -74,11 +74,11 @@ def foundry_runner(folder: str) -> Callable[[str, bool], tuple[str, float | None
     """The same build registered with Foundry Local (in folder) and run through its runtime's grammar engine."""
     from pathlib import Path
 
-    from slmops import convert, structure, templates
+    from slmops import candidates, convert, structure, templates
     from slmops.api import RegistryEntry
     from slmops.plugins.foundry_local import FoundryLocalRegistry
 
-    build = Path(convert.convert(None, dict(convert.CANDIDATES)["int4 gguf"]).path)
+    build = Path(convert.convert(None, dict(candidates.CANDIDATES)["int4 gguf"]).path)
     registry = FoundryLocalRegistry()
     registry.root = Path(folder)
     doc = templates.inference_model("bench", "", "1", templates.choose(build))

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import adapters, progress, quality
+from . import adapters, progress, quality, store
 from . import convert as conv
 from . import registry as reg
 from .config import home
@@ -31,7 +31,7 @@ def base_folder(registry: Registry, base: str) -> tuple[Path, dict[str, Any]]:
     """A registered base that can take adapters: its folder and its build manifest."""
     entry = reg.find_runnable(registry, base)
     folder = Path(entry.path)
-    manifest = conv.read_manifest(folder) or {}
+    manifest = store.read_manifest(folder) or {}
     if manifest.get("options", {}).get("adapter_mode") != "adapter":
         raise SlmopsError(
             f"{entry.name} was built without LoRA inputs, so it cannot take adapters; build the base with "

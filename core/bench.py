@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import candidates, progress, provided, quality, store
 from . import convert as conv
 from . import domain as domain_set
-from . import progress, provided, quality
 from .chat import OrtGenAIChat
 from .config import Config
 from .edgecases import run_suite
@@ -80,7 +80,7 @@ def reference_for(model_dir: Path, reference: str | None = None) -> Path:
     """The fp32 reference of a model folder: --reference, else the fp32 build of the source its manifest names."""
     if reference:
         return Path(reference)
-    manifest = conv.read_manifest(model_dir)
+    manifest = store.read_manifest(model_dir)
     if not manifest:
         raise SlmopsError(
             f"{model_dir} has no slmops manifest, so its source is unknown; pass --reference with an fp32 model folder"
@@ -157,12 +157,12 @@ def compare_precisions(
 ) -> dict[str, Any]:
     """Build the fp32, int8 and int4 candidates (cached), measure each, and recommend the smallest that passes."""
     builds, skipped = {}, []
-    for label, opts in reversed(conv.CANDIDATES):
+    for label, opts in reversed(candidates.CANDIDATES):
         try:
             builds[label] = (
                 conv.reference(source, base_options)
                 if opts["precision"] == "fp32"
-                else conv.convert(source, conv.candidate_options(base_options, opts))
+                else conv.convert(source, candidates.candidate_options(base_options, opts))
             )
         except NoImplementation as e:  # e.g. int4 gguf for a checkpoint source
             skipped.append({"build": label, "why": str(e)})

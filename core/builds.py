@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import home
-from .convert import MANIFEST, read_manifest
 from .errors import SlmopsError
 from .fsutil import dir_size, lock
 from .roles import Registry
+from .store import MANIFEST, read_manifest
 
 
 def builds_dir() -> Path:

@@ -12,8 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from . import candidates, gate, progress, quality
 from . import convert as conv
-from . import gate, progress, quality
 from . import registry as reg
 from .chat_session import ChatRunner
 from .config import Config, home
@@ -25,7 +25,9 @@ from .results import Build, Deployment, Quality, Validation
 def plan(cfg: Config) -> list[str]:
     m, c, r, v = cfg.section("model"), cfg.section("convert"), cfg.section("registry"), cfg.section("validate")
     precision = (
-        ("auto: " + " -> ".join(label for label, _ in conv.CANDIDATES)) if c["precision"] == "auto" else c["precision"]
+        ("auto: " + " -> ".join(label for label, _ in candidates.CANDIDATES))
+        if c["precision"] == "auto"
+        else c["precision"]
     )
     return [
         f"1. source: {m['source']}" + (f" + adapter {m['adapter']} ({m['adapter_mode']})" if m["adapter"] else ""),
@@ -109,13 +111,13 @@ def choose_build(cfg: Config, base_options: dict[str, Any]) -> tuple[Build, Qual
         row = {"build": base_options["precision"], "size_mb": build.output_bytes / 1e6, **q.to_json(), "chosen": "yes"}
         return build, q, [row]
     tried, source_scores = [], None
-    for label, extra in conv.CANDIDATES:
+    for label, extra in candidates.CANDIDATES:
         try:
             build = (
                 reference
                 if extra["precision"] == "fp32"
                 else conv.convert(
-                    source, conv.candidate_options(base_options, extra), backend, quantizer_name=quantizer
+                    source, candidates.candidate_options(base_options, extra), backend, quantizer_name=quantizer
                 )
             )
         except NoImplementation:  # e.g. rtn_last with a LoRA kept as an adapter file: no plugin builds it

@@ -16,7 +16,6 @@ from typing import Any
 
 from . import machine, progress, provided, runtime, templates
 from .config import Config, home
-from .convert import PACKAGED, read_manifest
 from .errors import SlmopsError, UsageError
 from .fsutil import (
     changed_since_record,
@@ -29,6 +28,7 @@ from .fsutil import (
     write_json_atomic,
 )
 from .roles import Registry, RegistryEntry
+from .store import PACKAGED, read_manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REGISTRY_ENV = "SLMOPS_REGISTRY_DIR"

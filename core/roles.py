@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,6 +16,47 @@ MODEL_FILES = ("model.onnx", "model.onnx.data")  # the graph and its weights; th
 CHAT_DEFAULTS = {"max_length": 2048, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 # What every benchmarker's run() must return (numbers); anything else it returns is shown as an extra metric.
 BENCH_RESULT_KEYS = ("decode_tok_s", "ttft_ms_p50")
+
+
+class GraphFacts(TypedDict):
+    """What a quantizer's written graph must show (Quantizer.graph_facts), read back after quantize() and held in
+    the build cache key."""
+
+    ops: list[str]  # op types of which at least one node must appear
+    kernel: NotRequired[str]  # the native library the folder carries, by a hash of its bytes
+
+
+class SweepRow(TypedDict, total=False):
+    """One prompt length of a benchmarker's sweep (BenchmarkResult's "sweep")."""
+
+    prompt_tokens: int
+    ttft_ms_p50: float
+    prefill_tok_s: float
+    decode_tok_s: float  # the median run's
+    decode_tok_s_best: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    generated_tokens: int
+    runs: int
+    decode_cpu_ms_per_token: float  # CPU time per decoded token on one thread
+
+
+class BenchmarkResult(TypedDict, total=False):
+    """What Benchmarker.run returns: BENCH_RESULT_KEYS at least; any other number is shown as an extra metric."""
+
+    benchmarker: str
+    decode_tok_s: float
+    ttft_ms_p50: float
+    load_s: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    peak_rss_mb: float
+    peak_rss_scope: str
+    cpu_utilisation: float  # of the CPUs the process may use
+    soak_requests: int
+    rss_growth_mb: float
+    max_new_tokens: int
+    sweep: list[SweepRow]
 
 
 @dataclass(frozen=True)
@@ -130,7 +171,7 @@ class Quantizer:
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         raise NotImplementedError
 
-    def graph_facts(self, request: ConvertRequest) -> dict[str, Any]:
+    def graph_facts(self, request: ConvertRequest) -> GraphFacts:
         """What the written graph must show, read back by slmops after quantize(): ``ops``, op types of which at
         least one node must appear. For MatMulNBits slmops also checks bits, block size, symmetry and accuracy level
         against the request. Quality is judged separately, measured against the fp32 build (deploy's gate)."""
@@ -281,5 +322,5 @@ class Benchmarker:
     def check(self, model_dir: Path) -> str | None:
         return None
 
-    def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> BenchmarkResult:
         raise NotImplementedError

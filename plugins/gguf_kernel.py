@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops.api import REQUIRES, write_json_atomic
+from slmops.api import REQUIRES, GraphFacts, write_json_atomic
 from slmops.plugins import gguf_blocks
 
 LIBRARY = "libslmops_gguf.so"
@@ -288,7 +288,7 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
     return gguf_blocks.BlockForm("", bits, BLOCK, codes.reshape(rows, -1), scales, zero, minimum)
 
 
-def graph_facts(library: Path) -> dict:
+def graph_facts(library: Path) -> GraphFacts:
     """What a build on this kernel holds, for the build cache key: its operator and which library it carries (its
     bytes, hashed), so a folder carrying another library is built anew, not reused."""
     return {"ops": [MATMUL], "kernel": identity(library)}

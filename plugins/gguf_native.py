@@ -29,6 +29,7 @@ import numpy as np
 from slmops.api import (
     MODEL_FILES,
     ConvertRequest,
+    GraphFacts,
     Quantizer,
     calibration_text,
     copy_tree,
@@ -211,7 +212,7 @@ class GGUFNative(Quantizer):
             return "--algorithm gguf needs a GGUF source (the file's own blocks are kept)"
         return super().check(request)
 
-    def graph_facts(self, request: ConvertRequest) -> dict:
+    def graph_facts(self, request: ConvertRequest) -> GraphFacts:
         """MatMulGGML where the GGUF kernel takes the GGUF's types on this machine, else MatMulNBits."""
         library = kernel_for(request)
         if library and gguf_kernel.takes(request.gguf):

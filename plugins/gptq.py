@@ -28,6 +28,7 @@ from pydantic import Field
 
 from slmops.api import (
     ConvertRequest,
+    GraphFacts,
     PluginOptions,
     Quantizer,
     SlmopsError,
@@ -296,7 +297,7 @@ class GPTQ(Quantizer):
             )
         return super().check(request)
 
-    def graph_facts(self, request: ConvertRequest) -> dict:
+    def graph_facts(self, request: ConvertRequest) -> GraphFacts:
         library = gguf_native.kernel_for(request)
         if library:
             return gguf_kernel.graph_facts(library)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slmops.api import Benchmarker, Session, allowed_cpus, hookimpl, in_child
+from slmops.api import Benchmarker, BenchmarkResult, Session, SweepRow, allowed_cpus, hookimpl, in_child
 
 FILLER = (
     "Small language models run on laptops and edge devices, where memory and power are scarce. "
@@ -72,7 +72,7 @@ class OrtGenAIBenchmarker(Benchmarker):
             else "not an ORT GenAI folder (no genai_config.json)"
         )
 
-    def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    def run(self, model_dir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> BenchmarkResult:
         import psutil
 
         proc = psutil.Process()
@@ -100,7 +100,8 @@ class OrtGenAIBenchmarker(Benchmarker):
             for length, tokens in prompts.items():
                 progress(f"prompt {length} tokens: run {i + 1}")
                 runs_of[length].append(timed_generation(session, tokens, max_new))
-        sweep, all_runs = [], [r for done in runs_of.values() for r in done]
+        sweep: list[SweepRow] = []
+        all_runs = [r for done in runs_of.values() for r in done]
         for length, done in runs_of.items():
             speeds = [r["decode_tokens"] / r["decode_s"] for r in done if r["decode_s"]]
             sweep.append(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops import convert, quality, runtime, verify
+from slmops import convert, plan, quality, runtime, verify
 from slmops.errors import SlmopsError
 from slmops.fsutil import dir_size
 
@@ -334,18 +334,18 @@ def test_plan_takes_the_cheapest_route(tiny_llama):
     from slmops.roles import ConvertRequest
 
     int8 = ConvertRequest(source_dir=tiny_llama, precision="int8", algorithm="rtn")
-    route = convert.plan(int8, "LlamaForCausalLM")
+    route = plan.plan(int8, "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer.name, route.cost) == ("model-builder", "matmul-nbits", 20)
     assert "failing (cost 1000)" in route.alternatives
     # int8 by default for a float source: the builder's fp32, then Q8_0 blocks in every weight
-    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
+    route = plan.plan(ConvertRequest(source_dir=tiny_llama, precision="int8"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer.name) == ("model-builder", "q8_0")
-    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4", algorithm="rtn"), "LlamaForCausalLM")
+    route = plan.plan(ConvertRequest(source_dir=tiny_llama, precision="int4", algorithm="rtn"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer) == ("model-builder", None)
     # int4 by default ("auto") for a float source: the builder's fp32, then gptq
-    route = convert.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
+    route = plan.plan(ConvertRequest(source_dir=tiny_llama, precision="int4"), "LlamaForCausalLM")
     assert (route.converter.name, route.quantizer.name) == ("model-builder", "gptq")
-    route = convert.plan(int8, "LlamaForCausalLM", "failing")
+    route = plan.plan(int8, "LlamaForCausalLM", "failing")
     assert (route.converter.name, route.quantizer) == ("failing", None)
 
 

@@ -217,16 +217,16 @@ def test_plugin_options_come_from_the_file_and_the_flag_as_typed_values(cli_here
 def test_a_candidate_keeps_the_plugin_options_the_user_gave():
     # deploy --precision auto and bench --compare lay each candidate's options over the user's: a candidate's own
     # plugin option (gptq's Q5_K_M budget) is added, one the user gave wins, the user's other options stay.
-    from slmops import convert
+    from slmops import candidates
 
-    candidate = dict(convert.CANDIDATES)["int4 gptq, Q5_K_M bytes"]
+    candidate = dict(candidates.CANDIDATES)["int4 gptq, Q5_K_M bytes"]
     user = {"precision": "auto", "plugin_options": {"gptq": {"learned_scales": 40}, "other": {"mode": "x"}}}
-    merged = convert.candidate_options(user, candidate)
+    merged = candidates.candidate_options(user, candidate)
     assert merged["precision"] == "int4" and merged["algorithm"] == "gptq"
     assert merged["plugin_options"] == {"gptq": {"budget": "Q5_K_M", "learned_scales": 40}, "other": {"mode": "x"}}
     mine = {"plugin_options": {"gptq": {"budget": "Q4_K_M"}}}
-    assert convert.candidate_options(mine, candidate)["plugin_options"]["gptq"]["budget"] == "Q4_K_M"
-    assert "plugin_options" not in convert.candidate_options({}, dict(convert.CANDIDATES)["int4 gptq"])
+    assert candidates.candidate_options(mine, candidate)["plugin_options"]["gptq"]["budget"] == "Q4_K_M"
+    assert "plugin_options" not in candidates.candidate_options({}, dict(candidates.CANDIDATES)["int4 gptq"])
     assert candidate["plugin_options"] == {"gptq": {"budget": "Q5_K_M"}}  # the list itself is not changed
 
 

@@ -77,7 +77,7 @@ def test_deploy_default_model(cli, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from slmops import bench, convert
+    from slmops import bench, store
     from slmops.plugins import gguf_native
     from tests.test_domain import ROWS
 
@@ -108,7 +108,7 @@ def test_deploy_default_model(cli, tmp_path):
     assert gate["domain set: tool calls"]["ok"] and gate["domain set: fields under the schema"]["ok"], gate
     build = Path(data["build"])
     fp32 = bench.reference_for(build)
-    assert convert.read_manifest(build)["output_bytes"] <= 0.25 * convert.read_manifest(fp32)["output_bytes"]
+    assert store.read_manifest(build)["output_bytes"] <= 0.25 * store.read_manifest(fp32)["output_bytes"]
     source = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32 / "model.onnx")).graph.initializer}
     back = gguf_native.read_back(build)
     assert len(back) == 152  # 30 layers x 5 MatMuls, the lm_head, and the tied embedding read through it
