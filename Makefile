@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The GGUF kernel's wheel (kernel/: CMake through scikit-build-core), rebuilt when its sources change.
-KERNEL := kernel/pyproject.toml kernel/CMakeLists.txt kernel/gguf_kernel.cc kernel/slmops_kernel/__init__.py
+KERNEL := kernel/pyproject.toml kernel/CMakeLists.txt kernel/gguf_kernel.cc kernel/group_kernels.inc kernel/slmops_kernel/__init__.py
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt $(KERNEL) | sha1sum | cut -c1-12)
 # Where the CPU build of torch comes from when pip finds no local copy (PyPI's Linux torch is a CUDA build).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu

@@ -6,10 +6,10 @@
 //     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
 //     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
-// Code: on x86-64, AVX2 kernels (compiled for AVX2, FMA and F16C alone, by a target pragma) where the CPU has those,
-// chosen when the library is registered; portable kernels otherwise and on every other architecture (ARM64), which
-// compute the same integer dot products and the same float operations in the same order, so every CPU gets the same
-// bits. Threads: ONNX Runtime's own intra-op pool (KernelContext_ParallelFor), so the session's thread setting covers
+// Code, chosen when the library is registered: on x86-64, AVX2 kernels (compiled for AVX2, FMA and F16C alone, by a
+// target pragma) where the CPU has those; on ARM64, NEON's integer dot products, SDOT where the CPU has dotprod
+// (group_kernels.inc, included once per dot product); plain C++ otherwise. All compute the same integer dot products
+// and the same float operations in the same order, so every CPU gets the same bits. Threads: ONNX Runtime's own intra-op pool (KernelContext_ParallelFor), so the session's thread setting covers
 // the kernel, attention and everything else, and the library starts no thread of its own.
 // Written against ONNX Runtime's C API by position (below): no ONNX Runtime headers needed.
 #if defined(__x86_64__) || defined(_M_X64)
@@ -17,6 +17,13 @@
 #include <immintrin.h>
 #else
 #define SLMOPS_X86 0
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 #include <stdint.h>
 #include <stdio.h>
@@ -196,6 +203,20 @@ inline const float* block_inliers(const float* x, int b, Row r, const Channels& 
   return v;
 }
 
+// The 8 columns' outlier products, as outlier_products: scale_of(channel, c) the scale of column c there.
+template <bool Signed, typename ScaleOf>
+void add_outliers(const Row& r, const Channels& channels, const uint8_t* codes, const ScaleOf& scale_of, float* acc) {
+  float o[COLS] = {};
+  for (int i = 0; i < channels.count; ++i)
+    for (int c = 0; c < COLS; ++c) {
+      const uint8_t raw = codes[i * COLS + c];
+      const float q = Signed ? (float)(int8_t)raw : (float)raw;
+      o[c] = std::fma(q * scale_of(channels.index[i], c), r.outliers[i], o[c]);
+    }
+  for (int c = 0; c < COLS; ++c) acc[c] = acc[c] + o[c];
+}
+
+
 namespace portable {
 
 void quantize_row(const float* x, int k, Row r, const Channels& channels) {
@@ -228,106 +249,66 @@ inline int code(const uint8_t* nibbles, const uint8_t* planes, int high_bits, in
   return q;
 }
 
-// The 8 columns' outlier products, as outlier_products: scale_of(channel, c) the scale of column c there.
-template <bool Signed, typename ScaleOf>
-void add_outliers(const Row& r, const Channels& channels, const uint8_t* codes, const ScaleOf& scale_of, float* acc) {
-  float o[COLS] = {};
-  for (int i = 0; i < channels.count; ++i)
-    for (int c = 0; c < COLS; ++c) {
-      const uint8_t raw = codes[i * COLS + c];
-      const float q = Signed ? (float)(int8_t)raw : (float)raw;
-      o[c] = std::fma(q * scale_of(channels.index[i], c), r.outliers[i], o[c]);
-    }
-  for (int c = 0; c < COLS; ++c) acc[c] = acc[c] + o[c];
+inline void code_dots(const uint8_t* nibbles, const uint8_t* planes, int high, const int8_t* y, int centre,
+                      int halves[2]) {
+  halves[0] = halves[1] = 0;
+  for (int e = 0; e < QK; ++e) halves[e / 16] += (code(nibbles, planes, high, e) - centre) * y[e];
 }
 
-// Q4_0 to Q6_0, Q4_1, Q5_1 and Q8_0 (blocks of 32).
-void group_blocks(int64_t type, const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
-                  const uint8_t* codes) {
-  const size_t bytes = block_bytes(type);
-  const bool minimum = has_minimum(type), q8 = type == kQ8_0;
-  const int high = high_bits(type);
-  const size_t head = minimum ? 32 : 16, nibbles = head + COLS * 4 * high;
-  const float centre = -(float)(8 << high);
-  float acc[COLS] = {}, offsets[COLS] = {};
-  for (int b = 0; b < blocks; ++b) {
-    const uint8_t* wb = w + b * bytes;
-    const int8_t* y = r.q + b * QK;
-    for (int c = 0; c < COLS; ++c) {
-      int dot = 0;
-      if (q8) {
-        const int8_t* q = (const int8_t*)(wb + 16 + c * 32);
-        for (int e = 0; e < QK; ++e) dot += q[e] * y[e];
-      } else {
-        for (int e = 0; e < QK; ++e) dot += code(wb + nibbles + c * 16, wb + head + c * 4 * high, high, e) * y[e];
-      }
-      const float d = half_to_float(wb + 2 * c);
-      acc[c] = std::fma((float)dot, d * r.scale[b], acc[c]);
-      if (!q8) offsets[c] = std::fma(minimum ? half_to_float(wb + 16 + 2 * c) : d * centre, r.sum[b], offsets[c]);
-    }
-  }
-  if (channels.count) {
-    auto scale_of = [&](int64_t i, int c) { return half_to_float(w + (i / QK) * bytes + 2 * c); };
-    if (q8) add_outliers<true>(r, channels, codes, scale_of, acc);
-    else add_outliers<false>(r, channels, codes, scale_of, acc);
-  }
-  for (int c = 0; c < COLS; ++c) out[c] = q8 ? acc[c] : acc[c] + offsets[c];
+inline int q8_dot(const int8_t* q, const int8_t* y) {
+  int dot = 0;
+  for (int e = 0; e < QK; ++e) dot += q[e] * y[e];
+  return dot;
 }
 
-// Q4_K, Q5_K and Q6_K (super-blocks of 256).
-void group_k(int64_t type, const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
-             const uint8_t* codes) {
-  const size_t block = k_block_bytes(type), super = k_super_bytes(type), head = k_head_bytes(type);
-  const bool q6 = type == kQ6_K;
-  const int high = high_bits(type);
-  const size_t nibbles = 16 + COLS * 4 * high;
-  float acc[COLS] = {}, offsets[COLS] = {};
-  for (int s = 0; s < blocks / SUB; ++s) {
-    const uint8_t* ws = w + s * super;
-    float acc_s[COLS] = {}, offsets_s[COLS] = {};
-    for (int j = 0; j < SUB; ++j) {
-      const uint8_t* wb = ws + head + j * block;
-      const int b = s * SUB + j;
-      const int8_t* y = r.q + b * QK;
-      for (int c = 0; c < COLS; ++c) {
-        int halves[2] = {0, 0};
-        for (int e = 0; e < QK; ++e) {
-          const int q = code(wb + nibbles + c * 16, wb + 16 + c * 4 * high, high, e);
-          halves[e / 16] += (q6 ? q - 32 : q) * y[e];
-        }
-        if (q6) {
-          const int t = halves[0] * (int8_t)wb[c] + halves[1] * (int8_t)wb[COLS + c];
-          acc_s[c] = std::fma((float)t, r.scale[b], acc_s[c]);
-        } else {
-          acc_s[c] = std::fma((float)((halves[0] + halves[1]) * (int)wb[c]), r.scale[b], acc_s[c]);
-          offsets_s[c] = std::fma((float)wb[COLS + c], r.sum[b], offsets_s[c]);
-        }
-      }
-    }
-    for (int c = 0; c < COLS; ++c) {
-      acc[c] = std::fma(acc_s[c], half_to_float(ws + 2 * c), acc[c]);
-      if (!q6) offsets[c] = std::fma(offsets_s[c], half_to_float(ws + 16 + 2 * c), offsets[c]);
-    }
-  }
-  if (channels.count) {
-    auto scale_of = [&](int64_t i, int c) {
-      const uint8_t* ws = w + (i / QK_K) * super;
-      const uint8_t* wb = ws + head + ((i % QK_K) / QK) * block;
-      return half_to_float(ws + 2 * c) * (q6 ? (float)(int8_t)wb[((i % QK) / 16) * COLS + c] : (float)wb[c]);
-    };
-    if (q6) add_outliers<true>(r, channels, codes, scale_of, acc);
-    else add_outliers<false>(r, channels, codes, scale_of, acc);
-  }
-  for (int c = 0; c < COLS; ++c) out[c] = q6 ? acc[c] : acc[c] - offsets[c];
-}
-
-void group(int64_t type, const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
-           const uint8_t* codes) {
-  if (is_k(type)) group_k(type, w, r, blocks, out, channels, codes);
-  else group_blocks(type, w, r, blocks, out, channels, codes);
-}
-
+#include "group_kernels.inc"
 }  // namespace portable
+
+#if defined(__aarch64__)
+// ---- ARM64: the group kernels with NEON's integer dot products: plain NEON (every ARM64 CPU), and SDOT (dotprod,
+// ARMv8.2 and later) where the CPU has it ----
+// Bit j of 16 bits -> byte j, 0xFF where set.
+inline uint8x16_t bits_as_bytes(uint32_t bits) {
+  static const uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  const uint8x16_t b = vcombine_u8(vdup_n_u8((uint8_t)(bits & 0xFF)), vdup_n_u8((uint8_t)((bits >> 8) & 0xFF)));
+  return vtstq_u8(b, vld1q_u8(kBit));
+}
+
+// One column's 32 codes of a block, less centre, as int8: codes 0-15 in lo, 16-31 in hi.
+inline void codes_of(const uint8_t* nibbles, const uint8_t* planes, int high, int centre, int8x16_t& lo,
+                     int8x16_t& hi) {
+  const uint8x16_t n = vld1q_u8(nibbles);
+  uint8x16_t l = vandq_u8(n, vdupq_n_u8(0x0F)), h = vshrq_n_u8(n, 4);
+  for (int b = 0; b < high; ++b) {
+    uint32_t plane;
+    memcpy(&plane, planes + 4 * b, 4);
+    const uint8x16_t bit = vdupq_n_u8((uint8_t)(0x10 << b));
+    l = vorrq_u8(l, vandq_u8(bits_as_bytes(plane & 0xFFFF), bit));
+    h = vorrq_u8(h, vandq_u8(bits_as_bytes(plane >> 16), bit));
+  }
+  lo = vsubq_s8(vreinterpretq_s8_u8(l), vdupq_n_s8((int8_t)centre));
+  hi = vsubq_s8(vreinterpretq_s8_u8(h), vdupq_n_s8((int8_t)centre));
+}
+
+namespace neon {
+inline int dot16(int8x16_t a, int8x16_t b) {  // products fit int16 (at most 128 * 128), pairs summed in int32
+  return vaddvq_s32(vpadalq_s16(vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b))), vmull_high_s8(a, b)));
+}
+#define SLMOPS_NEON_DOTS  // code_dots and q8_dot by dot16
+#include "group_kernels.inc"
+#undef SLMOPS_NEON_DOTS
+}  // namespace neon
+
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+namespace neon_dotprod {
+inline int dot16(int8x16_t a, int8x16_t b) { return vaddvq_s32(vdotq_s32(vdupq_n_s32(0), a, b)); }
+#define SLMOPS_NEON_DOTS  // code_dots and q8_dot by dot16
+#include "group_kernels.inc"
+#undef SLMOPS_NEON_DOTS
+}  // namespace neon_dotprod
+#pragma GCC pop_options
+#endif  // __aarch64__
 
 }  // namespace
 
@@ -591,20 +572,23 @@ void group(int64_t type, const uint8_t* wg, const Row& r, int blocks, float* out
 
 namespace {
 
-// Which kernels run: the AVX2 ones where the CPU has AVX2, FMA and F16C, the portable ones elsewhere (and on any
-// CPU with SLMOPS_KERNEL_CPU=baseline, which tests use). Chosen once, when the library is registered or first asked.
-bool use_avx2 = false;
+// Which kernels run: on x86-64 the AVX2 ones where the CPU has AVX2, FMA and F16C; on ARM64 NEON's, with SDOT where
+// the CPU has dotprod; the plain C++ ones elsewhere, and on any CPU with SLMOPS_KERNEL_CPU=baseline (tests; "neon":
+// NEON without SDOT). Chosen when the library is registered or asked.
+enum Code { kPortable, kAvx2, kNeon, kNeonDotprod };
+Code code = kPortable;
+const char* const kCodeNames[] = {"portable", "avx2", "neon", "neon-dotprod"};
 
 void choose_code() {
   const char* pretend = std::getenv("SLMOPS_KERNEL_CPU");
-  const bool baseline = pretend && strcmp(pretend, "baseline") == 0;
+  const std::string asked = pretend ? pretend : "";
+  code = kPortable;
+  if (asked == "baseline") return;
 #if SLMOPS_X86
   __builtin_cpu_init();
-  use_avx2 = !baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
-#else
-  (void)baseline;
-  use_avx2 = false;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) code = kAvx2;
+#elif defined(__aarch64__)
+  code = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) && asked != "neon" ? kNeonDotprod : kNeon;
 #endif
 }
 
@@ -677,7 +661,7 @@ void parallel_for(void* context, int64_t total, const Job& job) {
 // y [m, groups * 8] = x [m, k] @ W^T, W in the kernel's layout; parallel(total, job) runs job(i) for i < total.
 template <typename Parallel>
 void matmul(int64_t type, const uint8_t* w, int groups, int k, const float* x, int64_t m, const Channels& channels,
-            const uint8_t* codes, float* y, bool fast, const Parallel& parallel) {
+            const uint8_t* codes, float* y, Code kind, const Parallel& parallel) {
   const int n = groups * COLS, blocks = k / QK;
   Quantized& xq = quantized;
   xq.q.resize(m * k);
@@ -692,7 +676,7 @@ void matmul(int64_t type, const uint8_t* w, int groups, int k, const float* x, i
   // group's weights stay in cache while every row reads them.
   parallel(m, [&](size_t i) {
 #if SLMOPS_X86
-    if (fast) return avx2::quantize_row(x + i * k, k, row(i), channels);
+    if (kind == kAvx2) return avx2::quantize_row(x + i * k, k, row(i), channels);
 #endif
     portable::quantize_row(x + i * k, k, row(i), channels);
   });
@@ -705,8 +689,17 @@ void matmul(int64_t type, const uint8_t* w, int groups, int k, const float* x, i
       for (int64_t i = 0; i < m; ++i) {
         float* out = y + i * n + g * COLS;
 #if SLMOPS_X86
-        if (fast) {
+        if (kind == kAvx2) {
           avx2::group(type, wg, row(i), blocks, out, channels, cg);
+          continue;
+        }
+#elif defined(__aarch64__)
+        if (kind == kNeonDotprod) {
+          neon_dotprod::group(type, wg, row(i), blocks, out, channels, cg);
+          continue;
+        }
+        if (kind == kNeon) {
+          neon::group(type, wg, row(i), blocks, out, channels, cg);
           continue;
         }
 #endif
@@ -740,7 +733,7 @@ void compute(Kernel* kernel, void* context) {
     codes = data<const uint8_t>(input(context, 3));
   }
 
-  matmul(kernel->type, w, groups, k, x, m, channels, codes, y, use_avx2,
+  matmul(kernel->type, w, groups, k, x, m, channels, codes, y, code,
          [&](int64_t total, const auto& job) { parallel_for(context, total, job); });
 }
 
@@ -893,11 +886,11 @@ extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* 
   return get<void* (*)(void*, void*)>(kAddCustomOpDomain)(options, domain);
 }
 
-// For tests and `slmops doctor`, without ONNX Runtime: which kernels this CPU runs ("avx2" or "portable"), and one
+// For tests, without ONNX Runtime: which kernels this CPU runs ("avx2", "neon", "neon-dotprod" or "portable"), and one
 // product y [m, groups * 8] = x [m, k] @ W^T on this thread (SlmopsMatMulGGML; portable != 0: the portable kernels).
 extern "C" __attribute__((visibility("default"))) const char* SlmopsKernelCode() {
   choose_code();
-  return use_avx2 ? "avx2" : "portable";
+  return kCodeNames[code];
 }
 
 extern "C" __attribute__((visibility("default"))) void SlmopsMatMulGGML(int64_t type, const uint8_t* w, int64_t groups,
@@ -906,7 +899,7 @@ extern "C" __attribute__((visibility("default"))) void SlmopsMatMulGGML(int64_t 
                                                                       const uint8_t* codes, float* y, int portable) {
   choose_code();
   const Channels c{channels, (int)count};
-  matmul(type, w, (int)groups, (int)k, x, m, c, codes, y, use_avx2 && !portable, [](int64_t total, const auto& job) {
+  matmul(type, w, (int)groups, (int)k, x, m, c, codes, y, portable ? kPortable : code, [](int64_t total, const auto& job) {
     for (int64_t i = 0; i < total; ++i) job(i);
   });
 }

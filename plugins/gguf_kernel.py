@@ -8,8 +8,9 @@ weights as llama.cpp keeps them: Q4_0 to Q8_0, slmops's Q6_0, and the K-quants Q
 super-block of 256 times an integer one per sub-block: MatMulNBits, one float scale per block, holds d x sc in float32
 and Q6_K's 6-bit codes as 8-bit ones). The weights stay exactly the GGUF's: `form_of` reads back what `grouped` wrote.
 
-The library chooses its code when loaded: AVX2 kernels on an x86-64 CPU with AVX2, FMA and F16C, portable ones (the
-same products, bit for bit) on any other CPU; so a folder that carries it runs on every CPU of its architecture."""
+The library chooses its code when loaded: AVX2 kernels on an x86-64 CPU with AVX2, FMA and F16C; on ARM64 NEON ones,
+with SDOT where the CPU has dotprod; plain C++ elsewhere: the same products, bit for bit, so a folder that carries it
+runs on every CPU of its architecture with the same logits."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ SUPER = gguf_blocks.SUPER_BLOCK  # a K-quant's super-block: 8 blocks
 SWITCH = "SLMOPS_GGUF_KERNEL"  # "0": never use the kernel (MatMulNBits with corrections)
 PRETEND_CPU = "SLMOPS_KERNEL_CPU"  # "baseline": the library runs its portable code as on a CPU without AVX2 (tests)
 WHEEL = "slmops-kernel"
+MEASURED = ("avx2",)  # kernels measured faster than MatMulNBits: builds here use the kernel only where it runs these
 
 
 def installed() -> Path | None:
@@ -63,8 +65,11 @@ def why_not() -> str | None:
         return f"the {WHEEL} wheel is not installed (make install, or pip install ./kernel)"
     if platform.system() != "Linux" or built_for(path) != normal_machine(platform.machine()):
         return f"the installed kernel is for Linux {built_for(path)}, this is {platform.system()} {platform.machine()}"
-    if code(path) != "avx2":  # the library's own choice: its portable code is slower here than MatMulNBits
+    found = code(path)  # the library's own choice of kernels for this CPU
+    if found == "portable":  # plain C++: slower here than MatMulNBits
         return "this CPU lacks AVX2, FMA or F16C, which the kernel's fast code needs"
+    if found not in MEASURED:
+        return f"the kernel's {found} code gives the x86 products exactly but is not yet measured against MatMulNBits"
     return None
 
 
@@ -85,7 +90,8 @@ def built_for(path: Path) -> str | None:
 
 
 def code(path: Path) -> str:
-    """Which kernels the library runs on this CPU: "avx2" or "portable" (it asks the CPU itself; SLMOPS_KERNEL_CPU)."""
+    """Which kernels the library runs on this CPU: "avx2", "neon", "neon-dotprod" or "portable" (it asks the CPU
+    itself; SLMOPS_KERNEL_CPU)."""
     lib = ctypes.CDLL(str(path))
     lib.SlmopsKernelCode.restype = ctypes.c_char_p
     return lib.SlmopsKernelCode().decode()

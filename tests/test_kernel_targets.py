@@ -4,6 +4,7 @@ for bit, and the same source cross-compiled for ARM64 with Debian's toolchain gi
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -80,7 +81,8 @@ CROSS = ("aarch64-linux-gnu-g++", "qemu-aarch64")
 )
 def test_the_arm64_library_computes_the_same_products_under_qemu(tmp_path):
     """kernel/ cross-compiled for aarch64 by CMake with kernel/cmake/aarch64-linux-gnu.cmake, its products run by the
-    products driver under qemu-aarch64: the same bits as this machine's library, type by type."""
+    products driver under qemu-aarch64 with each of its kernels (NEON with SDOT, plain NEON, plain C++): the same
+    bits as this machine's library, type by type."""
     build = tmp_path / "build-aarch64"
     toolchain = KERNEL_DIR / "cmake" / "aarch64-linux-gnu.cmake"
     configure = ["cmake", "-S", str(KERNEL_DIR), "-B", str(build), f"-DCMAKE_TOOLCHAIN_FILE={toolchain}"]
@@ -92,6 +94,9 @@ def test_the_arm64_library_computes_the_same_products_under_qemu(tmp_path):
     import slmops_kernel
 
     assert slmops_kernel.machine(library) == "aarch64" and slmops_kernel.machine() == "x86_64"
+    # qemu's "max" CPU has dotprod (SDOT), a Cortex-A57 has not; baseline: the plain C++ kernels
+    ways = [(["-cpu", "max"], {}, "neon-dotprod"), (["-cpu", "cortex-a57"], {}, "neon")]
+    ways.append((["-cpu", "max"], {gguf_kernel.PRETEND_CPU: "baseline"}, "portable"))
     for kind in TYPES:
         c = case(kind, seed=1)
         files = {}
@@ -100,12 +105,13 @@ def test_the_arm64_library_computes_the_same_products_under_qemu(tmp_path):
             files[name].write_bytes(np.ascontiguousarray(c[name]).tobytes())
         out = tmp_path / "y.bin"
         args = [c["type"], c["groups"], c["k"], c["x"].shape[0], len(c["channels"]), 0]
-        run = subprocess.run(
-            ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(driver), str(library), *map(str, args)]
-            + [str(files[n]) for n in ("w", "x", "channels", "codes")] + [str(out)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        arm = np.fromfile(out, dtype=np.float32).reshape(c["x"].shape[0], -1)
         here = product(gguf_kernel.installed(), c, portable=False)
-        assert np.array_equal(arm, here), kind
+        for cpu, env, code in ways:
+            run = subprocess.run(
+                ["qemu-aarch64", *cpu, "-L", "/usr/aarch64-linux-gnu", str(driver), str(library), *map(str, args)]
+                + [str(files[n]) for n in ("w", "x", "channels", "codes")] + [str(out)],
+                capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+            )  # fmt: skip
+            assert run.returncode == 0 and run.stdout.split() == [code], (kind, cpu, run.stdout, run.stderr)
+            arm = np.fromfile(out, dtype=np.float32).reshape(c["x"].shape[0], -1)
+            assert np.array_equal(arm, here), (kind, code)

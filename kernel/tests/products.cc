@@ -1,5 +1,5 @@
 // products LIB TYPE GROUPS K M COUNT PORTABLE W X CHANNELS CODES Y: one SlmopsMatMulGGML product from the library LIB,
-// its arrays read from and written to raw files. tests/test_kernel_targets.py builds it for another architecture
+// its arrays read from and written to raw files; prints which kernels ran. tests/test_kernel_targets.py builds it for another architecture
 // with the library and runs both under qemu-user, to hold that library's products against this machine's.
 #include <dlfcn.h>
 #include <stdint.h>
@@ -42,5 +42,7 @@ int main(int argc, char** argv) {
   FILE* out = fopen(argv[12], "wb");
   if (!out || fwrite(y.data(), sizeof(float), y.size(), out) != y.size()) return 1;
   fclose(out);
+  auto code = (const char* (*)())dlsym(lib, "SlmopsKernelCode");
+  printf("%s\n", code ? code() : "?");  // which kernels ran
   return 0;
 }
