@@ -1,8 +1,9 @@
 """LoRA adapters kept apart from the base: an ORT GenAI adapter file per adapter, switched on at run time.
 
-The model builder writes the LoRA as separate low-rank MatMuls beside the base weights; Olive's ExtractAdapters
-pass then moves their weights into an `.onnx_adapter` file and makes them optional graph inputs (empty by
-default, so the base model runs unchanged when no adapter is active)."""
+The model builder writes the LoRA as separate low-rank MatMuls beside the base weights; a converter plugin that
+extracts adapters (the Olive plugin, by Olive's ExtractAdapters pass) then moves their weights into an
+`.onnx_adapter` file and makes them optional graph inputs (empty by default, so the base model runs unchanged when no
+adapter is active)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import extras, olive_api
+from . import provided
 from .errors import SlmopsError
 from .fsutil import copy_tree
-from .roles import MODEL_FILES
+from .roles import MODEL_FILES, Converter
 
 ADAPTERS_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 DEFAULT = "(default)"  # apply(): the adapter the model was loaded with
+
+
+def adapter_extractor() -> Converter:
+    """The converter plugin that keeps a LoRA apart (extracts_adapters), or a one-line error naming what to do."""
+    found = next((c for c in provided.converters() if c.extracts_adapters), None)
+    if found is None:
+        raise SlmopsError(
+            "keeping a LoRA as an adapter file needs a converter plugin that extracts adapters (slmops's Olive plugin: "
+            "pip install 'slmops[olive]'); or merge it into the base with --adapter-mode merge"
+        )
+    return found
 
 
 def adapter_name(adapter: Path) -> str:
@@ -27,34 +39,17 @@ def adapter_name(adapter: Path) -> str:
 
 
 def extract(unmerged_dir: Path, output_dir: Path, name: str, work_dir: Path) -> None:
-    """Turn a build with unmerged LoRA branches into a base model plus adapters/<name>.onnx_adapter."""
-    extras.need("olive", "keeping a LoRA adapter apart (Olive's ExtractAdapters pass)")
-    olive_out = work_dir / "olive-adapters"
-    workflow: dict[str, Any] = {
-        "input_model": {"type": "ONNXModel", "model_path": str(unmerged_dir), "onnx_file_name": "model.onnx"},
-        "passes": {
-            "extract": {
-                "type": "ExtractAdapters",
-                "make_inputs": True,
-                "dynamic_lora_r": True,
-                "optional_inputs": True,
-                "save_format": "onnx_adapter",
-                # weights beside the graph, as the builder writes them (protobuf stops at 2 GB)
-                "save_as_external_data": True,
-                "external_data_name": "model.onnx.data",
-            }
-        },
-        "cache_dir": str(work_dir / "olive-cache"),
-        "output_dir": str(olive_out),
-    }
-    olive_api.run(workflow, work_dir)
-    weights = olive_out / f"adapter_weights{SUFFIX}"
+    """Turn a build with unmerged LoRA branches into a base model plus adapters/<name>.onnx_adapter, by the first
+    converter plugin that extracts adapters (the Olive plugin: its ExtractAdapters pass)."""
+    extractor = adapter_extractor()
+    extracted = work_dir / "extracted-adapter"
+    weights = extractor.extract_adapter(unmerged_dir, extracted, work_dir)
     if not weights.is_file():
-        raise RuntimeError("Olive's ExtractAdapters found no LoRA weights in the build")
+        raise RuntimeError(f"{extractor.name} found no LoRA weights in the build")
     copy_tree(unmerged_dir, output_dir, skip=MODEL_FILES)  # genai_config.json, tokenizer files, chat template
     for graph_file in MODEL_FILES:
-        if (olive_out / graph_file).is_file():
-            (olive_out / graph_file).rename(output_dir / graph_file)
+        if (extracted / graph_file).is_file():
+            (extracted / graph_file).rename(output_dir / graph_file)
     (output_dir / ADAPTERS_DIR).mkdir(exist_ok=True)
     weights.rename(output_dir / ADAPTERS_DIR / f"{name}{SUFFIX}")
 

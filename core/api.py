@@ -19,9 +19,6 @@ built-in plugins (slmops/plugins/) import nothing else from slmops, and a test h
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from .adapters import runtime_fed_matmuls
 from .chat import OrtGenAIChat
 from .config import Config, home, load_config
@@ -111,7 +108,6 @@ __all__ = [
     "options_of",
     "rename",
     "replace_dir",
-    "run_olive",
     "runtime_fed_matmuls",
     "staging_dir",
     "write_json_atomic",
@@ -132,11 +128,3 @@ def open_registry(config: Config | None = None, name: str | None = None) -> Regi
     from .registry import open_registry as _open
 
     return _open(config or current_config(), name)
-
-
-def run_olive(workflow: dict[str, Any], work_dir: Path) -> Any:
-    """Run an Olive workflow (the dict an Olive JSON config holds) with Olive's logging kept quiet."""
-    from . import olive_api
-
-    need_extra("olive", "running an Olive workflow")
-    return olive_api.run(workflow, work_dir)

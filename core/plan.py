@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from . import machine, provided
+from .adapters import adapter_extractor
 from .doctor import TESTED_ARCHITECTURES
 from .errors import NoImplementation, SlmopsError
 from .roles import BLOCK_SIZES, Converter, ConvertRequest, Quantizer, options_of
@@ -99,6 +100,8 @@ def plan(request: ConvertRequest, architecture: str, backend: str = "auto", quan
     followed by a quantizer. Routes cost the sum of their plugins' costs. ``backend`` / ``quantizer`` name the
     converter / quantizer to use ("auto": any)."""
     request, _ = resolve_algorithm(request)
+    if request.keeps_adapter:
+        adapter_extractor()  # refused now, not after the build, where no plugin keeps a LoRA apart
     converters = provided.converters()
     if backend != "auto":
         converters = [provided.by_name(converters, backend, "converter")]

@@ -132,6 +132,7 @@ class Converter:
     devices: tuple[str, ...] = ("cpu",)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     cost: int = 100  # lower wins when several converters accept a request
+    extracts_adapters: bool = False  # it implements extract_adapter (a LoRA kept apart: --adapter-mode adapter)
     Options: type[PluginOptions] = PluginOptions  # its own settings (none unless it says)
 
     def check(self, request: ConvertRequest, architecture: str) -> str | None:
@@ -148,6 +149,12 @@ class Converter:
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         """Write the model into output_dir (which exists and is empty); work_dir is scratch space."""
+        raise NotImplementedError
+
+    def extract_adapter(self, unmerged_dir: Path, output_dir: Path, work_dir: Path) -> Path:
+        """A converter with extracts_adapters: from a build whose LoRA branches are separate MatMuls (unmerged_dir),
+        write to output_dir the base graph (model.onnx, model.onnx.data) with the LoRA weights as optional inputs,
+        empty by default; return the ORT GenAI adapter file (.onnx_adapter) it wrote there."""
         raise NotImplementedError
 
 

@@ -1,11 +1,15 @@
-"""Converter: Microsoft Olive's ModelBuilder pass, through Olive's Python API (olive.run)."""
+"""Microsoft Olive in slmops, through Olive's Python API (olive.run), run quietly: the converter (Olive's ModelBuilder
+pass), and a LoRA kept apart as an ORT GenAI adapter file (Olive's ExtractAdapters pass)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from pathlib import Path
 from typing import Any
 
-from slmops.api import ConvertRequest, extra_problem, hookimpl, run_olive
+from slmops.api import ConvertRequest, extra_problem, hookimpl, need_extra
 from slmops.plugins.builder_fixes import fit_the_builder, option_text
 from slmops.plugins.builder_options import BuilderConverter, builder_options
 
@@ -45,6 +49,7 @@ class OliveConverter(BuilderConverter):
     name = "olive"
     description = "Olive ModelBuilder pass via olive.run (Python API)"
     cost = 50  # same graph as the builder, plus Olive's workflow overhead
+    extracts_adapters = True
 
     def check(self, request: ConvertRequest, architecture: str) -> str | None:
         return extra_problem("olive", "the Olive converter") or super().check(request, architecture)
@@ -52,8 +57,44 @@ class OliveConverter(BuilderConverter):
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
         olive_out = work_dir / "olive-output"
         fit_olive_to_the_builder()
-        run_olive(olive_workflow(request, olive_out, work_dir), work_dir)
+        run_workflow(olive_workflow(request, olive_out, work_dir), work_dir)
         move_model_files(olive_out, output_dir)
+
+    def extract_adapter(self, unmerged_dir: Path, output_dir: Path, work_dir: Path) -> Path:
+        need_extra("olive", "keeping a LoRA adapter apart (Olive's ExtractAdapters pass)")
+        workflow: dict[str, Any] = {
+            "input_model": {"type": "ONNXModel", "model_path": str(unmerged_dir), "onnx_file_name": "model.onnx"},
+            "passes": {
+                "extract": {
+                    "type": "ExtractAdapters",
+                    "make_inputs": True,
+                    "dynamic_lora_r": True,
+                    "optional_inputs": True,
+                    "save_format": "onnx_adapter",
+                    # weights beside the graph, as the builder writes them (protobuf stops at 2 GB)
+                    "save_as_external_data": True,
+                    "external_data_name": "model.onnx.data",
+                }
+            },
+            "cache_dir": str(work_dir / "olive-cache"),
+            "output_dir": str(output_dir),
+        }
+        run_workflow(workflow, work_dir)
+        return output_dir / "adapter_weights.onnx_adapter"
+
+
+def run_workflow(workflow: dict[str, Any], work_dir: Path) -> Any:
+    """Run an Olive workflow (the dict an Olive JSON config holds), quietly: slmops reports steps and errors."""
+    import olive
+    from olive.logging import get_olive_logger
+
+    # Olive logs to stdout (which must stay clean for --json) and raises itself to INFO to print its run history,
+    # whatever the workflow's log_severity_level says; a level on its handlers holds.
+    for handler in get_olive_logger().handlers:
+        handler.setLevel(logging.ERROR)
+    workflow = {"log_severity_level": 3, **workflow}
+    with contextlib.redirect_stdout(io.StringIO()):  # passes print (the model builder does)
+        return olive.run(workflow, tempdir=str(work_dir))
 
 
 def fit_olive_to_the_builder() -> None:

@@ -430,3 +430,31 @@ def test_plugins_that_lie_about_what_they_wrote_are_caught(cli, tmp_path, tiny_l
     assert r.rc == 1 and "first diverging at position" in error, r
     r = cli("convert", str(tiny_llama), "--precision", "fp32", "--backend", "eos-misreader", env=env)
     assert r.rc == 1 and "does not stop at end-of-text ids [2]" in r.err and "it stops at [5]" in r.err, r
+
+
+def test_olive_code_lives_in_its_plugin():
+    """Olive is run by its plugin alone (issue 31: Olive-specific code leaves core/): no core module imports olive."""
+    olive = {
+        p.name
+        for p in (ROOT / "core").rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "olive" for a in node.names))
+        or (isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "olive")
+    }
+    assert not olive, olive
+
+
+def test_a_lora_kept_apart_needs_a_converter_that_extracts_adapters(monkeypatch, tmp_path):
+    """--adapter-mode adapter goes through the converter plugin that declares extracts_adapters (Olive's); with none
+    loaded, the request is refused before any build, in one line that says what to do."""
+    from slmops import plan, provided
+    from slmops.errors import SlmopsError
+    from slmops.roles import ConvertRequest
+
+    real = provided.converters()
+    assert [c.name for c in real if c.extracts_adapters] == ["olive"]
+    monkeypatch.setattr(provided, "converters", lambda: [c for c in real if not c.extracts_adapters])
+    request = ConvertRequest(source_dir=tmp_path, precision="fp32", adapter=tmp_path, adapter_mode="adapter")
+    assert request.keeps_adapter
+    with pytest.raises(SlmopsError, match=r"extracts adapters .*slmops\[olive\].*--adapter-mode merge"):
+        plan.plan(request, "LlamaForCausalLM")
