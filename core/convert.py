@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -62,7 +63,7 @@ def plugin_code(implementation: object) -> str:
         if source and not installed_copy(Path(source)):
             package = getattr(sys.modules.get(top), "__file__", None)
             folders = {Path(source).parent, *([Path(package).parent] if package else [])}
-            return f"{version}, checkout {sources_hash(sorted(folders))}"
+            return f"{version}, checkout {checkout_hash(tuple(sorted(folders)))}"
         return version
     return content_hash(Path(source)) if source else cls.__module__
 
@@ -72,14 +73,19 @@ def installed_copy(source: Path) -> bool:
     return any(part in ("site-packages", "dist-packages") for part in source.resolve().parts)
 
 
+@functools.cache
+def checkout_hash(folders: tuple[Path, ...]) -> str:
+    """sources_hash once per process: the code a process runs is what it imported (and every build key and
+    manifest asks for it)."""
+    return sources_hash(list(folders))
+
+
 def sources_hash(folders: list[Path]) -> str:
     """sha256 of the files in folders (sub-folders included, compiled bytecode left out), by path and content."""
     total = hashlib.sha256()
     for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                total.update(f"{path.relative_to(folder)}\0".encode())
-                total.update(hashlib.sha256(path.read_bytes()).digest())
+        for rel, digest in file_hashes(folder, skip=("__pycache__",), follow_links=True).items():
+            total.update(f"{rel}\0{digest}".encode())
     return total.hexdigest()[:16]
 
 

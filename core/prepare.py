@@ -18,7 +18,6 @@ from .roles import ConvertRequest
 class Prepared:
     """The source as the build reads it: the checkpoint (the LoRA merged into it where asked) and its architecture."""
 
-    source: sources.Source
     checkpoint: Path
     architecture: str
 
@@ -37,7 +36,7 @@ def prepare(source: sources.Source, request: ConvertRequest, force: bool = False
             )
         if request.adapter_mode == "merge":
             checkpoint = merge_adapter(checkpoint, source.sha256, request.adapter, request.trust_remote_code)
-    return Prepared(source, checkpoint, architecture_of(checkpoint))
+    return Prepared(checkpoint, architecture_of(checkpoint))
 
 
 def architecture_of(checkpoint: Path) -> str:

@@ -14,8 +14,6 @@ from .errors import SlmopsError
 from .fsutil import changed_files, clean_stale, copy_file, copy_tree, lock, staging_dir
 
 MANIFEST = "slmops-manifest.json"
-
-
 PACKAGED = "slmops-package.json"  # in a packaged (registered) model's folder: its files' hashes at validation
 
 

@@ -26,12 +26,10 @@
 #endif
 #endif
 #include <stdint.h>
-#include <stdio.h>
 #include <string.h>
 
 #include <algorithm>
 #include <cmath>
-#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <vector>

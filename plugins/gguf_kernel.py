@@ -63,8 +63,9 @@ def why_not() -> str | None:
     path = installed()
     if path is None:
         return f"the {WHEEL} wheel is not installed (make install, or pip install ./kernel)"
-    if platform.system() != "Linux" or built_for(path) != normal_machine(platform.machine()):
-        return f"the installed kernel is for Linux {built_for(path)}, this is {platform.system()} {platform.machine()}"
+    architecture = built_for(path)
+    if platform.system() != "Linux" or architecture != normal_machine(platform.machine()):
+        return f"the installed kernel is for Linux {architecture}, this is {platform.system()} {platform.machine()}"
     found = code(path)  # the library's own choice of kernels for this CPU
     if found == "portable":  # plain C++: slower here than MatMulNBits
         return "this CPU lacks AVX2, FMA or F16C, which the kernel's fast code needs"

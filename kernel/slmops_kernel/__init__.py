@@ -1,6 +1,6 @@
 """slmops's GGUF kernel, compiled for this platform when the wheel was built (kernel/gguf_kernel.cc): an ONNX Runtime
-custom operator library that slmops copies into the model folders it builds. On x86-64 it runs AVX2 kernels where
-the CPU has AVX2, FMA and F16C and portable ones elsewhere; on other architectures the portable ones."""
+custom operator library that slmops copies into the model folders it builds. It picks its kernels when loaded: AVX2
+on an x86-64 CPU with AVX2, FMA and F16C; NEON on ARM64, with SDOT where the CPU has dotprod; plain C++ elsewhere."""
 
 from __future__ import annotations
 
