@@ -105,22 +105,3 @@ class ActiveAdapter:
         name = self.name if name == DEFAULT else self.load(name)
         if name:
             generator.set_active_adapter(self.handle, name)
-
-
-def check_effect(model_dir: Path, name: str, prompt: str = "The capital of France is") -> dict[str, Any]:
-    """Load the adapter with ORT GenAI and measure how far it moves the next-token logits; raises if it cannot
-    be applied. A LoRA that changes nothing was not applied."""
-    import numpy as np
-
-    from .runtime import Session
-
-    session = Session(model_dir, "none")
-    tokens = session.encode(prompt)
-    base = session.logits(tokens)[-1]
-    session.use_adapter(name)
-    tuned = session.logits(tokens)[-1]
-    return {
-        "name": name,
-        "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
-        "top1_changed": bool(base.argmax() != tuned.argmax()),
-    }

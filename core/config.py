@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import SlmopsError, UsageError
 from .machine import TARGETS
+from .reading import read_text_limited
 from .roles import BLOCK_SIZES
 
 CONFIG_NAME = "slmops.toml"
@@ -235,8 +236,6 @@ def defaults() -> Config:
 
 def read_toml(path: Path, what: str) -> tuple[str, dict[str, Any]]:
     """A small TOML file's text and tables, refused with one line when it is not one."""
-    from .fsutil import read_text_limited
-
     try:
         text = read_text_limited(path, what, limit=1 << 20)
     except SlmopsError as e:

@@ -296,7 +296,7 @@ def _build(
             effect = None
             if adapter and not problems:
                 try:
-                    effect = adapters.check_effect(out, adapter)
+                    effect = verify.adapter_effect(out, adapter)
                     if effect["max_logit_change"] == 0:
                         problems.append(f"the adapter {adapter!r} loads but changes nothing: the LoRA was not applied")
                 except Exception as e:

@@ -80,30 +80,6 @@ def copy_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
         copy_file(f, dst)
 
 
-# Config-like files slmops reads whole (slmops.toml, Olive JSON, a model's JSON configs): a real one is a few KB, a
-# tokenizer.json a few MB. The limit keeps /dev/zero or a huge file given by mistake from filling memory.
-READ_LIMIT = 64 << 20
-
-
-def read_text_limited(path: Path, what: str, limit: int = READ_LIMIT) -> str:
-    """A text file read whole, refused with one line when it is not a regular file or is larger than limit."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise SlmopsError(f"cannot read {what} {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SlmopsError(f"{what} {path} is not a regular file; give the path of a {what}")
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise SlmopsError(f"{what} {path} is larger than {limit >> 20} MB; this is not a {what}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SlmopsError(f"{what} {path} is not UTF-8 text") from None
-
-
 def strict_json(data: Any) -> Any:
     """data with every NaN or infinite float replaced by None: JSON has no NaN, and a parser that follows the
     standard refuses Python's bare NaN."""
@@ -252,10 +228,17 @@ def replace_dir(new: Path, final: Path) -> None:
         rename(new, final)
 
 
+def human_bytes(n: float) -> str:
+    """A size as people read it: 512 B, 1.5 KB, 271.3 MB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def check_disk(folder: Path, need: int, what: str) -> None:
     """Refuse to start work that would run out of disk half-way; builds and sources live under SLMOPS_HOME."""
-    from .output import human_bytes
-
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < need:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import Config
 from .errors import SlmopsError
-from .fsutil import read_text_limited
+from .reading import read_text_limited
 
 TOP_KEYS = {
     "input_model",

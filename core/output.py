@@ -10,13 +10,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .fsutil import human_bytes, strict_json  # noqa: F401 (human_bytes: output's to callers)
+
 stdout = Console(highlight=False, soft_wrap=False)
 
 
 def emit_json(data: Any) -> None:
     """Strict JSON: NaN and infinities become null (Python would print a bare NaN, which JSON parsers refuse)."""
-    from .fsutil import strict_json
-
     print(json.dumps(strict_json(json.loads(json.dumps(data, default=str))), indent=2, allow_nan=False))
 
 
@@ -44,11 +44,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
     return str(value)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import progress
 from .errors import SlmopsError
-from .fsutil import read_text_limited
+from .reading import read_text_limited
 from .results import Quality
 
 CHUNK = 512

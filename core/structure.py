@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SlmopsError
-from .fsutil import read_text_limited
+from .reading import read_text_limited
 
 SCHEMA_FILE_LIMIT = 1 << 20  # a schema file larger than this is not a schema
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

@@ -104,6 +104,25 @@ def generate_check(model_dir: Path, prompt: str = "The capital of France is", ne
     return {"prompt": prompt, "tokens": len(out), "text": session.decode(out)}
 
 
+def adapter_effect(model_dir: Path, name: str, prompt: str = "The capital of France is") -> dict[str, Any]:
+    """Load the adapter with ORT GenAI and measure how far it moves the next-token logits; raises if it cannot
+    be applied. A LoRA that changes nothing was not applied."""
+    import numpy as np
+
+    from .runtime import Session
+
+    session = Session(model_dir, "none")
+    tokens = session.encode(prompt)
+    base = session.logits(tokens)[-1]
+    session.use_adapter(name)
+    tuned = session.logits(tokens)[-1]
+    return {
+        "name": name,
+        "max_logit_change": round(float(np.abs(tuned - base).max()), 6),
+        "top1_changed": bool(base.argmax() != tuned.argmax()),
+    }
+
+
 # -- against the source --------------------------------------------------------------------------------------------
 SOURCE_POSITIONS = 192  # tokens of the shipped corpus, teacher-forced through both models
 FP32_MAX_KLD = 1e-4  # an fp32 build is the source in another runtime: only float rounding may differ

@@ -57,6 +57,63 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     assert _slmops_imports(sample) == ["slmops.fsutil", "slmops.roles", "slmops.config", "slmops.api"]
 
 
+def _core_modules() -> dict[str, Path]:
+    core = ROOT / "core"
+    out = {}
+    for path in core.rglob("*.py"):
+        parts = path.relative_to(core).with_suffix("").parts
+        out[".".join(["slmops", *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
+    return out
+
+
+def _import_circles(modules: dict[str, Path]) -> list[list[str]]:
+    """The groups of core modules that import each other round a circle (imports inside functions count: a circle
+    deferred to call time is still one), by Tarjan's strongly connected components."""
+    edges = {m: [i for i in _slmops_imports(p) if i in modules and i != m] for m, p in modules.items()}
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(m: str) -> None:
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        on.add(m)
+        for n in edges[m]:
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in on:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:
+            group = []
+            while True:
+                n = stack.pop()
+                on.discard(n)
+                group.append(n)
+                if n == m:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for m in modules:
+        if m not in index:
+            visit(m)
+    return circles
+
+
+def test_the_core_has_no_import_circle():
+    """Modules layered, each importing only below itself (issue 31 item 6: adapters <-> runtime and the templates'
+    detection <-> rendering were circles, deferred by imports inside functions)."""
+    assert not _import_circles(_core_modules())
+
+
+def test_the_circle_finder_sees_a_circle(tmp_path):
+    # the test above passes vacuously if the finder misses circles: two modules importing each other, one lazily
+    (tmp_path / "a.py").write_text("from .b import x\n")
+    (tmp_path / "b.py").write_text("def f():\n    from . import a\n")
+    (tmp_path / "c.py").write_text("from . import a\n")
+    modules = {f"slmops.{n}": tmp_path / f"{n}.py" for n in "abc"}
+    assert _import_circles(modules) == [["slmops.a", "slmops.b"]]
+
+
 PLATFORM_CHECK = textwrap.dedent("""
     import ast, importlib, pkgutil, sys
     from pathlib import Path

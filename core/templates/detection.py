@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SlmopsError
+from ..reading import read_text_limited  # bounded: a link to /dev/zero or a huge file is refused, not read
 from ..roles import CHAT_DEFAULTS, ModelInfo, TemplateFamily
 from .rendering import CONVERSATIONS, render, tokenizer_render
 
@@ -24,8 +25,6 @@ class ChosenTemplate:
 
 def read_model_info(path: Path) -> ModelInfo:
     """config.json and tokenizer files of a checkpoint or an ORT GenAI folder."""
-
-    from ..fsutil import read_text_limited  # bounded: a link to /dev/zero or a huge file is refused, not read
 
     def load(name: str) -> dict[str, Any]:
         if not (path / name).exists():

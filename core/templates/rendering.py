@@ -7,13 +7,10 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import SlmopsError
 from ..roles import ModelInfo, TemplateFamily
-
-if TYPE_CHECKING:
-    from .detection import ChosenTemplate
 
 Messages = list[dict[str, str]]
 
@@ -168,19 +165,19 @@ def runtime_render(model_dir: Path, messages: Messages, add_generation_prompt: b
     )
 
 
-def write_chat_template(model_dir: Path, chosen: ChosenTemplate) -> dict[str, Any]:
+def write_chat_template(model_dir: Path, family: TemplateFamily, default_system: str | None) -> dict[str, Any]:
     """Give a model without a chat template (a base model) its family's, as chat_template.jinja, and check that
     the runtime renders every test conversation exactly as slmops does; raises if it does not."""
-    (model_dir / "chat_template.jinja").write_text(chat_template(chosen.family, chosen.default_system))
+    (model_dir / "chat_template.jinja").write_text(chat_template(family, default_system))
     for name, conv in CONVERSATIONS.items():
-        theirs, ours = runtime_render(model_dir, conv), render(chosen.family, conv, chosen.default_system)
+        theirs, ours = runtime_render(model_dir, conv), render(family, conv, default_system)
         if theirs != ours:
             from ..verify import first_difference
 
             pos = first_difference(ours, theirs)
             raise SlmopsError(
-                f"the chat template slmops wrote for {chosen.family.name} renders '{name}' differently in ORT GenAI "
+                f"the chat template slmops wrote for {family.name} renders '{name}' differently in ORT GenAI "
                 f"at character {pos}: {ours[max(0, pos - 20) : pos + 20]!r} vs {theirs[max(0, pos - 20) : pos + 20]!r}; "
                 "pass --family with another family"
             )
-    return {"file": "chat_template.jinja", "family": chosen.family.name, "runtime_renders_the_same": len(CONVERSATIONS)}
+    return {"file": "chat_template.jinja", "family": family.name, "runtime_renders_the_same": len(CONVERSATIONS)}
