@@ -119,7 +119,14 @@ PLATFORM_CHECK = textwrap.dedent("""
     from pathlib import Path
     platform = sys.argv[1]
     import slmops, slmops.plugins
+    from slmops import extras
     names = [m.name for m in pkgutil.walk_packages(slmops.__path__, "slmops.")]
+    # Only serve.py, the module of `slmops serve`, imported after its extra is checked, may import an extra at import
+    # time; where that extra is not installed (the suite with only the core) it is left out, and nothing else is.
+    EXTRA_MODULES = {"slmops.serve": "serve"}
+    for name, extra in EXTRA_MODULES.items():
+        if extras.missing(extra):
+            names.remove(name)
     # Third-party libraries branch on the platform themselves (filelock imports msvcrt on Windows): import them as
     # they are here, then pretend to be the other platform for slmops's own modules only.
     for name in names:
@@ -134,6 +141,8 @@ PLATFORM_CHECK = textwrap.dedent("""
             for module, attribute in wanted:
                 if module.split(".")[0] in ("slmops", "__future__", "fcntl", "resource", "termios", "pwd", "grp"):
                     continue
+                extra = [e for e, modules in extras.EXTRAS.items() if module.split(".")[0] in modules]
+                assert not extra or name in EXTRA_MODULES, f"{name} imports {module} (slmops[{extra[0]}]) at import"
                 loaded = importlib.import_module(module)
                 if attribute and not hasattr(loaded, attribute):  # a submodule
                     importlib.import_module(module + "." + attribute)
