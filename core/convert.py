@@ -31,7 +31,7 @@ from .fsutil import (
     write_json_atomic,
 )
 from .plan import Route, check_options, plan, resolve_algorithm
-from .prepare import prepare
+from .prepare import Prepared, prepare
 from .results import Build
 from .roles import Converter, ConvertRequest, Quantizer
 from .store import MANIFEST, is_intact, publish, read_manifest
@@ -127,32 +127,21 @@ def convert(
     """Build (or find in the cache) a verified ORT GenAI model; with output, also publish it there."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    target = _target(source_spec, request_options, backend, quantizer_name)
-    source, request, build_dir = target.source, target.request, target.build_dir
+    spec = build_spec(source_spec, request_options, backend, quantizer_name)
     timings["plan_s"] = time.perf_counter() - start
-    manifest = read_manifest(build_dir)
-    cached = is_intact(build_dir, manifest, target.key, say=False)
+    manifest = read_manifest(spec.build_dir)
+    cached = is_intact(spec.build_dir, manifest, spec.key, say=False)
     if not cached:
         extras.need("torch", "building a model")  # the model builder reads the checkpoint with torch
-        with lock(build_dir):
-            clean_stale(build_dir.parent)  # what killed builds left behind
-            manifest = read_manifest(build_dir)
-            cached = is_intact(build_dir, manifest, target.key)
+        with lock(spec.build_dir):
+            clean_stale(spec.build_dir.parent)  # what killed builds left behind
+            manifest = read_manifest(spec.build_dir)
+            cached = is_intact(spec.build_dir, manifest, spec.key)
             if not cached:
                 # fp32 graph + quantized copy + staging, measured on SmolLM2
-                check_disk(build_dir.parent, 3 * dir_size(request.source_dir), "the build")
-                route = target.route
-                manifest = _build(
-                    source,
-                    request,
-                    target.architecture,
-                    route.converter,
-                    route.quantizer,
-                    target.key,
-                    build_dir,
-                    timings,
-                )
-    path = publish(build_dir, Path(output), manifest) if output else build_dir
+                check_disk(spec.build_dir.parent, 3 * dir_size(spec.request.source_dir), "the build")
+                manifest = _build(spec, timings)
+    path = publish(spec.build_dir, Path(output), manifest) if output else spec.build_dir
     return Build(path=Path(path), cached=cached, manifest=manifest)
 
 
@@ -171,39 +160,45 @@ def route(
     quantizer_name: str = "auto",
 ) -> dict[str, Any]:
     """convert --dry-run: the route a build would take and whether it is cached; builds nothing."""
-    target = _target(source_spec, request_options, backend, quantizer_name)
-    source, plan_ = target.source, target.route
+    spec = build_spec(source_spec, request_options, backend, quantizer_name)
+    source, chosen = spec.source, spec.route
     return {
         "dry_run": True,
         "source": {"spec": source.spec, "kind": source.kind, "path": str(source.original)},
-        "architecture": target.architecture,
-        "options": target.request.options(),
-        "converter": plan_.converter.name,
-        "quantizer": plan_.quantizer.name if plan_.quantizer else None,
-        "route": plan_.describe(),
-        "cost": plan_.cost,
-        "rejected": plan_.rejected,
-        "alternatives": plan_.alternatives,
-        "path": str(target.build_dir),
-        "cached": is_intact(target.build_dir, read_manifest(target.build_dir), target.key, say=False),
+        "architecture": spec.prepared.architecture,
+        "options": spec.request.options(),
+        "converter": chosen.converter.name,
+        "quantizer": chosen.quantizer.name if chosen.quantizer else None,
+        "route": chosen.describe(),
+        "cost": chosen.cost,
+        "rejected": chosen.rejected,
+        "alternatives": chosen.alternatives,
+        "path": str(spec.build_dir),
+        "cached": is_intact(spec.build_dir, read_manifest(spec.build_dir), spec.key, say=False),
         "output": output,
     }
 
 
-@dataclasses.dataclass
-class Target:
-    """What a build request resolves to before anything is built: the source, the full request, the route and the
-    cache folder its key names."""
+@dataclasses.dataclass(frozen=True)
+class BuildSpec:
+    """What one build is, settled before anything is built, and what every stage after planning reads: the source
+    and its prepared checkpoint (a LoRA merged) with its architecture, the full request (every option, the target
+    machine included), the route (converter and quantizer), the cache key over all of them and the code that makes
+    them, and the cache folder the key names."""
 
     source: sources.Source
+    prepared: Prepared
     request: ConvertRequest
-    architecture: str
     route: Route
     key: str
     build_dir: Path
 
 
-def _target(source_spec: str | None, request_options: dict[str, Any], backend: str, quantizer_name: str) -> Target:
+def build_spec(
+    source_spec: str | None, request_options: dict[str, Any], backend: str, quantizer_name: str
+) -> BuildSpec:
+    """The stages before the build: the source resolved (a GGUF dequantized once), the request checked and
+    completed, the source prepared (prepare.py), the route planned (plan.py), the key taken."""
     with progress.step("Resolving the source"):
         source = sources.resolve(source_spec)
     gguf = Path(source.original) if source.kind in ("gguf", "default") else None
@@ -223,8 +218,7 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
     check_options(request)
     prepared = prepare(source, request, force)
     request = dataclasses.replace(request, source_dir=prepared.checkpoint)
-    architecture = prepared.architecture
-    chosen = plan(request, architecture, backend, quantizer_name)
+    chosen = plan(request, prepared.architecture, backend, quantizer_name)
     key = build_key(source.sha256, request, chosen.converter, chosen.quantizer)
     # The key names a build; the folder's name also says its source, so a moved or renamed source finds its build
     built = sorted((home() / "builds").glob(f"*-{request.precision}-{key[:12]}"))
@@ -233,20 +227,15 @@ def _target(source_spec: str | None, request_options: dict[str, Any], backend: s
         if built
         else home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
     )
-    return Target(source, request, architecture, chosen, key, build_dir)
+    return BuildSpec(source, prepared, request, chosen, key, build_dir)
 
 
-def _build(
-    source: sources.Source,
-    request: ConvertRequest,
-    architecture: str,
-    converter: Converter,
-    quantizer: Quantizer | None,
-    key: str,
-    build_dir: Path,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    with staging_dir(build_dir) as out, scratch_dir(build_dir.parent) as work:
+def _build(spec: BuildSpec, timings: dict[str, float]) -> dict[str, Any]:
+    """Build, verify and store one spec: convert, (extract the adapter,) quantize into a staging folder, check it
+    against its request and its source, write its manifest; renamed into spec.build_dir only when all passed."""
+    source, request, architecture = spec.source, spec.request, spec.prepared.architecture
+    converter, quantizer, key = spec.route.converter, spec.route.quantizer, spec.key
+    with staging_dir(spec.build_dir) as out, scratch_dir(spec.build_dir.parent) as work:
         work_dir = Path(work)
         label = f"{request.precision}" + (
             f" block {request.block_size}, {'sym' if request.symmetric else 'asym'}"
@@ -283,27 +272,10 @@ def _build(
         runtime.use_every_core(out)
         t = time.perf_counter()
         with progress.step("Verifying: reading the graph back, generating, comparing with the source in torch"):
-            graph = verify.graph_quantization(out)
-            problems = verify.compare(request, graph, quantizer.graph_facts(request) if quantizer else None)
-            try:
-                sample = verify.generate_check(out)
-            except Exception as e:
-                sample, problems = None, problems + [f"ORT GenAI cannot generate: {type(e).__name__}: {e}"]
-            found = None
-            if not problems and not adapter:  # with an adapter kept apart, the source is base plus adapter
-                found = verify.against_source(out, request)
-                problems += verify.source_problems(request, found)
-            effect = None
-            if adapter and not problems:
-                try:
-                    effect = verify.adapter_effect(out, adapter)
-                    if effect["max_logit_change"] == 0:
-                        problems.append(f"the adapter {adapter!r} loads but changes nothing: the LoRA was not applied")
-                except Exception as e:
-                    problems.append(f"ORT GenAI cannot apply the adapter {adapter!r}: {type(e).__name__}: {e}")
+            verification = verify.verify_build(
+                out, request, quantizer.graph_facts(request) if quantizer else None, adapter
+            )
         timings["verify_s"] = time.perf_counter() - t
-        if problems:
-            raise SlmopsError("verification failed, nothing was written: " + "; ".join(problems))
         manifest = {
             "key": key,
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -323,7 +295,7 @@ def _build(
             "output_bytes": dir_size(out),
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "adapters": {name: str(path.relative_to(out)) for name, path in adapters.find(out).items()},
-            "verification": {"ok": True, "graph": graph, "sample": sample, "source": found, "adapter": effect},
+            "verification": verification,
             "requires": machine.requirements(out),  # what the folder needs of the machine that runs it
             "files": file_hashes(out, skip=(MANIFEST,)),  # checked on every cache hit
         }

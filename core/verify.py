@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import SlmopsError
 from .roles import ConvertRequest
 
 # lm_head is kept at 8 bits by these algorithms; k_quant_mixed promotes some layers to 8 bits.
@@ -229,3 +230,32 @@ def source_problems(request: ConvertRequest, found: dict[str, Any]) -> list[str]
             f"first diverging at position {found['first_divergence']}; the converter misread the model's config"
         )
     return problems
+
+
+def verify_build(
+    model_dir: Path, request: ConvertRequest, facts: dict[str, Any] | None, adapter: str | None
+) -> dict[str, Any]:
+    """The verify stage of a build: its graph read back against the request and the quantizer's facts, a few tokens
+    generated, its logits against the source in torch (or, with an adapter kept apart, the adapter's effect). What it
+    found, for the manifest; raises with every problem where there is one, before anything is stored."""
+    graph = graph_quantization(model_dir)
+    problems = compare(request, graph, facts)
+    try:
+        sample = generate_check(model_dir)
+    except Exception as e:
+        sample, problems = None, problems + [f"ORT GenAI cannot generate: {type(e).__name__}: {e}"]
+    found = None
+    if not problems and not adapter:  # with an adapter kept apart, the source is base plus adapter
+        found = against_source(model_dir, request)
+        problems += source_problems(request, found)
+    effect = None
+    if adapter and not problems:
+        try:
+            effect = adapter_effect(model_dir, adapter)
+            if effect["max_logit_change"] == 0:
+                problems.append(f"the adapter {adapter!r} loads but changes nothing: the LoRA was not applied")
+        except Exception as e:
+            problems.append(f"ORT GenAI cannot apply the adapter {adapter!r}: {type(e).__name__}: {e}")
+    if problems:
+        raise SlmopsError("verification failed, nothing was written: " + "; ".join(problems))
+    return {"ok": True, "graph": graph, "sample": sample, "source": found, "adapter": effect}
