@@ -29,6 +29,12 @@ DISTRIBUTIONS = {
 }
 
 
+def extra_of(module: str) -> str | None:
+    """The extra that installs a module (its top-level package), or None for a module of the core or none of ours."""
+    top = module.split(".")[0]
+    return next((extra for extra, modules in EXTRAS.items() if top in modules), None)
+
+
 def missing(extra: str) -> list[str]:
     """The modules of an extra that cannot be imported here (found without importing them)."""
     gone = []

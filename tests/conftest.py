@@ -62,12 +62,11 @@ def missing_extra(error: BaseException) -> str | None:
     from slmops import extras
 
     if isinstance(error, ModuleNotFoundError):
-        top = (error.name or "").split(".")[0]
-        named = [e for e, modules in extras.EXTRAS.items() if top in modules]
+        named = [extras.extra_of(error.name or "")]
     else:
         text = str(error)
         named = [e for e in extras.EXTRAS if extras.INSTALL.format(e) in text]
-    return next((e for e in named if extras.missing(e)), None)
+    return next((e for e in named if e and extras.missing(e)), None)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -141,8 +141,8 @@ PLATFORM_CHECK = textwrap.dedent("""
             for module, attribute in wanted:
                 if module.split(".")[0] in ("slmops", "__future__", "fcntl", "resource", "termios", "pwd", "grp"):
                     continue
-                extra = [e for e, modules in extras.EXTRAS.items() if module.split(".")[0] in modules]
-                assert not extra or name in EXTRA_MODULES, f"{name} imports {module} (slmops[{extra[0]}]) at import"
+                extra = extras.extra_of(module)
+                assert not extra or name in EXTRA_MODULES, f"{name} imports {module} (slmops[{extra}]) at import"
                 loaded = importlib.import_module(module)
                 if attribute and not hasattr(loaded, attribute):  # a submodule
                     importlib.import_module(module + "." + attribute)
