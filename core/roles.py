@@ -83,6 +83,13 @@ class ConvertRequest:
     # them, checked, through options_of(plugin, request)
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Paths given as strings (the Python API: convert.convert(src, {"calibration": "rows.jsonl"})) taken as paths
+        for name in ("source_dir", "adapter", "gguf", "calibration"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+
     @property
     def keeps_adapter(self) -> bool:
         """A LoRA adapter kept apart from the base weights (fed at run time), not merged into them."""

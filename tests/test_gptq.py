@@ -186,6 +186,8 @@ def test_your_calibration_text_changes_the_key_and_the_measurement(tiny_qwen2, t
         tmp_path / "elsewhere" / "mine.jsonl", [{"text": text}, {"prompt": "Total?", "expected": "1,250.00"}]
     )
     assert convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": moved})["path"] == ours["path"]
+    # the Python API given the path as a string: the same file, the same build
+    assert convert.route(str(tiny_qwen2), {"precision": "int4", "calibration": str(moved)})["path"] == ours["path"]
     fp32 = convert.reference(str(tiny_qwen2), {}).path
     before = calibration.activation_importance(fp32)
     after = calibration.activation_importance(fp32, quality.calibration_text(mine))
