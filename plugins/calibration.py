@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-CALIBRATION_TOKENS = 4096  # in windows of WINDOW tokens
+# In windows of WINDOW tokens: 6x the 4,096 it was, for GPTQ's Hessians and the output layer's token use
+# (docs/user-guide.md, the float-source section, has what it changed)
+CALIBRATION_TOKENS = 24576
 WINDOW = 512
 CALIBRATION = "data/calibration.txt"  # made by data/make_calibration.py
 
@@ -60,8 +62,32 @@ def activation_statistics(
     MatMul does not fit in memory at once: gptq measures them in groups). From the fp32 graph run by ONNX Runtime
     with the MatMul inputs as extra outputs (an empty KV cache). The weights are read once, by ONNX Runtime from the
     build's own data file (the graph alone is rewritten in memory)."""
+    return _statistics(fp32_dir, text, full, weights, use=False)[0]
+
+
+def statistics_and_use(
+    fp32_dir: Path, text: str | None = None, weights: Collection[str] | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """activation_statistics(full=True) of weights and token_use, from one pass over the calibration text."""
+    stats, use = _statistics(fp32_dir, text, True, weights, use=True)
+    return stats, use
+
+
+def token_use(fp32_dir: Path, text: str | None = None) -> np.ndarray:
+    """How much each vocabulary entry is used: the source's next-token probability of it, averaged over the positions
+    of the calibration text (the shipped one, or text), [vocab], summing to 1."""
+    return _statistics(fp32_dir, text, False, (), use=True)[1]
+
+
+def outlier_channels(importance: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """Weight name -> the count input channels of largest mean square (at most a quarter of them), unsorted."""
+    return {name: np.argsort(-ms, kind="stable")[: min(count, len(ms) // 4)] for name, ms in importance.items()}
+
+
+def _statistics(
+    fp32_dir: Path, text: str | None, full: bool, weights: Collection[str] | None, use: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     weight_of = _weight_inputs(model)
@@ -72,6 +98,33 @@ def activation_statistics(
     model.graph.output.extend(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in listened
     )
+    sums: dict[str, np.ndarray] = {}
+    used = None
+    for outs in _windows(fp32_dir, model, listened + (["logits"] if use else []), text):
+        for name, value in zip(listened, outs, strict=False):
+            x = value.reshape(-1, value.shape[-1])
+            # float32 products of a window, summed over a few windows (GPTQ damps H's diagonal by 1% anyway)
+            part = x.T @ x if full else (x.astype(np.float64) ** 2).sum(0)
+            if name in sums:
+                sums[name] += part
+            else:
+                sums[name] = part
+        if use:  # each position's next-token probabilities (float32: each sums to 1), summed in float64
+            z = outs[-1][0]
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p = (p / p.sum(-1, keepdims=True)).sum(0, dtype=np.float64)
+            used = p if used is None else used + p
+    count = len(calibration_tokens(fp32_dir, text))
+    for total in sums.values():
+        total /= count
+    return {w: sums[x] for w, x in weight_of.items() if x in sums}, None if used is None else used / used.sum()
+
+
+def _windows(fp32_dir: Path, model, outputs: list[str], text: str | None):
+    """The outputs of the fp32 graph (model, its weights in fp32_dir's data file) for each window of the calibration
+    text's tokens, run by ONNX Runtime from an empty KV cache."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the listened names
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir))
@@ -95,24 +148,7 @@ def activation_statistics(
         if i.name.startswith("past_key_values")
     }
     tokens = calibration_tokens(fp32_dir, text)
-    sums: dict[str, np.ndarray] = {}
     for start in range(0, len(tokens), window_tokens):
         ids = np.array([tokens[start : start + window_tokens]], dtype=np.int64)
         run = {**feeds, "input_ids": ids, "attention_mask": np.ones_like(ids)}
-        outs = session.run(listened, {k: v for k, v in run.items() if k in names})
-        for name, value in zip(listened, outs, strict=True):
-            x = value.reshape(-1, value.shape[-1])
-            # float32 products of a window, summed over a few windows (GPTQ damps H's diagonal by 1% anyway)
-            part = x.T @ x if full else (x.astype(np.float64) ** 2).sum(0)
-            if name in sums:
-                sums[name] += part
-            else:
-                sums[name] = part
-    for total in sums.values():
-        total /= len(tokens)
-    return {w: sums[x] for w, x in weight_of.items() if x in sums}
-
-
-def outlier_channels(importance: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
-    """Weight name -> the count input channels of largest mean square (at most a quarter of them), unsorted."""
-    return {name: np.argsort(-ms, kind="stable")[: min(count, len(ms) // 4)] for name, ms in importance.items()}
+        yield session.run(outputs, {k: v for k, v in run.items() if k in names})

@@ -551,97 +551,105 @@ def _kind(form: gguf_blocks.BlockForm) -> str:
 
 def _quantize_embeddings(g: Graph, model, done: dict, forms_of: Forms, report: dict) -> None:
     """The token embedding Gather reads the GGUF's blocks too (GatherBlockQuantized). A tied embedding (the fp32
-    graph gathers from Transpose(lm_head weight)) shares the lm_head's quantized tensors, as the model builder does."""
+    graph gathers from Transpose(lm_head weight)) shares the lm_head's quantized tensors, as the model builder does;
+    where the lm_head's rows come in runs of several forms (gptq.head_by_use), each run gathers the ids that fall in
+    it and a Where per run after the first picks its rows."""
     producers = {o: n for n in model.graph.node for o in n.output}
     keep = []
     for node in model.graph.node:
         source = node.input[0] if node.op_type == "Gather" else ""
         transpose = producers.get(source)
         if source in g.inits and g.array(source).ndim == 2:  # an embedding table of its own
-            runs, shared = forms_of(source, g.array(source)), None
+            runs = forms_of(source, g.array(source))
+            if len(runs) != 1:  # an own table is one form (a tied one may be several)
+                runs = [(0, g.array(source).shape[0], rtn8(g.array(source)))]
+            start, rows, form = runs[0]
+            names = {
+                "b": g.const("embed_B", pack(form.codes, form.bits, form.block)),
+                "scales": g.const("embed_scales", form.scales),
+                "zp": g.const("embed_zp", pack_zero_points(form.zero_points, form.bits)),
+            }
+            report[_kind(form)][form.gguf_type] += rows * form.codes.shape[1]
+            report["tensors"][source] = [[0, rows, form.gguf_type]]
+            held, name = [(start, rows, form, [names])], source
         elif transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in done:  # tied
-            shared = transpose.input[0]
-            runs = [(s, e, f) for s, e, f, _ in done[shared]]
+            name = transpose.input[0]
+            held = [(s, e, f, [nm] if "ggml" in nm else _plane_names(nm)) for s, e, f, nm in done[name]]
         else:
             keep.append(node)
             continue
-        if shared and len(done[shared]) == 1 and "ggml" in done[shared][0][3]:  # the lm_head in the kernel's layout
-            held = done[shared][0][3]
-            g.node(
-                gguf_kernel.GATHER,
-                [node.input[1], held["ggml"]],
-                "embed",
-                outputs=[node.output[0]],
-                domain=gguf_kernel.DOMAIN,
-                doc_string=f"{shared}:embedding",
-                ggml_type=held["kind"],
-            )
-            continue
-        if len(runs) != 1:  # rows of several types would need a gather each: the table takes 8-bit RTN instead
-            table = g.array(source) if shared is None else g.array(shared).T
-            runs, shared = [(0, table.shape[0], rtn8(table))], None
-        _, rows, form = runs[0]
-        width = form.codes.shape[1]
-        if shared:  # the lm_head's tensors: one 8-bit or 4-bit table, or the two 4-bit planes of an 8-bit one
-            names = done[shared][0][3]
-            planes = nibble_planes(form) if len(names) > 1 else [form]
-        else:
-            planes = [form]
-            names = [
-                {
-                    "b": g.const("embed_B", pack(form.codes, form.bits, form.block)),
-                    "scales": g.const("embed_scales", form.scales),
-                    "zp": g.const("embed_zp", pack_zero_points(form.zero_points, form.bits)),
-                }
-            ]
-            report[_kind(form)][form.gguf_type] += rows * width
-            report["tensors"][source] = [[0, rows, form.gguf_type]]
-        n = names[0]
-        gathered = []
-        for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False):
-            table_shape = g.const("table_shape", np.array([rows, -1], dtype=np.int64))
-            flat = g.node("Reshape", [nm["b"], table_shape], "embed_table")
-            gathered.append(
-                g.node(
-                    "GatherBlockQuantized",
-                    [flat, node.input[1], nm["scales"], nm["zp"]],
-                    "embed",
-                    domain="com.microsoft",
-                    doc_string=f"{shared or source}:embedding" + (f":{plane}" if len(planes) > 1 else ""),
-                    gather_axis=0,
-                    quantize_axis=1,
-                    block_size=p.block,
-                    bits=p.bits,
+        ids, y = node.input[1], None
+        for start, end, form, names in held:
+            local = ids
+            if len(held) > 1:  # this run's rows: ids outside it read its first or last row, and are not picked
+                first = g.const("embed_run_start", np.array(start, dtype=np.int64))
+                last = g.const("embed_run_last", np.array(end - start - 1, dtype=np.int64))
+                zero = g.const("embed_zero", np.array(0, dtype=np.int64))
+                local = g.node("Sub", [ids, first], "embed_run_ids")
+                local = g.node("Min", [g.node("Max", [local, zero], "embed_run_low"), last], "embed_run_high")
+            rows = _gathered(g, local, form, names, f"{name}:embedding" + (f"+{start}" if start else ""))
+            if y is None:
+                y = rows
+            else:
+                inside = g.node("GreaterOrEqual", [ids, first], "embed_run_inside")
+                inside = g.node(
+                    "Unsqueeze", [inside, g.const("axis", np.array([-1], dtype=np.int64))], "embed_run_mask"
                 )
-            )
-        y = gathered[0] if len(gathered) == 1 else g.node("Add", gathered, "embed_planes", doc_string=PLANES)
-        if form.offsets is None:
-            g.new_nodes[-1].output[0] = node.output[0]
-        if form.offsets is not None:
-            offsets = n.get("offsets") or g.const("embed_offsets", form.offsets.T)  # [blocks, rows]
-            per_row = g.node("Transpose", [offsets], "embed_offsets_rows", perm=[1, 0])
-            offs = g.node(
-                "Unsqueeze",
-                [
-                    g.node("Gather", [per_row, node.input[1]], "embed_offsets"),
-                    g.const("axis", np.array([-1], dtype=np.int64)),
-                ],
-                "embed_offsets_1",
-            )
-            blocks = g.node(
-                "Reshape",
-                [y, g.const("shape", np.array([0, 0, width // form.block, form.block], dtype=np.int64))],
-                "embed_blocks",
-            )
-            added = g.node("Add", [blocks, offs], "embed_add")
-            g.node(
-                "Reshape",
-                [added, g.const("shape", np.array([0, 0, width], dtype=np.int64))],
-                "embed_out",
-                outputs=[node.output[0]],
-            )
+                y = g.node("Where", [inside, rows, y], "embed_run_pick")
+        g.new_nodes[-1].output[0] = node.output[0]  # y is the last node's output
     model.graph.ClearField("node")
     model.graph.node.extend(keep)
+
+
+def _plane_names(names: dict[str, str]) -> list[dict[str, str]]:
+    """A MatMulNBits run's tensor names as the embedding reads them: one dict per plane (one, or hi and lo)."""
+    return names if isinstance(names, list) else [names]
+
+
+def _gathered(g: Graph, ids: str, form: gguf_blocks.BlockForm, names: list[dict[str, str]], doc: str) -> str:
+    """The rows ids name of one block form held by the kernel (GatherGGML) or as MatMulNBits tensors
+    (GatherBlockQuantized per plane, plus the blocks' offsets where the form has them)."""
+    if "ggml" in names[0]:
+        held = names[0]
+        return g.node(
+            gguf_kernel.GATHER, [ids, held["ggml"]], "embed", domain=gguf_kernel.DOMAIN, doc_string=doc,
+            ggml_type=held["kind"],
+        )  # fmt: skip
+    rows, width = form.codes.shape
+    planes = nibble_planes(form) if len(names) > 1 else [form]
+    gathered = []
+    for nm, p, plane in zip(names, planes, ("hi", "lo"), strict=False):
+        table_shape = g.const("table_shape", np.array([rows, -1], dtype=np.int64))
+        flat = g.node("Reshape", [nm["b"], table_shape], "embed_table")
+        gathered.append(
+            g.node(
+                "GatherBlockQuantized",
+                [flat, ids, nm["scales"], nm["zp"]],
+                "embed",
+                domain="com.microsoft",
+                doc_string=doc + (f":{plane}" if len(planes) > 1 else ""),
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=p.block,
+                bits=p.bits,
+            )
+        )
+    y = gathered[0] if len(gathered) == 1 else g.node("Add", gathered, "embed_planes", doc_string=PLANES)
+    if form.offsets is None:
+        return y
+    offsets = names[0].get("offsets") or g.const("embed_offsets", form.offsets.T)  # [blocks, rows]
+    per_row = g.node("Transpose", [offsets], "embed_offsets_rows", perm=[1, 0])
+    offs = g.node(
+        "Unsqueeze",
+        [g.node("Gather", [per_row, ids], "embed_offsets"), g.const("axis", np.array([-1], dtype=np.int64))],
+        "embed_offsets_1",
+    )
+    blocks = g.node(
+        "Reshape", [y, g.const("shape", np.array([0, 0, width // form.block, form.block], dtype=np.int64))],
+        "embed_blocks",
+    )  # fmt: skip
+    added = g.node("Add", [blocks, offs], "embed_add")
+    return g.node("Reshape", [added, g.const("shape", np.array([0, 0, width], dtype=np.int64))], "embed_rows")
 
 
 def _drop_unused(model) -> None:
@@ -735,8 +743,8 @@ def read_back(model_dir: Path) -> dict[str, np.ndarray]:
         forms[name, where][plane[0] if plane else ""] = form
     for (name, where), planes in forms.items():
         form = join_planes(planes["hi"], planes["lo"]) if "hi" in planes else planes[""]
-        if where == "embedding":
-            parts[f"{name}:embedding"].append((0, form.dequantize()))
+        if where.startswith("embedding"):  # "embedding", or "embedding+START" for a run of rows after the first
+            parts[f"{name}:embedding"].append((int(where.partition("+")[2] or 0), form.dequantize()))
         else:
             parts[name].append((int(where), form.dequantize().T))
     axis = {True: 0, False: 1}

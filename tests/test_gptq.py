@@ -130,11 +130,13 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
     # tokenizer around 64-wide layers)
     assert report["bytes"] <= max(report["budget_bytes"], report["floor_bytes"])
     assert set(report["forms"].values()) <= set(gptq.CHOICES)
-    assert gptq.BYTES[report["forms"]["lm_head.MatMul.weight"]] >= gptq.BYTES["q5_0"]  # the output layer's floor
+    # the output layer by use (the default): in parts of 4096 vocabulary rows, each with its form
+    head = [n for n in report["forms"] if n.startswith("lm_head.MatMul.weight" + gptq.HEAD_PART)]
+    assert len(head) == -(-49152 // gptq.HEAD_ROWS) and "lm_head.MatMul.weight" not in report["forms"]
     # The graph computes with exactly the blocks the fit chose: rebuilt here from the same measurements.
     hessians = calibration.activation_statistics(fp32, full=True)
     decoder = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]
-    plan = gptq.Plan(decoder)
+    plan = gptq.Plan(decoder, use=calibration.token_use(fp32))
     plan.chosen = report["forms"]
     matrices = gptq.weights_of(fp32)
     back = gguf_native.read_back(build.path)
@@ -157,6 +159,32 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
 def back_tables(back: dict) -> set[str]:
     """The embedding tables of their own among read_back's weights."""
     return {name.split(":")[0] for name in back if name.endswith(":embedding") and name.split(":")[0] not in back}
+
+
+def test_the_output_layer_by_use_puts_its_bits_on_the_rows_most_used():
+    """Four parts of 4096 vocabulary rows, the first used 70% of the time: within the bytes of the whole layer at
+    q5_0 (what the allocation gives it), the most used part gets more bits and the least used fewer, so the error
+    the logits see, each row's as often as its token comes, is lower than the whole layer at q5_0 (the plan without
+    the use)."""
+    name = "lm_head.MatMul.weight"
+    matrix, h = correlated(4 * gptq.HEAD_ROWS, 64, seed=5)
+    use = np.repeat([0.7, 0.1, 0.1, 0.1], gptq.HEAD_ROWS) / gptq.HEAD_ROWS
+    plans = {}
+    for label, given in (("by use", use), ("whole", None)):
+        plan = plans[label] = gptq.Plan({"num_hidden_layers": 8}, use=given)
+        plan.measure(name, matrix, h)
+        plan.budget = matrix.size * gptq.BYTES["q5_0"]  # the output layer's floor, and no more
+        plan.choose()
+    assert plans["whole"].chosen == {name: "q5_0"}
+    forms = [plans["by use"].chosen[f"{name}{gptq.HEAD_PART}{s}"] for s in range(0, len(use), gptq.HEAD_ROWS)]
+    assert gptq.BYTES[forms[0]] > gptq.BYTES["q5_0"] > gptq.BYTES[forms[-1]], forms
+    assert plans["by use"].used() <= plans["whole"].used()
+
+    def seen_error(plan: gptq.Plan) -> float:  # each row's output error as often as its token is used
+        values = np.concatenate([form.dequantize() for _, _, form in plan.forms(name, matrix, None)])
+        return float((use * gptq.row_errors(matrix, values, h)).sum())
+
+    assert seen_error(plans["by use"]) < 0.8 * seen_error(plans["whole"])
 
 
 def test_convert_int4_takes_the_faithful_route_for_each_source(tiny_qwen2):
@@ -402,3 +430,61 @@ def test_learned_scales_or_fisher_that_do_not_fit_in_memory_are_refused_before_t
     options = {"precision": "int4", "algorithm": "gptq", "plugin_options": {"gptq": option}}
     with pytest.raises(SlmopsError, match="learning the scales or the sensitivity of this model takes about .* GB"):
         convert.convert(str(tiny_qwen2), options)
+
+
+@pytest.fixture(scope="module")
+def tiny_tied_fp32(tmp_path_factory, default_checkpoint):
+    """The fp32 build of a tiny Llama whose embedding is its output layer (as SmolLM2's)."""
+    from .conftest import build_tiny
+
+    out = build_tiny(
+        tmp_path_factory.mktemp("tied") / "tiny-tied", default_checkpoint, "llama", tie_word_embeddings=True
+    )
+    return convert.reference(str(out), {}).path
+
+
+@pytest.mark.parametrize("in_kernel", [False, True])
+def test_a_tied_embedding_in_runs_of_several_forms_reads_each_row_from_its_run(tiny_tied_fp32, tmp_path, in_kernel):
+    """gptq.head_by_use gives the output layer's rows runs of several forms; the tied embedding then gathers each id's
+    row from the run that holds it (MatMulNBits tensors, or the kernel's)."""
+    import onnx
+    import onnxruntime as ort
+
+    library = gguf_kernel.library() if in_kernel else None
+    if in_kernel and library is None:
+        pytest.skip("the slmops-kernel wheel is not installed")
+    head = "lm_head.MatMul.weight"
+    table = gptq.weights_of(tiny_tied_fp32)[head]
+    rows = table.shape[0]
+    cut = [0, 4096, 8192, rows]  # a run with offsets (q4_1) between two without
+    runs = [
+        (s, e, gptq.rounded(np.ascontiguousarray(table[s:e]), None, f))
+        for s, e, f in zip(cut[:-1], cut[1:], ["q8_0", "q4_1", "q5_0"], strict=True)
+    ]
+
+    def forms_of(name, matrix):
+        return runs if name == head else [(0, matrix.shape[0], gptq.rounded(matrix, None, "q8_0"))]
+
+    out = tmp_path / "built"
+    out.mkdir()
+    gguf_native.write_blocks(tiny_tied_fp32, out, forms_of, gguf_native.INTEGER_ACTIVATIONS, {}, None, library)
+    fp32 = onnx.load(str(tiny_tied_fp32 / "model.onnx"), load_external_data=False)
+    gathered = next(n.output[0] for n in fp32.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(gathered, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(out))
+    if library:
+        options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    ids = np.array([[0, 7, 4095, 4096, 4097, 8191, 8192, 20000, rows - 1]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+    got = session.run([gathered], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0][0]
+    expected = np.concatenate([form.dequantize() for _, _, form in runs])[ids[0]]
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-6), np.abs(got - expected).max()
+    back = gguf_native.read_back(out)  # and read back: the table is the output layer's rows, run by run
+    assert np.array_equal(back[f"{head}:embedding"], np.concatenate([form.dequantize() for _, _, form in runs]))
