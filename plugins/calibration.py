@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-# In windows of WINDOW tokens: 6x the 4,096 it was, for GPTQ's Hessians and the output layer's token use
-# (docs/user-guide.md, the float-source section, has what it changed)
-CALIBRATION_TOKENS = 24576
+# In windows of WINDOW tokens. GPTQ's H and the output layer's token use take 6x the rest (docs/user-guide.md, the
+# float-source section, has what it changed); the mean squares (outlier channels, imatrix), Fisher and learned scales
+# keep 4,096: every GGUF build pays for the first, and the torch passes cost a backward pass per window.
+CALIBRATION_TOKENS = 4096
+HESSIAN_TOKENS = 24576
 WINDOW = 512
 CALIBRATION = "data/calibration.txt"  # made by data/make_calibration.py
 
@@ -27,13 +29,13 @@ def calibration_text() -> str:
     return resources.files("slmops").joinpath(CALIBRATION).read_text(encoding="utf-8")
 
 
-def calibration_tokens(model_dir: Path, text: str | None = None) -> list[int]:
+def calibration_tokens(model_dir: Path, text: str | None = None, limit: int = CALIBRATION_TOKENS) -> list[int]:
     """The calibration text (the shipped one, or text) in the model's tokens (its own tokenizer files; at most
-    CALIBRATION_TOKENS)."""
+    limit)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return tokenizer(text or calibration_text(), verbose=False).input_ids[:CALIBRATION_TOKENS]
+    return tokenizer(text or calibration_text(), verbose=False).input_ids[:limit]
 
 
 def activation_importance(fp32_dir: Path, text: str | None = None) -> dict[str, np.ndarray]:
@@ -100,7 +102,8 @@ def _statistics(
     )
     sums: dict[str, np.ndarray] = {}
     used = None
-    for outs in _windows(fp32_dir, model, listened + (["logits"] if use else []), text):
+    limit = HESSIAN_TOKENS if full or use else CALIBRATION_TOKENS
+    for outs in _windows(fp32_dir, model, listened + (["logits"] if use else []), text, limit):
         for name, value in zip(listened, outs, strict=False):
             x = value.reshape(-1, value.shape[-1])
             # float32 products of a window, summed over a few windows (GPTQ damps H's diagonal by 1% anyway)
@@ -114,13 +117,13 @@ def _statistics(
             p = np.exp(z - z.max(-1, keepdims=True))
             p = (p / p.sum(-1, keepdims=True)).sum(0, dtype=np.float64)
             used = p if used is None else used + p
-    count = len(calibration_tokens(fp32_dir, text))
+    count = len(calibration_tokens(fp32_dir, text, limit))
     for total in sums.values():
         total /= count
     return {w: sums[x] for w, x in weight_of.items() if x in sums}, None if used is None else used / used.sum()
 
 
-def _windows(fp32_dir: Path, model, outputs: list[str], text: str | None):
+def _windows(fp32_dir: Path, model, outputs: list[str], text: str | None, limit: int):
     """The outputs of the fp32 graph (model, its weights in fp32_dir's data file) for each window of the calibration
     text's tokens, run by ONNX Runtime from an empty KV cache."""
     import onnxruntime as ort
@@ -147,7 +150,7 @@ def _windows(fp32_dir: Path, model, outputs: list[str], text: str | None):
         for i in session.get_inputs()
         if i.name.startswith("past_key_values")
     }
-    tokens = calibration_tokens(fp32_dir, text)
+    tokens = calibration_tokens(fp32_dir, text, limit)
     for start in range(0, len(tokens), window_tokens):
         ids = np.array([tokens[start : start + window_tokens]], dtype=np.int64)
         run = {**feeds, "input_ids": ids, "attention_mask": np.ones_like(ids)}

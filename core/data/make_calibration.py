@@ -1,6 +1,6 @@
 """Build calibration.txt, the text slmops calibrates quantizers on (never scored): the pydoc pages of eight
 standard library modules, with memory addresses and the stdlib path taken out, cut at a line end after 110,000
-characters (SmolLM2 needs about 104k of them for its 24,576 calibration tokens). Rendered once, by CPython 3.11.7, and
+characters (SmolLM2 needs about 104k of them for gptq's 24,576 calibration tokens). Rendered once, by CPython 3.11.7, and
 committed: pydoc's text differs between Python releases (3.11.2 and 3.11.7 already differ in the first 20k
 characters), and rendered at build time it gave each interpreter its own outlier channels. PSF License."""
 
