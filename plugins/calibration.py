@@ -71,8 +71,7 @@ def statistics_and_use(
     fp32_dir: Path, text: str | None = None, weights: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """activation_statistics(full=True) of weights and token_use, from one pass over the calibration text."""
-    stats, use = _statistics(fp32_dir, text, True, weights, use=True)
-    return stats, use
+    return _statistics(fp32_dir, text, True, weights, use=True)
 
 
 def token_use(fp32_dir: Path, text: str | None = None) -> np.ndarray:

@@ -516,15 +516,13 @@ class Plan:
         weight, and those bytes go to its parts by use (weighted by use, its parts' errors are not on the scale of
         the other weights': measured against them, every part fell to the smallest form)."""
         self.floor = {n: HEAD_FORM for n in self.sizes if keeps_more_bits(n)}
-        pieces = {n: s for n, s in self.sizes.items() if HEAD_PART in n}
-        errors = {n: e for n, e in self.errors.items() if n not in pieces} | self.whole
-        sizes = {n: s for n, s in self.sizes.items() if n not in pieces}
-        for name in self.whole:
-            sizes[name] = sum(s for n, s in pieces.items() if n.startswith(name + HEAD_PART))
+        pieces = {name: {n: s for n, s in self.sizes.items() if n.startswith(name + HEAD_PART)} for name in self.whole}
+        sizes = {n: s for n, s in self.sizes.items() if HEAD_PART not in n}
+        sizes |= {name: sum(own.values()) for name, own in pieces.items()}
+        errors = {n: e for n, e in self.errors.items() if n in sizes} | self.whole
         floor = {n: HEAD_FORM for n in sizes if keeps_more_bits(n)}
         self.chosen = allocate(errors, sizes, self.budget - self.extra, floor)
-        for name in self.whole:
-            own = {n: s for n, s in pieces.items() if n.startswith(name + HEAD_PART)}
+        for name, own in pieces.items():
             self.chosen.update(allocate(self.errors, own, sizes[name] * BYTES[self.chosen.pop(name)]))
 
     def used(self, forms: dict[str, str] | None = None) -> float:
