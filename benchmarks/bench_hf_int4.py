@@ -136,6 +136,39 @@ def llama_sweep(gguf: Path, tokens: list[int]) -> dict[int, float]:
     return out
 
 
+def answer_windows(checkpoint: Path, rows: list[dict]) -> list[tuple[list[int], int]]:
+    """Each domain row as the model sees it answered: its prompt under the source's chat template, then the expected
+    answer and the end of the turn; with the position where the answer starts."""
+    from transformers import AutoTokenizer
+
+    from slmops.quality import answer_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    windows = []
+    for row in rows:
+        asked = [{"role": "user", "content": row["prompt"]}]
+        prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        answer = tokenizer(answer_text(row["expected"]) + tokenizer.eos_token, add_special_tokens=False).input_ids
+        windows.append((ids + answer, len(ids)))
+    return windows
+
+
+def answer_kld(reference, candidates: dict, windows: list[tuple[list[int], int]]) -> dict[str, float]:
+    """Mean KL(source || build) over the answers' tokens, teacher-forced: thousands of positions where domain
+    accuracy has one verdict a row, and the ones a fine-tune changed most (a build that rounds a fine-tune of a
+    4-bit model back onto its base loses them, and the shipped corpus barely shows it)."""
+    from slmops.quality import log_softmax
+
+    klds: dict[str, list[np.ndarray]] = {label: [] for label in candidates}
+    for tokens, start in windows:
+        lr = log_softmax(reference(tokens)[start - 1 : -1])
+        for label, logits in candidates.items():
+            lc = log_softmax(logits(tokens)[start - 1 : -1])
+            klds[label].append((np.exp(lr) * (lr - lc)).sum(-1, dtype=np.float64))
+    return {label: float(np.concatenate(k).mean()) for label, k in klds.items()}
+
+
 def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | None) -> list[dict]:
     """Each build of source and each llama.cpp recipe on it: MB, bits per weight, quality against torch on the shipped
     corpus, speed, and (with domain) the held-out rows' shares."""
@@ -167,13 +200,15 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
     candidates.update({label: runner[0] for label, runner in runners.items()})
     print(f"scoring {len(candidates)} builds against the source (torch) on the corpus ...", flush=True)
     start = time.perf_counter()
-    scores = quality.score(torch_logits(source), candidates, fp32.tokens, prefix=fp32.prefix)
+    reference = torch_logits(source)
+    scores = quality.score(reference, candidates, fp32.tokens, prefix=fp32.prefix)
     print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values())).positions} positions", flush=True)
+    held_out = quality.load_set(domain) if domain else []
+    answers = answer_kld(reference, candidates, answer_windows(source, held_out)) if held_out else {}
     tokens = prompt_tokens(fp32.encode)
     sweep_tokens = fp32.encode(" ".join(r["text"] for r in quality.load_set()))[: max(SWEEP)]
     weights = parameters(source)
     rows = []
-    held_out = quality.load_set(domain) if domain else []
     for label, path in [*builds.items(), *llama.items()]:
         mb = (dir_size(path) if path.is_dir() else path.stat().st_size) / 1e6
         pp, tg = ort_speed(path, tokens) if path.is_dir() else runners[label][1](tokens)
@@ -184,7 +219,7 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
         if held_out:
             chat = OrtGenAIChat(path) if path.is_dir() else llama_cpp_quants.LlamaCppChat(path, builds["fp32"])
             shares = score(chat, held_out)
-            row.update(domain_accuracy=shares["accuracy"], domain_fields=shares["fields"])
+            row.update(domain_accuracy=shares["accuracy"], domain_fields=shares["fields"], domain_kld=answers[label])
         rows.append(row)
     return rows
 
@@ -194,14 +229,16 @@ def table(title: str, rows: list[dict]) -> None:
     anchor = next((r for r in rows if r["build"] == llama_cpp_quants.ANCHOR), None)
     print(
         f"\n{title:<44} {'MB':>5} {'bpw':>5} {'mean KLD':>8} {'p99':>6} {'top-1':>5} {'PPL':>6} {'pp128':>6} "
-        f"{'tg128':>6}" + (f" {'domain':>6} {'fields':>6}" if domain else "") + (" KLD/ll  tg/ll" if anchor else "")
+        f"{'tg128':>6}"
+        + (f" {'domain':>6} {'fields':>6} {'d-KLD':>6}" if domain else "")
+        + (" KLD/ll  tg/ll" if anchor else "")
     )
     for r in rows:
         ratios = f" {r['mean_kld'] / anchor['mean_kld']:>6.2f} {r['tg128'] / anchor['tg128']:>6.2f}" if anchor else ""
         print(
             f"{r['build']:<44} {r['mb']:>5.0f} {r['bpw']:>5.2f} {r['mean_kld']:>8.4f} {r['kld_p99']:>6.3f} "
             f"{r['top1_agreement']:>5.3f} {r['perplexity']:>6.2f} {r['pp128']:>6.0f} {r['tg128']:>6.1f}"
-            + (f" {r['domain_accuracy']:>6.3f} {r['domain_fields']:>6.3f}" if domain else "")
+            + (f" {r['domain_accuracy']:>6.3f} {r['domain_fields']:>6.3f} {r['domain_kld']:>6.4f}" if domain else "")
             + ratios
         )
     print(f"source perplexity {rows[0]['reference_perplexity']:.2f}; bpw: the build's bytes x 8 / the source's weights")
@@ -238,7 +275,10 @@ def main() -> None:
     results["fine-tune"] = measure(tuned, [*FINETUNE_BUILDS, (OWN_CALIBRATION, own)], make_domain.EVAL)
     table("dithered stand-in (source: torch)", results["dithered"])
     table(f"fine-tune, {make_domain.EVAL.name} held out (source: torch)", results["fine-tune"])
-    print("domain: share of held-out rows with every field right (under the schema); fields: share of fields right")
+    print(
+        "domain: share of held-out rows with every field right (under the schema); fields: share of fields right; "
+        "d-KLD: mean KLD on the held-out answers' tokens (teacher-forced, as the corpus)"
+    )
     if "--json" in sys.argv:
         print(json.dumps(results, indent=1))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +69,14 @@ HEAD_FORM = "q5_0"
 # its next-token probability on the calibration text) and the mark in a part's name.
 HEAD_ROWS = 4096
 HEAD_PART = "@"
+# A float source fine-tuned from a 4-bit model (the dequantized GGUF it came as, or a LoRA merged onto one) lies
+# within a fraction of a step of its base's blocks: SmolLM2's fine-tune of the dequantized Q4_1 default moved no weight
+# by half a Q4_1 step. A form that fits that grid again rounds each weight back to its base value, undoing the
+# fine-tune while its measured error looks the smallest: q4_1 and q5_1 kept 6% of the fine-tune's change, q4_0 54%,
+# q6_0 78%, q8_0 100%. Such a form is ruled out for that weight. The mean distance of the weights to a form's grid, in
+# its steps, tells it: about 0.2 for a float model (uniform), 0.008-0.02 where the form snaps, 0 exactly on the grid
+# (the base itself: nothing to undo, nothing ruled out).
+SNAPS = (1e-3, 0.1)
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (GPTQ's default)
 STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
@@ -194,6 +203,20 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, form: str) -> gguf_blocks.Bloc
     return _form(codes, scale, low, form)
 
 
+def grid_distance(matrix: np.ndarray, form: gguf_blocks.BlockForm) -> float:
+    """The mean distance of matrix's weights to the values of form (rounded from it), in form's steps."""
+    step = np.repeat(np.abs(form.scales), form.block, axis=1)
+    return float((np.abs(matrix - form.dequantize()) / np.where(step > 0, step, 1)).mean())
+
+
+def snapping(distances: dict[str, float]) -> list[str]:
+    """The forms that would round a weight back onto a grid it lies near but not on (SNAPS), given each form's
+    grid_distance; none where one form holds it exactly (it is that grid's own model)."""
+    if min(distances.values()) <= SNAPS[0]:
+        return []
+    return [f for f, d in distances.items() if d < SNAPS[1]]
+
+
 def output_error(matrix: np.ndarray, values: np.ndarray, hessian: np.ndarray) -> float:
     """E|x (W - Q)^T|^2 / E|x W^T|^2 over the calibration text: the share of the output the rounding changes."""
     w = matrix.astype(np.float32)
@@ -212,7 +235,8 @@ def allocate(
 ) -> dict[str, str]:
     """The form of each weight: all at their floor (the smallest form unless floor says), then changes to a larger
     form by output error removed per byte, largest first, while the bytes stay within budget. errors: name -> form
-    -> output_error; sizes: name -> weights; a form smaller than the floor's is not taken."""
+    -> output_error (inf: ruled out, never moved onto and moved off first); sizes: name -> weights; a form smaller
+    than the floor's is not taken."""
     floor = floor or {}
     chosen = {name: floor.get(name, SMALLEST) for name in sizes}
     used = sum(sizes[n] * BYTES[f] for n, f in chosen.items())
@@ -410,6 +434,8 @@ class GPTQ(Quantizer):
             "bytes": round(plan.used()),
             "floor_bytes": round(plan.used(plan.floor)),  # the least it can take: over the budget of a tiny model
             "statistics_groups": len(groups),
+            # weights near a grid their forms would round them back onto (a fine-tune of a 4-bit model): form -> count
+            "ruled_out": dict(Counter(f for forms in plan.snapped.values() for f in forms)),
             "sensitivity": ranking,
             **({"learned_scales": learned} if learned else {}),
         }
@@ -456,6 +482,7 @@ class Plan:
         self.extra = extra  # what the folder carries beyond the weights, more than a GGUF file does
         self.errors: dict[str, dict[int, float]] = {}
         self.whole: dict[str, dict[str, float]] = {}  # the output layer by use, as one weight: form -> error
+        self.snapped: dict[str, list[str]] = {}  # the forms ruled out for a weight (snaps)
         self.chosen: dict[str, int] = {}
         self.floor: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
@@ -482,27 +509,36 @@ class Plan:
             self.sizes[part] = rows.size
             self.budget += recipe_bytes(part, *rows.shape, layers, self.recipe)
             imp = None if h is None else np.diag(h)
+            values, distances = {}, {}
+            for f in CHOICES:
+                form = rounded(rows, imp, f)
+                values[f], distances[f] = form.dequantize(), grid_distance(rows, form)
+            if snapping(distances):
+                self.snapped[part] = snapping(distances)
             if energy:  # each row's error as often as its token is used; unweighted, its share of the whole's
                 use = len(self.use) * self.use[start:end]
                 self.errors[part] = {}
                 for f in CHOICES:
-                    errors = row_errors(rows, rounded(rows, imp, f).dequantize(), h)
+                    errors = row_errors(rows, values[f], h)
                     self.errors[part][f] = float((use * errors).sum() / max(energy, 1e-30))
                     self.whole[name][f] += float(errors.sum() / max(energy, 1e-30))
-                continue
-            if sensitivity is not None:
+            elif sensitivity is not None:
                 f_rows = sensitivity[start:end]
                 self.errors[part] = {
-                    f: float((f_rows * (rows - rounded(rows, imp, f).dequantize()) ** 2).sum(dtype=np.float64))
-                    for f in CHOICES
+                    f: float((f_rows * (rows - values[f]) ** 2).sum(dtype=np.float64)) for f in CHOICES
                 }
             elif h is None:  # no measurement (an embedding of its own): error falls with the bits
                 self.errors[part] = {f: 1.0 / 2 ** (FORMS[f][0] + FORMS[f][1]) for f in CHOICES}
             else:
-                self.errors[part] = {f: output_error(rows, rounded(rows, imp, f).dequantize(), h) for f in CHOICES}
-            if by_use:  # errors that add up over rows (Fisher's, or none measured)
+                self.errors[part] = {f: output_error(rows, values[f], h) for f in CHOICES}
+            for f in self.snapped.get(part, []):  # never taken: allocate moves off it first, never onto it
+                self.errors[part][f] = np.inf
+            if by_use and not energy:  # errors that add up over rows (Fisher's, or none measured)
                 for f in CHOICES:
                     self.whole[name][f] += self.errors[part][f]
+            elif by_use:
+                for f in self.snapped.get(part, []):
+                    self.whole[name][f] = np.inf
 
     def parts(self, name: str, rows: int) -> list[tuple[str, int, int]]:
         """(part name, start row, end row) of a weight as measured and chosen: a packed QKV's q, k and v; the output

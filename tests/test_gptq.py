@@ -488,3 +488,31 @@ def test_a_tied_embedding_in_runs_of_several_forms_reads_each_row_from_its_run(t
     assert np.allclose(got, expected, rtol=1e-5, atol=1e-6), np.abs(got - expected).max()
     back = gguf_native.read_back(out)  # and read back: the table is the output layer's rows, run by run
     assert np.array_equal(back[f"{head}:embedding"], np.concatenate([form.dequantize() for _, _, form in runs]))
+
+
+def test_a_fine_tune_of_a_4bit_model_is_not_rounded_back_onto_its_base():
+    # A float source fine-tuned from a dequantized 4-bit model (the default GGUF is Q4_1) lies a small fraction of a
+    # step off its base's grid: q4_1 (and q5_1) fit that grid again and round every weight back to its base value,
+    # which measures as the least error and undoes the fine-tune. Those forms are ruled out for such a weight; the
+    # base itself (exactly on the grid) keeps them, and a float weight (off any grid) is unaffected.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 256)).astype(np.float32) * np.linspace(0.2, 3, 256, dtype=np.float32)
+    h = x.T @ x / len(x)
+    base = gptq.rounded(rng.standard_normal((64, 256)).astype(np.float32), None, "q4_1").dequantize()
+    step = np.repeat(gptq.rounded(base, None, "q4_1").scales, gptq.BLOCK, axis=1)
+    change = (rng.random(base.shape) - 0.5).astype(np.float32) * 0.06 * step  # a fine-tune: 3% of a step at most
+    names = {"base": base, "tuned": base + change, "float": base + (rng.random(base.shape) - 0.5) * step}
+    weights = {f"model.layers.{i}.mlp.up_proj.MatMul.weight": m for i, m in enumerate(names.values())}
+    plan = gptq.Plan({"num_hidden_layers": 3}, recipe="Q5_K_M")
+    for name, matrix in weights.items():
+        plan.measure(name, matrix, h)
+    plan.choose()
+    base_name, tuned_name, float_name = weights
+    assert set(plan.snapped) == {tuned_name} and {"q4_1", "q5_1"} <= set(plan.snapped[tuned_name])
+    assert plan.chosen[tuned_name] not in plan.snapped[tuned_name]
+    # what the chosen form keeps of the fine-tune's change (1: all of it, 0: rounded back to the base)
+    ((_, _, form),) = plan.forms(tuned_name, weights[tuned_name], h)
+    kept = float(((form.dequantize() - base) * change).sum() / (change * change).sum())
+    snapped_back = gptq.gptq(weights[tuned_name], h, "q4_1").dequantize()
+    assert kept > 0.3 and float(((snapped_back - base) * change).sum() / (change * change).sum()) < 0.15
+    assert plan.errors[base_name]["q4_1"] < 1e-9  # exactly on its grid: the base itself, exact in q4_1
