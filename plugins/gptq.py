@@ -77,7 +77,11 @@ HEAD_PART = "@"
 # its steps, tells it: about 0.2 for a float model (uniform), 0.008-0.02 where the form snaps, 0 exactly on the grid
 # (the base itself: nothing to undo, nothing ruled out).
 SNAPS = (1e-3, 0.1)
-DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (GPTQ's default)
+# Added to H's diagonal, as a share of its mean: keeps the inverse stable and the compensation from fitting the
+# calibration text alone. GPTQ's default, 0.01, against 0.1 and 1 (against torch, 2026-12-06): dithered SmolLM2 corpus
+# KLD 0.0170 / 0.0166 / 0.0183, top-1 0.932 / 0.934 / 0.931; the order fine-tune's held-out answers (teacher-forced)
+# 0.0031 / 0.0015 / 0.0009 at corpus KLD 0.0169 / 0.0165 / 0.0176 (plain rounding: 0.0012 at 0.0317).
+DAMP = 0.1
 STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
 # llama.cpp's bytes per weight of the types its Q4_K_M and Q5_K_M use, and the type a K-quant falls back to when a row
