@@ -105,7 +105,7 @@ def _statistics(
     for outs in _windows(fp32_dir, model, listened + (["logits"] if use else []), text, limit):
         for name, value in zip(listened, outs, strict=False):
             x = value.reshape(-1, value.shape[-1])
-            # float32 products of a window, summed over a few windows (GPTQ damps H's diagonal by 1% anyway)
+            # float32 products of a window, summed over a few windows (GPTQ damps H's diagonal by a tenth of its mean anyway)
             part = x.T @ x if full else (x.astype(np.float64) ** 2).sum(0)
             if name in sums:
                 sums[name] += part

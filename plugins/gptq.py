@@ -207,10 +207,11 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, form: str) -> gguf_blocks.Bloc
     return _form(codes, scale, low, form)
 
 
-def grid_distance(matrix: np.ndarray, form: gguf_blocks.BlockForm) -> float:
-    """The mean distance of matrix's weights to the values of form (rounded from it), in form's steps."""
+def grid_distance(matrix: np.ndarray, values: np.ndarray, form: gguf_blocks.BlockForm) -> float:
+    """The mean distance of matrix's weights to values (form.dequantize(), form rounded from matrix), in form's
+    steps."""
     step = np.repeat(np.abs(form.scales), form.block, axis=1)
-    return float((np.abs(matrix - form.dequantize()) / np.where(step > 0, step, 1)).mean())
+    return float((np.abs(matrix - values) / np.where(step > 0, step, 1)).mean())
 
 
 def snapping(distances: dict[str, float]) -> list[str]:
@@ -513,36 +514,33 @@ class Plan:
             self.sizes[part] = rows.size
             self.budget += recipe_bytes(part, *rows.shape, layers, self.recipe)
             imp = None if h is None else np.diag(h)
-            values, distances = {}, {}
-            for f in CHOICES:
+            use = len(self.use) * self.use[start:end] if energy else None
+            errors, shares, distances = {}, {}, {}
+            for f in CHOICES:  # one form's values at a time: a 1.5B model's MLP weight is 55 MB in float32
                 form = rounded(rows, imp, f)
-                values[f], distances[f] = form.dequantize(), grid_distance(rows, form)
-            if snapping(distances):
-                self.snapped[part] = snapping(distances)
-            if energy:  # each row's error as often as its token is used; unweighted, its share of the whole's
-                use = len(self.use) * self.use[start:end]
-                self.errors[part] = {}
+                values = form.dequantize()
+                distances[f] = grid_distance(rows, values, form)
+                if energy:  # each row's error as often as its token is used; unweighted, its share of the whole's
+                    by_row = row_errors(rows, values, h)
+                    errors[f] = float((use * by_row).sum() / max(energy, 1e-30))
+                    shares[f] = float(by_row.sum() / max(energy, 1e-30))
+                elif sensitivity is not None:
+                    errors[f] = float((sensitivity[start:end] * (rows - values) ** 2).sum(dtype=np.float64))
+                elif h is None:  # no measurement (an embedding of its own): error falls with the bits
+                    errors[f] = 1.0 / 2 ** (FORMS[f][0] + FORMS[f][1])
+                else:
+                    errors[f] = output_error(rows, values, h)
+            ruled = snapping(distances)
+            if ruled:
+                self.snapped[part] = ruled
+            for f in ruled:  # never taken: allocate moves off it first, never onto it
+                errors[f] = np.inf
+                if energy:
+                    shares[f] = np.inf
+            self.errors[part] = errors
+            if by_use:  # the whole layer's: the parts' unweighted shares, or errors that add up over rows (Fisher's)
                 for f in CHOICES:
-                    errors = row_errors(rows, values[f], h)
-                    self.errors[part][f] = float((use * errors).sum() / max(energy, 1e-30))
-                    self.whole[name][f] += float(errors.sum() / max(energy, 1e-30))
-            elif sensitivity is not None:
-                f_rows = sensitivity[start:end]
-                self.errors[part] = {
-                    f: float((f_rows * (rows - values[f]) ** 2).sum(dtype=np.float64)) for f in CHOICES
-                }
-            elif h is None:  # no measurement (an embedding of its own): error falls with the bits
-                self.errors[part] = {f: 1.0 / 2 ** (FORMS[f][0] + FORMS[f][1]) for f in CHOICES}
-            else:
-                self.errors[part] = {f: output_error(rows, values[f], h) for f in CHOICES}
-            for f in self.snapped.get(part, []):  # never taken: allocate moves off it first, never onto it
-                self.errors[part][f] = np.inf
-            if by_use and not energy:  # errors that add up over rows (Fisher's, or none measured)
-                for f in CHOICES:
-                    self.whole[name][f] += self.errors[part][f]
-            elif by_use:
-                for f in self.snapped.get(part, []):
-                    self.whole[name][f] = np.inf
+                    self.whole[name][f] += (shares if energy else errors)[f]
 
     def parts(self, name: str, rows: int) -> list[tuple[str, int, int]]:
         """(part name, start row, end row) of a weight as measured and chosen: a packed QKV's q, k and v; the output
