@@ -6,6 +6,7 @@
 //     minimum is applied inside the kernel (MatMulNBits has integer zero points only). x is quantized to int8 per
 //     block of 32, one scale per block, as llama.cpp's Q8 activations; the minimum meets the sum of that block.
 //   GatherGGML(ids, w): rows of W dequantized (a tied embedding reads the lm_head's blocks).
+//   GroupQueryAttentionF16KV: ONNX Runtime's GroupQueryAttention with the KV cache in fp16 (below).
 // Code, chosen when the library is registered: on x86-64, AVX2 kernels (compiled for AVX2, FMA and F16C alone, by a
 // target pragma) where the CPU has those; on ARM64, NEON's integer dot products, SDOT where the CPU has dotprod
 // (group_kernels.inc, included once per dot product); plain C++ otherwise. All compute the same integer dot products
@@ -48,6 +49,7 @@ enum : int {
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttributeFloat = 85,
   kKernelInfoGetAttributeInt64 = 86,
   kKernelContextGetInputCount = 88,
   kKernelContextGetInput = 90,
@@ -93,7 +95,7 @@ struct CustomOp {
   int (*GetEndVersion)(const CustomOp*);
   void* reserved[16];  // zero: fields of later versions
 };
-enum { kFloat = 1, kUint8 = 2, kInt64 = 7 };
+enum { kFloat = 1, kUint8 = 2, kInt32 = 6, kInt64 = 7, kFloat16 = 10 };
 }  // namespace ort
 
 namespace {
@@ -260,6 +262,95 @@ inline int q8_dot(const int8_t* q, const int8_t* y) {
 }
 
 #include "group_kernels.inc"
+
+// Attention's float steps (GroupQueryAttention below), 8 lanes as the AVX2 ones: a dot product sums lane l of every
+// 8 elements with fma, then the lanes as hsum does; softmax's exponential is one polynomial with fma.
+constexpr int LANES = 8;
+inline float lanes_sum(const float* a) {  // (l + l+4), then (+2), then (+1): hsum's order
+  const float s0 = a[0] + a[4], s1 = a[1] + a[5], s2 = a[2] + a[6], s3 = a[3] + a[7];
+  return (s0 + s2) + (s1 + s3);
+}
+
+inline float half(uint16_t h) { return half_to_float((const uint8_t*)&h); }
+
+// float to fp16, to nearest, ties to even (what F16C's conversion gives, subnormals and NaN included)
+inline uint16_t to_half(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000, e = (x >> 23) & 0xFF;
+  uint32_t m = x & 0x7FFFFF;
+  if (e == 0xFF) return (uint16_t)(sign | 0x7C00 | (m ? 0x200 | (m >> 13) : 0));
+  const int32_t he = (int32_t)e - 112;  // the fp16 exponent
+  if (he >= 0x1F) return (uint16_t)(sign | 0x7C00);
+  if (he <= 0) {  // fp16 subnormal (or zero): the mantissa shifted right, rounded
+    if (he < -10) return (uint16_t)sign;
+    m |= 0x800000;
+    const int shift = 14 - he;
+    uint32_t q = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1), tie = 1u << (shift - 1);
+    if (rest > tie || (rest == tie && (q & 1))) ++q;
+    return (uint16_t)(sign | q);
+  }
+  uint32_t out = sign | ((uint32_t)he << 10) | (m >> 13);
+  const uint32_t rest = m & 0x1FFF;
+  if (rest > 0x1000 || (rest == 0x1000 && (out & 1))) ++out;  // a carry into the exponent is right (to inf too)
+  return (uint16_t)out;
+}
+
+void to_halves(const float* x, int n, uint16_t* out) {
+  for (int i = 0; i < n; ++i) out[i] = to_half(x[i]);
+}
+
+// scores[j] = scale * <q, k_j> for j < n; k_j = k + j * h, fp16; h a multiple of 8
+void scores(const float* q, const uint16_t* k, int h, int n, float scale, float* out) {
+  for (int j = 0; j < n; ++j) {
+    float acc[LANES] = {};
+    for (int d = 0; d < h; d += LANES)
+      for (int l = 0; l < LANES; ++l) acc[l] = std::fma(q[d + l], half(k[j * h + d + l]), acc[l]);
+    out[j] = lanes_sum(acc) * scale;
+  }
+}
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln 2 + r, a degree-7 polynomial in r, times 2^n); below -87: ~1e-38
+inline float exp_of(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504f);
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r) + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float two_n;
+  memcpy(&two_n, &bits, 4);
+  return p * two_n;
+}
+
+// s[j] = exp(s[j] - max s) for j < n, n a multiple of 8 (pad with -1e30); returns their sum (8 lanes, then hsum's
+// order)
+float softmax_numerators(float* s, int n) {
+  float top = -INFINITY;
+  for (int j = 0; j < n; ++j) top = std::max(top, s[j]);
+  float acc[LANES] = {};
+  for (int j = 0; j < n; j += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      s[j + l] = exp_of(s[j + l] - top);
+      acc[l] = acc[l] + s[j + l];
+    }
+  return lanes_sum(acc);
+}
+
+// out[d] = (sum over j < n of p[j] * v_j[d]) * inverse; v_j = v + j * h, fp16
+void weighted_sum(const float* p, const uint16_t* v, int h, int n, float inverse, float* out) {
+  for (int d = 0; d < h; ++d) out[d] = 0.f;
+  for (int j = 0; j < n; ++j)
+    for (int d = 0; d < h; ++d) out[d] = std::fma(p[j], half(v[j * h + d]), out[d]);
+  for (int d = 0; d < h; ++d) out[d] = out[d] * inverse;
+}
 }  // namespace portable
 
 #if defined(__aarch64__)
@@ -545,6 +636,91 @@ void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Ch
   _mm256_storeu_ps(out, acc);
 }
 
+// Attention's float steps, as the portable ones lane by lane (those say what each computes).
+inline __m256 halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+void to_halves(const float* x, int n, uint16_t* out) {
+  for (int i = 0; i < n; i += 8)
+    _mm_storeu_si128((__m128i*)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
+void scores(const float* q, const uint16_t* k, int h, int n, float scale, float* out) {
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {  // four keys at once: four independent chains, each summed as one key alone
+    const uint16_t* k0 = k + j * h;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int d = 0; d < h; d += 8) {
+      const __m256 x = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(x, halves(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(x, halves(k0 + h + d), a1);
+      a2 = _mm256_fmadd_ps(x, halves(k0 + 2 * h + d), a2);
+      a3 = _mm256_fmadd_ps(x, halves(k0 + 3 * h + d), a3);
+    }
+    out[j] = hsum(a0) * scale;
+    out[j + 1] = hsum(a1) * scale;
+    out[j + 2] = hsum(a2) * scale;
+    out[j + 3] = hsum(a3) * scale;
+  }
+  for (; j < n; ++j) {
+    __m256 a = _mm256_setzero_ps();
+    for (int d = 0; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), halves(k + j * h + d), a);
+    out[j] = hsum(a) * scale;
+  }
+}
+
+inline __m256 exp_of(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+float softmax_numerators(float* s, int n) {
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_max_ss(t, _mm_movehdup_ps(t));
+  const __m256 most = _mm256_set1_ps(_mm_cvtss_f32(t));
+  __m256 acc = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8) {
+    const __m256 e = exp_of(_mm256_sub_ps(_mm256_loadu_ps(s + j), most));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  return hsum(acc);
+}
+
+void weighted_sum(const float* p, const uint16_t* v, int h, int n, float inverse, float* out) {
+  if (h == 64) {  // the common head size: the output in registers
+    __m256 o[8];
+    for (int i = 0; i < 8; ++i) o[i] = _mm256_setzero_ps();
+    for (int j = 0; j < n; ++j) {
+      const __m256 w = _mm256_set1_ps(p[j]);
+      for (int i = 0; i < 8; ++i) o[i] = _mm256_fmadd_ps(w, halves(v + j * 64 + 8 * i), o[i]);
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(o[i], _mm256_set1_ps(inverse)));
+    return;
+  }
+  for (int d = 0; d < h; d += 8) _mm256_storeu_ps(out + d, _mm256_setzero_ps());
+  for (int j = 0; j < n; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    for (int d = 0; d < h; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(w, halves(v + j * h + d), _mm256_loadu_ps(out + d)));
+  }
+  for (int d = 0; d < h; d += 8) _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(out + d), _mm256_set1_ps(inverse)));
+}
+
 // The AVX2 kernel of a type.
 void group(int64_t type, const uint8_t* wg, const Row& r, int blocks, float* out, const Channels& channels,
            const uint8_t* cg) {
@@ -623,10 +799,10 @@ Shape shape_of(const void* value) {
   return s;
 }
 
-void* output(void* context, const Shape& s) {
+void* output(void* context, const Shape& s, size_t index = 0) {
   void* value = nullptr;
-  ort::get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(ort::kKernelContextGetOutput)(context, 0, s.dims,
-                                                                                                  s.rank, &value);
+  ort::get<void* (*)(void*, size_t, const int64_t*, size_t, void**)>(ort::kKernelContextGetOutput)(context, index,
+                                                                                                  s.dims, s.rank, &value);
   return value;
 }
 
@@ -824,6 +1000,182 @@ void gather(Kernel* kernel, void* context) {
   }
 }
 
+
+// ---- GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+// sin_cache): ONNX Runtime's com.microsoft operator of that name, as its CPU kernel computes it for float with the
+// attributes num_heads, kv_num_heads, scale, do_rotary and rotary_interleaved (plugins/gguf_kernel.py swaps only
+// such nodes): rotary embedding on q and k at each row's position, the new k and v written into present at the
+// row's past length (in place where ONNX Runtime GenAI shares the past and present buffers), then for each query
+// head the softmax of its scaled dot products with the keys up to its own position, times v. ONNX Runtime's kernel
+// reads the whole cache once per query head with a general matrix product; this one reads each key once per head
+// from cache-hot rows and runs the exponentials 8 at a time, so a long context costs less per token.
+struct Attention {
+  int64_t heads = 0, kv_heads = 0, rotary = 0, interleaved = 0;
+  float scale = 0.f;
+};
+
+// Rotary embedding of one head's row x at position pos into out: ONNX Runtime's RotaryEmbedding, its operations
+// in its order (x * cos + (sign * x') * sin), over the first `dims` elements; the rest copied.
+void rotate(const float* x, const float* cos, const float* sin, int dims, bool interleaved, int h, float* out) {
+  const int half = dims / 2;
+  for (int i = 0; i < dims; ++i) {
+    int partner, at;
+    float sign;
+    if (interleaved) {
+      partner = i % 2 == 0 ? i + 1 : i - 1;
+      sign = i % 2 == 0 ? -1.f : 1.f;
+      at = i / 2;
+    } else {
+      partner = (i + half) % dims;
+      sign = i < half ? -1.f : 1.f;
+      at = i % half;
+    }
+    out[i] = x[i] * cos[at] + (sign * x[partner]) * sin[at];
+  }
+  for (int i = dims; i < h; ++i) out[i] = x[i];
+}
+
+struct AttentionScratch {
+  std::vector<float> q, scores, out;
+};
+thread_local AttentionScratch attention_scratch;
+
+void attention(Attention* op, void* context) {
+  using namespace ort;
+  size_t count = 0;
+  get<void* (*)(const void*, size_t*)>(kKernelContextGetInputCount)(context, &count);
+  auto optional = [&](size_t i) { return i < count ? input(context, i) : nullptr; };
+  const void* query = input(context, 0);
+  const void *key = optional(1), *value = optional(2), *past_key = optional(3), *past_value = optional(4);
+  const void *cos_value = optional(7), *sin_value = optional(8);
+  const Shape qs = shape_of(query);
+  const int64_t batch = qs.dims[0], rows = qs.dims[1], heads = op->heads, kv_heads = op->kv_heads;
+  const bool packed = key == nullptr;
+  const int64_t h = qs.dims[2] / (packed ? heads + 2 * kv_heads : heads);
+  const int64_t past_length = past_key ? shape_of(past_key).dims[2] : 0;
+  const int64_t total = *data<const int32_t>(input(context, 6));
+  const int64_t length = std::max(total, past_length);  // present's rows
+  const int32_t* seqlens = data<const int32_t>(input(context, 5));
+
+  Shape os{{batch, rows, heads * h}, 3}, ps{{batch, kv_heads, length, h}, 4};
+  float* out = data<float>(output(context, os, 0));
+  uint16_t* present_k = data<uint16_t>(output(context, ps, 1));
+  uint16_t* present_v = data<uint16_t>(output(context, ps, 2));
+  const uint16_t* past_k = past_key ? data<const uint16_t>(past_key) : nullptr;
+  const uint16_t* past_v = past_value ? data<const uint16_t>(past_value) : nullptr;
+  const bool shared = past_k == present_k && past_v == present_v;
+  const float* q_all = data<const float>(query);
+  const float* k_all = packed ? nullptr : data<const float>(key);
+  const float* v_all = packed ? nullptr : data<const float>(value);
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t cos_rows = 0, dims = 0;
+  if (op->rotary && cos_value && sin_value) {
+    const Shape cs = shape_of(cos_value);
+    cos_rows = cs.dims[0];
+    dims = 2 * cs.dims[1];
+    cos = data<const float>(cos_value);
+    sin = data<const float>(sin_value);
+  }
+  const float scale = op->scale != 0.f ? op->scale : 1.f / std::sqrt((float)h);
+  const bool first = rows == total;  // the first prompt: no past, whatever seqlens says
+  // Each batch row's past length; a row whose lengths do not fit present is left zero rather than read past it.
+  std::vector<int64_t> past(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    past[b] = first ? 0 : (int64_t)seqlens[b] + 1 - rows;
+    if (past[b] < 0 || past[b] + rows > length || (!shared && past[b] > past_length)) past[b] = -1;
+  }
+  const int64_t stride = packed ? (heads + 2 * kv_heads) * h : 0;  // a packed row: q heads, k heads, v heads
+  auto q_row = [&](int64_t b, int64_t s, int64_t n) {
+    return packed ? q_all + (b * rows + s) * stride + n * h : q_all + ((b * rows + s) * heads + n) * h;
+  };
+  auto k_row = [&](int64_t b, int64_t s, int64_t g) {
+    return packed ? q_all + (b * rows + s) * stride + (heads + g) * h : k_all + ((b * rows + s) * kv_heads + g) * h;
+  };
+  auto v_row = [&](int64_t b, int64_t s, int64_t g) {
+    return packed ? q_all + (b * rows + s) * stride + (heads + kv_heads + g) * h
+                  : v_all + ((b * rows + s) * kv_heads + g) * h;
+  };
+  auto position = [&](int64_t b, int64_t s) { return std::min(past[b] + s, std::max<int64_t>(cos_rows - 1, 0)); };
+
+  auto to_halves = [&](const float* x, uint16_t* y) {
+#if SLMOPS_X86
+    if (code == kAvx2) return avx2::to_halves(x, (int)h, y);
+#endif
+    portable::to_halves(x, (int)h, y);
+  };
+  // present: the past (copied unless shared), then this call's k (rotated) and v at each row's past length, in fp16
+  const size_t cache = (size_t)length * h;
+  auto write = [&](size_t i) {
+    const int64_t b = i / kv_heads, g = i % kv_heads;
+    uint16_t* pk = present_k + i * cache;
+    uint16_t* pv = present_v + i * cache;
+    if (!shared) {
+      memset(pk, 0, sizeof(uint16_t) * cache);
+      memset(pv, 0, sizeof(uint16_t) * cache);
+      if (past[b] > 0) {
+        memcpy(pk, past_k + i * past_length * h, sizeof(uint16_t) * past[b] * h);
+        memcpy(pv, past_v + i * past_length * h, sizeof(uint16_t) * past[b] * h);
+      }
+    }
+    if (past[b] < 0) return;
+    std::vector<float>& rotated = attention_scratch.q;
+    rotated.resize(h);
+    for (int64_t s = 0; s < rows; ++s) {
+      const float* k = k_row(b, s, g);
+      if (cos) {
+        const int64_t at = position(b, s) * (dims / 2);
+        rotate(k, cos + at, sin + at, (int)dims, op->interleaved, (int)h, rotated.data());
+        k = rotated.data();
+      }
+      to_halves(k, pk + (past[b] + s) * h);
+      to_halves(v_row(b, s, g), pv + (past[b] + s) * h);
+    }
+  };
+  if (shared && rows == 1) {  // a decoding step: a row per head, less work than handing it out
+    for (int64_t i = 0; i < batch * kv_heads; ++i) write(i);
+  } else {
+    parallel_for(context, batch * kv_heads, write);
+  }
+
+  // each query head over tiles of rows: softmax(scale * q k^T) v over the keys up to the row's own position
+  const int64_t tile = 16, tiles = (rows + tile - 1) / tile, group = heads / kv_heads;
+  parallel_for(context, batch * heads * tiles, [&](size_t task) {
+    const int64_t b = task / (heads * tiles), n = task / tiles % heads, t = task % tiles;
+    const int64_t g = n / group;
+    AttentionScratch& w = attention_scratch;
+    w.q.resize(h);
+    w.scores.resize((length + 7) / 8 * 8);
+    const uint16_t* pk = present_k + (b * kv_heads + g) * cache;
+    const uint16_t* pv = present_v + (b * kv_heads + g) * cache;
+    for (int64_t s = t * tile; s < std::min(rows, (t + 1) * tile); ++s) {
+      float* o = out + ((b * rows + s) * heads + n) * h;
+      if (past[b] < 0) {
+        memset(o, 0, sizeof(float) * h);
+        continue;
+      }
+      const float* q = q_row(b, s, n);
+      if (cos) {
+        const int64_t at = position(b, s) * (dims / 2);
+        rotate(q, cos + at, sin + at, (int)dims, op->interleaved, (int)h, w.q.data());
+        q = w.q.data();
+      }
+      const int keys = (int)(past[b] + s + 1), padded = (keys + 7) / 8 * 8;
+      float* p = w.scores.data();
+      std::fill(p + keys, p + padded, -1e30f);  // exp gives ~1e-38: nothing against a sum of at least 1
+#if SLMOPS_X86
+      if (code == kAvx2) {
+        avx2::scores(q, pk, (int)h, keys, scale, p);
+        const float sum = avx2::softmax_numerators(p, padded);
+        avx2::weighted_sum(p, pv, (int)h, keys, 1.f / sum, o);
+        continue;
+      }
+#endif
+      portable::scores(q, pk, (int)h, keys, scale, p);
+      const float sum = portable::softmax_numerators(p, padded);
+      portable::weighted_sum(p, pv, (int)h, keys, 1.f / sum, o);
+    }
+  });
+}
 }  // namespace
 
 
@@ -863,7 +1215,40 @@ ort::CustomOp make_op(bool matmul) {
   return op;
 }
 
-ort::CustomOp matmul_op = make_op(true), gather_op = make_op(false);
+// GroupQueryAttentionF16KV (above): inputs 0-2 and 7-8 float, 3-4 fp16, 5-6 int32; key, value, the past and the
+// caches optional; outputs float, then the fp16 present key and value
+ort::CustomOp make_attention_op() {
+  using namespace ort;
+  CustomOp op = make_op(true);
+  op.CreateKernel = [](const CustomOp*, const Fn*, const void* info) -> void* {
+    auto* kernel = new Attention();
+    auto int_of = [&](const char* name, int64_t* value) {
+      if (void* status = get<void* (*)(const void*, const char*, int64_t*)>(kKernelInfoGetAttributeInt64)(info, name, value))
+        get<void (*)(void*)>(kReleaseStatus)(status);  // absent: the default stays
+    };
+    int_of("num_heads", &kernel->heads);
+    int_of("kv_num_heads", &kernel->kv_heads);
+    int_of("do_rotary", &kernel->rotary);
+    int_of("rotary_interleaved", &kernel->interleaved);
+    if (void* status = get<void* (*)(const void*, const char*, float*)>(kKernelInfoGetAttributeFloat)(info, "scale",
+                                                                                                     &kernel->scale))
+      get<void (*)(void*)>(kReleaseStatus)(status);
+    return kernel;
+  };
+  op.GetName = [](const CustomOp*) { return "GroupQueryAttentionF16KV"; };
+  op.GetInputType = [](const CustomOp*, size_t i) {
+    return i == 5 || i == 6 ? (int)kInt32 : i == 3 || i == 4 ? (int)kFloat16 : (int)kFloat;
+  };
+  op.GetOutputType = [](const CustomOp*, size_t i) { return i == 0 ? (int)kFloat : (int)kFloat16; };
+  op.GetInputTypeCount = [](const CustomOp*) -> size_t { return 9; };
+  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 3; };
+  op.KernelCompute = [](void* kernel, void* context) { attention((Attention*)kernel, context); };
+  op.KernelDestroy = [](void* kernel) { delete (Attention*)kernel; };
+  op.GetInputCharacteristic = [](const CustomOp*, size_t i) { return i == 0 || i == 5 || i == 6 ? 0 : 1; };
+  return op;
+}
+
+ort::CustomOp matmul_op = make_op(true), gather_op = make_op(false), attention_op = make_attention_op();
 
 }  // namespace
 
@@ -879,7 +1264,7 @@ extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* 
   choose_code();
   void* domain = nullptr;
   if (void* status = get<void* (*)(const char*, void**)>(kCreateCustomOpDomain)("ai.slmops", &domain)) return status;
-  for (const CustomOp* op : {&matmul_op, &gather_op})
+  for (const CustomOp* op : {&matmul_op, &gather_op, &attention_op})
     if (void* status = get<void* (*)(void*, const CustomOp*)>(kCustomOpDomainAdd)(domain, op)) return status;
   return get<void* (*)(void*, void*)>(kAddCustomOpDomain)(options, domain);
 }

@@ -31,6 +31,7 @@ from slmops.plugins import gguf_blocks
 LIBRARY = "libslmops_gguf.so"
 DOMAIN = "ai.slmops"
 MATMUL, GATHER = "MatMulGGML", "GatherGGML"
+ATTENTION = "GroupQueryAttentionF16KV"  # ONNX Runtime's GroupQueryAttention with the KV cache in fp16
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8  # GGML's type numbers, the ggml_type attribute
 Q4_K, Q5_K, Q6_K = 12, 13, 14  # the K-quants: super-blocks of 256 (gguf_kernel.cc: their layout)
 Q6_0 = 100  # not a GGML type: slmops's 6-bit form (codes centred on 32, a fp16 scale per 32: 6.5 bits per weight)
@@ -296,9 +297,56 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
 
 
 def graph_facts(library: Path) -> GraphFacts:
-    """What a build on this kernel holds, for the build cache key: its operator and which library it carries (its
+    """What a build on this kernel holds, for the build cache key: its operators and which library it carries (its
     bytes, hashed), so a folder carrying another library is built anew, not reused."""
-    return {"ops": [MATMUL], "kernel": identity(library)}
+    return {"ops": [MATMUL, ATTENTION], "kernel": identity(library)}
+
+
+# GroupQueryAttention's attributes the kernel's attention computes; the others must have these values (its default)
+ATTENTION_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"}
+ATTENTION_DEFAULTS = {"local_window_size": -1, "softcap": 0.0, "smooth_softmax": 0, "qk_output": 0}
+ATTENTION_INPUTS = 9  # query, key, value, past key, past value, seqlens_k, total_sequence_length, cos, sin
+KV_NAMES = ("past_key_values.", "present.")
+
+
+def swap_attention(model) -> int:
+    """Every GroupQueryAttention node of the graph (onnx ModelProto, changed in place) becomes the kernel's, which
+    keeps the KV cache in fp16 (half the bytes each decoded token reads: the cost of a long context on a CPU is that
+    read), and the graph's past_key_values / present tensors become fp16 (ONNX Runtime GenAI allocates its cache
+    from their type). All or none: a graph with one node the kernel does not compute (a sliding window, a softcap,
+    position ids or an attention bias given, another KV type) keeps ONNX Runtime's everywhere. Returns the nodes
+    swapped."""
+    from onnx import TensorProto, helper
+
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    kv = [v for v in [*model.graph.input, *model.graph.output] if v.name.startswith(KV_NAMES)]
+
+    def plain(node) -> bool:
+        values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        extra = {k: v for k, v in values.items() if k not in ATTENTION_ATTRIBUTES}
+        return all(ATTENTION_DEFAULTS.get(k, object()) == v for k, v in extra.items()) and not any(
+            node.input[ATTENTION_INPUTS:]
+        )
+
+    if not nodes or not kv or not all(map(plain, nodes)):
+        return 0
+    if any(v.type.tensor_type.elem_type != TensorProto.FLOAT for v in kv):
+        return 0
+    for node in nodes:
+        keep = [a for a in node.attribute if a.name in ATTENTION_ATTRIBUTES]
+        node.ClearField("attribute")
+        node.attribute.extend(keep)
+        inputs = list(node.input[:ATTENTION_INPUTS])
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        node.ClearField("input")
+        node.input.extend(inputs)
+        node.op_type, node.domain = ATTENTION, DOMAIN
+    for value in [*kv, *(v for v in model.graph.value_info if v.name.startswith(KV_NAMES))]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return len(nodes)
 
 
 def carry(library: Path, model_dir: Path) -> None:

@@ -285,8 +285,9 @@ def write_blocks(
     covering the rows, or [] to keep that weight in float. level: the MatMulNBits accuracy level. float_channels:
     initializer name -> input channels (the activation outliers) that an integer-compute (level 4) MatMul takes out
     of its int8 activations and multiplies in float instead. kernel: the GGUF kernel library (gguf_kernel); the
-    weights it holds exactly become MatMulGGML (the minimum and the float channels inside the kernel, no correction)
-    and the folder carries it.
+    weights it holds exactly become MatMulGGML (the minimum and the float channels inside the kernel, no correction),
+    attention its GroupQueryAttentionF16KV (the KV cache in fp16) where it computes the graph's, and the folder
+    carries it.
     Forms of a GGUF type kept exactly count as "exact" in slmops-quantization.json, any other as "approximate"."""
     import onnx
 
@@ -372,6 +373,8 @@ def write_blocks(
     model.graph.ClearField("initializer")
     model.graph.initializer.extend(kept)
     _sort_topologically(model)
+    if kernel:  # the kernel's attention too, its KV cache in fp16
+        report["kv_cache"] = "fp16" if gguf_kernel.swap_attention(model) else "fp32"
     onnx.save(
         model,
         str(output_dir / "model.onnx"),

@@ -129,7 +129,8 @@ def test_a_form_it_cannot_hold_exactly_is_refused():
 def test_a_build_with_the_kernel_is_exact_and_runs_from_its_folder(kind, tied, default_checkpoint, tmp_path):
     """At integer compute (the default) every MatMul of a type the kernel holds becomes MatMulGGML with its outlier channels and no
     float correction; read back from the graph the weights are the GGUF's; ORT GenAI loads the library the folder
-    carries and the logits stay close to the source's (int8 activations)."""
+    carries and the logits stay close to the source's (int8 activations); decoding step by step gives the prompt's
+    logits (the kernel's attention on its fp16 cache)."""
     import onnx
 
     from slmops.runtime import Session
@@ -167,6 +168,14 @@ def test_a_build_with_the_kernel_is_exact_and_runs_from_its_folder(kind, tied, d
     a, b = ref.logits(tokens), cand.logits(tokens)
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+    # attention is the kernel's too, its cache fp16: decoding token by token (ORT GenAI's shared cache, one row a
+    # call) gives the logits the whole prompt gives at once
+    assert gguf_kernel.ATTENTION in ops and "GroupQueryAttention" not in ops and report["kv_cache"] == "fp16"
+    steps, rows = cand.generator(len(tokens) + 1), []
+    for token in tokens:
+        steps.append_tokens([token])
+        rows.append(np.asarray(steps.get_output("logits"))[0, -1])
+    assert np.abs(np.stack(rows) - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def test_without_the_kernel_the_graph_is_portable(default_checkpoint, tmp_path, monkeypatch):
@@ -309,3 +318,116 @@ def test_the_portable_target_carries_no_native_code(tiny_llama, cli_here):
     assert foreign.manifest["options"]["target"] == other and foreign.path not in (native.path, portable.path)
     own = convert.convert(str(tiny_llama), {"precision": "int8", "target": machine.this_target()})
     assert (own.path / gguf_kernel.LIBRARY).is_file() and own.manifest["requires"] == native.manifest["requires"]
+
+
+def attention_session(kernel: bool, packed: bool, rotary: bool, interleaved: bool, heads: int, kv_heads: int):
+    """One GroupQueryAttention node: ONNX Runtime's (fp32 cache) or the kernel's (fp16 cache)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    names = ["q", "" if packed else "k", "" if packed else "v", "pk", "pv", "seqlens", "total"]
+    names += ["cos", "sin"] if rotary else []
+    op, domain = (gguf_kernel.ATTENTION, gguf_kernel.DOMAIN) if kernel else ("GroupQueryAttention", "com.microsoft")
+    node = helper.make_node(
+        op,
+        names,
+        ["o", "present_k", "present_v"],
+        domain=domain,
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        do_rotary=int(rotary),
+        rotary_interleaved=int(interleaved),
+    )
+    cache = TensorProto.FLOAT16 if kernel else TensorProto.FLOAT
+    typed = {"seqlens": TensorProto.INT32, "total": TensorProto.INT32, "pk": cache, "pv": cache}
+    inputs = [helper.make_tensor_value_info(n, typed.get(n, TensorProto.FLOAT), None) for n in names if n]
+    outputs = [
+        helper.make_tensor_value_info(n, t, None) for n, t in (("o", 1), ("present_k", cache), ("present_v", cache))
+    ]
+    model = helper.make_model(
+        helper.make_graph([node], "g", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+        ir_version=9,
+    )
+    options = ort.SessionOptions()
+    if kernel:
+        options.register_custom_ops_library(str(gguf_kernel.library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(
+    "packed,rotary,interleaved", [(True, True, False), (True, True, True), (False, True, False), (True, False, False)]
+)
+def test_the_kernels_attention_computes_onnx_runtimes_with_an_fp16_cache(packed, rotary, interleaved):
+    """The kernel's GroupQueryAttentionF16KV against ONNX Runtime's GroupQueryAttention on the same inputs (its past
+    cache the same fp16 values): a first prompt, a batch of two prompts one padded, decoding steps of a batch whose
+    rows have different lengths, a prompt after a past; RoPE over the whole head or (unpacked) its first half. The
+    present cache holds ONNX Runtime's present rounded to fp16 (within a step of fp16: its RoPE fuses where ours
+    does not) where the row is valid; the output differs by that rounding alone."""
+    heads, kv_heads, size = 6, 2, 64
+    rope = size if packed else size // 2
+    ours, theirs = (attention_session(k, packed, rotary, interleaved, heads, kv_heads) for k in (True, False))
+    rng = np.random.default_rng(1)
+    cos, sin = (rng.standard_normal((40, rope // 2)).astype(np.float32) for _ in range(2))
+    for batch, rows, past, lengths in ((1, 7, 0, [7]), (2, 9, 0, [9, 5]), (2, 1, 12, [12, 7]), (1, 4, 6, [10])):
+        total = rows if past == 0 else max(lengths)
+        cache = [rng.standard_normal((batch, kv_heads, past, size)).astype(np.float16) for _ in range(2)]
+        width = (heads + 2 * kv_heads) * size if packed else heads * size
+        feeds = {
+            "q": rng.standard_normal((batch, rows, width)).astype(np.float32),
+            "seqlens": np.array([n - 1 for n in lengths], np.int32),
+            "total": np.array([total], np.int32),
+        }
+        if not packed:
+            feeds |= {x: rng.standard_normal((batch, rows, kv_heads * size)).astype(np.float32) for x in "kv"}
+        if rotary:
+            feeds |= {"cos": cos, "sin": sin}
+        got = ours.run(None, {**feeds, "pk": cache[0], "pv": cache[1]})
+        want = theirs.run(None, {**feeds, "pk": cache[0].astype(np.float32), "pv": cache[1].astype(np.float32)})
+        assert got[1].dtype == np.float16 and got[1].shape == want[1].shape
+        for b, n in enumerate(lengths):
+            valid = min(rows, n) if past == 0 else rows  # a padded prompt's rows past its length are padding
+            for mine, reference in ((got[1][b, :, :n], want[1][b, :, :n]), (got[2][b, :, :n], want[2][b, :, :n])):
+                step = np.spacing(np.abs(reference).astype(np.float16)).astype(np.float32)
+                assert (np.abs(mine.astype(np.float32) - reference) <= step).all(), (batch, rows, b)
+            scale = np.abs(want[0][b, :valid]).max()
+            assert np.abs(got[0][b, :valid] - want[0][b, :valid]).max() < 4e-3 * scale, (batch, rows, b)
+
+
+def test_a_graph_whose_attention_the_kernel_does_not_compute_keeps_onnx_runtimes():
+    """swap_attention is all or none: one node with a sliding window keeps every node ONNX Runtime's and the cache
+    fp32; without it every node is the kernel's and the cache inputs and outputs are fp16."""
+    from onnx import TensorProto, helper
+
+    def graph(window: int):
+        nodes = [
+            helper.make_node(
+                "GroupQueryAttention",
+                ["q", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "s", "t", "", "", "", "", ""],
+                [f"o{i}", f"present.{i}.key", f"present.{i}.value"],
+                domain="com.microsoft",
+                num_heads=2,
+                kv_num_heads=1,
+                local_window_size=window if i else -1,
+            )
+            for i in range(2)
+        ]
+        kv = [f"{p}.{i}.{x}" for p in ("past_key_values",) for i in range(2) for x in ("key", "value")]
+        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ["q", *kv]]
+        outputs = [
+            helper.make_tensor_value_info(f"present.{i}.{x}", TensorProto.FLOAT, None)
+            for i in range(2)
+            for x in ("key", "value")
+        ]
+        return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs))
+
+    windowed = graph(4)
+    assert gguf_kernel.swap_attention(windowed) == 0
+    assert {n.op_type for n in windowed.graph.node} == {"GroupQueryAttention"}
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in windowed.graph.output)
+    plain = graph(-1)
+    assert gguf_kernel.swap_attention(plain) == 2
+    assert {(n.op_type, n.domain, len(n.input)) for n in plain.graph.node} == {(gguf_kernel.ATTENTION, "ai.slmops", 7)}
+    assert all(
+        v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in [*plain.graph.input[1:], *plain.graph.output]
+    )
