@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hf_int4 import SWEEP, ort_sweep  # noqa: E402
+from bench_hf_int4 import SWEEP, decode_sweep  # noqa: E402
 
 SLMOPS = [sys.executable, "-c", "from slmops.cli import main; main()"]
 FAST = """
@@ -112,7 +112,8 @@ def main() -> None:
     from slmops.runtime import Session
 
     tokens = Session(merged).encode(" ".join(r["text"] for r in quality.load_set(shipped=True)))[: max(SWEEP)]
-    with_adapter, plain = ort_sweep(base, tokens), ort_sweep(merged, tokens)
+    speeds = decode_sweep({"adapter": base, "merged": merged}, tokens)  # in turn: the machine's drift weighs alike
+    with_adapter, plain = speeds["adapter"], speeds["merged"]
     print(f"{'decode tok/s after':<34} " + " ".join(f"{n:>7}" for n in SWEEP))
     print(f"{'base + adapter (switched per request)':<34} " + " ".join(f"{with_adapter[n]:>7.1f}" for n in SWEEP))
     print(f"{'merged':<34} " + " ".join(f"{plain[n]:>7.1f}" for n in SWEEP))

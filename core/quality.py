@@ -90,6 +90,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def kl(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """KL(reference || candidate) per position, from their log-probabilities (log_softmax), summed in float64."""
+    return (np.exp(reference) * (reference - candidate)).sum(axis=-1, dtype=np.float64)
+
+
 def windows(tokens: list[int], chunk: int = CHUNK, prefix: list[int] | None = None) -> list[list[int]]:
     """The text's tokens cut into windows of chunk tokens (the last may be shorter), each opened by the tokenizer's
     prefix (its BOS: a window is a text of its own, as in llama.cpp's perplexity); windows under 2 tokens dropped."""
@@ -137,7 +142,7 @@ def score(
         positions += len(target)
         for name, logits in candidates.items():
             lc, s = log_softmax(logits(window)[first:-1]), sums[name]
-            s["kld"].append((np.exp(lr) * (lr - lc)).sum(axis=-1, dtype=np.float64))
+            s["kld"].append(kl(lr, lc))
             s["agree"] += int((lr.argmax(-1) == lc.argmax(-1)).sum())
             s["nll"] -= float(lc[at, target].sum())
             s["delta_p"] += float((np.exp(lc[at, target]) - np.exp(lr[at, target])).sum())

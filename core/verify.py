@@ -157,7 +157,7 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
     import numpy as np
 
     from .isolate import in_child
-    from .quality import load_set, log_softmax
+    from .quality import kl, load_set, log_softmax
     from .runtime import Session
 
     session = Session(model_dir, "none")
@@ -172,7 +172,7 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
         "source": int((~np.isfinite(logits).all(axis=-1)).sum()),
         "build": int((~np.isfinite(built).all(axis=-1)).sum()),
     }
-    kld = (np.exp(reference) * (reference - built)).sum(axis=-1, dtype=np.float64)
+    kld = kl(reference, built)
     same_top = reference.argmax(-1) == built.argmax(-1)
     diverged = np.flatnonzero((kld > DIVERGED_KLD) | ~same_top)
     ours = session.encode(text)[:limit]
