@@ -1051,7 +1051,33 @@ void attention(Attention* op, void* context) {
   const Shape qs = shape_of(query);
   const int64_t batch = qs.dims[0], rows = qs.dims[1], heads = op->heads, kv_heads = op->kv_heads;
   const bool packed = key == nullptr;
+  // Shapes ONNX Runtime's own operator refuses (swap_attention hands over only graphs that ran on it): no output is
+  // made, which ONNX Runtime reports as this node's error, rather than a read past a tensor
+  if (qs.rank != 3 || heads <= 0 || kv_heads <= 0 || heads % kv_heads) return;
   const int64_t h = qs.dims[2] / (packed ? heads + 2 * kv_heads : heads);
+  if (h <= 0 || h % 8 || qs.dims[2] != h * (packed ? heads + 2 * kv_heads : heads)) return;
+  auto fits = [&](const void* value, std::initializer_list<int64_t> dims) {  // -1: any size
+    const Shape vs = shape_of(value);
+    size_t i = 0;
+    for (int64_t d : dims) {
+      if (i >= vs.rank || (d >= 0 && vs.dims[i] != d)) return false;
+      ++i;
+    }
+    return vs.rank == dims.size();
+  };
+  if (!packed && (!value || !fits(key, {batch, rows, kv_heads * h}) || !fits(value, {batch, rows, kv_heads * h})))
+    return;
+  if ((past_key != nullptr) != (past_value != nullptr)) return;
+  if (past_key && (!fits(past_key, {batch, kv_heads, -1, h}) || !fits(past_value, {batch, kv_heads, -1, h}))) return;
+  int64_t cos_rows = 0, dims = 0;  // RoPE over the first dims elements of a head
+  if (op->rotary && cos_value && sin_value) {
+    const Shape cs = shape_of(cos_value);
+    cos_rows = cs.dims[0];
+    dims = 2 * cs.dims[1];
+    if (cs.rank != 2 || dims > h || dims % 2 || !fits(sin_value, {cos_rows, dims / 2})) return;
+  }
+  const Shape ts = shape_of(input(context, 6));
+  if (!fits(input(context, 5), {batch}) || ts.elements(0, ts.rank) != 1) return;
   const int64_t past_length = past_key ? shape_of(past_key).dims[2] : 0;
   const int64_t total = *data<const int32_t>(input(context, 6));
   const int64_t length = std::max(total, past_length);  // present's rows
@@ -1068,11 +1094,7 @@ void attention(Attention* op, void* context) {
   const float* k_all = packed ? nullptr : data<const float>(key);
   const float* v_all = packed ? nullptr : data<const float>(value);
   const float *cos = nullptr, *sin = nullptr;
-  int64_t cos_rows = 0, dims = 0;
   if (op->rotary && cos_value && sin_value) {
-    const Shape cs = shape_of(cos_value);
-    cos_rows = cs.dims[0];
-    dims = 2 * cs.dims[1];
     cos = data<const float>(cos_value);
     sin = data<const float>(sin_value);
   }

@@ -431,3 +431,13 @@ def test_a_graph_whose_attention_the_kernel_does_not_compute_keeps_onnx_runtimes
     assert all(
         v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in [*plain.graph.input[1:], *plain.graph.output]
     )
+
+
+@pytest.mark.parametrize("heads,kv_heads,width", [(4, 0, 384), (4, 3, 640), (2, 1, 60), (2, 1, 200)])
+def test_the_kernels_attention_makes_no_output_from_shapes_onnx_runtime_refuses(heads, kv_heads, width):
+    """No kv head, heads not a multiple of the kv heads, a head size not a multiple of 8, a width that is no whole
+    number of heads: the node makes no output (ONNX Runtime's own would refuse), rather than reading past a tensor."""
+    session = attention_session(True, True, False, False, heads, kv_heads)
+    feeds = {"q": np.ones((1, 1, width), np.float32), "seqlens": np.zeros(1, np.int32), "total": np.ones(1, np.int32)}
+    cache = np.zeros((1, max(kv_heads, 1), 0, 64), np.float16)
+    assert session.run(None, {**feeds, "pk": cache, "pv": cache}) == [None, None, None]
