@@ -297,9 +297,10 @@ def form_of(weight: np.ndarray, kind: int) -> gguf_blocks.BlockForm:
 
 
 def graph_facts(library: Path) -> GraphFacts:
-    """What a build on this kernel holds, for the build cache key: its operators and which library it carries (its
-    bytes, hashed), so a folder carrying another library is built anew, not reused."""
-    return {"ops": [MATMUL, ATTENTION], "kernel": identity(library)}
+    """What a build on this kernel holds, for the build cache key: its operator and which library it carries (its
+    bytes, hashed), so a folder carrying another library is built anew, not reused. (Its attention too where the
+    graph's is one the kernel computes, which only the graph says: swap_attention.)"""
+    return {"ops": [MATMUL], "kernel": identity(library)}
 
 
 # GroupQueryAttention's attributes the kernel's attention computes; the others must have these values (its default)

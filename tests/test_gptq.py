@@ -482,7 +482,8 @@ def test_a_tied_embedding_in_runs_of_several_forms_reads_each_row_from_its_run(t
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for i in session.get_inputs():
         if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+            kind = np.float16 if i.type == "tensor(float16)" else np.float32  # the kernel's attention: an fp16 cache
+            feeds[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=kind)
     got = session.run([gathered], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0][0]
     expected = np.concatenate([form.dequantize() for _, _, form in runs])[ids[0]]
     assert np.allclose(got, expected, rtol=1e-5, atol=1e-6), np.abs(got - expected).max()
