@@ -1006,9 +1006,8 @@ void gather(Kernel* kernel, void* context) {
 // attributes num_heads, kv_num_heads, scale, do_rotary and rotary_interleaved (plugins/gguf_kernel.py swaps only
 // such nodes): rotary embedding on q and k at each row's position, the new k and v written into present at the
 // row's past length (in place where ONNX Runtime GenAI shares the past and present buffers), then for each query
-// head the softmax of its scaled dot products with the keys up to its own position, times v. ONNX Runtime's kernel
-// reads the whole cache once per query head with a general matrix product; this one reads each key once per head
-// from cache-hot rows and runs the exponentials 8 at a time, so a long context costs less per token.
+// head the softmax of its scaled dot products with the keys up to its own position, times v. A decoded token reads
+// the whole cache, and on a CPU that read is what a long context costs: in fp16 it is half ONNX Runtime's fp32 one.
 struct Attention {
   int64_t heads = 0, kv_heads = 0, rotary = 0, interleaved = 0;
   float scale = 0.f;
@@ -1036,7 +1035,7 @@ void rotate(const float* x, const float* cos, const float* sin, int dims, bool i
 }
 
 struct AttentionScratch {
-  std::vector<float> q, scores, out;
+  std::vector<float> q, scores;  // a rotated row (q or k); a row's scores
 };
 thread_local AttentionScratch attention_scratch;
 
@@ -1069,12 +1068,15 @@ void attention(Attention* op, void* context) {
     return;
   if ((past_key != nullptr) != (past_value != nullptr)) return;
   if (past_key && (!fits(past_key, {batch, kv_heads, -1, h}) || !fits(past_value, {batch, kv_heads, -1, h}))) return;
-  int64_t cos_rows = 0, dims = 0;  // RoPE over the first dims elements of a head
+  const float *cos = nullptr, *sin = nullptr;  // RoPE's caches, over the first dims elements of a head
+  int64_t cos_rows = 0, dims = 0;
   if (op->rotary && cos_value && sin_value) {
     const Shape cs = shape_of(cos_value);
     cos_rows = cs.dims[0];
     dims = 2 * cs.dims[1];
-    if (cs.rank != 2 || dims > h || dims % 2 || !fits(sin_value, {cos_rows, dims / 2})) return;
+    if (cs.rank != 2 || dims > h || !fits(sin_value, {cos_rows, dims / 2})) return;
+    cos = data<const float>(cos_value);
+    sin = data<const float>(sin_value);
   }
   const Shape ts = shape_of(input(context, 6));
   if (!fits(input(context, 5), {batch}) || ts.elements(0, ts.rank) != 1) return;
@@ -1093,11 +1095,6 @@ void attention(Attention* op, void* context) {
   const float* q_all = data<const float>(query);
   const float* k_all = packed ? nullptr : data<const float>(key);
   const float* v_all = packed ? nullptr : data<const float>(value);
-  const float *cos = nullptr, *sin = nullptr;
-  if (op->rotary && cos_value && sin_value) {
-    cos = data<const float>(cos_value);
-    sin = data<const float>(sin_value);
-  }
   const float scale = op->scale != 0.f ? op->scale : 1.f / std::sqrt((float)h);
   const bool first = rows == total;  // the first prompt: no past, whatever seqlens says
   // Each batch row's past length; a row whose lengths do not fit present is left zero rather than read past it.
