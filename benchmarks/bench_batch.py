@@ -63,7 +63,7 @@ def timed_batch(manifest: Path, home: Path, *args: str) -> tuple[float, list[dic
 
 
 def main() -> None:
-    from slmops import convert, sources
+    from slmops.build import convert, sources
     from slmops.config import home
 
     checkpoint = sources.resolve("default").checkpoint
@@ -108,8 +108,8 @@ def main() -> None:
     options = {"precision": "int4", "algorithm": "rtn"}
     base = convert.convert(None, {**options, "adapter": lora, "adapter_mode": "adapter"}).path
     merged = convert.convert(None, {**options, "adapter": lora, "adapter_mode": "merge"}).path
-    from slmops import quality
-    from slmops.runtime import Session
+    from slmops.measure import quality
+    from slmops.run.runtime import Session
 
     tokens = Session(merged).encode(" ".join(r["text"] for r in quality.load_set(shipped=True)))[: max(SWEEP)]
     speeds = decode_sweep({"adapter": base, "merged": merged}, tokens)  # in turn: the machine's drift weighs alike

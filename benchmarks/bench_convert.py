@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 
 def main() -> None:
-    from slmops import sources
+    from slmops.build import sources
 
     checkpoint = str(sources.resolve("default").checkpoint)  # the GGUF -> checkpoint step is shared, done once
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))

@@ -101,7 +101,7 @@ def parameters(checkpoint: Path) -> int:
 
 def ort_decoder(model_dir: Path) -> Callable[[list[int]], float]:
     """Decode tok/s of SWEEP_NEW greedy tokens after a prompt, ORT GenAI."""
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     session = Session(model_dir)
 
@@ -158,7 +158,7 @@ def answer_windows(checkpoint: Path, rows: list[dict]) -> list[tuple[list[int], 
     answer and the end of the turn; with the position where the answer starts."""
     from transformers import AutoTokenizer
 
-    from slmops.quality import answer_text
+    from slmops.measure.quality import answer_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     windows = []
@@ -175,7 +175,7 @@ def answer_kld(reference, candidates: dict, windows: list[tuple[list[int], int]]
     """Mean KL(source || build) over the answers' tokens, teacher-forced: thousands of positions where domain
     accuracy has one verdict a row, and the ones a fine-tune changed most (a build that rounds a fine-tune of a
     4-bit model back onto its base loses them, and the shipped corpus barely shows it)."""
-    from slmops.quality import kl, log_softmax
+    from slmops.measure.quality import kl, log_softmax
 
     klds: dict[str, list[np.ndarray]] = {label: [] for label in candidates}
     for tokens, start in windows:
@@ -189,11 +189,12 @@ def answer_kld(reference, candidates: dict, windows: list[tuple[list[int], int]]
 def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | None) -> list[dict]:
     """Each build of source and each llama.cpp recipe on it: MB, bits per weight, quality against torch on the shipped
     corpus, speed, and (with domain) the held-out rows' shares."""
-    from slmops import convert, quality
-    from slmops.chat import OrtGenAIChat
-    from slmops.domain import score
-    from slmops.fsutil import dir_size
-    from slmops.runtime import Session
+    from slmops.build import convert
+    from slmops.host.fsutil import dir_size
+    from slmops.measure import quality
+    from slmops.measure.domain import score
+    from slmops.run.chat import OrtGenAIChat
+    from slmops.run.runtime import Session
 
     builds = {}
     for label, options in builds_asked:
@@ -283,8 +284,9 @@ def table(title: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from slmops import quality, sources
+    from slmops.build import sources
     from slmops.config import home
+    from slmops.measure import quality
 
     os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
     embedded = sources.resolve(None).checkpoint

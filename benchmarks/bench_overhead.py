@@ -47,7 +47,8 @@ def llama_cpp(gguf: Path) -> float | None:
 
 
 def main() -> None:
-    from slmops import convert, provided, sources
+    from slmops.build import convert, sources
+    from slmops.plugin import provided
 
     model_dir = convert.convert(None, {"precision": "int4"}).path
     bench = next(b for b in provided.benchmarkers() if b.name == "ort-genai")

@@ -28,14 +28,14 @@ BUILDS = [
 
 
 def prompt_tokens(encode) -> list[int]:
-    from slmops import quality
+    from slmops.measure import quality
 
     text = " ".join(r["text"] for r in quality.load_set())
     return encode(text)[:PP]
 
 
 def ort_speed(model_dir: Path, tokens: list[int]) -> tuple[float, float]:
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     session = Session(model_dir)
     best_pp, best_tg = 0.0, 0.0
@@ -57,7 +57,7 @@ def llama_cpp(gguf: Path):
         from llama_cpp import Llama
     except ImportError:
         return None
-    from slmops.cpus import allowed_cpus
+    from slmops.host.cpus import allowed_cpus
 
     threads = allowed_cpus()  # the CPUs slmops itself may use, so the two are timed on the same share
     scorer = Llama(model_path=str(gguf), n_ctx=512, logits_all=True, n_threads=threads, verbose=False)
@@ -98,9 +98,10 @@ def build(convert, options: dict) -> Path:
 
 
 def main() -> None:
-    from slmops import convert, quality, sources
-    from slmops.fsutil import dir_size
-    from slmops.runtime import Session
+    from slmops.build import convert, sources
+    from slmops.host.fsutil import dir_size
+    from slmops.measure import quality
+    from slmops.run.runtime import Session
 
     os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
     reference = convert.reference(None, {}).path

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from slmops.cpus import allowed_cpus
+from slmops.host.cpus import allowed_cpus
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -105,7 +105,7 @@ def load(server: ServerProcess, model: str, clients: int) -> dict:
 
 
 def slmops_model(registry: Path, env: dict[str, str]) -> str:
-    from slmops import candidates, convert
+    from slmops.build import candidates, convert
 
     options = dict(candidates.CANDIDATES)["int4 gguf"]  # what `make demo` deploys for the default model
     build = convert.convert(None, options)
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
-    from slmops import sources
+    from slmops.build import sources
 
     registry = Path(tempfile.mkdtemp(prefix="slmops-bench-serve-"))
     env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(registry)}

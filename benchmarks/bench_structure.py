@@ -54,8 +54,9 @@ def timed(pieces: Iterator[str]) -> tuple[str, float | None]:
 
 
 def slmops_runner() -> Callable[[str, bool], tuple[str, float | None]]:
-    from slmops import candidates, convert, structure
-    from slmops.chat import OrtGenAIChat
+    from slmops.build import candidates, convert
+    from slmops.run import structure
+    from slmops.run.chat import OrtGenAIChat
 
     build = convert.convert(None, dict(candidates.CANDIDATES)["int4 gguf"])
     chat = OrtGenAIChat(build.path)
@@ -74,9 +75,11 @@ def foundry_runner(folder: str) -> Callable[[str, bool], tuple[str, float | None
     """The same build registered with Foundry Local (in folder) and run through its runtime's grammar engine."""
     from pathlib import Path
 
-    from slmops import candidates, convert, structure, templates
+    from slmops import templates
     from slmops.api import RegistryEntry
+    from slmops.build import candidates, convert
     from slmops.plugins.foundry_local import FoundryLocalRegistry
+    from slmops.run import structure
 
     build = Path(convert.convert(None, dict(candidates.CANDIDATES)["int4 gguf"]).path)
     registry = FoundryLocalRegistry()
@@ -99,8 +102,8 @@ def llama_runner() -> Callable[[str, bool], tuple[str, float | None]] | None:
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp rows (make bench installs it)", file=sys.stderr)
         return None
-    from slmops import sources
-    from slmops.cpus import allowed_cpus
+    from slmops.build import sources
+    from slmops.host.cpus import allowed_cpus
 
     llm = llama_cpp.Llama(str(sources.default_gguf()), n_ctx=2048, n_threads=allowed_cpus(), verbose=False)
     grammar = LlamaGrammar.from_json_schema(json.dumps(SCHEMA), verbose=False)

@@ -72,7 +72,7 @@ def copy_rest(checkpoint: Path, to: Path, skip: set[str]) -> None:
 def encode(tokenizer, row: dict) -> tuple[list[int], int]:
     """The row as the model's own chat template writes it, and where its answer starts (the loss is taken there).
     The answer is the row's expected record as JSON, as a calibration file's rows are read (quality.answer_text)."""
-    from slmops.quality import answer_text
+    from slmops.measure.quality import answer_text
 
     asked = [{"role": "user", "content": row["prompt"]}]
 
@@ -102,7 +102,7 @@ def finetune(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmops.cpus import allowed_cpus
+    from slmops.host.cpus import allowed_cpus
 
     torch.manual_seed(SEED)
     torch.set_num_threads(allowed_cpus())
@@ -160,7 +160,7 @@ def finetuned(checkpoint: Path, out: Path, progress: Callable[[str], None] = lam
 
 
 def main() -> None:
-    from slmops import sources
+    from slmops.build import sources
     from slmops.config import home
 
     checkpoint = sources.resolve(None).checkpoint

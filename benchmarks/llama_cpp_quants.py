@@ -35,7 +35,7 @@ ANCHOR = "llama.cpp Q4_K_M + imatrix"  # the recipe the ratios are taken against
 
 
 def threads() -> int:
-    from slmops.cpus import allowed_cpus
+    from slmops.host.cpus import allowed_cpus
 
     return allowed_cpus()
 
@@ -53,7 +53,7 @@ def run(cmd: list, what: str, **kwargs) -> None:
 def tools() -> Path:
     """The folder holding llama.cpp's source (convert_hf_to_gguf.py, gguf-py) and bin/ with TOOLS, built once."""
     from slmops.config import home
-    from slmops.fsutil import lock
+    from slmops.host.fsutil import lock
 
     root = home() / "bench" / f"llama.cpp-{VERSION}"
     if all((root / "bin" / t).is_file() for t in TOOLS):
@@ -144,7 +144,7 @@ class LlamaCppChat:
         from llama_cpp import Llama
 
         from slmops import templates
-        from slmops.chat import load_template
+        from slmops.run.chat import load_template
 
         self.chosen = load_template(reference_build)
         self.info = templates.read_model_info(reference_build)
@@ -156,7 +156,7 @@ class LlamaCppChat:
         from llama_cpp import LlamaGrammar
 
         from slmops import templates
-        from slmops.chat import safe_messages
+        from slmops.run.chat import safe_messages
 
         text = options.get("prompt") or templates.render(
             self.chosen.family, safe_messages(messages, self.chosen, self.info), self.chosen.default_system

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from slmops import hookspecs
+from slmops.plugin import hookspecs
 
 HERE = Path(__file__).parent
 
@@ -16,7 +16,7 @@ def hooks_page() -> str:
     lines = [
         "# Hook reference",
         "",
-        "Generated from `core/hookspecs.py` by `docs/gen_docs.py`; do not edit by hand.",
+        "Generated from `src/slmops/plugin/hookspecs.py` by `docs/gen_docs.py`; do not edit by hand.",
         "",
         inspect.getdoc(hookspecs) or "",
         "",
@@ -29,7 +29,7 @@ def hooks_page() -> str:
 
 def options_section() -> list[str]:
     """The built-in converters' and quantizers' own options (a plugin declares them as its Options class)."""
-    from slmops import provided
+    from slmops.plugin import provided
 
     lines = [
         "## Options of the built-in plugins",

@@ -92,7 +92,7 @@ def slmops_home(tmp_path_factory) -> Path:
     # Tiny models are scored on a slice of the corpus (one window of each kind); the default model's tests and
     # test_corpus_metrics use the whole corpus.
     small = home / "quality-slice.jsonl"
-    rows = [json.loads(line) for line in (ROOT / "core" / "data" / "corpus.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (ROOT / "src" / "slmops" / "data" / "corpus.jsonl").read_text().splitlines()]
     picked = [next(r for r in rows if r["kind"] == kind) for kind in ("prose", "code", "dialogue")]
     small.write_text("".join(json.dumps({**r, "text": r["text"][:2400]}) + "\n" for r in picked))
     os.environ["SLMOPS_QUALITY_SET"] = str(small)
@@ -179,7 +179,7 @@ def cli_here():
 @pytest.fixture(scope="session")
 def default_checkpoint(slmops_home) -> Path:
     """The embedded SmolLM2-135M-Instruct, turned from GGUF into a checkpoint once per session."""
-    from slmops import sources
+    from slmops.build import sources
 
     return sources.resolve("default").checkpoint
 
@@ -265,7 +265,7 @@ def tiny_llama_bos(tmp_path_factory, default_checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_int4(tiny_llama) -> dict:
-    from slmops import convert
+    from slmops.build import convert
 
     return convert.convert(str(tiny_llama), {"precision": "int4", "algorithm": "rtn"})  # the builder's own int4
 
@@ -273,7 +273,7 @@ def tiny_llama_int4(tiny_llama) -> dict:
 @pytest.fixture(scope="session")
 def default_int4() -> Path:
     """The embedded default model's int4 as deploy builds it (the GGUF's own blocks), from the build cache."""
-    from slmops import convert
+    from slmops.build import convert
 
     return Path(convert.convert(None, {"precision": "int4", "algorithm": "gguf"}).path)
 

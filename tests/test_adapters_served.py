@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops import convert
+from slmops.build import convert
 
 from .test_convert import lora_adapter  # noqa: F401 (the fixture: the base's first LoRA, "support-bot")
 from .test_serve import Served

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from slmops import convert
+from slmops.build import convert
+from slmops.build.verify import FP32_MAX_KLD
 from slmops.doctor import TESTED_ARCHITECTURES
-from slmops.verify import FP32_MAX_KLD
 
 pytestmark = pytest.mark.slow
 LONGROPE = {"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(8)], "long_factor": [2.0] * 8}

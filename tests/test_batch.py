@@ -157,7 +157,7 @@ def test_a_bad_manifest_is_refused_in_one_line(cli_here, tmp_path):
 
 
 def test_jobs_share_the_cpus_they_may_use(monkeypatch):
-    from slmops import cpus
+    from slmops.host import cpus
 
     monkeypatch.setattr(cpus, "allowed_cpus", lambda: 8)
     monkeypatch.setattr(cpus, "available_memory", lambda: 100 << 30)

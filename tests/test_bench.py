@@ -4,8 +4,9 @@ import shutil
 
 import numpy as np
 
-from slmops import bench, convert, edgecases, quality
-from slmops.bench import SUMMARY_KEYS
+from slmops.build import convert
+from slmops.measure import bench, edgecases, quality
+from slmops.measure.bench import SUMMARY_KEYS
 
 from .conftest import run_cli
 
@@ -83,7 +84,7 @@ def test_corpus_metrics_on_a_tiny_model(tiny_llama_int4, monkeypatch):
     rows = quality.load_set()
     assert {r["kind"] for r in rows} == {"prose", "code", "dialogue"}
     fp32 = convert.convert(tiny_llama_int4.manifest["source"]["checkpoint"], {"precision": "fp32"}).path
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     session = Session(fp32)
     encode = session.tokens

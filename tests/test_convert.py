@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from slmops import convert, plan, quality, runtime, verify
+from slmops.build import convert, plan, verify
 from slmops.errors import SlmopsError
-from slmops.fsutil import dir_size
+from slmops.host.fsutil import dir_size
+from slmops.measure import quality
+from slmops.run import runtime
 
 from .conftest import build_tiny
 
@@ -207,7 +209,7 @@ def test_too_little_disk_is_refused(monkeypatch, tiny_qwen2):
 
 
 def test_interrupt_leaves_no_partial_output(monkeypatch, tiny_qwen2, slmops_home):
-    from slmops import provided
+    from slmops.plugin import provided
 
     builder = next(c for c in provided.converters() if c.name == "model-builder")
 
@@ -238,7 +240,7 @@ def lora_adapter(tiny_llama, tmp_path_factory) -> Path:
 
 
 def ort_logits(model_dir: Path, tokens: list[int], adapter: str | None):
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     return Session(model_dir, adapter or "none").logits(tokens)[-1]
 
@@ -331,7 +333,7 @@ def test_model_run_switches_the_adapter_on(tiny_llama, lora_adapter, cli, regist
 
 def test_plan_takes_the_cheapest_route(tiny_llama):
     """The test plugin's failing converter claims int8 directly at cost 1000: builder + quantizer (20) wins."""
-    from slmops.roles import ConvertRequest
+    from slmops.plugin.roles import ConvertRequest
 
     int8 = ConvertRequest(source_dir=tiny_llama, precision="int8", algorithm="rtn")
     route = plan.plan(int8, "LlamaForCausalLM")
@@ -353,7 +355,7 @@ def test_hqq_fits_float_zero_points_and_is_closer_to_fp32(tiny_qwen2):
     """HQQ (data-free, Olive's OnnxHqqQuantization algorithm) goes fp32 -> matmul-nbits; it must beat plain RTN."""
     import onnx
 
-    from slmops import quality
+    from slmops.measure import quality
 
     hqq = convert.convert(str(tiny_qwen2), {"precision": "int4", "algorithm": "hqq", "symmetric": False})
     assert (hqq.manifest["converter"], hqq.manifest["quantizer"]) == ("model-builder", "matmul-nbits")
@@ -401,7 +403,7 @@ def test_a_changed_plugin_makes_new_builds(tmp_path, monkeypatch, tiny_llama):
     distribution, edited) does not have its old builds reused."""
     import importlib.util
 
-    from slmops import provided
+    from slmops.plugin import provided
 
     module = tmp_path / "slmops_edited_plugin.py"
     module.write_text("from slmops.api import Converter\n\nclass Edited(Converter):\n    name = 'edited'\n")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from slmops import extras, hookspecs
+from slmops import extras
+from slmops.plugin import hookspecs
 
 
 def test_every_hook_documents_its_arguments():
@@ -26,9 +27,9 @@ def test_every_hook_documents_its_arguments():
 
 
 def test_hook_hands_register_callback_and_core_keeps_the_list():
-    from slmops import provided
     from slmops.api import Benchmarker
-    from slmops.plugin_manager import plugin_manager
+    from slmops.plugin import provided
+    from slmops.plugin.plugin_manager import plugin_manager
 
     class Plugin:
         @hookspecs.hookimpl
@@ -197,7 +198,7 @@ def test_config_found_walking_up_and_flags_override(cli_here, tmp_path):
 
 def test_plugin_options_come_from_the_file_and_the_flag_as_typed_values(cli_here, tmp_path):
     from slmops.config import load_config
-    from slmops.roles import ConvertRequest
+    from slmops.plugin.roles import ConvertRequest
 
     path = tmp_path / "slmops.toml"
     path.write_text('[plugins.gptq]\nlearned_scales = 40\n\n[plugins.other]\nmode = "fast"\n')
@@ -217,7 +218,7 @@ def test_plugin_options_come_from_the_file_and_the_flag_as_typed_values(cli_here
 def test_a_candidate_keeps_the_plugin_options_the_user_gave():
     # deploy --precision auto and bench --compare lay each candidate's options over the user's: a candidate's own
     # plugin option (gptq's Q5_K_M budget) is added, one the user gave wins, the user's other options stay.
-    from slmops import candidates
+    from slmops.build import candidates
 
     candidate = dict(candidates.CANDIDATES)["int4 gptq, Q5_K_M bytes"]
     user = {"precision": "auto", "plugin_options": {"gptq": {"learned_scales": 40}, "other": {"mode": "x"}}}
@@ -279,7 +280,7 @@ def test_doctor_reports_the_stack(cli):
 
 
 def test_default_model_is_converted_once_and_reused(default_checkpoint):
-    from slmops import sources
+    from slmops.build import sources
 
     config = json.loads((default_checkpoint / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
@@ -314,7 +315,7 @@ def test_generated_docs_are_current():
 
 
 def test_stop_text_cuts_stop_strings_split_over_pieces():
-    from slmops.chat import StopText
+    from slmops.run.chat import StopText
 
     def run(pieces, stops):
         text = StopText(stops)
@@ -347,7 +348,8 @@ def test_a_long_step_shows_how_far_it_has_got(monkeypatch):
     import numpy as np
     from rich.console import Console
 
-    from slmops import progress, quality
+    from slmops import progress
+    from slmops.measure import quality
 
     monkeypatch.setattr(progress, "console", Console(file=io.StringIO(), force_terminal=True))
     monkeypatch.setattr(progress, "quiet", False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops.fsutil import clean_stale
+from slmops.host.fsutil import clean_stale
 
 # Small bench settings: validation in these tests checks the gate logic, not the speed.
 FAST_TOML = "[bench]\nruns = 1\nwarmup = 0\nmax_new_tokens = 4\nlengths = [16]\n[validate]\nsoak_requests = 2\n"

@@ -77,7 +77,8 @@ def test_deploy_default_model(cli, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from slmops import bench, store
+    from slmops.build import store
+    from slmops.measure import bench
     from slmops.plugins import gguf_native
     from tests.test_domain import ROWS
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from slmops import domain, quality, templates
-from slmops.bench import reference_for
-from slmops.chat import OrtGenAIChat
-from slmops.gate import domain_checks
+from slmops import templates
+from slmops.measure import domain, quality
+from slmops.measure.bench import reference_for
+from slmops.measure.gate import domain_checks
+from slmops.run.chat import OrtGenAIChat
 from tests.test_serve import WEATHER
 
 CITY = {
@@ -46,7 +47,7 @@ def test_shares_are_judged_against_the_source():
 
 @pytest.mark.slow
 def test_the_structure_check_passes_the_build_and_fails_a_broken_one(tmp_path):
-    from slmops import convert
+    from slmops.build import convert
 
     build = Path(convert.convert(None, {"precision": "int4", "algorithm": "gguf"}).path)
     path = tmp_path / "set.jsonl"

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from slmops.fsutil import STALE_RE
+from slmops.host.fsutil import STALE_RE
 from tests.conftest import NEUTRAL_DIR, SLMOPS, run_cli
 
 KILLS = 30
@@ -207,7 +207,7 @@ REMOVE_POINTS = ["remove:unregistered", "remove:moved-aside"]
 def test_kill_at_each_step_of_a_replacement(point, tiny_llama, tiny_llama_int4, tmp_path):
     """SIGKILL at every step of replacing (or removing) a registration: the next command finds exactly one
     complete model under the name, the old or the new one (or, for a removal, none), and it answers."""
-    from slmops import convert
+    from slmops.build import convert
 
     home, reg = tmp_path / "home", tmp_path / "reg"
     env = {**os.environ, "SLMOPS_HOME": str(home), "SLMOPS_REGISTRY_DIR": str(reg)}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from benchmarks import float_sources
-from slmops import bench, convert
+from slmops.build import convert
+from slmops.measure import bench
 
 from .conftest import build_tiny
 

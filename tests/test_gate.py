@@ -4,10 +4,11 @@ and the real gate (gate.validate, in-process) judges them on a real tiny model."
 
 import pytest
 
-from slmops import gate, hookspecs, provided, quality
 from slmops.api import Benchmarker
 from slmops.config import load_config
-from slmops.plugin_manager import plugin_manager
+from slmops.measure import gate, quality
+from slmops.plugin import hookspecs, provided
+from slmops.plugin.plugin_manager import plugin_manager
 
 STEADY = {"decode_tok_s": 50.0, "ttft_ms_p50": 10.0, "rss_growth_mb": 0.5, "sweep": [{"decode_tok_s": 50.0}] * 3}
 REPORTS = {
@@ -50,7 +51,7 @@ def reporting_benchmarkers():
 
 @pytest.fixture(scope="module")
 def measured(tiny_llama_int4):
-    from slmops import convert
+    from slmops.build import convert
 
     fp32 = convert.reference(str(tiny_llama_int4.manifest["source"]["checkpoint"]), tiny_llama_int4.options)
     return quality.compare(tiny_llama_int4.path, fp32.path)

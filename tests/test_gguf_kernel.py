@@ -11,9 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
-from slmops import convert, machine
+from slmops.build import convert
+from slmops.host import machine
+from slmops.plugin.roles import ConvertRequest
 from slmops.plugins import gguf_blocks, gguf_kernel, gguf_native, gptq
-from slmops.roles import ConvertRequest
 
 from .conftest import build_tiny
 from .test_gguf_native import T, gguf_of_fp32_graph, random_blocks
@@ -133,7 +134,7 @@ def test_a_build_with_the_kernel_is_exact_and_runs_from_its_folder(kind, tied, d
     logits (the kernel's attention on its fp16 cache)."""
     import onnx
 
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     tiny = build_tiny(
         tmp_path / "tiny", default_checkpoint, "llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=tied
@@ -208,7 +209,8 @@ def test_without_the_kernel_the_graph_is_portable(default_checkpoint, tmp_path, 
 def test_a_build_with_the_kernel_is_not_reused_without_it(monkeypatch, default_checkpoint):
     """The cache key holds what the graph will be: SLMOPS_GGUF_KERNEL=0 (a folder to deploy where the kernel cannot
     run) does not get the kernel build back from the cache."""
-    from slmops import provided, sources
+    from slmops.build import sources
+    from slmops.plugin import provided
 
     gguf_native_plugin = next(q for q in provided.quantizers() if q.name == "gguf-native")
     builder = next(c for c in provided.converters() if c.name == "model-builder")

@@ -8,9 +8,9 @@ import gguf
 import numpy as np
 import pytest
 
-from slmops import convert
+from slmops.build import convert
+from slmops.plugin.roles import ConvertRequest
 from slmops.plugins import gguf_blocks, gguf_native
-from slmops.roles import ConvertRequest
 
 from .conftest import build_tiny
 
@@ -100,7 +100,7 @@ def gguf_of_fp32_graph(fp32_dir: Path, out_dir: Path, kind: str, gguf_path: Path
 def test_gguf_import_is_exact_from_the_graph(kind, tied, default_checkpoint, tmp_path):
     import onnx
 
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     # rows of 256 so that K-quants fit (their super-blocks are 256 wide)
     tiny = build_tiny(
@@ -149,7 +149,7 @@ def test_siblings_are_packed_exactly(default_checkpoint, tmp_path, monkeypatch):
     import onnx
 
     from slmops.plugins import gguf_kernel
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
 
     monkeypatch.setenv(gguf_kernel.SWITCH, "0")
 

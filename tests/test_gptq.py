@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from slmops import convert, quality
+from slmops.build import convert
 from slmops.errors import SlmopsError
+from slmops.measure import quality
 from slmops.plugins import calibration, gguf_kernel, gguf_native, gptq
 
 from .conftest import run_inprocess
@@ -253,7 +254,7 @@ def test_h_matrices_are_grouped_within_the_memory_budget():
 
 
 def test_a_model_whose_h_does_not_fit_is_measured_in_groups_to_the_same_blocks(tiny_qwen2, tmp_path, monkeypatch):
-    from slmops.roles import ConvertRequest
+    from slmops.plugin.roles import ConvertRequest
 
     fp32 = convert.reference(str(tiny_qwen2), {}).path
     request = ConvertRequest(source_dir=tiny_qwen2, precision="int4", algorithm="gptq", symmetric=False)

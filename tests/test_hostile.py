@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmops import convert
+from slmops.build import convert
 from slmops.plugins import gguf_kernel
 
 from .conftest import NEUTRAL_DIR, build_tiny
@@ -50,8 +50,8 @@ def kernel_folder(tmp_path_factory, default_checkpoint) -> Path:
     """A tiny model built on the GGUF kernel (MatMulGGML), runnable by ORT GenAI from its folder."""
     if gguf_kernel.why_not():
         pytest.skip(f"no GGUF kernel here: {gguf_kernel.why_not()}")
+    from slmops.plugin.roles import ConvertRequest
     from slmops.plugins import gguf_native
-    from slmops.roles import ConvertRequest
 
     from .test_gguf_native import gguf_of_fp32_graph
 
@@ -71,7 +71,7 @@ THREADS_CHILD = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this process may use one CPU
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
     session = Session(Path(sys.argv[1]))
     session.logits(list(range(1, 40)))
     print(next(line for line in open("/proc/self/status") if line.startswith("Threads:")).split()[1])
@@ -132,7 +132,7 @@ def test_an_out_of_range_thread_setting_is_refused_at_start(cli_here, value):
 
 
 def test_allowed_cpus_reads_the_cgroup_quota(tmp_path):
-    from slmops import cpus
+    from slmops.host import cpus
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert cpus._cgroup_quota(tmp_path) == 2
@@ -255,7 +255,7 @@ def test_slmops_own_source_cache_is_made_again_when_damaged(cli, tiny_llama, tmp
     lora.save_pretrained(tmp_path / "adapter")
     args = ("convert", tiny_llama, "--precision", "int8", "--adapter", tmp_path / "adapter")
     assert cli(*args).rc == 0
-    from slmops.fsutil import content_hash
+    from slmops.host.fsutil import content_hash
 
     tag = content_hash(tmp_path / "adapter")[:10]  # this adapter's merge (others' are in the session's cache too)
     merged = next((Path(os.environ["SLMOPS_HOME"]) / "sources").glob(f"merged-*-{tag}/model.safetensors"))
@@ -285,7 +285,7 @@ def test_a_nan_weight_fails_verification_and_json_stays_strict(cli, tiny_llama, 
 
 
 def test_json_output_has_no_bare_nan():
-    from slmops.fsutil import strict_json
+    from slmops.host.fsutil import strict_json
 
     assert json.loads(json.dumps(strict_json({"a": float("nan"), "b": [float("inf"), 1.5]}), allow_nan=False)) == {
         "a": None,
@@ -299,7 +299,7 @@ LOGITS_CHILD = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from slmops.plugins import gguf_kernel
-    from slmops.runtime import Session
+    from slmops.run.runtime import Session
     np.save(sys.argv[2], Session(Path(sys.argv[1])).logits(list(range(1, 40))))
     print(gguf_kernel.code(Path(sys.argv[1]) / gguf_kernel.LIBRARY))  # the code the folder's library chose
 """)
@@ -400,8 +400,8 @@ def test_uninstall_refuses_slmops_own_dependencies(cli):
 SPEED_CHILD = textwrap.dedent("""
     import json, subprocess, sys, time
     from pathlib import Path
-    from slmops.bench import measure
-    from slmops.gate import best_speeds, cpu_costs, speed_consistency, spread_of
+    from slmops.measure.bench import measure
+    from slmops.measure.gate import best_speeds, cpu_costs, speed_consistency, spread_of
     folder, loaded = Path(sys.argv[1]), sys.argv[2] == "loaded"
     settings = {"runs": 3, "warmup": 1, "max_new_tokens": 32, "lengths": [16, 128, 512], "soak_requests": 0}
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if loaded else 0)]
@@ -525,8 +525,8 @@ def test_auto_passes_over_a_build_that_loses_the_domain_set(cli, tmp_path, tiny_
     # With --domain, deploy --precision auto deploys the smallest build that passes the KLD gate and the domain set:
     # rows whose expected answer is what the fp32 source says (the source scores 1.0), where the tiny random model's
     # quantized builds answer otherwise, so the gate alone (loose here) would take the first int4 and fail validation.
-    from slmops import domain as domain_set
-    from slmops.chat import OrtGenAIChat
+    from slmops.measure import domain as domain_set
+    from slmops.run.chat import OrtGenAIChat
 
     fp32 = OrtGenAIChat(convert.reference(str(tiny_llama), {}).path)
     words = ["river", "copper", "violin", "harbour", "lantern", "meadow", "glacier", "saffron", "compass", "orchard"]
@@ -597,9 +597,11 @@ def test_a_gguf_of_a_type_slmops_cannot_read_is_named(cli, tmp_path):
 def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends():
     """The race test_fault_injection caught: slmops killed after starting a child, before the child's
     PR_SET_PDEATHSIG, left the child running its task on."""
-    script = "import os\nfrom slmops.isolate import die_with_parent\ndie_with_parent(os.getppid() + 1)\nprint('ran on')"
+    script = "import os\nfrom slmops.build.isolate import die_with_parent\ndie_with_parent(os.getppid() + 1)\nprint('ran on')"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "ran on" not in done.stdout, done
-    script = "import os\nfrom slmops.isolate import die_with_parent\ndie_with_parent(os.getppid())\nprint('ran on')"
+    script = (
+        "import os\nfrom slmops.build.isolate import die_with_parent\ndie_with_parent(os.getppid())\nprint('ran on')"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ran on" in done.stdout, done

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from slmops import convert, quality
+from slmops.build import convert
 from slmops.errors import SlmopsError
+from slmops.measure import quality
 from slmops.plugins import calibration, gguf_native, imatrix
 
 

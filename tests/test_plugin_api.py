@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PLUGINS = SRC / "slmops" / "plugins"
 
 
 def _slmops_imports(path: Path) -> list[str]:
     """Every slmops module a file imports (relative imports spelled out against its package)."""
-    package = {"plugins": "slmops.plugins", "templates": "slmops.templates"}.get(path.parent.name, "slmops")
+    if path.is_relative_to(SRC):
+        package = ".".join(path.parent.relative_to(SRC).parts)
+    else:  # a third-party plugin, or the checker's own sample
+        package = "slmops.plugins" if path.parent.name == "plugins" else "slmops"
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -26,14 +31,22 @@ def _slmops_imports(path: Path) -> list[str]:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 module = f"{base}.{node.module}" if node.module else base
                 found += [module] if node.module else [f"{base}.{a.name}" for a in node.names]
-            elif node.module and node.module.split(".")[0] == "slmops":
-                found.append(node.module)
-    return found
+            elif (
+                node.module and node.module.split(".")[0] == "slmops"
+            ):  # `from slmops.build import convert`: the module
+                found += [_module_or(f"{node.module}.{a.name}", node.module) for a in node.names]
+    return list(dict.fromkeys(found))
+
+
+def _module_or(name: str, package: str) -> str:
+    """name where it is a module of slmops's source, else package (the name is a function or class in it)."""
+    path = SRC.joinpath(*name.split("."))
+    return name if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file() else package
 
 
 def test_plugins_use_only_the_public_api():
     offenders = {}
-    for path in [*(ROOT / "plugins").glob("*.py"), *(ROOT / "tests" / "thirdparty_plugin").rglob("*.py")]:
+    for path in [*PLUGINS.glob("*.py"), *(ROOT / "tests" / "thirdparty_plugin").rglob("*.py")]:
         bad = [m for m in _slmops_imports(path) if m != "slmops.api" and not m.startswith("slmops.plugins")]
         if bad:
             offenders[path.name] = bad
@@ -42,7 +55,7 @@ def test_plugins_use_only_the_public_api():
 
 def test_the_core_imports_no_plugin():
     offenders = {
-        p.name: [m for m in _slmops_imports(p) if m.startswith("slmops.plugins")] for p in (ROOT / "core").rglob("*.py")
+        p.name: [m for m in _slmops_imports(p) if m.startswith("slmops.plugins")] for p in _core_modules().values()
     }
     assert not {k: v for k, v in offenders.items() if v}
 
@@ -52,17 +65,18 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     (tmp_path / "plugins").mkdir()
     sample = tmp_path / "plugins" / "p.py"
     sample.write_text(
-        "from slmops.fsutil import lock\nimport slmops.roles\nfrom .. import config\nfrom slmops.api import hookimpl\n"
+        "from slmops.host.fsutil import lock\nimport slmops.plugin.roles\nfrom .. import config\nfrom slmops.api import hookimpl\n"
     )
-    assert _slmops_imports(sample) == ["slmops.fsutil", "slmops.roles", "slmops.config", "slmops.api"]
+    assert _slmops_imports(sample) == ["slmops.host.fsutil", "slmops.plugin.roles", "slmops.config", "slmops.api"]
 
 
 def _core_modules() -> dict[str, Path]:
-    core = ROOT / "core"
+    """slmops's own modules, the built-in plugins and the data folder's scripts left out."""
     out = {}
-    for path in core.rglob("*.py"):
-        parts = path.relative_to(core).with_suffix("").parts
-        out[".".join(["slmops", *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
+    for path in (SRC / "slmops").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[1] not in ("plugins", "data"):
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
@@ -123,7 +137,7 @@ PLATFORM_CHECK = textwrap.dedent("""
     names = [m.name for m in pkgutil.walk_packages(slmops.__path__, "slmops.")]
     # Only serve.py, the module of `slmops serve`, imported after its extra is checked, may import an extra at import
     # time; where that extra is not installed (the suite with only the core) it is left out, and nothing else is.
-    EXTRA_MODULES = {"slmops.serve": "serve"}
+    EXTRA_MODULES = {"slmops.run.serve": "serve"}
     for name, extra in EXTRA_MODULES.items():
         if extras.missing(extra):
             names.remove(name)
@@ -152,7 +166,7 @@ PLATFORM_CHECK = textwrap.dedent("""
             sys.modules[unix_only] = None  # importing it now raises ImportError, as on Windows
     for name in names:
         importlib.import_module(name)
-    from slmops import plugin_manager
+    from slmops.plugin import plugin_manager
     assert not plugin_manager._loaded, "importing slmops modules loaded the plugins"
     from slmops.cli import main
     try:
@@ -499,10 +513,10 @@ def test_plugins_that_lie_about_what_they_wrote_are_caught(cli, tmp_path, tiny_l
 
 
 def test_olive_code_lives_in_its_plugin():
-    """Olive is run by its plugin alone (issue 31: Olive-specific code leaves core/): no core module imports olive."""
+    """Olive is run by its plugin alone (issue 31: Olive-specific code leaves the core): no core module imports olive."""
     olive = {
         p.name
-        for p in (ROOT / "core").rglob("*.py")
+        for p in _core_modules().values()
         for node in ast.walk(ast.parse(p.read_text()))
         if (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "olive" for a in node.names))
         or (isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "olive")
@@ -513,9 +527,10 @@ def test_olive_code_lives_in_its_plugin():
 def test_a_lora_kept_apart_needs_a_converter_that_extracts_adapters(monkeypatch, tmp_path):
     """--adapter-mode adapter goes through the converter plugin that declares extracts_adapters (Olive's); with none
     loaded, the request is refused before any build, in one line that says what to do."""
-    from slmops import plan, provided
+    from slmops.build import plan
     from slmops.errors import SlmopsError
-    from slmops.roles import ConvertRequest
+    from slmops.plugin import provided
+    from slmops.plugin.roles import ConvertRequest
 
     real = provided.converters()
     assert [c.name for c in real if c.extracts_adapters] == ["olive"]

@@ -76,7 +76,7 @@ def serve_env(tmp_path_factory, tiny_llama_int4) -> dict[str, str]:
     """A registry with two models: SmolLM2 int4 as deployed ("smol": the GGUF's own blocks) and the tiny random
     llama ("tiny"). The RTN int4 of SmolLM2 (mean KLD 0.5) was too lossy to answer alike on both runtimes: on an
     AVX2-only CPU, Foundry Local's runtime went on past the answer where ORT GenAI stopped."""
-    from slmops import convert
+    from slmops.build import convert
 
     env = {**os.environ, "SLMOPS_REGISTRY_DIR": str(tmp_path_factory.mktemp("serve-registry"))}
     smol = convert.convert(None, {"precision": "int4", "algorithm": "gguf"})

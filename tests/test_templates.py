@@ -89,7 +89,7 @@ def test_wrong_family_is_reported_with_first_difference(tiny_model_factory):
 
 def test_guide_template_without_newline_is_caught(default_checkpoint):
     """The guide's ChatML 'prompt' ends with '<|im_start|>assistant' (no newline): slmops must notice."""
-    from slmops.roles import TemplateFamily
+    from slmops.plugin.roles import TemplateFamily
 
     guide = TemplateFamily(
         name="guide",

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from slmops import convert, quality, templates
-from slmops.runtime import Session
+from slmops import templates
+from slmops.build import convert
+from slmops.measure import quality
+from slmops.run.runtime import Session
 
 BOS = 0  # <|endoftext|>, which the tiny_llama_bos tokenizer puts before every text
 

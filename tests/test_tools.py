@@ -11,9 +11,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from slmops import tools
 from slmops.api import ToolSyntax
-from slmops.structure import ConstraintError
+from slmops.run import tools
+from slmops.run.structure import ConstraintError
 from slmops.templates import family_by_name
 
 HERMES = ToolSyntax()
@@ -125,8 +125,8 @@ def test_streaming_holds_back_only_what_may_be_a_call():
 def test_every_family_grammar_compiles(tiny_llama_int4):
     """The grammar engine compiles each built-in family's call grammar (a family with a syntax it cannot take would
     only fail at a user's first request)."""
-    from slmops import provided
-    from slmops.runtime import Session
+    from slmops.plugin import provided
+    from slmops.run.runtime import Session
 
     session = Session(tiny_llama_int4.path)
     families = provided.template_families()
@@ -144,7 +144,7 @@ IN_LIST_FAMILIES = ("mistral", "phi3", "granite")  # their models write a turn's
 def test_each_family_call_is_generated_and_read_back(family, default_int4):
     """Under each family's grammar the default model writes a call in that family's syntax, and the family's parser
     reads the same call back: one call, or (parallel) a list that is no longer than MAX_CALLS."""
-    from slmops.chat import OrtGenAIChat
+    from slmops.run.chat import OrtGenAIChat
     from tests.test_serve import WEATHER as STRICT_WEATHER
 
     clock = {"type": "function", "function": {"name": "get_time", "parameters": {
@@ -177,7 +177,7 @@ def test_the_models_own_template_writes_a_conversation_with_tools(default_int4, 
     """A model whose chat template takes tools gets its prompt from that template (tools passed as transformers
     passes them: earlier calls with their arguments as objects, results as "tool" turns), and its call is still kept
     to the grammar; a template that takes no tools (SmolLM2's) leaves it to the family's syntax."""
-    from slmops.chat import OrtGenAIChat
+    from slmops.run.chat import OrtGenAIChat
     from slmops.templates import read_model_info
 
     folder = tmp_path / "qwen-templated"
@@ -227,8 +227,8 @@ def test_a_registry_runtime_without_a_grammar_engine(default_int4, tmp_path):
 
     from slmops import templates
     from slmops.api import RegistryEntry
-    from slmops.chat_session import ChatRunner
-    from slmops.structure import JSON_OBJECT
+    from slmops.run.chat_session import ChatRunner
+    from slmops.run.structure import JSON_OBJECT
 
     registry = RuntimeFolderRegistry()
     registry.root = tmp_path
@@ -251,7 +251,7 @@ def test_a_registry_runtime_without_a_grammar_engine(default_int4, tmp_path):
 def test_call_arguments_are_closed_to_undeclared_parameters():
     """An object schema that declares properties and says nothing of others is closed in the call's grammar (open,
     SmolLM2 made up parameters until max_tokens); what the schema says itself stands."""
-    from slmops.tools import closed
+    from slmops.run.tools import closed
 
     parameters = {
         "type": "object",

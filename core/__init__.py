@@ -1,5 +1,0 @@
-"""slmops: small language models from checkpoint to a registered, running, measured ONNX Runtime GenAI model."""
-
-from .hookspecs import hookimpl
-
-__all__ = ["hookimpl"]

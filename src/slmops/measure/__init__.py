@@ -1,0 +1,1 @@
+"""Measure: a model folder against its source and the alternatives (quality, gate, benchmarks, reports)."""
