@@ -43,7 +43,7 @@ from slmops.host.fsutil import content_hash, read_json, write_json_atomic
 
 MODEL_KEYS = {"source", "name", "precisions", "adapters", "domain", "register"}
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4")
-JOB_MEMORY = 3 << 30  # what one job may take at most, measured: gptq of a 135M model peaks at 2.4 GB
+JOB_MEMORY = 3 << 30  # what one job may take at most: above gptq's peak on a 135M model (docs/architecture.md)
 STATUSES = ("passed", "cached", "failed")
 
 

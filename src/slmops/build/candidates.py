@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# The builds worth comparing, about smallest first (sizes measured on SmolLM2-135M): deploy --precision auto tries
-# them in this order, bench --compare measures them all. "int4 gguf" is a GGUF source's own blocks (exact weights);
-# other sources skip it. "int4 gptq" is the int4 of a float source (error-compensating rounding, Q4_0 to Q8_0
-# blocks within llama.cpp Q4_K_M's bytes: on a float SmolLM2 mean KLD 0.018 against torch, imatrix 0.078), then the same
-# within Q5_K_M's bytes (still 0.75x int8's); a GGUF source that passes with its own blocks stops before them. imatrix
-# and the RTN builds stay for sources gptq cannot take.
+# The builds worth comparing, about smallest first: deploy --precision auto tries them in this order, bench --compare
+# measures them all. "int4 gguf" is a GGUF source's own blocks (exact weights); other sources skip it. "int4 gptq" is
+# the int4 of a float source (error-compensating rounding, Q4_0 to Q8_0 blocks within llama.cpp Q4_K_M's bytes: a
+# fraction of imatrix's KLD), then the same within Q5_K_M's bytes (still well under int8's); a GGUF source that passes
+# with its own blocks stops before them. imatrix and the RTN builds stay for sources gptq cannot take (docs/architecture.md, "The measurements behind the constants").
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("int4 gguf", {"precision": "int4", "algorithm": "gguf"}),
     ("int4 gptq", {"precision": "int4", "algorithm": "gptq", "block_size": 32}),

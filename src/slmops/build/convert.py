@@ -215,9 +215,9 @@ def build_spec(
     if why:
         progress.note(f"{request.precision} by {request.algorithm}: {why} (--algorithm chooses another)")
     if request.accuracy_level is None and request.device == "cpu" and request.precision in ("int4", "int8"):
-        # MatMulNBits computes in int8 at level 4. At the default level, 8-bit weights decoded SmolLM2 at 1.5 tok/s
-        # against 59 at level 4 (the builder already picks 4 for int4 on the CPU). The gguf-native route keeps its
-        # activation outliers in float there (gguf_native.OUTLIER_CHANNELS); --accuracy-level 1 computes in float.
+        # MatMulNBits computes in int8 at level 4; at the default level 8-bit weights decode dozens of times slower
+        # (docs/architecture.md, "The measurements behind the constants"; the builder already picks 4 for int4 on the CPU). The gguf-native route keeps its activation
+        # outliers in float there (gguf_native.OUTLIER_CHANNELS); --accuracy-level 1 computes in float.
         request = dataclasses.replace(request, accuracy_level=4)
     check_options(request)
     prepared = prepare(source, request, force)

@@ -124,10 +124,9 @@ def domain_checks(scored: dict, max_drop: float) -> list[Check]:
 
 def speed_consistency(model_dir: Path, first: BenchResult, settings: dict, benchmarker: str | None) -> Check:
     """Decode across the prompt lengths, judged by the CPU time a decoded token costs at each length on one thread
-    (max/min): work that grows with the context shows there, another program's load does not (two busy loops on 2
-    cores took the kernel build of SmolLM2 from 100 / 89 / 64 tok/s at 16 / 128 / 512 to medians of 21 / 3 / 6, a
-    7x spread, while its cost per token kept its 1.4x). A benchmarker that reports no CPU time is judged by each
-    length's best wall-clock run, measured once more before failing."""
+    (max/min): work that grows with the context shows there, another program's load does not (two busy loops beside
+    it spread wall-clock decode 7x while the cost per token kept its ratio: docs/architecture.md, "The measurements behind the constants"). A benchmarker that
+    reports no CPU time is judged by each length's best wall-clock run, measured once more before failing."""
     costs = cpu_costs(first)
     speeds = best_speeds(first)
     if costs:

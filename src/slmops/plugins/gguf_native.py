@@ -47,9 +47,8 @@ PLANES = "planes"  # doc_string of the Add that sums an 8-bit weight's two 4-bit
 CORRECTION = "correction"
 PACKED = ";"  # separates the weights one packed MatMulNBits holds in its doc_string
 INTEGER_ACTIVATIONS = 4  # MatMulNBits accuracy level 4: int8 activations (one scale per block), the integer kernel
-# Input channels per MatMul kept in float at level 4. In the GGUF kernel, SmolLM2 against its source over 11,990 corpus
-# positions: none 0.0028 mean KLD / top-1 0.972 (llama.cpp's own: 0.0028 / 0.970), 8: 0.0007 / 0.983, 12: 0.0006 /
-# 0.985, 16: 0.0005 / 0.986, 24: 0.0005 / 0.987; each costs decode time (16: +6%). 8 keeps decode above llama.cpp's.
+# Input channels per MatMul kept in float at level 4: 8 takes mean KLD to a quarter of llama.cpp's own on the same
+# file, more gain little and cost decode time (docs/architecture.md, "The measurements behind the constants").
 # (The guide's question is a near tie in the source that int8 activations decide either way, float order included:
 # docs/user-guide.md, section 2.)
 OUTLIER_CHANNELS = 8
@@ -98,7 +97,8 @@ def rtn8(matrix: np.ndarray, block: int = 32) -> gguf_blocks.BlockForm:
 def nibble_planes(form: gguf_blocks.BlockForm) -> list[gguf_blocks.BlockForm]:
     """An 8-bit form as two exact 4-bit forms that add up to it: code c = 16*hi + lo and zero point z = 16*zh + zl
     give scale*(c - z) = 16*scale*(hi - zh) + scale*(lo - zl). ONNX Runtime 1.31 has a fast float-activation kernel
-    for 4-bit MatMulNBits only (8-bit at float activations decoded SmolLM2 at 4 tok/s), so float activations take
+    for 4-bit MatMulNBits only (8-bit at float activations is dozens of times slower: docs/architecture.md, "The
+    measurements behind the constants"), so float activations take
     8-bit weights this way. The offset, if any, stays with the whole."""
     if form.bits != 8:
         return [form]
@@ -223,8 +223,8 @@ class GGUFNative(Quantizer):
         weights = gguf_blocks.read(request.gguf)
         # The integer kernel by default, as llama.cpp computes (int8 activations, one scale per block of 32), with
         # each MatMul's activation outliers kept in float: an outlier sets its block's int8 scale and flattens the
-        # rest. On SmolLM2 (4,091 corpus positions against the source) that took mean KLD from 0.012 to 0.0027 and
-        # decoded 2.5x faster than float compute (level 1, exact: KLD 0.0000) on an AVX2 CPU; docs/user-guide.md.
+        # rest: a quarter of plain level 4's KLD, and faster than float compute (level 1, exact; docs/architecture.md,
+        # "The measurements behind the constants").
         level = accuracy_level(request)
         channels = float_channels(fp32_dir, request, level)
         # The GGUF kernel where this machine can build it: each block's minimum applied inside the kernel, no float

@@ -61,26 +61,24 @@ CHOICES = tuple(FORMS)
 # Bytes per weight: the codes, a fp16 scale and (q4_1, q5_1) a fp16 minimum per 32 weights.
 BYTES = {name: (bits * BLOCK + 16 + 16 * minimum) / 8 / BLOCK for name, (bits, minimum) in FORMS.items()}
 SMALLEST = min(CHOICES, key=BYTES.get)
-# The output layer's (and an embedding's) least bytes. On the float SmolLM2 (7,432 corpus positions against torch, the
-# same byte budget, 4/5/8-bit forms with a minimum): 4-bit (where the output error per byte put it) 0.0229 mean KLD /
-# top-1 0.914, 5-bit: 0.0247 / 0.917 with 3% fewer bytes, 8-bit: 0.0429 / 0.891 (it left 4 bits for most of the rest).
+# The output layer's (and an embedding's) least bytes: 5 bits gave the best top-1 in the same byte budget, 8 bits
+# left 4 bits for most of the rest (docs/architecture.md, "The measurements behind the constants").
 HEAD_FORM = "q5_0"
-# With head_by_use: the output layer's rows per part (SmolLM2's 49,152: 12 parts; its first 4,096 ids took 74% of
-# its next-token probability on the calibration text) and the mark in a part's name.
+# With head_by_use: the output layer's rows per part (SmolLM2's 49,152: 12 parts; its first part takes most of the
+# next-token probability on the calibration text) and the mark in a part's name.
 HEAD_ROWS = 4096
 HEAD_PART = "@"
 # A float source fine-tuned from a 4-bit model (the dequantized GGUF it came as, or a LoRA merged onto one) lies
 # within a fraction of a step of its base's blocks: SmolLM2's fine-tune of the dequantized Q4_1 default moved no weight
 # by half a Q4_1 step. A form that fits that grid again rounds each weight back to its base value, undoing the
-# fine-tune while its measured error looks the smallest: q4_1 and q5_1 kept 6% of the fine-tune's change, q4_0 54%,
-# q6_0 78%, q8_0 100%. Such a form is ruled out for that weight. The mean distance of the weights to a form's grid, in
-# its steps, tells it: about 0.2 for a float model (uniform), 0.008-0.02 where the form snaps, 0 exactly on the grid
-# (the base itself: nothing to undo, nothing ruled out).
+# fine-tune while its measured error looks the smallest (q4_1 and q5_1 kept a small share of the fine-tune's change:
+# docs/architecture.md, "The measurements behind the constants"). Such a form is ruled out for that weight. The mean
+# distance of the weights to a form's grid, in its steps, tells it: far from 0 for a float model (uniform), close to 0
+# where the form snaps, 0 exactly on the grid (the base itself: nothing to undo, nothing ruled out).
 SNAPS = (1e-3, 0.1)
 # Added to H's diagonal, as a share of its mean: keeps the inverse stable and the compensation from fitting the
-# calibration text alone. GPTQ's default, 0.01, against 0.1 and 1 (against torch, 2026-12-06): dithered SmolLM2 corpus
-# KLD 0.0170 / 0.0166 / 0.0183, top-1 0.932 / 0.934 / 0.931; the order fine-tune's held-out answers (teacher-forced)
-# 0.0031 / 0.0015 / 0.0009 at corpus KLD 0.0169 / 0.0165 / 0.0176 (plain rounding: 0.0012 at 0.0317).
+# calibration text alone. 0.1 rather than GPTQ's 0.01 or 1: the best corpus KLD and top-1, and the fine-tune's own
+# answers closer to the source than with 0.01 (docs/architecture.md, "The measurements behind the constants").
 DAMP = 0.1
 STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)

@@ -123,8 +123,8 @@ class Imatrix(Quantizer):
                 return [(0, matrix.shape[0], gguf_native.rtn8(matrix, request.block_size))]
             return [(0, matrix.shape[0], quantize_matrix(matrix, request.block_size, importance.get(name)))]
 
-        # Integer compute (level 4) unless asked: measured on a float SmolLM2 (benchmarks/bench_hf_int4.py), int8
-        # activations took mean KLD from 0.063 to 0.078 and decode from 42 to 66 tok/s; the weights are approximate
+        # Integer compute (level 4) unless asked: on a float source int8 activations cost a little KLD and gain
+        # much decode (docs/architecture.md, "The measurements behind the constants"); the weights are approximate
         # anyway, and --accuracy-level 1 keeps float activations.
         level = gguf_native.accuracy_level(request)
         gguf_native.write_blocks(fp32_dir, output_dir, forms_of, level, {"algorithm": "imatrix"})

@@ -183,9 +183,8 @@ def timed_generation(session: Session, tokens: list[int], max_new: int) -> dict[
 def decode_costs(model_dir: str, lengths: list[int], runs: int, max_new: int) -> dict[int, float]:
     """In a child process: the median CPU ms a decoded token costs at each prompt length, on one CPU and one thread
     (ONNX Runtime, whose pool the GGUF kernel runs on). That is the work a token takes, which grows with a build's context and not
-    with another program's load: with two busy loops beside it on 2 cores, SmolLM2's kernel build measured 1.43x
-    from 16 to 512 tokens (idle 1.41x), where its wall-clock decode went from 100 / 89 / 64 tok/s to 21 / 3 / 6 and
-    its CPU time on two threads (spinning workers waiting for a descheduled one) from 1.6x to 2.1x."""
+    with another program's load, where wall-clock time and the CPU time of two threads (spinning workers waiting
+    for a descheduled one) do (docs/architecture.md, "The measurements behind the constants")."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     session = Session(Path(model_dir), threads=1)

@@ -26,10 +26,8 @@ def context_length(model_dir: Path) -> int:
 
 def use_every_core(model_dir: Path) -> None:
     """Let ONNX Runtime pick its intra-op thread count (one per physical core) where the genai_config.json sets none.
-    ONNX Runtime GenAI 0.18 runs a model with no such setting on one thread: SmolLM2's int4 at 101% CPU decoded
-    18.6 ms/token and prefilled 217 tok/s on 2 cores, with intra_op_num_threads 0 (ONNX Runtime's own default)
-    13.7 ms/token and 354 tok/s (docs/architecture.md). 0 rather than this machine's count: the folder is deployed
-    elsewhere too."""
+    ONNX Runtime GenAI 0.18 runs a model with no such setting on one thread, a third slower to decode on 2 cores
+    (docs/architecture.md, "The measurements behind the constants"). 0 rather than this machine's count: the folder is deployed elsewhere too."""
     path = model_dir / "genai_config.json"
     config = json.loads(path.read_text())
     decoder = config.get("model", {}).get("decoder")

@@ -587,10 +587,9 @@ async def finish_after(events: AsyncIterator[str], turn: Any, watcher: asyncio.T
 # -- starting it ---------------------------------------------------------------------------------------------------
 def limit_malloc_arenas(count: int = 1) -> None:
     """Keep glibc to one malloc arena (unless MALLOC_ARENA_MAX says otherwise), so memory one request frees is what
-    the next one reuses. By default each thread may get its own arena (8 per core) and keep what it freed: measured
-    on a 2-core AMD EPYC, the server answering through Foundry Local's runtime sat at 2.0 GB and grew in ~380 MB
-    steps. Two arenas still held two of those steps once requests landed on both threads (455 -> 829 MB in CI, 814 MB
-    here); with one it stays at 382 MB, and three parallel ORT GenAI generations are as fast as with two."""
+    the next one reuses. By default each thread may get its own arena (8 per core) and keep what it freed: the server
+    grew in steps of a few hundred MB, and two arenas still held two of those steps; with one it stays flat, and
+    parallel generations are as fast (docs/architecture.md, "The measurements behind the constants")."""
     if sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(-8, count)  # -8: M_ARENA_MAX
