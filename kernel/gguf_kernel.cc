@@ -1034,6 +1034,32 @@ void rotate(const float* x, const float* cos, const float* sin, int dims, bool i
   for (int i = dims; i < h; ++i) out[i] = x[i];
 }
 
+// x [n] as fp16 into out, with the kernels of `use`
+void halves(const float* x, int n, uint16_t* out, Code use) {
+#if SLMOPS_X86
+  if (use == kAvx2) return avx2::to_halves(x, n, out);
+#endif
+  portable::to_halves(x, n, out);
+}
+
+// One query row: o [h] = softmax(scale * q k^T) v over the first `keys` fp16 rows of k and v, with the kernels of
+// `use`; p: room for the keys' scores, rounded up to 8
+void attend(const float* q, const uint16_t* k, const uint16_t* v, int h, int keys, float scale, float* p, float* o,
+            Code use) {
+  const int padded = (keys + 7) / 8 * 8;
+  std::fill(p + keys, p + padded, -1e30f);  // exp gives ~1e-38: nothing against a sum of at least 1
+#if SLMOPS_X86
+  if (use == kAvx2) {
+    avx2::scores(q, k, h, keys, scale, p);
+    const float sum = avx2::softmax_numerators(p, padded);
+    return avx2::weighted_sum(p, v, h, keys, 1.f / sum, o);
+  }
+#endif
+  portable::scores(q, k, h, keys, scale, p);
+  const float sum = portable::softmax_numerators(p, padded);
+  portable::weighted_sum(p, v, h, keys, 1.f / sum, o);
+}
+
 struct AttentionScratch {
   std::vector<float> q, scores;  // a rotated row (q or k); a row's scores
 };
@@ -1116,12 +1142,7 @@ void attention(Attention* op, void* context) {
   };
   auto position = [&](int64_t b, int64_t s) { return std::min(past[b] + s, std::max<int64_t>(cos_rows - 1, 0)); };
 
-  auto to_halves = [&](const float* x, uint16_t* y) {
-#if SLMOPS_X86
-    if (code == kAvx2) return avx2::to_halves(x, (int)h, y);
-#endif
-    portable::to_halves(x, (int)h, y);
-  };
+  auto to_halves = [&](const float* x, uint16_t* y) { halves(x, (int)h, y, code); };
   // present: the past (copied unless shared), then this call's k (rotated) and v at each row's past length, in fp16
   const size_t cache = (size_t)length * h;
   auto write = [&](size_t i) {
@@ -1178,20 +1199,7 @@ void attention(Attention* op, void* context) {
         rotate(q, cos + at, sin + at, (int)dims, op->interleaved, (int)h, w.q.data());
         q = w.q.data();
       }
-      const int keys = (int)(past[b] + s + 1), padded = (keys + 7) / 8 * 8;
-      float* p = w.scores.data();
-      std::fill(p + keys, p + padded, -1e30f);  // exp gives ~1e-38: nothing against a sum of at least 1
-#if SLMOPS_X86
-      if (code == kAvx2) {
-        avx2::scores(q, pk, (int)h, keys, scale, p);
-        const float sum = avx2::softmax_numerators(p, padded);
-        avx2::weighted_sum(p, pv, (int)h, keys, 1.f / sum, o);
-        continue;
-      }
-#endif
-      portable::scores(q, pk, (int)h, keys, scale, p);
-      const float sum = portable::softmax_numerators(p, padded);
-      portable::weighted_sum(p, pv, (int)h, keys, 1.f / sum, o);
+      attend(q, pk, pv, (int)h, (int)(past[b] + s + 1), scale, w.scores.data(), o, code);
     }
   });
 }
@@ -1304,4 +1312,31 @@ extern "C" __attribute__((visibility("default"))) void SlmopsMatMulGGML(int64_t 
   matmul(type, w, (int)groups, (int)k, x, m, c, codes, y, portable ? kPortable : code, [](int64_t total, const auto& job) {
     for (int64_t i = 0; i < total; ++i) job(i);
   });
+}
+
+// One query row of GroupQueryAttentionF16KV as the op computes it: q [h] and the keys k [n, h] rotated at positions
+// n - 1 and 0..n-1 of the cos/sin caches (dims 0: no rotary), the keys and values v [n, h] held in fp16, then
+// out [h] = softmax(scale * q k^T) v (SlmopsAttentionRow; portable != 0: the portable kernels).
+extern "C" __attribute__((visibility("default"))) void SlmopsAttentionRow(const float* q, const float* k, const float* v,
+                                                                        int64_t h, int64_t n, const float* cos,
+                                                                        const float* sin, int64_t dims, int interleaved,
+                                                                        float scale, float* out, int portable) {
+  choose_code();
+  const Code use = portable ? kPortable : code;
+  std::vector<uint16_t> k16(n * h), v16(n * h);
+  std::vector<float> rotated(h), scores((n + 7) / 8 * 8);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = k + i * h;
+    if (dims) {
+      rotate(row, cos + i * (dims / 2), sin + i * (dims / 2), (int)dims, interleaved, (int)h, rotated.data());
+      row = rotated.data();
+    }
+    halves(row, (int)h, k16.data() + i * h, use);
+    halves(v + i * h, (int)h, v16.data() + i * h, use);
+  }
+  if (dims) {
+    rotate(q, cos + (n - 1) * (dims / 2), sin + (n - 1) * (dims / 2), (int)dims, interleaved, (int)h, rotated.data());
+    q = rotated.data();
+  }
+  attend(q, k16.data(), v16.data(), (int)h, (int)n, scale, scores.data(), out, use);
 }

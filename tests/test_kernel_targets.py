@@ -75,15 +75,13 @@ def test_the_library_says_which_code_it_runs(monkeypatch):
 CROSS = ("aarch64-linux-gnu-g++", "qemu-aarch64")
 
 
-@pytest.mark.skipif(
-    not all(shutil.which(t) for t in CROSS) or not shutil.which("cmake"),
-    reason="no aarch64 cross toolchain or qemu-user (make cross-tools installs them)",
-)
-def test_the_arm64_library_computes_the_same_products_under_qemu(tmp_path):
-    """kernel/ cross-compiled for aarch64 by CMake with kernel/cmake/aarch64-linux-gnu.cmake, its products run by the
-    products driver under qemu-aarch64 with each of its kernels (NEON with SDOT, plain NEON, plain C++): the same
-    bits as this machine's library, type by type."""
-    build = tmp_path / "build-aarch64"
+@pytest.fixture(scope="module")
+def arm64(tmp_path_factory) -> tuple[Path, Path]:
+    """kernel/ cross-compiled for aarch64 by CMake with kernel/cmake/aarch64-linux-gnu.cmake: the library and the
+    products driver (kernel/tests/products.cc), built once for the tests below."""
+    if not all(shutil.which(t) for t in CROSS) or not shutil.which("cmake"):
+        pytest.skip("no aarch64 cross toolchain or qemu-user (make cross-tools installs them)")
+    build = tmp_path_factory.mktemp("build-aarch64")
     toolchain = KERNEL_DIR / "cmake" / "aarch64-linux-gnu.cmake"
     configure = ["cmake", "-S", str(KERNEL_DIR), "-B", str(build), f"-DCMAKE_TOOLCHAIN_FILE={toolchain}"]
     subprocess.run(
@@ -94,9 +92,28 @@ def test_the_arm64_library_computes_the_same_products_under_qemu(tmp_path):
     import slmops_kernel
 
     assert slmops_kernel.machine(library) == "aarch64" and slmops_kernel.machine() == "x86_64"
-    # qemu's "max" CPU has dotprod (SDOT), a Cortex-A57 has not; baseline: the plain C++ kernels
-    ways = [(["-cpu", "max"], {}, "neon-dotprod"), (["-cpu", "cortex-a57"], {}, "neon")]
-    ways.append((["-cpu", "max"], {gguf_kernel.PRETEND_CPU: "baseline"}, "portable"))
+    return library, driver
+
+
+# qemu's "max" CPU has dotprod (SDOT), a Cortex-A57 has not; baseline: the plain C++ kernels
+QEMU_WAYS = [(["-cpu", "max"], {}, "neon-dotprod"), (["-cpu", "cortex-a57"], {}, "neon")]
+QEMU_WAYS.append((["-cpu", "max"], {gguf_kernel.PRETEND_CPU: "baseline"}, "portable"))
+
+
+def under_qemu(driver: Path, library: Path, args: list, cpu: list[str], env: dict) -> str:
+    """The products driver's run under qemu-aarch64; what it printed (the kernels that ran)."""
+    run = subprocess.run(
+        ["qemu-aarch64", *cpu, "-L", "/usr/aarch64-linux-gnu", str(driver), str(library), *map(str, args)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )  # fmt: skip
+    assert run.returncode == 0, (args[:2], cpu, run.stdout, run.stderr)
+    return run.stdout.strip()
+
+
+def test_the_arm64_library_computes_the_same_products_under_qemu(arm64, tmp_path):
+    """The products driver under qemu-aarch64 with each of the ARM64 library's kernels (NEON with SDOT, plain NEON,
+    plain C++): the same bits as this machine's library, type by type."""
+    library, driver = arm64
     for kind in TYPES:
         c = case(kind, seed=1)
         files = {}
@@ -106,12 +123,97 @@ def test_the_arm64_library_computes_the_same_products_under_qemu(tmp_path):
         out = tmp_path / "y.bin"
         args = [c["type"], c["groups"], c["k"], c["x"].shape[0], len(c["channels"]), 0]
         here = product(gguf_kernel.installed(), c, portable=False)
-        for cpu, env, code in ways:
-            run = subprocess.run(
-                ["qemu-aarch64", *cpu, "-L", "/usr/aarch64-linux-gnu", str(driver), str(library), *map(str, args)]
-                + [str(files[n]) for n in ("w", "x", "channels", "codes")] + [str(out)],
-                capture_output=True, text=True, timeout=120, env={**os.environ, **env},
-            )  # fmt: skip
-            assert run.returncode == 0 and run.stdout.split() == [code], (kind, cpu, run.stdout, run.stderr)
+        for cpu, env, code in QEMU_WAYS:
+            paths = [files[n] for n in ("w", "x", "channels", "codes")] + [out]
+            assert under_qemu(driver, library, args + paths, cpu, env) == code, (kind, cpu)
             arm = np.fromfile(out, dtype=np.float32).reshape(c["x"].shape[0], -1)
             assert np.array_equal(arm, here), (kind, code)
+
+
+# The attention op's rows: (rotary dims of a 64-wide head, interleaved); 0: no rotary
+ROTARY = [(64, False), (32, False), (64, True), (0, False)]
+
+
+def attention_case(dims: int, interleaved: bool, seed: int = 0) -> dict:
+    """One query row against 37 keys (not a whole number of the kernels' 8), a 64-wide head, RoPE caches of the
+    keys' positions as a Llama's (base 10,000)."""
+    rng = np.random.default_rng(seed)
+    h, n = 64, 37
+    angles = np.arange(n)[:, None] * 10000.0 ** (-np.arange(max(dims // 2, 1)) / max(dims // 2, 1))
+    return dict(
+        q=rng.standard_normal(h).astype(np.float32) * 2,
+        k=rng.standard_normal((n, h)).astype(np.float32) * 2,
+        v=rng.standard_normal((n, h)).astype(np.float32),
+        cos=np.cos(angles).astype(np.float32), sin=np.sin(angles).astype(np.float32),
+        h=h, n=n, dims=dims, interleaved=int(interleaved), scale=np.float32(1 / np.sqrt(h) * 1.5),
+    )  # fmt: skip
+
+
+def attention_row(library: Path, c: dict, portable: bool) -> np.ndarray:
+    """The library's attention row on this machine (SlmopsAttentionRow, no ONNX Runtime)."""
+    lib = ctypes.CDLL(str(library))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.SlmopsAttentionRow.argtypes = [p, p, p, i64, i64, p, p, i64, ctypes.c_int, ctypes.c_float, p, ctypes.c_int]
+    out = np.zeros(c["h"], np.float32)
+    lib.SlmopsAttentionRow(
+        c["q"].ctypes.data, c["k"].ctypes.data, c["v"].ctypes.data, c["h"], c["n"], c["cos"].ctypes.data,
+        c["sin"].ctypes.data, c["dims"], c["interleaved"], c["scale"], out.ctypes.data, int(portable),
+    )  # fmt: skip
+    return out
+
+
+def rotated(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, dims: int, interleaved: bool) -> np.ndarray:
+    if not dims:
+        return x
+    out, half = x.copy(), dims // 2
+    if interleaved:
+        even, odd = x[0:dims:2], x[1:dims:2]
+        out[0:dims:2], out[1:dims:2] = even * cos - odd * sin, odd * cos + even * sin
+    else:
+        a, b = x[:half], x[half:dims]
+        out[:half], out[half:dims] = a * cos - b * sin, b * cos + a * sin
+    return out
+
+
+def attention_reference(c: dict) -> np.ndarray:
+    """numpy in float64: q at the last position, each key at its own, keys and values held in fp16."""
+    d, il = c["dims"], c["interleaved"]
+    q = rotated(c["q"].astype(np.float64), c["cos"][-1], c["sin"][-1], d, il)
+    k = np.stack([rotated(c["k"][i], c["cos"][i], c["sin"][i], d, il) for i in range(c["n"])])
+    k, v = k.astype(np.float16).astype(np.float64), c["v"].astype(np.float16).astype(np.float64)
+    s = k @ q * float(c["scale"])
+    e = np.exp(s - s.max())
+    return e / e.sum() @ v
+
+
+@pytest.mark.parametrize("dims,interleaved", ROTARY)
+def test_the_attention_row_is_the_same_in_portable_and_avx2_code(dims, interleaved):
+    library = gguf_kernel.installed()
+    c = attention_case(dims, interleaved)
+    fast, portable = attention_row(library, c, portable=False), attention_row(library, c, portable=True)
+    assert np.abs(portable - attention_reference(c)).max() < 1e-4 * np.abs(c["v"]).max()
+    if gguf_kernel.code(library) != "avx2":
+        pytest.skip("this CPU runs the portable kernels only")
+    assert np.array_equal(fast, portable)
+
+
+def test_the_arm64_library_computes_the_same_attention_under_qemu(arm64, tmp_path):
+    """The attention op's row (RoPE, fp16 keys and values, softmax, weighted sum) from the ARM64 library under
+    qemu-aarch64 gives this machine's bits, with each of its kernels."""
+    library, driver = arm64
+    here = gguf_kernel.installed()
+    for dims, interleaved in ROTARY:
+        c = attention_case(dims, interleaved, seed=2)
+        files = {}
+        for name in ("q", "k", "v", "cos", "sin"):
+            files[name] = tmp_path / f"{name}.bin"
+            files[name].write_bytes(np.ascontiguousarray(c[name]).tobytes())
+        out = tmp_path / "out.bin"
+        args = ["attention", c["h"], c["n"], dims, c["interleaved"], repr(float(c["scale"])), 0]
+        args += [files[n] for n in ("q", "k", "v", "cos", "sin")] + [out]
+        for cpu, env, code in QEMU_WAYS:
+            assert under_qemu(driver, library, args, cpu, env) == code, (dims, cpu)
+            assert np.array_equal(np.fromfile(out, dtype=np.float32), attention_row(here, c, portable=False)), (
+                dims,
+                code,
+            )
