@@ -44,6 +44,28 @@ def test_search_fits_closer_than_min_max_and_integer_zero_points():
     assert found < weighted_error(imatrix.quantize_matrix(matrix, 32), matrix, w)
 
 
+def test_a_fine_tune_of_a_4bit_model_keeps_its_change_at_8_bits():
+    # imatrix has one 4-bit form. A float source fine-tuned from a dequantized 4-bit model lies a few hundredths of a
+    # step off its base's grid; the search finds that grid again and rounds the fine-tune's change away (what it
+    # measures as the least error). Such a weight takes 8-bit blocks; the base itself (on its grid) and a float
+    # weight (off any grid) keep the 4-bit search.
+    rng = np.random.default_rng(0)
+    base = imatrix.quantize_matrix(rng.laplace(0, 0.02, (64, 256)).astype(np.float32), 32).dequantize()
+    step = np.repeat(np.abs(imatrix.quantize_matrix(base, 32).scales), 32, axis=1)
+    change = (rng.random(base.shape) - 0.5).astype(np.float32) * 0.06 * step  # 3% of a step at most
+    tuned = base + change
+
+    def kept(form) -> float:  # what a form keeps of the fine-tune's change (1: all of it, 0: the base again)
+        return float(((form.dequantize() - base) * change).sum() / (change * change).sum())
+
+    assert kept(imatrix.quantize_matrix(tuned, 32)) < 0.15  # the search alone rounds it back onto the base
+    form = imatrix.blocks_of(tuned, 32)
+    assert form.bits == 8 and kept(form) > 0.9
+    on_grid = imatrix.blocks_of(base, 32)
+    assert on_grid.bits == 4 and np.abs(on_grid.dequantize() - base).max() < 1e-6
+    assert imatrix.blocks_of((base + (rng.random(base.shape) - 0.5) * step).astype(np.float32), 32).bits == 4
+
+
 def test_importance_is_the_mean_square_of_each_matmul_input_as_torch_computes_it(tiny_qwen2):
     import torch
     from transformers import AutoModelForCausalLM

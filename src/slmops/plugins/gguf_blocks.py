@@ -174,3 +174,29 @@ def read(path: Path) -> GGUFWeights:
         forms[name] = form
         index_rows(rows, name, values)
     return GGUFWeights(forms, rows, other)
+
+
+# A float source fine-tuned from a 4-bit model (the dequantized GGUF it came as, or a LoRA merged onto one) lies
+# within a fraction of a step of its base's blocks: SmolLM2's fine-tune of the dequantized Q4_1 default moved no weight
+# by half a Q4_1 step. A form that fits that grid again rounds each weight back to its base value, undoing the
+# fine-tune while its measured error looks the smallest (q4_1 and q5_1 kept a small share of the fine-tune's change:
+# docs/architecture.md, "The measurements behind the constants"). Such a form is ruled out for that weight. The mean
+# distance of the weights to a form's grid, in its steps, tells it: far from 0 for a float model (uniform), close to 0
+# where the form snaps, 0 exactly on the grid (the base itself: nothing to undo, nothing ruled out). gptq rules such a
+# form out for the weight, imatrix (one form) keeps that weight at 8 bits.
+SNAPS = (1e-3, 0.1)
+
+
+def grid_distance(matrix: np.ndarray, values: np.ndarray, form: BlockForm) -> float:
+    """The mean distance of matrix's weights to values (form.dequantize(), form rounded from matrix), in form's
+    steps."""
+    step = np.repeat(np.abs(form.scales), form.block, axis=1)
+    return float((np.abs(matrix - values) / np.where(step > 0, step, 1)).mean())
+
+
+def snapping(distances: dict[str, float]) -> list[str]:
+    """The forms that would round a weight back onto a grid it lies near but not on (SNAPS), given each form's
+    grid_distance; none where one form holds it exactly (it is that grid's own model)."""
+    if min(distances.values()) <= SNAPS[0]:
+        return []
+    return [f for f, d in distances.items() if d < SNAPS[1]]

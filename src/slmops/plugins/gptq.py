@@ -68,14 +68,6 @@ HEAD_FORM = "q5_0"
 # next-token probability on the calibration text) and the mark in a part's name.
 HEAD_ROWS = 4096
 HEAD_PART = "@"
-# A float source fine-tuned from a 4-bit model (the dequantized GGUF it came as, or a LoRA merged onto one) lies
-# within a fraction of a step of its base's blocks: SmolLM2's fine-tune of the dequantized Q4_1 default moved no weight
-# by half a Q4_1 step. A form that fits that grid again rounds each weight back to its base value, undoing the
-# fine-tune while its measured error looks the smallest (q4_1 and q5_1 kept a small share of the fine-tune's change:
-# docs/architecture.md, "The measurements behind the constants"). Such a form is ruled out for that weight. The mean
-# distance of the weights to a form's grid, in its steps, tells it: far from 0 for a float model (uniform), close to 0
-# where the form snaps, 0 exactly on the grid (the base itself: nothing to undo, nothing ruled out).
-SNAPS = (1e-3, 0.1)
 # Added to H's diagonal, as a share of its mean: keeps the inverse stable and the compensation from fitting the
 # calibration text alone. 0.1 rather than GPTQ's 0.01 or 1: the best corpus KLD and top-1, and the fine-tune's own
 # answers closer to the source than with 0.01 (docs/architecture.md, "The measurements behind the constants").
@@ -203,21 +195,6 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, form: str) -> gguf_blocks.Bloc
             errors[:, i] = error
         w[:, end:] -= errors @ u[start:end, end:]
     return _form(codes, scale, low, form)
-
-
-def grid_distance(matrix: np.ndarray, values: np.ndarray, form: gguf_blocks.BlockForm) -> float:
-    """The mean distance of matrix's weights to values (form.dequantize(), form rounded from matrix), in form's
-    steps."""
-    step = np.repeat(np.abs(form.scales), form.block, axis=1)
-    return float((np.abs(matrix - values) / np.where(step > 0, step, 1)).mean())
-
-
-def snapping(distances: dict[str, float]) -> list[str]:
-    """The forms that would round a weight back onto a grid it lies near but not on (SNAPS), given each form's
-    grid_distance; none where one form holds it exactly (it is that grid's own model)."""
-    if min(distances.values()) <= SNAPS[0]:
-        return []
-    return [f for f, d in distances.items() if d < SNAPS[1]]
 
 
 def output_error(matrix: np.ndarray, values: np.ndarray, hessian: np.ndarray) -> float:
@@ -517,7 +494,7 @@ class Plan:
             for f in CHOICES:  # one form's values at a time: a 1.5B model's MLP weight is 55 MB in float32
                 form = rounded(rows, imp, f)
                 values = form.dequantize()
-                distances[f] = grid_distance(rows, values, form)
+                distances[f] = gguf_blocks.grid_distance(rows, values, form)
                 if energy:  # each row's error as often as its token is used; unweighted, its share of the whole's
                     by_row = row_errors(rows, values, h)
                     errors[f] = float((use * by_row).sum() / max(energy, 1e-30))
@@ -528,7 +505,7 @@ class Plan:
                     errors[f] = 1.0 / 2 ** (FORMS[f][0] + FORMS[f][1])
                 else:
                     errors[f] = output_error(rows, values, h)
-            ruled = snapping(distances)
+            ruled = gguf_blocks.snapping(distances)
             if ruled:
                 self.snapped[part] = ruled
             for f in ruled:  # never taken: allocate moves off it first, never onto it

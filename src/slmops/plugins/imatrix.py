@@ -95,6 +95,16 @@ def keeps_8_bits(name: str) -> bool:
     return "lm_head" in name or "embed" in name
 
 
+def blocks_of(matrix: np.ndarray, block: int, importance: np.ndarray | None = None) -> gguf_blocks.BlockForm:
+    """A weight's searched blocks, or its 8-bit ones where the search would round it back onto a 4-bit grid it lies
+    near but not on (a fine-tune of a 4-bit model: gguf_blocks.snapping), which would undo what the fine-tune
+    changed while it measures as the least error."""
+    form = quantize_matrix(matrix, block, importance)
+    if gguf_blocks.snapping({KIND: gguf_blocks.grid_distance(matrix, form.dequantize(), form)}):
+        return gguf_native.rtn8(matrix, block)
+    return form
+
+
 class Imatrix(Quantizer):
     name = "imatrix"
     description = "int4 blocks, a scale and float min each, fitted under an importance matrix; 8-bit lm_head"
@@ -121,7 +131,7 @@ class Imatrix(Quantizer):
                 return []
             if keeps_8_bits(name):
                 return [(0, matrix.shape[0], gguf_native.rtn8(matrix, request.block_size))]
-            return [(0, matrix.shape[0], quantize_matrix(matrix, request.block_size, importance.get(name)))]
+            return [(0, matrix.shape[0], blocks_of(matrix, request.block_size, importance.get(name)))]
 
         # Integer compute (level 4) unless asked: on a float source int8 activations cost a little KLD and gain
         # much decode (docs/architecture.md, "The measurements behind the constants"); the weights are approximate
