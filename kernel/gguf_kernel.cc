@@ -120,6 +120,7 @@ namespace {
 //   Q6_K: d[8] fp16, then per block sc[2][8] int8 (the block's two sub-blocks of 16), the two high-bit planes and
 //         the nibbles as Q6_0: w = d*sc*(q - 32), 16 + 8 * 208 = 1680 bytes (6.5625 bits per weight, as the GGUF).
 constexpr int QK = 32, COLS = 8, QK_K = 256, SUB = QK_K / QK;
+constexpr int ROWS = 4;  // a prompt's rows per call of the AVX2 kernels: each weight block unpacked once for them
 constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8;  // GGML's type numbers, the ggml_type attribute
 constexpr int kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 constexpr int kQ6_0 = 100;  // not a GGML type: slmops's 6-bit form of 32 with a fp16 scale (6.5 bits per weight)
@@ -508,132 +509,166 @@ inline __m256i codes_of(const uint8_t* nibbles, const uint8_t* planes) {
 // Q4_1 and Q5_1: unsigned codes with a scale and a minimum per block; Q4_0, Q5_0 and Q6_0: the minimum is -8,
 // -16 or -32 scales, applied the same way (d*q + m meets the block's sum as the minimum does). Codes are at most 63,
 // so maddubs's pairs (63 * 127 * 2) stay within int16.
-template <int HighBits, bool Minimum>
-void group_q_1(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+template <int HighBits, bool Minimum, int R>
+void group_q_1(const uint8_t* w, const Row* r, int blocks, float* out, int64_t stride, const Channels& channels,
                const uint8_t* codes) {
   constexpr size_t bytes = group_block_bytes(HighBits, Minimum);
   constexpr size_t head = Minimum ? 32 : 16;  // the scales (and the minimums)
   constexpr size_t nibbles = head + COLS * 4 * HighBits;
   const __m256 centre = _mm256_set1_ps(-(float)(8 << HighBits));
   const uint8_t* group = w;
-  __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+  __m256 acc[R], offsets[R];
+  for (int i = 0; i < R; ++i) acc[i] = offsets[i] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int b = 0; b < blocks; ++b, w += bytes) {
-    const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
-    __m256i p[COLS];
-    for (int c = 0; c < COLS; ++c)
-      p[c] = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(codes_of<HighBits>(w + nibbles + c * 16, w + head + c * 4 * HighBits), y), ones);
+    __m256i q[COLS];  // the block's codes, unpacked once for the R rows
+    for (int c = 0; c < COLS; ++c) q[c] = codes_of<HighBits>(w + nibbles + c * 16, w + head + c * 4 * HighBits);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
     const __m256 m = Minimum ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 16))) : _mm256_mul_ps(d, centre);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
-    offsets = _mm256_fmadd_ps(m, _mm256_set1_ps(r.sum[b]), offsets);
+    for (int i = 0; i < R; ++i) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)(r[i].q + b * QK));
+      __m256i p[COLS];
+      for (int c = 0; c < COLS; ++c) p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r[i].scale[b])), acc[i]);
+      offsets[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(r[i].sum[b]), offsets[i]);
+    }
   }
-  if (channels.count)  // after the blocks: their scales are in cache now
-    acc = _mm256_add_ps(acc, outlier_products<false>(r, channels, codes, [&](int64_t i) {
-                            return block_scales(group, bytes, i);
-                          }));
-  _mm256_storeu_ps(out, _mm256_add_ps(acc, offsets));
+  for (int i = 0; i < R; ++i) {
+    if (channels.count)  // after the blocks: their scales are in cache now
+      acc[i] = _mm256_add_ps(acc[i], outlier_products<false>(r[i], channels, codes, [&](int64_t at) {
+                               return block_scales(group, bytes, at);
+                             }));
+    _mm256_storeu_ps(out + i * stride, _mm256_add_ps(acc[i], offsets[i]));
+  }
 }
 
 // Q4_K and Q5_K: as Q4_1 and Q5_1, the scale and minimum of each block being d*sc and dmin*m: the integer dot
 // product meets sc in int32 (exact: at most 31 * 127 * 32 * 63 < 2^24), and d, dmin once per super-block.
-template <int HighBits>
-void group_k(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels, const uint8_t* codes) {
+template <int HighBits, int R>
+void group_k(const uint8_t* w, const Row* r, int blocks, float* out, int64_t stride, const Channels& channels,
+             const uint8_t* codes) {
   constexpr int64_t type = HighBits ? kQ5_K : kQ4_K;
   constexpr size_t block = k_block_bytes(type), super = k_super_bytes(type), nibbles = 16 + COLS * 4 * HighBits;
   const uint8_t* group = w;
-  __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+  __m256 acc[R], offsets[R];
+  for (int i = 0; i < R; ++i) acc[i] = offsets[i] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int s = 0; s < blocks / SUB; ++s, w += super) {
-    __m256 acc_s = _mm256_setzero_ps(), offsets_s = _mm256_setzero_ps();
+    __m256 acc_s[R], offsets_s[R];
+    for (int i = 0; i < R; ++i) acc_s[i] = offsets_s[i] = _mm256_setzero_ps();
     const uint8_t* wb = w + 32;
     for (int j = 0; j < SUB; ++j, wb += block) {
       const int b = s * SUB + j;
-      const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
-      __m256i p[COLS];
-      for (int c = 0; c < COLS; ++c)
-        p[c] = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(codes_of<HighBits>(wb + nibbles + c * 16, wb + 16 + c * 4 * HighBits), y), ones);
+      __m256i q[COLS];
+      for (int c = 0; c < COLS; ++c) q[c] = codes_of<HighBits>(wb + nibbles + c * 16, wb + 16 + c * 4 * HighBits);
       const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)wb));
-      acc_s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(reduce8(p), sc)), _mm256_set1_ps(r.scale[b]), acc_s);
-      offsets_s = _mm256_fmadd_ps(bytes_as_floats(wb + 8, false), _mm256_set1_ps(r.sum[b]), offsets_s);
+      const __m256 mins = bytes_as_floats(wb + 8, false);
+      for (int i = 0; i < R; ++i) {
+        const __m256i y = _mm256_loadu_si256((const __m256i*)(r[i].q + b * QK));
+        __m256i p[COLS];
+        for (int c = 0; c < COLS; ++c) p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), ones);
+        acc_s[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(reduce8(p), sc)),
+                                   _mm256_set1_ps(r[i].scale[b]), acc_s[i]);
+        offsets_s[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(r[i].sum[b]), offsets_s[i]);
+      }
     }
-    acc = _mm256_fmadd_ps(acc_s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)), acc);
-    offsets = _mm256_fmadd_ps(offsets_s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 16))), offsets);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 16)));
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm256_fmadd_ps(acc_s[i], d, acc[i]);
+      offsets[i] = _mm256_fmadd_ps(offsets_s[i], dmin, offsets[i]);
+    }
   }
-  if (channels.count)
-    acc = _mm256_add_ps(acc, outlier_products<false>(r, channels, codes, [&](int64_t i) {
-                          const uint8_t* ws = group + (i / QK_K) * super;
-                          return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)ws)),
-                                               bytes_as_floats(ws + 32 + ((i % QK_K) / QK) * block, false));
-                        }));
-  _mm256_storeu_ps(out, _mm256_sub_ps(acc, offsets));
+  for (int i = 0; i < R; ++i) {
+    if (channels.count)
+      acc[i] = _mm256_add_ps(acc[i], outlier_products<false>(r[i], channels, codes, [&](int64_t at) {
+                               const uint8_t* ws = group + (at / QK_K) * super;
+                               return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)ws)),
+                                                    bytes_as_floats(ws + 32 + ((at % QK_K) / QK) * block, false));
+                             }));
+    _mm256_storeu_ps(out + i * stride, _mm256_sub_ps(acc[i], offsets[i]));
+  }
 }
 
 // Q6_K: sub-blocks of 16, so each column's products are summed per half block (the lanes of madd's result hold
 // codes 0-15 in their low half, 16-31 in their high), centred on 32 in int32 with the activations' own half sums,
 // and met with the half's int8 scale.
-void group_q6_k(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
+template <int R>
+void group_q6_k(const uint8_t* w, const Row* r, int blocks, float* out, int64_t stride, const Channels& channels,
                 const uint8_t* codes) {
   constexpr size_t block = k_block_bytes(kQ6_K), super = k_super_bytes(kQ6_K), nibbles = 16 + COLS * 8;
   const uint8_t* group = w;
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);
   for (int s = 0; s < blocks / SUB; ++s, w += super) {
-    __m256 acc_s = _mm256_setzero_ps();
+    __m256 acc_s[R];
+    for (int i = 0; i < R; ++i) acc_s[i] = _mm256_setzero_ps();
     const uint8_t* wb = w + 16;
     for (int j = 0; j < SUB; ++j, wb += block) {
       const int b = s * SUB + j;
-      const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
-      const __m256i centre = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones), 5);
-      __m256i p[COLS];
-      for (int c = 0; c < COLS; ++c)
-        p[c] = _mm256_sub_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(codes_of<2>(wb + nibbles + c * 16, wb + 16 + c * 8), y), ones),
-            centre);
-      __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
-      __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
-      __m256i lo = _mm256_hadd_epi32(s01, s23), hi = _mm256_hadd_epi32(s45, s67);
-      const __m256i first = _mm256_permute2x128_si256(lo, hi, 0x20), second = _mm256_permute2x128_si256(lo, hi, 0x31);
+      __m256i q[COLS];
+      for (int c = 0; c < COLS; ++c) q[c] = codes_of<2>(wb + nibbles + c * 16, wb + 16 + c * 8);
       const __m256i sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)wb));
       const __m256i sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb + 8)));
-      const __m256i t = _mm256_add_epi32(_mm256_mullo_epi32(first, sc0), _mm256_mullo_epi32(second, sc1));
-      acc_s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(r.scale[b]), acc_s);
-    }
-    acc = _mm256_fmadd_ps(acc_s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)), acc);
-  }
-  if (channels.count)
-    acc = _mm256_add_ps(acc, outlier_products<true>(r, channels, codes, [&](int64_t i) {
-                          const uint8_t* ws = group + (i / QK_K) * super;
-                          const size_t at = 16 + ((i % QK_K) / QK) * block + ((i % QK) / 16) * COLS;
-                          return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)ws)),
-                                               bytes_as_floats(ws + at, true));
-                        }));
-  _mm256_storeu_ps(out, acc);
-}
-
-void group_q8_0(const uint8_t* w, const Row& r, int blocks, float* out, const Channels& channels,
-                const uint8_t* codes) {
-  const uint8_t* group = w;
-  __m256 acc = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int b = 0; b < blocks; ++b, w += kGroupBlockQ8_0) {
-    const __m256i y = _mm256_loadu_si256((const __m256i*)(r.q + b * QK));
-    __m256i p[COLS];
-    for (int c = 0; c < COLS; ++c) {
-      __m256i q = _mm256_loadu_si256((const __m256i*)(w + 16 + c * 32));
-      // maddubs wants one unsigned operand: |q|, and y carrying q's sign
-      p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
+      for (int i = 0; i < R; ++i) {
+        const __m256i y = _mm256_loadu_si256((const __m256i*)(r[i].q + b * QK));
+        const __m256i centre = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones), 5);
+        __m256i p[COLS];
+        for (int c = 0; c < COLS; ++c)
+          p[c] = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), ones), centre);
+        __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
+        __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
+        __m256i lo = _mm256_hadd_epi32(s01, s23), hi = _mm256_hadd_epi32(s45, s67);
+        const __m256i first = _mm256_permute2x128_si256(lo, hi, 0x20), second = _mm256_permute2x128_si256(lo, hi, 0x31);
+        const __m256i t = _mm256_add_epi32(_mm256_mullo_epi32(first, sc0), _mm256_mullo_epi32(second, sc1));
+        acc_s[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(r[i].scale[b]), acc_s[i]);
+      }
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r.scale[b])), acc);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(acc_s[i], d, acc[i]);
   }
-  if (channels.count)
-    acc = _mm256_add_ps(acc, outlier_products<true>(r, channels, codes, [&](int64_t i) {
-                          return block_scales(group, kGroupBlockQ8_0, i);
-                        }));
-  _mm256_storeu_ps(out, acc);
+  for (int i = 0; i < R; ++i) {
+    if (channels.count)
+      acc[i] = _mm256_add_ps(acc[i], outlier_products<true>(r[i], channels, codes, [&](int64_t at) {
+                               const uint8_t* ws = group + (at / QK_K) * super;
+                               const size_t where = 16 + ((at % QK_K) / QK) * block + ((at % QK) / 16) * COLS;
+                               return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)ws)),
+                                                    bytes_as_floats(ws + where, true));
+                             }));
+    _mm256_storeu_ps(out + i * stride, acc[i]);
+  }
+}
+
+template <int R>
+void group_q8_0(const uint8_t* w, const Row* r, int blocks, float* out, int64_t stride, const Channels& channels,
+                const uint8_t* codes) {
+  const uint8_t* group = w;
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int b = 0; b < blocks; ++b, w += kGroupBlockQ8_0) {
+    __m256i q[COLS], magnitude[COLS];
+    for (int c = 0; c < COLS; ++c) {
+      q[c] = _mm256_loadu_si256((const __m256i*)(w + 16 + c * 32));
+      magnitude[c] = _mm256_sign_epi8(q[c], q[c]);  // maddubs wants one unsigned operand: |q|, and y with q's sign
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
+    for (int i = 0; i < R; ++i) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)(r[i].q + b * QK));
+      __m256i p[COLS];
+      for (int c = 0; c < COLS; ++c)
+        p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[c], _mm256_sign_epi8(y, q[c])), ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_mul_ps(d, _mm256_set1_ps(r[i].scale[b])), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    if (channels.count)
+      acc[i] = _mm256_add_ps(acc[i], outlier_products<true>(r[i], channels, codes, [&](int64_t at) {
+                               return block_scales(group, kGroupBlockQ8_0, at);
+                             }));
+    _mm256_storeu_ps(out + i * stride, acc[i]);
+  }
 }
 
 // Attention's float steps, as the portable ones lane by lane (those say what each computes).
@@ -721,18 +756,20 @@ void weighted_sum(const float* p, const uint16_t* v, int h, int n, float inverse
   for (int d = 0; d < h; d += 8) _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(out + d), _mm256_set1_ps(inverse)));
 }
 
-// The AVX2 kernel of a type.
-void group(int64_t type, const uint8_t* wg, const Row& r, int blocks, float* out, const Channels& channels,
-           const uint8_t* cg) {
-  if (type == kQ4_1) group_q_1<0, true>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ5_1) group_q_1<1, true>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ4_0) group_q_1<0, false>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ5_0) group_q_1<1, false>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ6_0) group_q_1<2, false>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ4_K) group_k<0>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ5_K) group_k<1>(wg, r, blocks, out, channels, cg);
-  else if (type == kQ6_K) group_q6_k(wg, r, blocks, out, channels, cg);
-  else group_q8_0(wg, r, blocks, out, channels, cg);
+// The AVX2 kernel of a type, over R rows of activations at once (each weight block unpacked once for them, each
+// row's sums in the order it has alone): out [R rows, stride apart][8 columns].
+template <int R>
+void group(int64_t type, const uint8_t* wg, const Row* r, int blocks, float* out, int64_t stride,
+           const Channels& channels, const uint8_t* cg) {
+  if (type == kQ4_1) group_q_1<0, true, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ5_1) group_q_1<1, true, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ4_0) group_q_1<0, false, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ5_0) group_q_1<1, false, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ6_0) group_q_1<2, false, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ4_K) group_k<0, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ5_K) group_k<1, R>(wg, r, blocks, out, stride, channels, cg);
+  else if (type == kQ6_K) group_q6_k<R>(wg, r, blocks, out, stride, channels, cg);
+  else group_q8_0<R>(wg, r, blocks, out, stride, channels, cg);
 }
 
 }  // namespace avx2
@@ -860,14 +897,24 @@ void matmul(int64_t type, const uint8_t* w, int groups, int k, const float* x, i
     for (int g = task * per_task; g < std::min(groups, (int)(task + 1) * per_task); ++g) {
       const uint8_t* wg = w + g * stride;
       const uint8_t* cg = codes + (size_t)g * channels.count * COLS;
+#if SLMOPS_X86
+      if (kind == kAvx2) {  // a prompt's rows ROWS at a time, then one by one
+        int64_t i = 0;
+        for (; i + ROWS <= m; i += ROWS) {
+          Row rows[ROWS];
+          for (int j = 0; j < ROWS; ++j) rows[j] = row(i + j);
+          avx2::group<ROWS>(type, wg, rows, blocks, y + i * n + g * COLS, n, channels, cg);
+        }
+        for (; i < m; ++i) {
+          const Row one = row(i);
+          avx2::group<1>(type, wg, &one, blocks, y + i * n + g * COLS, n, channels, cg);
+        }
+        continue;
+      }
+#endif
       for (int64_t i = 0; i < m; ++i) {
         float* out = y + i * n + g * COLS;
-#if SLMOPS_X86
-        if (kind == kAvx2) {
-          avx2::group(type, wg, row(i), blocks, out, channels, cg);
-          continue;
-        }
-#elif defined(__aarch64__)
+#if defined(__aarch64__)
         if (kind == kNeonDotprod) {
           neon_dotprod::group(type, wg, row(i), blocks, out, channels, cg);
           continue;

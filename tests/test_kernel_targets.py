@@ -29,7 +29,7 @@ def case(kind: str, seed: int = 0) -> dict:
     form, values, _ = blocks_of(kind, rows, cols, rng)
     kind_id = gguf_kernel.ggml_type(form)
     weight = np.ascontiguousarray(gguf_kernel.grouped(form, kind_id))
-    x = rng.standard_normal((3, cols)).astype(np.float32)
+    x = rng.standard_normal((6, cols)).astype(np.float32)  # 6 rows: the AVX2 code takes 4 at once, then 1 by 1
     x[:, [7, 40, 41]] *= 40
     channels = np.array([7, 40, cols - 1], dtype=np.int64)
     codes = np.ascontiguousarray(gguf_kernel.outlier_codes(form, kind_id, channels))
