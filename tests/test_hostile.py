@@ -605,3 +605,25 @@ def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ran on" in done.stdout, done
+
+
+def test_a_script_that_calls_convert_unguarded_is_told_not_left_waiting(tiny_llama, tmp_path):
+    """Python's spawn start method runs a script's top level again in each child slmops starts (the build's torch
+    steps run in one). A script calling convert there, without `if __name__ == "__main__":`, ran the call again in
+    the child, which waited for ever on the build lock its parent held (seen in session 18's experiment scripts):
+    now the child refuses and the script gets one clear error."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        f"from slmops.build import convert\nconvert.convert({str(tiny_llama)!r}, {{'precision': 'fp32'}})\n"
+    )
+    env = {**os.environ, "SLMOPS_HOME": str(tmp_path / "home")}  # nothing cached: the build starts its child
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("slmops.errors.SlmopsError: the child process"), done.stderr
+    assert 'if __name__ == "__main__":' in last, last
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(
+        "if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in script.read_text().splitlines())
+    )
+    done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr

@@ -10,7 +10,15 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from slmops.errors import SlmopsError
+
+UNGUARDED = (
+    "slmops was called at the top level of a script that its child process imports again (Python's spawn start "
+    'method runs the script\'s top level in every child): put the call under `if __name__ == "__main__":`'
+)
 
 
 def die_with_parent(parent: int | None = None) -> None:
@@ -26,12 +34,27 @@ def die_with_parent(parent: int | None = None) -> None:
             os._exit(1)
 
 
+def refuse_while_bootstrapping() -> None:
+    """In a spawned child still importing its parent's main script: refuse, in one line. A script that calls slmops
+    at its top level would otherwise run that call again in each child, where the build lock its parent holds made
+    it wait for ever. multiprocessing's own check (spawn._check_not_importing_main) reads the same flag."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SlmopsError(UNGUARDED)
+
+
 def in_child(function: Callable[..., Any], *args: Any) -> Any:
     """function(*args) in a spawned process; its result is returned and its exception re-raised here."""
+    refuse_while_bootstrapping()
     with ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=die_with_parent,
         initargs=(os.getpid(),),
     ) as pool:
-        return pool.submit(function, *args).result()
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            raise SlmopsError(
+                f"the child process running {function.__name__} ended before it finished: it was killed (out of "
+                f"memory?), or {UNGUARDED[0].lower()}{UNGUARDED[1:]}"
+            ) from None
