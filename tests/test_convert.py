@@ -403,6 +403,7 @@ def test_a_changed_plugin_makes_new_builds(tmp_path, monkeypatch, tiny_llama):
     distribution, edited) does not have its old builds reused."""
     import importlib.util
 
+    import slmops
     from slmops.plugin import provided
 
     module = tmp_path / "slmops_edited_plugin.py"
@@ -423,7 +424,7 @@ def test_a_changed_plugin_makes_new_builds(tmp_path, monkeypatch, tiny_llama):
     if convert.installed_copy(Path(sys.modules[type(builder).__module__].__file__)):
         assert convert.plugin_code(builder) == version
     else:  # this checkout, installed editable (make install): the version and the sources as they are now
-        folders = [Path(convert.__file__).parent, Path(sys.modules[type(builder).__module__].__file__).parent]
+        folders = [Path(slmops.__file__).parent, Path(sys.modules[type(builder).__module__].__file__).parent]
         assert convert.plugin_code(builder) == f"{version}, checkout {convert.sources_hash(sorted(folders))}"
     # an edited file of a checkout changes its hash; its compiled bytecode does not
     package = tmp_path / "checkout"
