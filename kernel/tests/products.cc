@@ -1,7 +1,8 @@
 // products LIB TYPE GROUPS K M COUNT PORTABLE W X CHANNELS CODES Y: one SlmopsMatMulGGML product from the library LIB,
 // its arrays read from and written to raw files; prints which kernels ran.
-// products LIB attention H N DIMS INTERLEAVED SCALE PORTABLE Q K V COS SIN OUT: one SlmopsAttentionRow the same way. tests/test_kernel_targets.py builds it for another architecture
-// with the library and runs both under qemu-user, to hold that library's products against this machine's.
+// products LIB attention H N DIMS INTERLEAVED SCALE PORTABLE Q K V COS SIN OUT: one SlmopsAttentionRow the same way.
+// tests/test_kernel_targets.py builds it for another architecture with the library and runs both under qemu-user, to
+// hold that library's products against this machine's.
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -42,6 +43,20 @@ static int attention(void* lib, char** argv) {
   return write(argv[14], out) ? 0 : 1;
 }
 
+static int product(void* lib, char** argv) {
+  using MatMul = void (*)(int64_t, const uint8_t*, int64_t, int64_t, const float*, int64_t, const int64_t*, int64_t,
+                          const uint8_t*, float*, int);
+  auto matmul = (MatMul)dlsym(lib, "SlmopsMatMulGGML");
+  if (!matmul) return 1;
+  const int64_t type = atoll(argv[2]), groups = atoll(argv[3]), k = atoll(argv[4]), m = atoll(argv[5]);
+  const int64_t count = atoll(argv[6]);
+  const std::vector<char> w = read(argv[8]), x = read(argv[9]), channels = read(argv[10]), codes = read(argv[11]);
+  std::vector<float> y(m * groups * 8);
+  matmul(type, (const uint8_t*)w.data(), groups, k, (const float*)x.data(), m, (const int64_t*)channels.data(), count,
+         (const uint8_t*)codes.data(), y.data(), atoi(argv[7]));
+  return write(argv[12], y) ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   const bool rows = argc == 15 && std::string(argv[2]) == "attention";
   if (argc != 13 && !rows) {
@@ -54,23 +69,8 @@ int main(int argc, char** argv) {
     fprintf(stderr, "%s\n", dlerror());
     return 1;
   }
+  if (rows ? attention(lib, argv) : product(lib, argv)) return 1;
   auto code = (const char* (*)())dlsym(lib, "SlmopsKernelCode");
-  if (rows) {
-    if (attention(lib, argv)) return 1;
-    printf("%s\n", code ? code() : "?");  // which kernels ran
-    return 0;
-  }
-  using MatMul = void (*)(int64_t, const uint8_t*, int64_t, int64_t, const float*, int64_t, const int64_t*, int64_t,
-                          const uint8_t*, float*, int);
-  auto matmul = (MatMul)dlsym(lib, "SlmopsMatMulGGML");
-  if (!matmul) return 1;
-  const int64_t type = atoll(argv[2]), groups = atoll(argv[3]), k = atoll(argv[4]), m = atoll(argv[5]);
-  const int64_t count = atoll(argv[6]);
-  const std::vector<char> w = read(argv[8]), x = read(argv[9]), channels = read(argv[10]), codes = read(argv[11]);
-  std::vector<float> y(m * groups * 8);
-  matmul(type, (const uint8_t*)w.data(), groups, k, (const float*)x.data(), m, (const int64_t*)channels.data(), count,
-         (const uint8_t*)codes.data(), y.data(), atoi(argv[7]));
-  if (!write(argv[12], y)) return 1;
   printf("%s\n", code ? code() : "?");  // which kernels ran
   return 0;
 }
