@@ -597,11 +597,13 @@ def test_a_gguf_of_a_type_slmops_cannot_read_is_named(cli, tmp_path):
 def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends():
     """The race test_fault_injection caught: slmops killed after starting a child, before the child's
     PR_SET_PDEATHSIG, left the child running its task on."""
-    script = "import os\nfrom slmops.build.isolate import die_with_parent\ndie_with_parent(os.getppid() + 1)\nprint('ran on')"
+    script = (
+        "import os\nfrom slmops.host.isolate import die_with_parent\ndie_with_parent(os.getppid() + 1)\nprint('ran on')"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "ran on" not in done.stdout, done
     script = (
-        "import os\nfrom slmops.build.isolate import die_with_parent\ndie_with_parent(os.getppid())\nprint('ran on')"
+        "import os\nfrom slmops.host.isolate import die_with_parent\ndie_with_parent(os.getppid())\nprint('ran on')"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ran on" in done.stdout, done

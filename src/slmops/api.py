@@ -19,7 +19,6 @@ built-in plugins (slmops/plugins/) import nothing else from slmops, and a test h
 
 from __future__ import annotations
 
-from slmops.build.isolate import die_with_parent, in_child
 from slmops.config import Config, home, load_config
 from slmops.errors import SlmopsError
 from slmops.extras import need as need_extra
@@ -36,6 +35,7 @@ from slmops.host.fsutil import (
     staging_dir,
     write_json_atomic,
 )
+from slmops.host.isolate import die_with_parent, in_child
 from slmops.host.machine import REQUIRES, native_code_for
 from slmops.measure.quality import calibration_text
 from slmops.plugin.hookspecs import hookimpl

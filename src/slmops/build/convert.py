@@ -18,7 +18,6 @@ from typing import Any
 
 from slmops import extras, progress
 from slmops.build import sources, verify
-from slmops.build.isolate import refuse_while_bootstrapping
 from slmops.build.plan import Route, check_options, plan, resolve_algorithm
 from slmops.build.prepare import Prepared, prepare
 from slmops.build.store import MANIFEST, is_intact, publish, read_manifest
@@ -130,7 +129,6 @@ def convert(
     quantizer_name: str = "auto",
 ) -> Build:
     """Build (or find in the cache) a verified ORT GenAI model; with output, also publish it there."""
-    refuse_while_bootstrapping()  # a script's unguarded call, run again in a child, would wait on its parent's lock
     timings: dict[str, float] = {}
     start = time.perf_counter()
     spec = build_spec(source_spec, request_options, backend, quantizer_name)

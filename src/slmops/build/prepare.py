@@ -8,10 +8,10 @@ from pathlib import Path
 
 from slmops import extras, progress
 from slmops.build import sources
-from slmops.build.isolate import in_child
 from slmops.config import home
 from slmops.errors import SlmopsError
 from slmops.host.fsutil import content_hash, lock, seal, sealed_intact, staging_dir
+from slmops.host.isolate import in_child
 from slmops.plugin.roles import ConvertRequest
 
 

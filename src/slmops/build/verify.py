@@ -156,7 +156,7 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
     tokenizes the text as the source's tokenizer does (BOS included)."""
     import numpy as np
 
-    from slmops.build.isolate import in_child
+    from slmops.host.isolate import in_child
     from slmops.measure.quality import kl, load_set, log_softmax
     from slmops.run.runtime import Session
 

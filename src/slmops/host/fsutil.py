@@ -20,10 +20,13 @@ from filelock import FileLock
 
 from slmops.config import home
 from slmops.errors import SlmopsError
+from slmops.host.isolate import refuse_while_bootstrapping
 
 
 def lock(path: Path, timeout: float = 600) -> FileLock:
-    """An inter-process lock beside path (path + '.lock')."""
+    """An inter-process lock beside path (path + '.lock'). Refused in a spawned child still importing its parent's
+    script (isolate.refuse_while_bootstrapping): there it would wait on the lock its parent holds."""
+    refuse_while_bootstrapping()
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=timeout)
 

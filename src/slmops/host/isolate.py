@@ -36,8 +36,9 @@ def die_with_parent(parent: int | None = None) -> None:
 
 def refuse_while_bootstrapping() -> None:
     """In a spawned child still importing its parent's main script: refuse, in one line. A script that calls slmops
-    at its top level would otherwise run that call again in each child, where the build lock its parent holds made
-    it wait for ever. multiprocessing's own check (spawn._check_not_importing_main) reads the same flag."""
+    at its top level runs that call again in each child, where a lock its parent holds (the build's) kept it waiting
+    until the lock's timeout. Called by fsutil.lock and in_child. multiprocessing's own check
+    (spawn._check_not_importing_main) reads the same flag."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise SlmopsError(UNGUARDED)
 
