@@ -612,8 +612,8 @@ def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends():
 def test_a_script_that_calls_convert_unguarded_is_told_not_left_waiting(tiny_llama, tmp_path):
     """Python's spawn start method runs a script's top level again in each child slmops starts (the build's torch
     steps run in one). A script calling convert there, without `if __name__ == "__main__":`, ran the call again in
-    the child, which waited for ever on the build lock its parent held (seen in session 18's experiment scripts):
-    now the child refuses and the script gets one clear error."""
+    the child, which waited on the build lock its parent held until the lock's timeout (seen in session 18's
+    experiment scripts): now the child's lock refuses and the script gets one clear error."""
     script = tmp_path / "unguarded.py"
     script.write_text(
         f"from slmops.build import convert\nconvert.convert({str(tiny_llama)!r}, {{'precision': 'fp32'}})\n"
