@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml constraints.txt $(KERNEL)
 demo: install
 	$(BIN)/slmops deploy --ask "Name the capital city of France."
 
+# The slowest tests are listed at the end: the suite's time has a bound (CI stops at 90 minutes).
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 # The tests that need no model (tests/conftest.py marks the others `model`): well under 2 minutes.
 test-fast: install

@@ -49,6 +49,13 @@ SLMOPS = [sys.executable, "-c", "from slmops.cli import main; main()"]
 MODEL_FIXTURES = {"default_checkpoint", "default_int4"}
 
 
+def pytest_unconfigure(config) -> None:
+    """The test plugin's dist-info goes with the run (left behind, every run kept a folder in /tmp)."""
+    import shutil
+
+    shutil.rmtree(TEST_SITE, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):

@@ -20,7 +20,7 @@ import pytest
 from slmops.host.fsutil import STALE_RE
 from tests.conftest import NEUTRAL_DIR, SLMOPS, run_cli
 
-KILLS = 30
+KILLS = 20  # kills that land; each costs up to a whole command's run, and the suite's time is bounded
 FAST_TOML = "[bench]\nruns = 1\nwarmup = 0\nmax_new_tokens = 4\nlengths = [16]\n[validate]\nsoak_requests = 2\n"
 
 

@@ -157,6 +157,24 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
     assert quality.compare(ours.path, fp32).mean_kld < quality.compare(rtn.path, fp32).mean_kld
 
 
+def test_token_use_is_the_mean_next_token_probability(tiny_qwen2):
+    """token_use (computed in place, as one product per window) equals each position's softmax averaged in float64,
+    over more than one window."""
+    import onnx
+
+    fp32 = convert.reference(str(tiny_qwen2), {}).path
+    text = " ".join(f"item {i} costs {i * 7 % 100} euros;" for i in range(250))
+    assert len(calibration.calibration_tokens(fp32, text, calibration.HESSIAN_TOKENS)) > 2 * calibration.WINDOW
+    use = calibration.token_use(fp32, text)
+    model = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
+    windows = calibration._windows(fp32, model, ["logits"], text, calibration.HESSIAN_TOKENS)
+    logits = np.concatenate([out[0][0] for out in windows]).astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)).mean(0)
+    assert use.shape == expected.shape and abs(use.sum() - 1) < 1e-9
+    np.testing.assert_allclose(use, expected, rtol=1e-4, atol=1e-10)
+
+
 def back_tables(back: dict) -> set[str]:
     """The embedding tables of their own among read_back's weights."""
     return {name.split(":")[0] for name in back if name.endswith(":embedding") and name.split(":")[0] not in back}

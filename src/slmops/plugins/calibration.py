@@ -111,10 +111,12 @@ def _statistics(
                 sums[name] += part
             else:
                 sums[name] = part
-        if use:  # each position's next-token probabilities (float32: each sums to 1), summed in float64
-            z = outs[-1][0]
-            p = np.exp(z - z.max(-1, keepdims=True))
-            p = (p / p.sum(-1, keepdims=True)).sum(0, dtype=np.float64)
+        if use:  # each position's next-token probabilities (each sums to 1), summed over positions
+            z = outs[-1][0]  # [positions, vocab], ours to overwrite: in place, as a vocabulary-wide pass is costly
+            z -= z.max(-1, keepdims=True)
+            np.exp(z, out=z)
+            # every row divided by its sum and the rows added, as one product; windows added in float64
+            p = (z.T @ (1.0 / z.sum(-1, dtype=np.float64)).astype(np.float32)).astype(np.float64)
             used = p if used is None else used + p
     count = len(calibration_tokens(fp32_dir, text, limit))
     for total in sums.values():
