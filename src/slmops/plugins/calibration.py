@@ -116,7 +116,8 @@ def _statistics(
             z -= z.max(-1, keepdims=True)
             np.exp(z, out=z)
             # every row divided by its sum and the rows added, as one product; windows added in float64
-            p = (z.T @ (1.0 / z.sum(-1, dtype=np.float64)).astype(np.float32)).astype(np.float64)
+            inverse_sums = (1.0 / z.sum(-1, dtype=np.float64)).astype(np.float32)
+            p = (inverse_sums @ z).astype(np.float64)
             used = p if used is None else used + p
     count = len(calibration_tokens(fp32_dir, text, limit))
     for total in sums.values():
