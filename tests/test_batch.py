@@ -118,16 +118,25 @@ def ray_cluster() -> str:
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_the_same_manifest_on_a_ray_cluster_gives_the_same_report(cli, manifest, local_report, ray_cluster, tmp_path):
-    """On Ray (with every job's worker killed once, mid-job: Ray runs it again) the report is the local one."""
+def test_jobs_on_a_ray_cluster_give_the_local_report(cli, manifest, local_report, ray_cluster, tiny_llama, tmp_path):
+    """On Ray (with every job's worker killed once, mid-job: Ray runs it again) the report is the local one. A part
+    of the manifest (one adapter of one model at both precisions, and the broken source): each job reruns its whole
+    build on the cluster, and the nine took six minutes of the suite."""
+    part = tmp_path / "batch.toml"
+    part.write_text(
+        FAST + f'[[models]]\nsource = "{tiny_llama}"\nname = "llama"\nprecisions = ["int8", "fp32"]\n'
+        f'adapters = {{ support = "{manifest.with_name("llama-support")}" }}\n'
+        f'[[models]]\nsource = "{manifest.with_name("broken")}"\nprecisions = ["int8"]\n'
+    )
     home = tmp_path / "home"  # nothing remembered: every job runs on the cluster
     env = {"SLMOPS_HOME": str(home), "SLMOPS_FAULT_AT": "batch:ray-task"}
-    r = cli("batch", manifest, "--executor", "ray", "--ray-address", ray_cluster, "--json", env=env, timeout=1800)
+    r = cli("batch", part, "--executor", "ray", "--ray-address", ray_cluster, "--json", env=env, timeout=1800)
     assert r.rc == 1 and r.out, r
     on_ray = {batch.job_name(j): j for j in r.json()["jobs"]}
+    assert list(on_ray) == ["llama-support-int8", "llama-support-fp32", "broken-int8"], on_ray
     same = ("name", "adapter", "precision", "status", "size_mb", "mean_kld", "top1")
     assert [[j.get(k) for k in same] for j in on_ray.values()] == [
-        [j.get(k) for k in same] for j in local_report.values()
+        [local_report[name].get(k) for k in same] for name in on_ray
     ]
     assert all(str(home) in j["build"] for j in on_ray.values() if j["status"] == "passed")
     killed = sorted(p.name for p in (home / "batch" / "faults").iterdir())
