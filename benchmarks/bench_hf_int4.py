@@ -190,16 +190,22 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
     """Each build of source and each llama.cpp recipe on it: MB, bits per weight, quality against torch on the shipped
     corpus, speed, and (with domain) the held-out rows' shares."""
     from slmops.build import convert
+    from slmops.errors import SlmopsError
     from slmops.host.fsutil import dir_size
     from slmops.measure import quality
     from slmops.measure.domain import score
     from slmops.run.chat import OrtGenAIChat
     from slmops.run.runtime import Session
 
-    builds = {}
+    builds, refused = {}, []
     for label, options in builds_asked:
         start = time.perf_counter()
-        builds[label] = convert.convert(str(source), options).path
+        try:
+            builds[label] = convert.convert(str(source), options).path
+        except SlmopsError as e:  # a route that refuses this source (imatrix on a fine-tune of a 4-bit model) is a row
+            refused.append({"build": label, "refused": str(e)})
+            print(f"  {label}: refused: {e}", flush=True)
+            continue
         print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
     llama = {}
     if importlib.util.find_spec("llama_cpp") is None:
@@ -242,7 +248,7 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
             shares = score(chat, held_out)
             row.update(domain_accuracy=shares["accuracy"], domain_fields=shares["fields"], domain_kld=answers[label])
         rows.append(row)
-    return rows
+    return rows + refused
 
 
 def table(title: str, rows: list[dict]) -> None:
@@ -255,6 +261,9 @@ def table(title: str, rows: list[dict]) -> None:
         + (" KLD/ll  tg/ll" if anchor else "")
     )
     for r in rows:
+        if "refused" in r:
+            print(f"{r['build']:<44} refused: {r['refused']}")
+            continue
         ratios = f" {r['mean_kld'] / anchor['mean_kld']:>6.2f} {r['tg128'] / anchor['tg128']:>6.2f}" if anchor else ""
         print(
             f"{r['build']:<44} {r['mb']:>5.0f} {r['bpw']:>5.2f} {r['mean_kld']:>8.4f} {r['kld_p99']:>6.3f} "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmops.api import ConvertRequest, Quantizer, calibration_text, hookimpl
+from slmops.api import ConvertRequest, Quantizer, SlmopsError, calibration_text, hookimpl
 from slmops.plugins import gguf_blocks, gguf_native
 from slmops.plugins.calibration import activation_importance
 
@@ -126,18 +126,29 @@ class Imatrix(Quantizer):
             fp32_dir, calibration_text(request.calibration) if request.calibration else None
         )
 
+        four_bit = []
+
         def forms_of(name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
             if matrix.shape[1] % request.block_size:  # no whole blocks: stays float, as the builder leaves it
                 return []
             if keeps_8_bits(name):
                 return [(0, matrix.shape[0], gguf_native.rtn8(matrix, request.block_size))]
-            return [(0, matrix.shape[0], blocks_of(matrix, request.block_size, importance.get(name)))]
+            form = blocks_of(matrix, request.block_size, importance.get(name))
+            if form.bits == 4:
+                four_bit.append(name)
+            return [(0, matrix.shape[0], form)]
 
         # Integer compute (level 4) unless asked: on a float source int8 activations cost a little KLD and gain
         # much decode (docs/architecture.md, "The measurements behind the constants"); the weights are approximate
         # anyway, and --accuracy-level 1 keeps float activations.
         level = gguf_native.accuracy_level(request)
         gguf_native.write_blocks(fp32_dir, output_dir, forms_of, level, {"algorithm": "imatrix"})
+        if not four_bit:  # an int8 under the int4 name (seen on a fine-tune of the 4-bit default model)
+            raise SlmopsError(
+                "imatrix kept every weight at 8 bits: each lies near a 4-bit grid it is not on (a fine-tune of a "
+                "4-bit model), which 4-bit would round the fine-tune away onto; use --algorithm gptq, or --precision "
+                "int8"
+            )
 
 
 @hookimpl
