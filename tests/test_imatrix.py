@@ -44,15 +44,21 @@ def test_search_fits_closer_than_min_max_and_integer_zero_points():
     assert found < weighted_error(imatrix.quantize_matrix(matrix, 32), matrix, w)
 
 
+def a_fine_tune_of_its_4bit_form(matrix: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A float weight's 4-bit form (the base), the grid's step per weight, and a fine-tune's change to the base: at most
+    3% of a step, so base + change lies near the base's grid but not on it."""
+    base = imatrix.quantize_matrix(matrix, 32).dequantize()
+    step = np.repeat(np.abs(imatrix.quantize_matrix(base, 32).scales), 32, axis=1)
+    return base, step, (rng.random(base.shape) - 0.5).astype(np.float32) * 0.06 * step
+
+
 def test_a_fine_tune_of_a_4bit_model_keeps_its_change_at_8_bits():
     # imatrix has one 4-bit form. A float source fine-tuned from a dequantized 4-bit model lies a few hundredths of a
     # step off its base's grid; the search finds that grid again and rounds the fine-tune's change away (what it
     # measures as the least error). Such a weight takes 8-bit blocks; the base itself (on its grid) and a float
     # weight (off any grid) keep the 4-bit search.
     rng = np.random.default_rng(0)
-    base = imatrix.quantize_matrix(rng.laplace(0, 0.02, (64, 256)).astype(np.float32), 32).dequantize()
-    step = np.repeat(np.abs(imatrix.quantize_matrix(base, 32).scales), 32, axis=1)
-    change = (rng.random(base.shape) - 0.5).astype(np.float32) * 0.06 * step  # 3% of a step at most
+    base, step, change = a_fine_tune_of_its_4bit_form(rng.laplace(0, 0.02, (64, 256)).astype(np.float32), rng)
     tuned = base + change
 
     def kept(form) -> float:  # what a form keeps of the fine-tune's change (1: all of it, 0: the base again)
@@ -81,9 +87,8 @@ def test_a_build_where_every_weight_snaps_is_refused_in_one_line(tiny_qwen2, tmp
     weights = load_file(tuned / "model.safetensors")
     for name, w in weights.items():
         if w.ndim == 2 and "proj" in name:
-            base = imatrix.quantize_matrix(w.astype(np.float32), 32).dequantize()
-            step = np.repeat(np.abs(imatrix.quantize_matrix(base, 32).scales), 32, axis=1)
-            weights[name] = (base + (rng.random(base.shape) - 0.5) * 0.06 * step).astype(w.dtype)
+            base, _, change = a_fine_tune_of_its_4bit_form(w.astype(np.float32), rng)
+            weights[name] = (base + change).astype(w.dtype)
     save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SlmopsError, match="imatrix kept every weight at 8 bits.*use --algorithm gptq"):
         convert.convert(str(tuned), {"precision": "int4", "algorithm": "imatrix", "symmetric": False})
