@@ -77,6 +77,72 @@ def test_importance_weighs_the_block_fit():
     assert gptq.output_error(matrix, weighted.dequantize(), h) < gptq.output_error(matrix, flat.dequantize(), h)
 
 
+def test_each_fit_is_the_least_weighted_error_of_its_candidate_grids():
+    """The fits read the error off the least-squares sums (sum(w x^2) less what the fit explains) instead of
+    rounding every candidate back: the grid they keep is the one whose error, computed the long way, is least (to
+    float32's rounding of those sums: a millionth of sum(w x^2))."""
+    from slmops.plugins import imatrix
+
+    matrix, h = correlated(64, 256, seed=5)
+    x = matrix.reshape(64, -1, 32)
+    w = gptq.fit_weights(x, np.diag(h))
+
+    def least_squares(codes, with_minimum):  # the fit of fixed codes, and its weighted error, the long way
+        a = np.stack([codes, np.ones_like(codes)] if with_minimum else [codes], -1) * np.sqrt(w)[..., None]
+        fit = np.einsum("...ij,...jk->...ik", np.linalg.pinv(a), (np.sqrt(w) * x)[..., None])[..., 0]
+        error = (w * (np.einsum("...ij,...j->...i", a / np.sqrt(w)[..., None], fit) - x) ** 2).sum(-1)
+        return fit, error
+
+    big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)
+    slack = 1e-6 * (w * x * x).sum(-1)
+    for zero in (8, 16):
+        fits = [
+            least_squares(np.clip(np.rint(-x * (zero + 0.1 * step) / big), -zero, zero - 1), False)
+            for step in range(-9, 10)
+        ]
+        scales, errors = np.stack([f[0][..., 0] for f in fits]), np.stack([f[1] for f in fits])
+        kept = np.abs(scales - gptq.symmetric_scale(x, w, zero)).argmin(0)  # the grid whose scale it returned
+        assert (np.take_along_axis(errors, kept[None], 0)[0] <= errors.min(0) + slack).all(), zero
+    codes, scale, low = imatrix.search_blocks(x, w, 15)
+    kept = (w * (scale[..., None] * codes + low[..., None] - x) ** 2).sum(-1)
+    first = least_squares(codes.astype(np.float64), True)[1]  # the kept codes' own fit: no better scale and min
+    assert np.allclose(kept, first, rtol=1e-4, atol=1e-12)
+    span = x.max(-1) - x.min(-1)
+    for step in range(21):  # nor does any first-round candidate grid fit better
+        grid = np.clip(np.rint((x - x.min(-1, keepdims=True)) * ((14 + 0.1 * step) / span)[..., None]), 0, 15)
+        assert (kept <= least_squares(grid, True)[1] + slack).all(), step
+
+
+def test_the_blocks_do_not_depend_on_how_many_cpus_the_process_may_use(monkeypatch):
+    """Rows are fitted and rounded in runs, one per CPU allowed: one CPU or four, the same codes, scales and minimums
+    (and with one CPU, no thread is started)."""
+    import threading
+
+    from slmops.host import cpus
+    from slmops.plugins import imatrix
+
+    matrix, h = correlated(256, 128, seed=2)
+    monkeypatch.setattr(gptq, "GPTQ_RUN", 64)  # runs of rows as an output layer's are, on a small matrix
+
+    def blocks(allowed):
+        monkeypatch.setattr(gptq, "allowed_cpus", lambda: allowed)
+        monkeypatch.setattr(imatrix, "allowed_cpus", lambda: allowed)
+        monkeypatch.setattr(cpus, "allowed_cpus", lambda: allowed)
+        started = threading.active_count()
+        forms = [gptq.rounded(matrix, np.diag(h), "q4_1"), gptq.gptq(matrix, h, "q5_0")]
+        forms.append(imatrix.quantize_matrix(matrix, 32, np.diag(h)))
+        return forms, threading.active_count() - started
+
+    (one, extra), (four, _) = blocks(1), blocks(4)
+    assert extra == 0
+    for a, b in zip(one, four, strict=True):
+        assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scales, b.scales)
+        assert (a.offsets is None and b.offsets is None) or np.array_equal(a.offsets, b.offsets)
+    assert cpus.row_slices(256, 4, least=64) == [slice(0, 64), slice(64, 128), slice(128, 192), slice(192, 256)]
+    assert cpus.row_slices(100, 4, least=64) == [slice(0, 100)]
+    assert cpus.row_slices(10_000, 2, most=4096) == [slice(0, 3333), slice(3333, 6667), slice(6667, 10_000)]
+
+
 def test_allocation_spends_the_budget_where_the_error_is():
     sizes = {"a": 1000, "b": 1000, "c": 4000}
     errors = {

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from slmops.errors import UsageError
 
@@ -36,6 +39,30 @@ def allowed_cpus() -> int:
         count = os.cpu_count() or 1
     quota = _cgroup_quota()
     return max(1, min(count, quota) if quota else count)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_threads(work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """work(item) for each item, in order, on at most allowed_cpus() threads (numpy's array loops let go of the GIL,
+    so row-wise numpy work runs on every CPU allowed); on the calling thread where one CPU is allowed."""
+    threads = min(allowed_cpus(), len(items))
+    if threads <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(threads, thread_name_prefix="slmops-rows") as pool:
+        return list(pool.map(work, items))
+
+
+def row_slices(rows: int, parts: int, most: int | None = None, least: int = 32) -> list[slice]:
+    """rows split into parts equal runs (fewer where runs would be shorter than least rows; more where they would be
+    longer than most)."""
+    count = max(1, min(parts, rows // least))
+    if most:
+        count = max(count, math.ceil(rows / most))
+    edges = [round(i * rows / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
 def session_threads() -> int | None:

@@ -38,14 +38,16 @@ from slmops.api import (
     calibration_text,
     dir_size,
     hookimpl,
+    in_threads,
     need_extra,
     options_of,
     progress_count,
+    row_slices,
     runtime_fed_matmuls,
 )
 from slmops.plugins import calibration, distill, gguf_blocks, gguf_kernel, gguf_native
 from slmops.plugins.gguf_blocks import half
-from slmops.plugins.imatrix import fit_weights, search_blocks
+from slmops.plugins.imatrix import ROWS_AT_ONCE, dot, fit_weights, search_blocks
 
 BLOCK = 32
 # The block forms a weight may take: name -> (code bits, has a minimum). Names as in slmops-quantization.json.
@@ -73,6 +75,7 @@ HEAD_PART = "@"
 # answers closer to the source than with 0.01 (docs/architecture.md, "The measurements behind the constants").
 DAMP = 0.1
 STATISTICS_SHARE = 0.5  # of the memory this process may still use, for the H matrices held at once
+GPTQ_RUN = 4096  # the fewest rows GPTQ rounds on a thread of their own (16k rows: 1.5x on 2 CPUs; 4k: none)
 LAZY = 128  # columns updated together, then the rest at once (GPTQ's lazy batch)
 # llama.cpp's bytes per weight of the types its Q4_K_M and Q5_K_M use, and the type a K-quant falls back to when a row
 # is not a whole number of 256-weight super-blocks (llama-quant.cpp: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0).
@@ -109,19 +112,22 @@ def block_params(x: np.ndarray, importance: np.ndarray | None, form: str) -> tup
 def symmetric_scale(x: np.ndarray, w: np.ndarray, zero: int, steps: int = 9) -> np.ndarray:
     """The scale of blocks x [..., 32] with codes -zero..zero-1 that makes the least weighted error, as llama.cpp's
     make_qx_quants: the block's largest value on the lowest code, nudged by tenths of a code, each grid's scale then
-    fitted by least squares."""
+    fitted by least squares. At that scale the error is sum(w x^2) - sum(w c x)^2 / sum(w c^2), so the grid with the
+    largest sum(w c x)^2 / sum(w c^2) wins (per-block sums in float64)."""
     big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
     safe = np.where(big != 0, big, 1.0)
-    best_scale, best_error = np.zeros(x.shape[:-1], dtype=np.float32), np.full(x.shape[:-1], np.inf)
+    wx = w * x
+    best_scale, best_gain = np.zeros(x.shape[:-1]), np.full(x.shape[:-1], -np.inf)
+    codes = np.empty_like(x)
     for step in range(-steps, steps + 1):
-        inverse = -(zero + 0.1 * step) / safe
-        codes = np.clip(np.rint(x * inverse[..., None]), -zero, zero - 1)
-        wl = w * codes
-        scale = (wl * x).sum(-1) / np.maximum((wl * codes).sum(-1), 1e-30)
-        error = (w * (scale[..., None] * codes - x) ** 2).sum(-1)
-        better = error < best_error
-        best_scale, best_error = np.where(better, scale, best_scale), np.where(better, error, best_error)
-    return best_scale
+        np.multiply(x, (-(zero + 0.1 * step) / safe)[..., None], out=codes)
+        np.clip(np.rint(codes, out=codes), -zero, zero - 1, out=codes)
+        sxl = dot(codes, wx).astype(np.float64)
+        sl2 = np.maximum(dot(codes * codes, w), 1e-30).astype(np.float64)
+        gain = sxl * sxl / sl2
+        better = gain > best_gain
+        best_scale, best_gain = np.where(better, sxl / sl2, best_scale), np.where(better, gain, best_gain)
+    return best_scale.astype(np.float32)
 
 
 def q8_0(matrix: np.ndarray) -> gguf_blocks.BlockForm:
@@ -139,7 +145,10 @@ def rounded(matrix: np.ndarray, importance: np.ndarray | None, form: str) -> ggu
     the tests hold GPTQ against)."""
     if form == "q8_0":
         return q8_0(matrix)
-    scale, low = block_params(matrix, importance, form)
+    runs = in_threads(
+        lambda rows: block_params(matrix[rows], importance, form), row_slices(len(matrix), allowed_cpus(), ROWS_AT_ONCE)
+    )
+    scale, low = (np.concatenate(values) for values in zip(*runs, strict=True))
     return _form(_codes(matrix, scale, low, form), scale, low, form)
 
 
@@ -161,40 +170,59 @@ def _form(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, form: str) -> g
 
 def gptq(matrix: np.ndarray, hessian: np.ndarray, form: str) -> gguf_blocks.BlockForm:
     """matrix [rows = outputs, cols = inputs] in a 4-bit or 5-bit form, each column's rounding error compensated on the
-    columns after it (Frantar et al., GPTQ), each block's scale (and minimum) fitted when the block comes up."""
+    columns after it (Frantar et al., GPTQ), each block's scale (and minimum) fitted when the block comes up. Each
+    row is rounded on its own, so long runs of rows go to the CPUs allowed."""
     if form == "q8_0":
         return q8_0(matrix)
-    w = matrix.astype(np.float64).copy()
-    rows, cols = w.shape
+    cols = matrix.shape[1]
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0  # a channel that never carries anything: its weights do not matter
     h[dead, dead] = 1
-    w[:, dead] = 0
     importance = np.diag(h).copy()
     h[np.diag_indices(cols)] += DAMP * importance.mean()
     # upper Cholesky factor of H^-1: row i holds how column i's error spreads over the columns after it
     u = np.linalg.cholesky(np.linalg.inv(h)).T
-    codes = np.zeros((rows, cols), dtype=np.uint8)
+    # runs of rows on the CPUs allowed where they are long (an output layer): shorter ones lose more to the GIL
+    # between the loop's small steps than they gain
+    runs = in_threads(
+        lambda rows: _gptq_rows(matrix[rows], u, importance, dead, form),
+        row_slices(len(matrix), allowed_cpus(), least=GPTQ_RUN),
+    )
+    codes, scale, low = (np.concatenate(values) for values in zip(*runs, strict=True))
+    return _form(codes, scale, low, form)
+
+
+def _gptq_rows(
+    matrix: np.ndarray, u: np.ndarray, importance: np.ndarray, dead: np.ndarray, form: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scale, low) of rows of a matrix, rounded by GPTQ with u, the upper Cholesky factor of H^-1. Held
+    transposed (a column of the matrix is a contiguous row here), as the loop goes column by column."""
+    w = matrix.T.astype(np.float64)  # [cols, rows], a copy
+    w[dead] = 0
+    cols, rows = w.shape
+    codes = np.zeros((cols, rows), dtype=np.uint8)
     scale = np.zeros((rows, cols // BLOCK), dtype=np.float32)
     low = np.zeros_like(scale)
     top = 2 ** FORMS[form][0] - 1
     for start in range(0, cols, LAZY):
         end = min(start + LAZY, cols)
-        part, errors = w[:, start:end].copy(), np.zeros((rows, end - start))
+        part, errors = w[start:end].copy(), np.zeros((end - start, rows))
         for i in range(end - start):
             col = start + i
-            b = col // BLOCK
             if col % BLOCK == 0:
-                s, m = block_params(part[:, i : i + BLOCK], importance[col : col + BLOCK], form)
+                b = col // BLOCK
+                s, m = block_params(part[i : i + BLOCK].T, importance[col : col + BLOCK], form)
                 scale[:, b], low[:, b] = s[:, 0], m[:, 0]
-            s, m = scale[:, b].astype(np.float64), low[:, b].astype(np.float64)
-            c = np.clip(np.rint((part[:, i] - m) / np.where(s != 0, s, 1)), 0, top)
-            codes[:, col] = c
-            error = (part[:, i] - (s * c + m)) / u[col, col]
-            part[:, i:] -= np.outer(error, u[col, start + i : end])
-            errors[:, i] = error
-        w[:, end:] -= errors @ u[start:end, end:]
-    return _form(codes, scale, low, form)
+                s, m = s[:, 0].astype(np.float64), m[:, 0].astype(np.float64)
+                inverse = 1 / np.where(s != 0, s, 1)
+            c = np.rint((part[i] - m) * inverse)
+            np.clip(c, 0, top, out=c)
+            codes[col] = c
+            error = (part[i] - (s * c + m)) / u[col, col]
+            part[i:] -= np.outer(u[col, col:end], error)
+            errors[i] = error
+        w[end:] -= u[start:end, end:].T @ errors
+    return codes.T, scale, low
 
 
 def output_error(matrix: np.ndarray, values: np.ndarray, hessian: np.ndarray) -> float:
