@@ -441,3 +441,38 @@ def test_a_changed_plugin_makes_new_builds(tmp_path, monkeypatch, tiny_llama):
     monkeypatch.setattr(convert, "plugin_code", lambda implementation: "slmops 99.0")
     upgraded = convert.convert(str(tiny_llama), {"precision": "fp32"})
     assert not upgraded.cached and upgraded.key != first.key
+
+
+def test_a_quantized_build_starts_from_the_cached_fp32_graph_and_comes_out_the_same(tiny_qwen2, tmp_path, monkeypatch):
+    """deploy and bench build a source's fp32 reference first; its quantized builds then copy that graph instead of
+    converting again, and come out byte for byte as from their own conversion. A reference changed since it was
+    verified is not used."""
+    import shutil
+
+    from slmops.build.store import MANIFEST
+    from slmops.host.fsutil import file_hashes
+    from slmops.plugins.model_builder import ModelBuilderConverter
+
+    monkeypatch.setenv("SLMOPS_HOME", str(tmp_path / "home"))
+
+    def made(build) -> dict:  # its files' hashes; genai_config.json as what it says (its keys' order may differ)
+        config = json.loads((build.path / "genai_config.json").read_text())
+        return {**file_hashes(build.path, skip=(MANIFEST, "genai_config.json")), "genai_config.json": config}
+
+    alone = convert.convert(str(tiny_qwen2), {"precision": "int8"})
+    expected = made(alone)
+    shutil.rmtree(alone.path)
+    reference = convert.reference(str(tiny_qwen2), {"precision": "int8"})
+
+    def refuse(*args):
+        raise AssertionError("the model builder ran again")
+
+    monkeypatch.setattr(ModelBuilderConverter, "convert", refuse)
+    again = convert.convert(str(tiny_qwen2), {"precision": "int8"})
+    assert not again.cached and made(again) == expected
+    with open(reference.path / "model.onnx.data", "r+b") as f:  # the reference changed: not used, nothing copied
+        f.write(b"\0\0\0\0")
+    into = tmp_path / "into"
+    into.mkdir()
+    spec = convert.build_spec(str(tiny_qwen2), {"precision": "int8"}, "auto", "auto")
+    assert convert.cached_fp32(spec, into) is None and not any(p.is_file() for p in into.rglob("*"))

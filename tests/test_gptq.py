@@ -113,6 +113,15 @@ def test_each_fit_is_the_least_weighted_error_of_its_candidate_grids():
         assert (kept <= least_squares(grid, True)[1] + slack).all(), step
 
 
+def test_the_error_spread_is_the_cholesky_factor_of_the_inverse_of_h():
+    """GPTQ's U (H^-1 = U^T U, upper) from H's own factor by a triangular inverse in halves, not by inverting H."""
+    _, h = correlated(8, 300, seed=4)  # 300 wide: halves of halves down to 128
+    h = h + 0.1 * np.diag(h).mean() * np.eye(300)
+    u = gptq.error_spread(h)
+    assert np.array_equal(u, np.triu(u)) and (np.diag(u) > 0).all()
+    assert np.allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-9, atol=1e-12)
+
+
 def test_the_blocks_do_not_depend_on_how_many_cpus_the_process_may_use(monkeypatch):
     """Rows are fitted and rounded in runs, one per CPU allowed: one CPU or four, the same codes, scales and minimums
     (and with one CPU, no thread is started)."""

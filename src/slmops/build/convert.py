@@ -25,9 +25,11 @@ from slmops.config import home
 from slmops.errors import SlmopsError
 from slmops.host import machine
 from slmops.host.fsutil import (
+    changed_files,
     check_disk,
     clean_stale,
     content_hash,
+    copy_file,
     dir_size,
     file_hashes,
     lock,
@@ -234,6 +236,43 @@ def build_spec(
     return BuildSpec(source, prepared, request, chosen, key, build_dir)
 
 
+def cached_fp32(spec: BuildSpec, into: Path) -> Path | None:
+    """The graph a quantized build starts from, copied into `into` from this source's cached fp32 build where one
+    is intact and was made by the same converter (code, options and tools in its key): deploy and bench build that
+    reference first, and converting again was most of each candidate's build. A converter asked for fp32 builds the
+    same graph whatever the quantization options say. The copies are checked against the fp32 build's manifest;
+    None (into left empty) where there is no such build or a copy differs, and the converter runs."""
+    request, converter = spec.request, spec.route.converter
+    reference_request = ConvertRequest(
+        source_dir=request.source_dir,
+        gguf=request.gguf,
+        precision="fp32",
+        device=request.device,
+        provider=request.provider,
+        adapter=request.adapter,
+        adapter_mode=request.adapter_mode,
+        trust_remote_code=request.trust_remote_code,
+        plugin_options=request.plugin_options,  # build_key keeps the converter's own only
+    )
+    key = build_key(spec.source.sha256, reference_request, converter, None)
+    found = sorted((home() / "builds").glob(f"*-fp32-{key[:12]}"))
+    manifest = read_manifest(found[0]) if found else None
+    if not (found and is_intact(found[0], manifest, key, say=False)):
+        return None
+    graph = {rel: digest for rel, digest in manifest["files"].items() if not Path(rel).name.startswith("slmops-")}
+    try:
+        for rel in graph:
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            copy_file(found[0] / rel, into / rel)
+    except OSError:  # removed meanwhile (cache rm, prune): convert instead
+        pass
+    if not changed_files(into, graph):
+        return found[0]
+    for f in [p for p in into.rglob("*") if p.is_file()]:
+        f.unlink()
+    return None
+
+
 def _build(spec: BuildSpec, timings: dict[str, float]) -> dict[str, Any]:
     """Build, verify and store one spec: convert, (extract the adapter,) quantize into a staging folder, check it
     against its request and its source, write its manifest; renamed into spec.build_dir only when all passed."""
@@ -251,12 +290,18 @@ def _build(spec: BuildSpec, timings: dict[str, float]) -> dict[str, Any]:
         model_dir = out if quantizer is None and not adapter else work_dir / "converted"
         model_dir.mkdir(exist_ok=True)
         t = time.perf_counter()
-        with progress.step(
-            f"Converting {architecture} with {converter.name} ({label if quantizer is None else 'fp32'})"
-        ):
-            converter.convert(
-                request if quantizer is None else dataclasses.replace(request, precision="fp32"), model_dir, work_dir
-            )
+        fp32 = cached_fp32(spec, model_dir) if quantizer is not None and not adapter else None
+        if fp32 is not None:
+            progress.note(f"the fp32 graph from the cached build {fp32.name} (the same converter and source)")
+        else:
+            with progress.step(
+                f"Converting {architecture} with {converter.name} ({label if quantizer is None else 'fp32'})"
+            ):
+                converter.convert(
+                    request if quantizer is None else dataclasses.replace(request, precision="fp32"),
+                    model_dir,
+                    work_dir,
+                )
         timings["convert_s"] = time.perf_counter() - t
         if adapter:
             extracted = out if quantizer is None else work_dir / "extracted"

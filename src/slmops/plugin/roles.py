@@ -155,7 +155,9 @@ class Converter:
         return ()
 
     def convert(self, request: ConvertRequest, output_dir: Path, work_dir: Path) -> None:
-        """Write the model into output_dir (which exists and is empty); work_dir is scratch space."""
+        """Write the model into output_dir (which exists and is empty); work_dir is scratch space. Asked for fp32
+        (the input of a quantizer), write the same graph whatever the request's quantization options say: slmops
+        takes the source's cached fp32 build of this converter in its place."""
         raise NotImplementedError
 
     def extract_adapter(self, unmerged_dir: Path, output_dir: Path, work_dir: Path) -> Path:
