@@ -149,6 +149,7 @@ def test_the_blocks_do_not_depend_on_how_many_cpus_the_process_may_use(monkeypat
         assert (a.offsets is None and b.offsets is None) or np.array_equal(a.offsets, b.offsets)
     assert cpus.row_slices(256, 4, least=64) == [slice(0, 64), slice(64, 128), slice(128, 192), slice(192, 256)]
     assert cpus.row_slices(100, 4, least=64) == [slice(0, 100)]
+    assert cpus.row_slices(0, 4) == [slice(0, 0)]  # an empty weight is one (empty) run, not none
     assert cpus.row_slices(10_000, 2, most=4096) == [slice(0, 3333), slice(3333, 6667), slice(6667, 10_000)]
 
 

@@ -62,7 +62,7 @@ def row_slices(rows: int, parts: int, most: int | None = None, least: int = 32) 
     if most:
         count = max(count, math.ceil(rows / most))
     edges = [round(i * rows / count) for i in range(count + 1)]
-    return [slice(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    return [slice(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a] or [slice(0, rows)]  # none: one
 
 
 def session_threads() -> int | None:
