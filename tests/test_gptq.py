@@ -134,8 +134,6 @@ def test_the_blocks_do_not_depend_on_how_many_cpus_the_process_may_use(monkeypat
     monkeypatch.setattr(gptq, "GPTQ_RUN", 64)  # runs of rows as an output layer's are, on a small matrix
 
     def blocks(allowed):
-        monkeypatch.setattr(gptq, "allowed_cpus", lambda: allowed)
-        monkeypatch.setattr(imatrix, "allowed_cpus", lambda: allowed)
         monkeypatch.setattr(cpus, "allowed_cpus", lambda: allowed)
         started = threading.active_count()
         forms = [gptq.rounded(matrix, np.diag(h), "q4_1"), gptq.gptq(matrix, h, "q5_0")]

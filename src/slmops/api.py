@@ -23,7 +23,7 @@ from slmops.config import Config, home, load_config
 from slmops.errors import SlmopsError
 from slmops.extras import need as need_extra
 from slmops.extras import problem as extra_problem
-from slmops.host.cpus import allowed_cpus, available_memory, in_threads, row_slices
+from slmops.host.cpus import allowed_cpus, available_memory, by_row_runs
 from slmops.host.fsutil import (
     clean_stale,
     copy_tree,
@@ -66,8 +66,7 @@ from slmops.run.runtime import Session
 
 __all__ = [
     "allowed_cpus",
-    "in_threads",
-    "row_slices",
+    "by_row_runs",
     "available_memory",
     "in_child",
     "BENCH_RESULT_KEYS",

@@ -151,10 +151,15 @@ def convert(
     return Build(path=Path(path), cached=cached, manifest=manifest)
 
 
+# The options a source's fp32 reference shares with its other builds (no quantization options: an int4 and an int8 of
+# one source share one reference)
+REFERENCE_OPTIONS = ("device", "provider", "adapter", "adapter_mode", "trust_remote_code")
+
+
 def reference(source_spec: str | None, options: dict[str, Any], backend: str = "auto") -> Build:
     """The fp32 build of a source that every build of it is measured against: the same source, adapter and target,
     no quantization options (so an int4 and an int8 of one source share one reference)."""
-    keep = ("device", "provider", "adapter", "adapter_mode", "adapter_force", "trust_remote_code")
+    keep = (*REFERENCE_OPTIONS, "adapter_force")
     return convert(source_spec, {"precision": "fp32", **{k: options[k] for k in keep if k in options}}, backend)
 
 
@@ -227,13 +232,19 @@ def build_spec(
     chosen = plan(request, prepared.architecture, backend, quantizer_name)
     key = build_key(source.sha256, request, chosen.converter, chosen.quantizer)
     # The key names a build; the folder's name also says its source, so a moved or renamed source finds its build
-    built = sorted((home() / "builds").glob(f"*-{request.precision}-{key[:12]}"))
+    built = builds_named(request.precision, key)
     build_dir = (
         built[0]
         if built
         else home() / "builds" / f"{Path(source.original).stem.lower()}-{request.precision}-{key[:12]}"
     )
     return BuildSpec(source, prepared, request, chosen, key, build_dir)
+
+
+def builds_named(precision: str, key: str) -> list[Path]:
+    """The cache folders of a build key (named for their source, then precision and key: a moved source finds
+    its build)."""
+    return sorted((home() / "builds").glob(f"*-{precision}-{key[:12]}"))
 
 
 def cached_fp32(spec: BuildSpec, into: Path) -> Path | None:
@@ -247,15 +258,11 @@ def cached_fp32(spec: BuildSpec, into: Path) -> Path | None:
         source_dir=request.source_dir,
         gguf=request.gguf,
         precision="fp32",
-        device=request.device,
-        provider=request.provider,
-        adapter=request.adapter,
-        adapter_mode=request.adapter_mode,
-        trust_remote_code=request.trust_remote_code,
         plugin_options=request.plugin_options,  # build_key keeps the converter's own only
+        **{name: getattr(request, name) for name in REFERENCE_OPTIONS},
     )
     key = build_key(spec.source.sha256, reference_request, converter, None)
-    found = sorted((home() / "builds").glob(f"*-fp32-{key[:12]}"))
+    found = builds_named(reference_request.precision, key)
     manifest = read_manifest(found[0]) if found else None
     if not (found and is_intact(found[0], manifest, key, say=False)):
         return None

@@ -65,6 +65,15 @@ def row_slices(rows: int, parts: int, most: int | None = None, least: int = 32) 
     return [slice(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a] or [slice(0, rows)]  # none: one
 
 
+def by_row_runs(work: Callable[[slice], tuple], rows: int, most: int | None = None, least: int = 32) -> tuple:
+    """work(run) for runs of rows (row_slices over the CPUs allowed, on in_threads), each array it returns joined
+    back in row order: row-wise numpy work on every CPU allowed, the same result on one."""
+    import numpy as np
+
+    runs = in_threads(work, row_slices(rows, allowed_cpus(), most, least))
+    return tuple(np.concatenate(values) for values in zip(*runs, strict=True))
+
+
 def session_threads() -> int | None:
     """The intra-op threads of an ONNX Runtime session slmops opens: SLMOPS_THREADS where set, else the CPUs this
     process may use where that is fewer than the machine has (ONNX Runtime's own default counts the machine's cores),

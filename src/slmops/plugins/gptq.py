@@ -35,14 +35,13 @@ from slmops.api import (
     SlmopsError,
     allowed_cpus,
     available_memory,
+    by_row_runs,
     calibration_text,
     dir_size,
     hookimpl,
-    in_threads,
     need_extra,
     options_of,
     progress_count,
-    row_slices,
     runtime_fed_matmuls,
 )
 from slmops.plugins import calibration, distill, gguf_blocks, gguf_kernel, gguf_native
@@ -145,10 +144,7 @@ def rounded(matrix: np.ndarray, importance: np.ndarray | None, form: str) -> ggu
     the tests hold GPTQ against)."""
     if form == "q8_0":
         return q8_0(matrix)
-    runs = in_threads(
-        lambda rows: block_params(matrix[rows], importance, form), row_slices(len(matrix), allowed_cpus(), ROWS_AT_ONCE)
-    )
-    scale, low = (np.concatenate(values) for values in zip(*runs, strict=True))
+    scale, low = by_row_runs(lambda rows: block_params(matrix[rows], importance, form), len(matrix), ROWS_AT_ONCE)
     return _form(_codes(matrix, scale, low, form), scale, low, form)
 
 
@@ -183,11 +179,9 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, form: str) -> gguf_blocks.Bloc
     u = error_spread(h)
     # runs of rows on the CPUs allowed where they are long (an output layer): shorter ones lose more to the GIL
     # between the loop's small steps than they gain
-    runs = in_threads(
-        lambda rows: _gptq_rows(matrix[rows], u, importance, dead, form),
-        row_slices(len(matrix), allowed_cpus(), least=GPTQ_RUN),
+    codes, scale, low = by_row_runs(
+        lambda rows: _gptq_rows(matrix[rows], u, importance, dead, form), len(matrix), least=GPTQ_RUN
     )
-    codes, scale, low = (np.concatenate(values) for values in zip(*runs, strict=True))
     return _form(codes, scale, low, form)
 
 

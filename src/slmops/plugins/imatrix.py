@@ -20,11 +20,9 @@ from slmops.api import (
     ConvertRequest,
     Quantizer,
     SlmopsError,
-    allowed_cpus,
+    by_row_runs,
     calibration_text,
     hookimpl,
-    in_threads,
-    row_slices,
 )
 from slmops.plugins import gguf_blocks, gguf_native
 from slmops.plugins.calibration import activation_importance
@@ -33,9 +31,8 @@ KIND = "q4_imatrix"  # the form's name in slmops-quantization.json
 CODES = 15  # 4-bit codes 0..15
 STEPS = 20  # candidate scales nmax + rmin + rdelta * i for i in 0..STEPS, as make_qkx2_quants(..., -1, 0.1, 20)
 REFINE = 2  # rounds of re-rounding with the fitted scale and min, then fitting again
-ROWS_AT_ONCE = (
-    4096  # rows fitted together, a run per CPU (the candidate arrays of a 49k x 576 table at once take gigabytes)
-)
+# rows fitted together at most, a run per CPU (the candidate arrays of a 49k x 576 table at once take gigabytes)
+ROWS_AT_ONCE = 4096
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -99,8 +96,7 @@ def quantize_matrix(matrix: np.ndarray, block: int = 32, importance: np.ndarray 
         codes, scale, low = search_blocks(x, fit_weights(x, importance))
         return codes.reshape(len(x), cols), scale, low
 
-    runs = in_threads(fit, row_slices(rows, allowed_cpus(), ROWS_AT_ONCE))
-    codes, scales, lows = (np.concatenate(values) for values in zip(*runs, strict=True))
+    codes, scales, lows = by_row_runs(fit, rows, ROWS_AT_ONCE)
     zero = np.zeros(scales.shape, dtype=np.uint8)
     return gguf_blocks.BlockForm(KIND, 4, block, codes, scales, zero, lows)
 
