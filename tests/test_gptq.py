@@ -231,6 +231,24 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
     assert quality.compare(ours.path, fp32).mean_kld < quality.compare(rtn.path, fp32).mean_kld
 
 
+def test_h_takes_16_tokens_a_column_of_the_widest_input_within_bounds():
+    """SmolLM2-135M (widest input 1536) and every larger model take all 24,576 tokens; a narrow model fewer, never
+    under the 4,096 of the other statistics."""
+    from onnx import TensorProto, helper
+
+    def graph(widths: list[int]):
+        weights = [
+            helper.make_tensor(f"w{i}", TensorProto.FLOAT, [k, 8], np.zeros(k * 8)) for i, k in enumerate(widths)
+        ]
+        matmuls = [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]) for i in range(len(widths))]
+        return helper.make_model(helper.make_graph(matmuls, "g", [], [], weights))
+
+    assert calibration.hessian_tokens(graph([576, 1536, 576])) == calibration.HESSIAN_TOKENS == 24576
+    assert calibration.hessian_tokens(graph([1536, 8960])) == calibration.HESSIAN_TOKENS
+    assert calibration.hessian_tokens(graph([512, 576])) == 16 * 576
+    assert calibration.hessian_tokens(graph([64, 128])) == calibration.CALIBRATION_TOKENS
+
+
 def test_token_use_is_the_mean_next_token_probability(tiny_qwen2):
     """token_use (computed in place, as one product per window) equals each position's softmax averaged in float64,
     over more than one window."""
@@ -238,10 +256,11 @@ def test_token_use_is_the_mean_next_token_probability(tiny_qwen2):
 
     fp32 = convert.reference(str(tiny_qwen2), {}).path
     text = " ".join(f"item {i} costs {i * 7 % 100} euros;" for i in range(250))
-    assert len(calibration.calibration_tokens(fp32, text, calibration.HESSIAN_TOKENS)) > 2 * calibration.WINDOW
-    use = calibration.token_use(fp32, text)
     model = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
-    windows = calibration._windows(fp32, model, ["logits"], text, calibration.HESSIAN_TOKENS)
+    limit = calibration.hessian_tokens(model)
+    assert len(calibration.calibration_tokens(fp32, text, limit)) > 2 * calibration.WINDOW
+    use = calibration.token_use(fp32, text)
+    windows = calibration._windows(fp32, model, ["logits"], text, limit)
     logits = np.concatenate([out[0][0] for out in windows]).astype(np.float64)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     expected = (p / p.sum(-1, keepdims=True)).mean(0)

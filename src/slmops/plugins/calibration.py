@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-# In windows of WINDOW tokens. GPTQ's H and the output layer's token use take 6x the rest (docs/user-guide.md, the
-# float-source section, has what it changed); the mean squares (outlier channels, imatrix), Fisher and learned scales
-# keep 4,096: every GGUF build pays for the first, and the torch passes cost a backward pass per window.
+# In windows of WINDOW tokens. GPTQ's H and the output layer's token use take up to 6x the rest (docs/user-guide.md,
+# the float-source section, has what it changed); the mean squares (outlier channels, imatrix), Fisher and learned
+# scales keep 4,096: every GGUF build pays for the first, and the torch passes cost a backward pass per window.
 CALIBRATION_TOKENS = 4096
 HESSIAN_TOKENS = 24576
+TOKENS_PER_COLUMN = 16  # H of a MatMul K inputs wide: from 16 K tokens (SmolLM2-135M's widest, 1536: all 24,576)
 WINDOW = 512
 CALIBRATION = "data/calibration.txt"  # made by data/make_calibration.py
 
@@ -80,6 +81,16 @@ def token_use(fp32_dir: Path, text: str | None = None) -> np.ndarray:
     return _statistics(fp32_dir, text, False, (), use=True)[1]
 
 
+def hessian_tokens(model) -> int:
+    """How many calibration tokens GPTQ's H and the vocabulary's use are measured on for model (the fp32 graph):
+    TOKENS_PER_COLUMN per input of its widest MatMul, within CALIBRATION_TOKENS..HESSIAN_TOKENS. Every real model
+    (SmolLM2-135M and up) takes HESSIAN_TOKENS; a narrow one's H is full rank from fewer, and the pass over the
+    vocabulary costs as much per token at any width."""
+    inits = {i.name: i for i in model.graph.initializer}
+    widest = max((inits[w].dims[0] for w in _weight_inputs(model)), default=0)
+    return min(HESSIAN_TOKENS, max(CALIBRATION_TOKENS, TOKENS_PER_COLUMN * widest))
+
+
 def outlier_channels(importance: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
     """Weight name -> the count input channels of largest mean square (at most a quarter of them), unsorted."""
     return {name: np.argsort(-ms, kind="stable")[: min(count, len(ms) // 4)] for name, ms in importance.items()}
@@ -101,7 +112,7 @@ def _statistics(
     )
     sums: dict[str, np.ndarray] = {}
     used = None
-    limit = HESSIAN_TOKENS if full or use else CALIBRATION_TOKENS
+    limit = hessian_tokens(model) if full or use else CALIBRATION_TOKENS
     for outs in _windows(fp32_dir, model, listened + (["logits"] if use else []), text, limit):
         for name, value in zip(listened, outs, strict=False):
             x = value.reshape(-1, value.shape[-1])
