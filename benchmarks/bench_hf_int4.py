@@ -303,11 +303,11 @@ def main() -> None:
     print("source 1: the dithered stand-in", flush=True)
     stand_in = dithered(embedded, home() / "bench" / f"smollm2-dithered-{SEED}")
     results["dithered"] = measure(stand_in, BUILDS, None)
+    table("dithered stand-in (source: torch)", results["dithered"])  # printed now: the fine-tune takes another hour
     print("source 2: the order-record fine-tune (made once, a few minutes)", flush=True)
     tuned = finetuned(embedded, home() / "bench" / f"smollm2-orders-{SEED}", progress=lambda m: print(" ", m))
     own = {"precision": "int4", "algorithm": "gptq", "calibration": make_domain.TRAIN}
     results["fine-tune"] = measure(tuned, [*FINETUNE_BUILDS, (OWN_CALIBRATION, own)], make_domain.EVAL)
-    table("dithered stand-in (source: torch)", results["dithered"])
     table(f"fine-tune, {make_domain.EVAL.name} held out (source: torch)", results["fine-tune"])
     print(
         "domain: share of held-out rows with every field right (under the schema); fields: share of fields right; "
