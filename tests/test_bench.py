@@ -129,7 +129,8 @@ def test_compare_recommends_the_smallest_build_that_passes(tiny_llama):
     # Measured once with a loose gate; then a gate between int8's KLD and the best int4's must pick int8, and a gate
     # nothing passes says so instead of calling fp32 "within" it.
     settings = {"runs": 1, "max_new_tokens": 4, "lengths": [8], "soak_requests": 0}
-    loose = bench.compare_precisions(str(tiny_llama), {}, settings, {"max_kld": 100.0, "min_top1": 0.0})
+    measured, skipped = bench.measure_precisions(str(tiny_llama), {}, settings)
+    loose = bench.recommend(measured, skipped, {"max_kld": 100.0, "min_top1": 0.0})
     rows = {r["build"]: r for r in loose["rows"]}
     assert set(rows) == {
         "fp32",
@@ -146,8 +147,8 @@ def test_compare_recommends_the_smallest_build_that_passes(tiny_llama):
     best_int4 = min(r["mean_kld"] for name, r in rows.items() if name.startswith("int4"))
     assert rows["int8"]["mean_kld"] < best_int4
     between = {"max_kld": (rows["int8"]["mean_kld"] + best_int4) / 2, "min_top1": 0.0}
-    middle = bench.compare_precisions(str(tiny_llama), {}, settings, between)
+    middle = bench.recommend(measured, skipped, between)
     assert middle["recommendation"] == "int8"
     assert {r["build"] for r in middle["rows"] if r["passes"]} == {"int8", "fp32"}
-    none = bench.compare_precisions(str(tiny_llama), {}, settings, {"max_kld": 100.0, "min_top1": 1.1})
+    none = bench.recommend(measured, skipped, {"max_kld": 100.0, "min_top1": 1.1})
     assert none["recommendation"] == "fp32" and none["why"].startswith("no build is within")

@@ -209,9 +209,9 @@ def test_gptq_build_holds_the_chosen_blocks_within_the_budget(tiny_qwen2):
     head = [n for n in report["forms"] if n.startswith("lm_head.MatMul.weight" + gptq.HEAD_PART)]
     assert len(head) == -(-49152 // gptq.HEAD_ROWS) and "lm_head.MatMul.weight" not in report["forms"]
     # The graph computes with exactly the blocks the fit chose: rebuilt here from the same measurements.
-    hessians = calibration.activation_statistics(fp32, full=True)
+    hessians, use = calibration.statistics_and_use(fp32)
     decoder = json.loads((fp32 / "genai_config.json").read_text())["model"]["decoder"]
-    plan = gptq.Plan(decoder, use=calibration.token_use(fp32))
+    plan = gptq.Plan(decoder, use=use)
     plan.chosen = report["forms"]
     matrices = gptq.weights_of(fp32)
     back = gguf_native.read_back(build.path)

@@ -17,8 +17,11 @@ from slmops.measure import quality
 from slmops.measure.edgecases import run_suite
 from slmops.plugin import provided
 from slmops.plugin.roles import BENCH_RESULT_KEYS
-from slmops.results import BENCH_SETTINGS, BenchResult, Quality
+from slmops.results import BENCH_SETTINGS, BenchResult, Build, Quality
 from slmops.run.chat import OrtGenAIChat
+
+# One candidate of `bench --compare`: its label, build, speed and quality against the fp32 build.
+Measured = tuple[str, Build, BenchResult, Quality]
 
 # The rows of `slmops bench`'s summary table, in order.
 SUMMARY_KEYS = (
@@ -159,6 +162,14 @@ def compare_precisions(
     source: str | None, base_options: dict[str, Any], settings: dict[str, Any], thresholds: dict[str, float]
 ) -> dict[str, Any]:
     """Build the fp32, int8 and int4 candidates (cached), measure each, and recommend the smallest that passes."""
+    return recommend(*measure_precisions(source, base_options, settings), thresholds)
+
+
+def measure_precisions(
+    source: str | None, base_options: dict[str, Any], settings: dict[str, Any]
+) -> tuple[list[Measured], list[dict[str, str]]]:
+    """Each candidate's (label, build, speed, quality against the fp32 build), fp32 first; and the candidates no
+    plugin can build for this source, with why."""
     builds, skipped = {}, []
     for label, opts in reversed(candidates.CANDIDATES):
         try:
@@ -170,21 +181,27 @@ def compare_precisions(
         except NoImplementation as e:  # e.g. int4 gguf for a checkpoint source
             skipped.append({"build": label, "why": str(e)})
     reference = builds["fp32"].path
-    rows = []
-    for label, build in builds.items():
-        speed = measure(build.path, {**settings, "soak_requests": 0})
-        q = quality.compare(build.path, reference)
-        rows.append(
-            {
-                "build": label,
-                "path": str(build.path),
-                "size_mb": build.output_bytes / 1e6,
-                "decode_tok_s": speed.decode_tok_s,
-                "ttft_ms": speed.ttft_ms_p50,
-                **q.to_json(),
-                "passes": q.passes(thresholds["max_kld"], thresholds["min_top1"]),
-            }
-        )
+    measured = [
+        (label, build, measure(build.path, {**settings, "soak_requests": 0}), quality.compare(build.path, reference))
+        for label, build in builds.items()
+    ]
+    return measured, skipped
+
+
+def recommend(measured: list[Measured], skipped: list[dict[str, str]], thresholds: dict[str, float]) -> dict[str, Any]:
+    """`bench --compare`'s rows and its recommendation under a gate: the smallest build that passes, else fp32."""
+    rows = [
+        {
+            "build": label,
+            "path": str(build.path),
+            "size_mb": build.output_bytes / 1e6,
+            "decode_tok_s": speed.decode_tok_s,
+            "ttft_ms": speed.ttft_ms_p50,
+            **q.to_json(),
+            "passes": q.passes(thresholds["max_kld"], thresholds["min_top1"]),
+        }
+        for label, build, speed, q in measured
+    ]
     base = rows[0]
     for r in rows:
         r["size_ratio"] = r["size_mb"] / base["size_mb"]
