@@ -189,6 +189,7 @@ def answer_kld(reference, candidates: dict, windows: list[tuple[list[int], int]]
 def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | None) -> list[dict]:
     """Each build of source and each llama.cpp recipe on it: MB, bits per weight, quality against torch on the shipped
     corpus, speed, and (with domain) the held-out rows' shares."""
+    from slmops import progress
     from slmops.build import convert
     from slmops.errors import SlmopsError
     from slmops.host.fsutil import dir_size
@@ -222,11 +223,10 @@ def measure(source: Path, builds_asked: list[tuple[str, dict]], domain: Path | N
     candidates = {label: Session(path).logits for label, path in builds.items()}
     runners = {label: llama_cpp(path) for label, path in llama.items()}
     candidates.update({label: runner[0] for label, runner in runners.items()})
-    print(f"scoring {len(candidates)} builds against the source (torch) on the corpus ...", flush=True)
-    start = time.perf_counter()
     reference = torch_logits(source)
-    scores = quality.score(reference, candidates, fp32.tokens, prefix=fp32.prefix)
-    print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values())).positions} positions", flush=True)
+    with progress.step(f"Scoring {len(candidates)} builds against the source (torch) on the corpus"):
+        scores = quality.score(reference, candidates, fp32.tokens, prefix=fp32.prefix)
+    print(f"  {next(iter(scores.values())).positions} positions", flush=True)
     held_out = quality.load_set(domain) if domain else []
     answers = answer_kld(reference, candidates, answer_windows(source, held_out)) if held_out else {}
     tokens = prompt_tokens(fp32.encode)

@@ -98,6 +98,7 @@ def build(convert, options: dict) -> Path:
 
 
 def main() -> None:
+    from slmops import progress
     from slmops.build import convert, sources
     from slmops.host.fsutil import dir_size
     from slmops.measure import quality
@@ -112,10 +113,10 @@ def main() -> None:
     llama = llama_cpp(gguf)
     if llama:
         candidates["llama.cpp Q4_1 (same GGUF)"] = llama[0]
-    print(f"scoring {len(candidates)} builds against the fp32 source on the corpus ...", flush=True)
-    start = time.perf_counter()
-    scores = {k: q.to_json() for k, q in quality.score(ref.logits, candidates, ref.tokens, prefix=ref.prefix).items()}
-    print(f"  {time.perf_counter() - start:.0f} s, {next(iter(scores.values()))['positions']} positions", flush=True)
+    with progress.step(f"Scoring {len(candidates)} builds against the fp32 source on the corpus"):
+        scored = quality.score(ref.logits, candidates, ref.tokens, prefix=ref.prefix)
+    scores = {k: q.to_json() for k, q in scored.items()}
+    print(f"  {next(iter(scores.values()))['positions']} positions", flush=True)
     tokens = prompt_tokens(ref.encode)
     rows = [
         {"build": "fp32 (the source's weights)", "mb": dir_size(reference) / 1e6, "speed": ort_speed(reference, tokens)}
