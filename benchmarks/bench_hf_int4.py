@@ -13,7 +13,8 @@ dithered stand-in (its 4-bit weights moved off the grid) and a real fine-tune (o
 benchmarks/make_domain.py). Faithfulness: KL(source || build) per position, torch against ORT GenAI or llama.cpp, on
 slmops's corpus (512-token windows, the second half of each scored). On the fine-tune, also its held-out domain rows:
 accuracy (every field of the record right, under the schema: llama.cpp keeps to it by its grammar for the schema)
-and fields, beside its fp32 build's; and gptq calibrated on the fine-tune's own training rows (--calibration)."""
+and fields, beside its fp32 build's; and gptq calibrated on the fine-tune's own training rows (--calibration).
+`--source dithered` or `--source fine-tune` runs one source (each is one to two hours on 2 cores)."""
 
 from __future__ import annotations
 
