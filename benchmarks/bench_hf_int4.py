@@ -18,6 +18,7 @@ and fields, beside its fp32 build's; and gptq calibrated on the fine-tune's own 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -294,22 +295,24 @@ def table(title: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="int4 routes for a float source beside llama.cpp's quantizers")
+    parser.add_argument("--source", choices=("dithered", "fine-tune", "both"), default="both")
+    parser.add_argument("--json", action="store_true", help="the rows as JSON after the tables")
+    args = parser.parse_args()
+
     from slmops.build import sources
     from slmops.config import home
     from slmops.measure import quality
 
     os.environ.pop(quality.SET_ENV, None)  # the whole shipped corpus
-    asked = sys.argv[sys.argv.index("--source") + 1] if "--source" in sys.argv else "both"
-    if asked not in ("dithered", "fine-tune", "both"):
-        sys.exit(f"--source {asked}: say dithered, fine-tune or both (the default)")
     embedded = sources.resolve(None).checkpoint
     results = {}
-    if asked != "fine-tune":
+    if args.source != "fine-tune":
         print("source 1: the dithered stand-in", flush=True)
         stand_in = dithered(embedded, home() / "bench" / f"smollm2-dithered-{SEED}")
         results["dithered"] = measure(stand_in, BUILDS, None)
         table("dithered stand-in (source: torch)", results["dithered"])  # printed now: the fine-tune takes an hour more
-    if asked != "dithered":
+    if args.source != "dithered":
         print("source 2: the order-record fine-tune (made once, a few minutes)", flush=True)
         tuned = finetuned(embedded, home() / "bench" / f"smollm2-orders-{SEED}", progress=lambda m: print(" ", m))
         own = {"precision": "int4", "algorithm": "gptq", "calibration": make_domain.TRAIN}
@@ -319,7 +322,7 @@ def main() -> None:
             "domain: share of held-out rows with every field right (under the schema); fields: share of fields "
             "right; d-KLD: mean KLD on the held-out answers' tokens (teacher-forced, as the corpus)"
         )
-    if "--json" in sys.argv:
+    if args.json:
         print(json.dumps(results, indent=1))
 
 
