@@ -33,15 +33,26 @@ def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def descendants_of(pids: list[int]) -> list[psutil.Process]:
-    """Live processes (not zombies) started by any of pids, at any depth, found through their recorded parent."""
+    """Live processes (not zombies) that slmops's fork server started for any of pids: the children that run its
+    torch steps and the model builder."""
     found = []
-    for proc in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
-        if (
-            proc.info["status"] != psutil.STATUS_ZOMBIE
-            and "from onnxruntime_genai.models import builder" in " ".join(proc.info["cmdline"] or [])
-            and proc.info["ppid"] in pids
-        ):
-            found.append(proc)
+    for pid in pids:
+        try:
+            tree = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            try:
+                parent = proc.parent()
+                if (
+                    proc.status() != psutil.STATUS_ZOMBIE
+                    and parent is not None
+                    and parent.pid != pid
+                    and "multiprocessing.forkserver" in " ".join(parent.cmdline())
+                ):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
     return found
 
 

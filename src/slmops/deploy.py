@@ -18,6 +18,7 @@ from slmops.build import candidates
 from slmops.build import convert as conv
 from slmops.config import Config, home
 from slmops.errors import NoImplementation, SlmopsError, UsageError
+from slmops.host import isolate
 from slmops.host.fsutil import changed_files, file_hashes, read_json, write_json_atomic
 from slmops.measure import gate, quality
 from slmops.results import Build, Deployment, Quality, Validation
@@ -52,6 +53,7 @@ def deploy(cfg: Config, ask: str | None = None) -> Deployment:
         quality.load_set(Path(cfg.get("validate.domain")))  # a bad domain set is refused before any build
     # 1. convert: the fp32 reference, then the build (auto: the smallest candidate that passes the gate)
     build, q, tried = choose_build(cfg, cfg.convert_options())
+    isolate.release()  # the builds' torch steps are done: their fork server's memory goes back before measuring
     key = deploy_key(build, cfg, name, registry)
     record_path = home() / "deploys" / f"{name}.json"
     record = read_json(record_path)

@@ -91,7 +91,7 @@ def merge_adapter(base: Path, base_sha: str, adapter: Path, trust_remote_code: b
     with lock(target):
         if not sealed_intact(target):  # missing, or damaged since: made again
             with progress.step("Merging the LoRA adapter into the base"), staging_dir(target) as tmp:
-                in_child(_merge, base, adapter, tmp, trust_remote_code)
+                in_child(_merge, base, adapter, tmp, trust_remote_code, warm=True)
                 seal(tmp)
     return target
 

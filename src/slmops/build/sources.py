@@ -133,7 +133,7 @@ def gguf_to_checkpoint(gguf: Path, digest: str) -> Path:
         # Dequantized to float32: about 6x a Q4 file's size (SmolLM2: 98 MB -> 540 MB), twice while it is written.
         check_disk(target.parent, 12 * gguf.stat().st_size, f"converting {gguf.name} to a checkpoint")
         with progress.step(f"Converting {gguf.name} to a Hugging Face checkpoint (once)"), staging_dir(target) as tmp:
-            in_child(_convert_gguf, gguf, tmp)
+            in_child(_convert_gguf, gguf, tmp, warm=True)
             seal(tmp)
     return target
 

@@ -38,7 +38,7 @@ def is_intact(build_dir: Path, manifest: dict[str, Any] | None, key: str, say: b
 
 def publish(build_dir: Path, output: Path, manifest: dict[str, Any]) -> Path:
     """Put a copy of the build at the user's --output. A new or empty folder gets the whole build in one rename; in
-    an earlier slmops build only slmops's own files are replaced, one by one and each atomically, and every other
+    an earlier slmops build only slmops's own files are replaced (all copied beside their places, then renamed), and every other
     file, folder and link there stays exactly as it was. A folder that is not an slmops build (unless empty), a
     registered model's folder, and slmops's own cache are refused."""
     output = output.expanduser().absolute()
@@ -69,8 +69,9 @@ def publish(build_dir: Path, output: Path, manifest: dict[str, Any]) -> Path:
 
 
 def _replace_ours(build_dir: Path, output: Path, manifest: dict[str, Any], existing: dict[str, Any]) -> None:
-    """In an earlier build at output: each file of the new build in place (a copy beside it, then a rename), the
-    earlier build's files the new one lacks removed, the manifest last. Nothing else there is touched."""
+    """In an earlier build at output: every file of the new build copied beside its place first (the slow part),
+    then each renamed into place, the earlier build's files the new one lacks removed, the manifest last, so a kill
+    while copying leaves the earlier build whole. Nothing else there is touched."""
     clean_stale(output)  # a killed publish's half-copied files
     new, old = set(manifest["files"]), set(existing.get("files") or {})
     for rel in sorted(new):
@@ -80,19 +81,29 @@ def _replace_ours(build_dir: Path, output: Path, manifest: dict[str, Any], exist
                 raise SlmopsError(f"{parent} is not a folder of the earlier build; move it away and publish again")
         if target.is_dir() and not target.is_symlink():
             raise SlmopsError(f"{target} is a folder where the build has a file; move it away and publish again")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(build_dir / rel, target)
-    for rel in sorted(old - new):
-        if (output / rel).is_file() and not (output / rel).is_symlink():
-            (output / rel).unlink()
-    _copy_atomic(build_dir / MANIFEST, output / MANIFEST)
+    copies = {}
+    try:
+        for rel in sorted(new) + [MANIFEST]:
+            target = output / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copies[target] = _copy_beside(build_dir / rel, target)
+        for target, tmp in copies.items():  # the manifest last (it is the last key)
+            if target.name == MANIFEST:
+                for rel in sorted(old - new):
+                    if (output / rel).is_file() and not (output / rel).is_symlink():
+                        (output / rel).unlink()
+            os.replace(tmp, target)
+    finally:
+        for tmp in copies.values():
+            tmp.unlink(missing_ok=True)
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
+def _copy_beside(source: Path, target: Path) -> Path:
+    """A copy of source beside target, under a name clean_stale recognises (a killed publish's leftover)."""
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}-copy")
     try:
         copy_file(source, tmp)
-        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp

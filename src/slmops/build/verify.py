@@ -163,7 +163,9 @@ def against_source(model_dir: Path, request: ConvertRequest) -> dict[str, Any]:
     session = Session(model_dir, "none")
     text = "\n\n".join(row["text"] for row in load_set(None, shipped=True) if "text" in row)
     limit = min(SOURCE_POSITIONS, session.context_length - 1)
-    tokens, logits, eos = in_child(source_logits, str(request.source_dir), text, limit, request.trust_remote_code)
+    tokens, logits, eos = in_child(
+        source_logits, str(request.source_dir), text, limit, request.trust_remote_code, warm=True
+    )
     reference, built = log_softmax(logits), log_softmax(session.logits(tokens))
     if reference.shape != built.shape:
         return {"error": f"the build gives logits of shape {built.shape}, the source {reference.shape}"}
