@@ -117,6 +117,7 @@ def test_config_key_olive_would_ignore_is_an_error(cli, tiny_llama, tmp_path):
 
 def test_olive_backend_builds_the_same_graph(cli, tiny_llama, tiny_llama_int4):
     r = cli("convert", tiny_llama, "--precision", "int4", "--algorithm", "rtn", "--backend", "olive", "--json")
+    assert r.rc == 0, r
     result = r.json()  # stdout holds the JSON alone: Olive's and the builder's own prints are kept off it
     assert result["converter"] == "olive" and result["verification"]["ok"]
     assert result["verification"]["graph"] == tiny_llama_int4.verification["graph"]

@@ -399,6 +399,41 @@ def test_int8_of_a_float_source_is_q8_0_in_every_weight_embedding_included(tiny_
     assert planes.manifest["quantizer"] == "q8_0" and planes.verification["ok"]
 
 
+def test_int8_wins_back_what_the_folder_carries_from_the_weights_rounding_costs_least():
+    rng = np.random.default_rng(0)
+    layer = "model.layers.{}.mlp.down_proj.MatMul.weight"
+    matrices = {layer.format(i): rng.standard_normal((64, 128)).astype(np.float32) for i in range(4)}
+    matrices[layer.format(0)][:, ::32] = 40.0  # an outlier in every block: 6-bit codes lose most of the rest
+    matrices["lm_head.MatMul.weight"] = rng.standard_normal((256, 128)).astype(np.float32)
+    importance = {name: np.ones(128, dtype=np.float32) for name in matrices}
+    saving = 64 * 128 * (gptq.BYTES["q8_0"] - gptq.BYTES["q6_0"])  # one decoder weight's, Q8_0 -> Q6_0
+    chosen = gptq.q6_to_fit(matrices, importance, 1.5 * saving)
+    assert len(chosen) == 2 and layer.format(0) not in chosen and "lm_head.MatMul.weight" not in chosen
+    assert gptq.q6_to_fit(matrices, importance, 0) == set()
+    assert gptq.q6_to_fit(matrices, importance, 4.5 * saving) == set()  # cannot fit: every weight stays Q8_0
+
+
+def test_int8_of_a_float_model_is_no_larger_than_llama_cpps_q8_0_of_it(default_checkpoint):
+    """SmolLM2-135M as a float checkpoint: its int8 folder (tokenizer.json, RoPE tables, outlier codes and kernel
+    included) within the bytes of the Q8_0 GGUF of the same weights (the shipped GGUF's header and metadata, every
+    matrix in Q8_0 blocks, the rest float32, as llama-quantize writes it)."""
+    import gguf
+
+    from slmops.build import sources
+    from slmops.host.fsutil import dir_size
+
+    reader = gguf.GGUFReader(sources.resolve("default").original)
+    q8_0 = reader.data_offset + sum(
+        -(-(t.n_elements * (34 / 32 if len(t.shape) == 2 else 4)) // reader.alignment) * reader.alignment
+        for t in reader.tensors
+    )
+    build = convert.convert(str(default_checkpoint), {"precision": "int8"})
+    report = json.loads((build.path / gguf_native.REPORT).read_text())
+    assert build.manifest["quantizer"] == "q8_0" and build.verification["ok"]
+    assert report["q6_0"] and report["q6_0_bytes_saved"] >= report["carried_bytes"] > 0, report
+    assert dir_size(build.path) <= q8_0, (dir_size(build.path), q8_0)
+
+
 def test_learned_scales_bring_the_rounded_model_closer_to_its_source(tmp_path, default_checkpoint, monkeypatch):
     # The DWQ-like lever: from plain Q4_0 rounding of every weight, steps of fitting the scales to the source's own
     # next-token distributions lower the KL on a window they never saw; the codes stay, the scales are fp16. Weights

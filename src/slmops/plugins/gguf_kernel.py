@@ -367,5 +367,8 @@ def carry(library: Path, model_dir: Path) -> None:
     path = model_dir / "genai_config.json"
     config = json.loads(path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
-    options.update({"custom_ops_library": LIBRARY, "intra_op_num_threads": 0})
+    kernel_options = {"custom_ops_library": LIBRARY, "intra_op_num_threads": 0}
+    for key in kernel_options:  # last, in this order, whether the graph's own config set them or not: one build,
+        options.pop(key, None)  # one file (a quantized build of a cached fp32 graph wrote them the other way round)
+    options.update(kernel_options)
     write_json_atomic(path, config)

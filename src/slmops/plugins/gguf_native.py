@@ -239,13 +239,17 @@ class GGUFNative(Quantizer):
         write_blocks(fp32_dir, output_dir, forms_of, level, report, channels, kernel)
 
 
-def float_channels(fp32_dir: Path, request: ConvertRequest, level: int) -> dict[str, np.ndarray]:
-    """Each MatMul's activation outlier channels (by mean square over the calibration text) that integer compute
-    keeps in float; none at float compute."""
+def float_channels(
+    fp32_dir: Path, request: ConvertRequest, level: int, importance: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Each MatMul's activation outlier channels (by mean square over the calibration text, or importance where it
+    was measured already) that integer compute keeps in float; none at float compute."""
     if level < INTEGER_ACTIVATIONS:
         return {}
-    text = calibration_text(request.calibration) if request.calibration else None
-    return calibration.outlier_channels(calibration.activation_importance(fp32_dir, text), OUTLIER_CHANNELS)
+    if importance is None:
+        text = calibration_text(request.calibration) if request.calibration else None
+        importance = calibration.activation_importance(fp32_dir, text)
+    return calibration.outlier_channels(importance, OUTLIER_CHANNELS)
 
 
 def accuracy_level(request: ConvertRequest) -> int:

@@ -642,14 +642,20 @@ def carried_bytes(fp32_dir: Path, matrices: dict[str, np.ndarray], kernel: Path 
     codes = sum(m.shape[0] * gguf_native.OUTLIER_CHANNELS for m in matrices.values())
     tokenizer = fp32_dir / "tokenizer.json"
     metadata = tokenizer.stat().st_size / 2 if tokenizer.is_file() else 0
-    return dir_size(fp32_dir) - weights + (kernel.stat().st_size + codes if kernel else 0) - metadata
+    # genai_config.json left out: a graph copied from the cached fp32 build carries use_every_core's setting in it, so
+    # its bytes would make a build from that copy decide apart from one converted afresh
+    config = fp32_dir / "genai_config.json"
+    carried = dir_size(fp32_dir) - (config.stat().st_size if config.is_file() else 0)
+    return carried - weights + (kernel.stat().st_size + codes if kernel else 0) - metadata
 
 
 class Q8(GPTQ):
     """int8 of a float source in llama.cpp's Q8_0 bytes: every weight, the embedding and output layer included, in
     8-bit blocks of 32 with a fp16 scale (plain rounding, as llama.cpp's Q8_0), in the GGUF kernel with each MatMul's
-    activation outlier channels in float. The builder's int8 keeps the embedding in float: 271 MB for SmolLM2 where
-    Q8_0 is 145."""
+    activation outlier channels in float. What the folder carries that a GGUF file does not (tokenizer.json, the RoPE
+    tables, the outlier channels' codes, the kernel: 6 MB on SmolLM2) is won back by the decoder weights whose
+    rounding costs least going to Q6_0, so the folder is no larger than Q8_0's file. The builder's int8 keeps the
+    embedding in float: 271 MB for SmolLM2 where Q8_0 is 145."""
 
     name = "q8_0"
     description = "int8 for float sources: Q8_0 blocks in every weight, embedding and output layer included"
@@ -661,13 +667,51 @@ class Q8(GPTQ):
     def quantize(self, fp32_dir: Path, output_dir: Path, request: ConvertRequest) -> None:
         level = gguf_native.accuracy_level(request)
         kernel = gguf_native.kernel_for(request)
-        channels = gguf_native.float_channels(fp32_dir, request, level)
-        report = self.report(request, channels, kernel)
+        text = calibration_text(request.calibration) if request.calibration else None
+        importance = calibration.activation_importance(fp32_dir, text)
+        channels = gguf_native.float_channels(fp32_dir, request, level, importance)
+        matrices = weights_of(fp32_dir)
+        extra = carried_bytes(fp32_dir, matrices, kernel)
+        smaller = q6_to_fit(matrices, importance, extra)
+        report = self.report(request, channels, kernel) | {
+            "carried_bytes": round(extra),
+            "q6_0": sorted(smaller),
+            "q6_0_bytes_saved": round(sum(matrices[n].size for n in smaller) * (BYTES["q8_0"] - BYTES["q6_0"])),
+        }
 
         def forms_of(name: str, matrix: np.ndarray) -> list[tuple[int, int, gguf_blocks.BlockForm]]:
-            return [] if matrix.shape[1] % BLOCK else [(0, matrix.shape[0], q8_0(matrix))]
+            if matrix.shape[1] % BLOCK:
+                return []
+            if name in smaller:
+                return [(0, matrix.shape[0], rounded(matrix, importance[name], "q6_0"))]
+            return [(0, matrix.shape[0], q8_0(matrix))]
 
         gguf_native.write_blocks(fp32_dir, output_dir, forms_of, level, report, channels, kernel)
+
+
+def q6_to_fit(matrices: dict[str, np.ndarray], importance: dict[str, np.ndarray], extra: float) -> set[str]:
+    """The decoder weights that go from Q8_0 to Q6_0 so that extra bytes are won back: all start at Q6_0, then go
+    back to Q8_0 by output error removed per byte (allocate; the error relative, each input channel weighted by its
+    mean square on the calibration text) while the bytes stay extra below all-Q8_0. None where even all of them would
+    not win extra back (a tiny model's tokenizer outweighs its weights): then every weight stays Q8_0. The output
+    layer and the embedding stay 8-bit."""
+    sizes = {
+        name: matrix.size
+        for name, matrix in matrices.items()
+        if not keeps_more_bits(name) and name in importance and matrix.shape[1] % BLOCK == 0
+    }
+    if extra <= 0 or sum(sizes.values()) * (BYTES["q8_0"] - BYTES["q6_0"]) < extra:
+        return set()
+    errors = {}
+    for name in sizes:
+        w, imp = np.asarray(matrices[name], dtype=np.float32), importance[name].astype(np.float32)
+        energy = max(float(((w * w) @ imp).sum()), 1e-30)
+        errors[name] = dict.fromkeys(CHOICES, np.inf) | {
+            f: float((((w - rounded(w, imp, f).dequantize()) ** 2) @ imp).sum()) / energy for f in ("q6_0", "q8_0")
+        }
+    budget = sum(sizes.values()) * BYTES["q8_0"] - extra
+    chosen = allocate(errors, sizes, budget, floor=dict.fromkeys(sizes, "q6_0"))
+    return {name for name, form in chosen.items() if form == "q6_0"}
 
 
 @hookimpl
