@@ -610,6 +610,25 @@ def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends():
     assert done.returncode == 0 and "ran on" in done.stdout, done
 
 
+def test_torch_steps_survive_a_library_that_pointed_tempfile_at_its_own_folder():
+    """Olive's run(tempdir=) points tempfile at a build's work folder and leaves it there; multiprocessing made its
+    fork server's socket in there, and once the folder was removed the next torch step failed (seen in CI: the Olive
+    convert test). The server's socket now lies in the system's temporary folder."""
+    script = textwrap.dedent("""
+        import os, shutil, tempfile
+        from multiprocessing import util
+        from slmops.host.isolate import in_child
+        work = tempfile.mkdtemp()
+        tempfile.tempdir = work  # as Olive leaves it
+        util.get_temp_dir()  # multiprocessing's folder, made in there
+        first = in_child(os.getpid, warm=True)
+        shutil.rmtree(work)  # the build's work folder goes
+        print(first != in_child(os.getpid, warm=True) != os.getpid())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done
+
+
 def test_a_script_that_calls_convert_unguarded_is_told_not_left_waiting(tiny_llama, tmp_path):
     """Python's spawn start method runs a script's top level again in each child slmops starts (the build's torch
     steps run in one). A script calling convert there, without `if __name__ == "__main__":`, ran the call again in

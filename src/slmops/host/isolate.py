@@ -98,6 +98,8 @@ def in_child(function: Callable[..., Any], *args: Any, warm: bool = False) -> An
 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(TORCH_MODULES)  # read when the server starts
+        if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
+            _socket_folder()
         forkserver.ensure_running()
         server = getattr(forkserver._forkserver, "_forkserver_pid", None)
         init, run = (os.getpid(), server), (_in_environment, dict(os.environ), function, *args)
@@ -115,6 +117,24 @@ def in_child(function: Callable[..., Any], *args: Any, warm: bool = False) -> An
             for process in list((getattr(pool, "_processes", None) or {}).values()):
                 process.kill()
             raise
+
+
+def _socket_folder() -> None:
+    """Before the fork server starts: the folder multiprocessing keeps for its socket in the system's temporary
+    folder. multiprocessing makes it once, where tempfile points then, and a library may have pointed tempfile into
+    a work folder of its own (Olive's run(tempdir=) does) that is removed, the server's socket with it."""
+    import tempfile
+    from multiprocessing import process, util
+
+    config = process.current_process()._config
+    saved, tempfile.tempdir = tempfile.tempdir, None  # None: TMPDIR or the system's
+    try:
+        made = config.get("tempdir")
+        if made and (not os.path.isdir(made) or os.path.dirname(made) != tempfile.gettempdir()):
+            del config["tempdir"]
+        util.get_temp_dir()
+    finally:
+        tempfile.tempdir = saved
 
 
 def _in_environment(environment: dict[str, str], function: Callable[..., Any], *args: Any) -> Any:

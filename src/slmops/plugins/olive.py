@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,14 @@ def run_workflow(workflow: dict[str, Any], work_dir: Path) -> Any:
     for handler in get_olive_logger().handlers:
         handler.setLevel(logging.ERROR)
     workflow = {"log_severity_level": 3, **workflow}
-    with contextlib.redirect_stdout(io.StringIO()):  # passes print (the model builder does)
-        return olive.run(workflow, tempdir=str(work_dir))
+    # olive.run(tempdir=) points the process's tempfile at work_dir and leaves it there: put back after, or whatever
+    # made a temporary folder later (multiprocessing's, for its fork server's socket) made it in a folder about to go
+    saved = tempfile.tempdir
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # passes print (the model builder does)
+            return olive.run(workflow, tempdir=str(work_dir))
+    finally:
+        tempfile.tempdir = saved
 
 
 def fit_olive_to_the_builder() -> None:
